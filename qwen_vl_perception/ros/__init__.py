@@ -1,0 +1,1 @@
+"""Thin rclpy shell over the ROS-free core."""

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's virtualenv: ROS 2 from PyPI wheels when no distro is
+# sourced, the project's vision_msgs built from tools/ros2_env/vision_msgs, the ML stack and
+# the test tools. Idempotent: a second run with nothing changed returns in about a second.
+#
+#   tools/setup_env.sh            # venv at ./.venv (override with QVP_VENV=/path)
+#   QVP_FORCE=1 tools/setup_env.sh  # rebuild everything that is stamped
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${QVP_VENV:-$repo/.venv}
+env_dir=$repo/tools/env
+msgs_src=$repo/tools/ros2_env/vision_msgs
+base_python=${QVP_PYTHON:-python3}
+
+log() { printf '[setup_env] %s\n' "$*" >&2; }
+
+# Everything that decides the venv's content enters the stamp.
+stamp_value=$(cat "$env_dir"/requirements*.txt "$msgs_src"/CMakeLists.txt "$msgs_src"/package.xml \
+  "$msgs_src"/msg/*.msg "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)
+stamp_file=$venv/.qvp-setup-stamp
+
+if [[ -z ${QVP_FORCE:-} && -f $stamp_file && $(cat "$stamp_file") == "$stamp_value" ]] \
+   && "$venv/bin/python" -c 'import rclpy, vision_msgs.msg, torch, transformers' 2>/dev/null; then
+  log "up to date: $venv"
+  exit 0
+fi
+
+# A sourced ROS 2 distro that already has rclpy and vision_msgs is used as is; so is a torch
+# the base interpreter already has (a CUDA build, say): the venv then sees system packages.
+use_distro=0
+if [[ -n ${ROS_DISTRO:-} ]] && "$base_python" -c 'import rclpy, vision_msgs.msg' 2>/dev/null; then
+  use_distro=1
+fi
+system_site=()
+if [[ $use_distro == 1 ]] || "$base_python" -c 'import torch' 2>/dev/null; then
+  system_site=(--system-site-packages)
+fi
+
+if [[ ! -x $venv/bin/python ]]; then
+  log "creating $venv ${system_site[*]}"
+  "$base_python" -m venv "${system_site[@]}" "$venv"
+fi
+py=$venv/bin/python
+pip_install() { "$py" -m pip install --disable-pip-version-check -q "$@" 2>&1 \
+  | grep -v "^WARNING: Location 'file:" >&2 || true; }
+
+if [[ $use_distro == 1 ]]; then
+  log "using the sourced ROS 2 $ROS_DISTRO (rclpy, vision_msgs)"
+else
+  log "installing ROS 2 Kilted wheels"
+  pip_install -r "$env_dir/requirements-ros.txt"
+  "$py" -c 'import rclpy' || { log "rclpy did not install"; exit 1; }
+fi
+
+# torch only when the venv has none, so that a CUDA build is never replaced.
+requirements=$env_dir/requirements.txt
+if "$py" -c 'import torch' 2>/dev/null; then
+  log "keeping the installed torch $("$py" -c 'import torch; print(torch.__version__)')"
+  filtered=$(mktemp)
+  grep -v -E '^torch([=<>!~ ]|$)' "$requirements" > "$filtered"
+  requirements=$filtered
+fi
+log "installing the ML stack and test tools"
+pip_install -r "$requirements"
+"$py" -c 'import torch, transformers, bitsandbytes, peft, cv2' \
+  || { log "the ML stack did not install"; exit 1; }
+
+if [[ $use_distro == 0 ]]; then
+  log "building vision_msgs into the venv"
+  # The ROS wheels' CMake exports name the wheel builder's interpreter paths: point them here.
+  "$py" - <<'EOF'
+import pathlib
+import sys
+import sysconfig
+
+paths = sysconfig.get_paths()
+replacements = {
+    '/opt/python/cp311-cp311/include/python3.11': paths['include'],
+    '/opt/python/cp311-cp311/lib/python3.11/site-packages': paths['purelib'],
+}
+for cmake_file in pathlib.Path(sys.prefix, 'share').rglob('*.cmake'):
+    text = cmake_file.read_text(errors='surrogateescape')
+    new = text
+    for old, here in replacements.items():
+        new = new.replace(old, here)
+    if new != text:
+        cmake_file.write_text(new, errors='surrogateescape')
+EOF
+  build=$venv/build/vision_msgs
+  rm -rf "$build" && mkdir -p "$build"
+  (
+    cd "$build"
+    PATH=$venv/bin:$PATH cmake "$msgs_src" -DCMAKE_PREFIX_PATH="$venv" \
+      -DCMAKE_INSTALL_PREFIX="$venv" -DPython3_EXECUTABLE="$py" -DBUILD_TESTING=OFF \
+      > cmake.log 2>&1 && PATH=$venv/bin:$PATH make -j"$(nproc)" > make.log 2>&1 \
+      && make install > install.log 2>&1
+  ) || { log "vision_msgs build failed; logs in $build"; tail -n 30 "$build"/*.log >&2; exit 1; }
+  "$py" -c 'from vision_msgs.msg import Detection2DArray' \
+    || { log "vision_msgs does not import"; exit 1; }
+fi
+
+# The project itself, editable, with its console scripts (perception_node, ...).
+log "installing qwen_vl_perception (editable)"
+pip_install --no-deps --no-build-isolation -e "$repo"
+
+echo "$stamp_value" > "$stamp_file"
+log "ready: $venv (activate with: source $venv/bin/activate)"
