@@ -1,0 +1,55 @@
+"""Hand-over of camera frames to the inference worker: the newest frame wins.
+
+A camera callback must never wait for the model. Each source (camera topic) has one slot; a
+new frame replaces the one still waiting there, and the replaced frame is counted as dropped.
+The worker takes every waiting frame at once (one per source), so frames from several cameras
+that are ready together can be decoded as one batch.
+"""
+import threading
+from typing import Any, Dict, Hashable, List, Optional
+
+
+class LatestFrameSlots:
+    """Thread-safe "latest value wins" slots, one per source."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._waiting: Dict[Hashable, Any] = {}
+        self._closed = False
+        self.dropped = 0
+        self.accepted = 0
+
+    def put(self, frame: Any, source: Hashable = 'default') -> bool:
+        """Offer a frame; returns True when it replaced (dropped) an older waiting one."""
+        with self._condition:
+            replaced = source in self._waiting
+            self._waiting[source] = frame
+            self.accepted += 1
+            if replaced:
+                self.dropped += 1
+            self._condition.notify()
+            return replaced
+
+    def take_all(self, timeout: Optional[float] = None) -> List[Any]:
+        """Wait up to ``timeout`` seconds for frames; return all waiting ones (oldest source first).
+
+        Returns an empty list on time-out or once closed.
+        """
+        with self._condition:
+            if not self._waiting and not self._closed:
+                self._condition.wait(timeout)
+            if self._closed:
+                return []
+            frames = list(self._waiting.values())
+            self._waiting.clear()
+            return frames
+
+    def close(self) -> None:
+        """Wake the worker for shutdown; later takes return nothing."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed

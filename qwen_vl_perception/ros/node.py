@@ -1,0 +1,290 @@
+"""perception_node: camera images in, Detection2DArray, attributes and an annotated image out.
+
+A thin rclpy shell over the core (:mod:`qwen_vl_perception.detector`). Camera callbacks only
+validate and convert the image and hand it to a worker thread (newest frame wins); the worker
+runs the model and publishes. Parameter services stay responsive during inference.
+"""
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import (DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data,
+                       qos_profile_system_default)
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Header, String
+from vision_msgs.msg import Detection2DArray, LabelInfo
+
+from ..detector import Detector, FrameDetections, prepare_settings
+from ..drawing import draw_detections
+from ..frame_slot import LatestFrameSlots
+from ..image_conversion import ImageFormatError, compressed_msg_to_rgb, image_msg_to_rgb
+from . import messages
+from .parameters import SETTINGS_PARAMETERS, check_value, declare_parameters, settings_from_values
+
+LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                     durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+class StartupError(RuntimeError):
+    """The node cannot start (bad parameters, model missing); the message says why."""
+
+
+@dataclass
+class Frame:
+    header: Header
+    rgb: np.ndarray
+    received: float
+
+
+@dataclass
+class Counters:
+    received: int = 0
+    processed: int = 0
+    invalid_images: int = 0
+    unknown_labels: int = 0
+    invalid_objects: int = 0
+    truncated_answers: int = 0
+    inference_errors: int = 0
+    last_latency_s: float = 0.0
+    last_inference_s: float = 0.0
+
+
+class PerceptionNode(Node):
+    """Open-vocabulary detection with a Qwen3-VL model."""
+
+    def __init__(self, engine: Any = None, **node_kwargs):
+        """``engine``: an already loaded engine (tools, tests); by default the node loads one
+        from its ``model_path``/``device``/``quantization`` parameters."""
+        super().__init__('qwen_vl_perception', **node_kwargs)
+        declare_parameters(self)
+        value = self._value
+        if value('min_pixels') > value('max_pixels'):
+            raise StartupError('min_pixels must not exceed max_pixels')
+        try:
+            settings = settings_from_values({name: value(name) for name in SETTINGS_PARAMETERS})
+            prepare_settings(settings)
+        except ValueError as error:
+            raise StartupError(f'invalid parameters: {error}') from error
+        if engine is None:
+            engine = self._load_engine()
+        self._detector = Detector(engine, settings)
+        self._enabled = bool(value('enabled'))
+        self._max_rate_hz = float(value('max_rate_hz'))
+        self._max_image_pixels = int(value('max_image_pixels'))
+        self.counters = Counters()
+        self._slots = LatestFrameSlots()
+
+        self._detections_pub = self.create_publisher(Detection2DArray, 'detections',
+                                                     qos_profile_system_default)
+        self._annotated_pub = self.create_publisher(Image, 'annotated_image',
+                                                    qos_profile_system_default)
+        self._descriptions_pub = self.create_publisher(String, 'descriptions',
+                                                       qos_profile_system_default)
+        self._label_info_pub = self.create_publisher(LabelInfo, 'label_info', LATCHED)
+        self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        self._publish_label_info()
+
+        camera_qos = QoSProfile(**_qos_fields(qos_profile_sensor_data))
+        if value('input_reliability') == 'reliable':
+            camera_qos.reliability = ReliabilityPolicy.RELIABLE
+        if value('input_transport') == 'compressed':
+            self.create_subscription(CompressedImage, 'image/compressed',
+                                     self._on_compressed_image, camera_qos)
+        else:
+            self.create_subscription(Image, 'image', self._on_image, camera_qos)
+
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.create_timer(1.0, self._publish_diagnostics)
+        self._worker = threading.Thread(target=self._work, name='qwen_vl_inference',
+                                        daemon=True)
+        self._worker.start()
+        self.get_logger().info(
+            f"ready: {len(settings.categories)} categories, model on {engine.device}, "
+            f"subscribed to {self.resolve_topic_name('image')}"
+            f"{'/compressed' if value('input_transport') == 'compressed' else ''}")
+
+    # ----------------------------------------------------------------------------- start-up
+    def _value(self, name: str):
+        return self.get_parameter(name).value
+
+    def _load_engine(self):
+        from ..model.engine import VisionLanguageEngine
+        from ..model.loading import ModelLoadError
+        path = self._value('model_path')
+        if not path:
+            raise StartupError('model_path is required (a Qwen3-VL checkpoint directory)')
+        for name in ('device', 'quantization'):
+            reason = check_value(name, self._value(name))
+            if reason:
+                raise StartupError(reason)
+        try:
+            return VisionLanguageEngine(path, device=self._value('device'),
+                                        quantization=self._value('quantization'),
+                                        min_pixels=self._value('min_pixels'),
+                                        max_pixels=self._value('max_pixels'))
+        except ModelLoadError as error:
+            raise StartupError(str(error)) from error
+
+    # ---------------------------------------------------------------------------- callbacks
+    def _on_image(self, message: Image) -> None:
+        self._accept(message, image_msg_to_rgb)
+
+    def _on_compressed_image(self, message: CompressedImage) -> None:
+        self._accept(message, compressed_msg_to_rgb)
+
+    def _accept(self, message, convert) -> None:
+        self.counters.received += 1
+        if not self._enabled:
+            return
+        try:
+            rgb = convert(message, max_pixels=self._max_image_pixels)
+        except ImageFormatError as error:
+            self.counters.invalid_images += 1
+            self.get_logger().warning(f'skipped an image: {error}', throttle_duration_sec=5.0)
+            return
+        self._slots.put(Frame(header=message.header, rgb=rgb, received=time.monotonic()))
+
+    def _on_set_parameters(self, parameters) -> SetParametersResult:
+        changes = {p.name: p.value for p in parameters}
+        for name, value in changes.items():
+            reason = check_value(name, value)
+            if reason:
+                return SetParametersResult(successful=False, reason=reason)
+        settings_changes = {k: v for k, v in changes.items() if k in SETTINGS_PARAMETERS}
+        if settings_changes:
+            current = {name: self._value(name) for name in SETTINGS_PARAMETERS}
+            try:
+                settings = settings_from_values({**current, **settings_changes})
+                old_categories = self._detector.settings.categories
+                prepared = self._detector.update(settings)
+            except ValueError as error:
+                return SetParametersResult(successful=False, reason=str(error))
+            if (prepared.settings.categories != old_categories
+                    or 'score_threshold' in settings_changes):
+                self._publish_label_info(prepared.settings)
+            self.get_logger().info(f'parameters changed: {", ".join(sorted(settings_changes))}')
+        if 'enabled' in changes:
+            self._enabled = bool(changes['enabled'])
+        if 'max_rate_hz' in changes:
+            self._max_rate_hz = float(changes['max_rate_hz'])
+        return SetParametersResult(successful=True)
+
+    # ------------------------------------------------------------------------------- worker
+    def _work(self) -> None:
+        next_start = 0.0
+        while not self._slots.closed:
+            # Rate limit: wait before taking frames, so the newest one is taken after the wait.
+            while self._max_rate_hz > 0.0 and not self._slots.closed:
+                wait = next_start - time.monotonic()
+                if wait <= 0.0:
+                    break
+                time.sleep(min(wait, 0.1))
+            frames = self._slots.take_all(timeout=0.5)
+            if not frames:
+                continue
+            if self._max_rate_hz > 0.0:
+                next_start = time.monotonic() + 1.0 / self._max_rate_hz
+            try:
+                results = self._detector.detect([frame.rgb for frame in frames])
+            except Exception as error:  # noqa: BLE001 - the node must survive any model error
+                self.counters.inference_errors += 1
+                self.get_logger().error(f'inference failed: {error!r}',
+                                        throttle_duration_sec=5.0)
+                continue
+            for frame, result in zip(frames, results):
+                self._publish(frame, result)
+
+    def _publish(self, frame: Frame, result: FrameDetections) -> None:
+        counters = self.counters
+        counters.processed += 1
+        counters.unknown_labels += len(result.unknown_labels)
+        counters.invalid_objects += result.invalid
+        counters.truncated_answers += int(result.truncated)
+        counters.last_inference_s = result.seconds
+        counters.last_latency_s = time.monotonic() - frame.received
+        if result.unknown_labels:
+            self.get_logger().debug(f'labels outside the categories: {result.unknown_labels}')
+        self._detections_pub.publish(messages.detection_array_msg(frame.header,
+                                                                  result.detections))
+        if self._detector.settings.describe:
+            self._descriptions_pub.publish(messages.descriptions_msg(frame.header,
+                                                                     result.detections))
+        if self._annotated_pub.get_subscription_count() > 0:
+            annotated = draw_detections(frame.rgb, result.detections)
+            self._annotated_pub.publish(messages.image_msg(frame.header, annotated))
+
+    # ------------------------------------------------------------------------------ outputs
+    def _publish_label_info(self, settings=None) -> None:
+        settings = settings or self._detector.settings
+        header = Header(stamp=self.get_clock().now().to_msg())
+        self._label_info_pub.publish(messages.label_info_msg(header, settings.categories,
+                                                             settings.score_threshold))
+
+    def _publish_diagnostics(self) -> None:
+        counters = self.counters
+        values = {
+            'frames_received': counters.received,
+            'frames_processed': counters.processed,
+            'frames_dropped': self._slots.dropped,
+            'invalid_images': counters.invalid_images,
+            'unknown_labels': counters.unknown_labels,
+            'invalid_objects': counters.invalid_objects,
+            'truncated_answers': counters.truncated_answers,
+            'inference_errors': counters.inference_errors,
+            'last_inference_ms': round(counters.last_inference_s * 1000.0, 1),
+            'last_latency_ms': round(counters.last_latency_s * 1000.0, 1),
+        }
+        level = DiagnosticStatus.WARN if counters.inference_errors else DiagnosticStatus.OK
+        status = DiagnosticStatus(level=level, name=f'{self.get_name()}: detection',
+                                  hardware_id='qwen_vl_perception', message='running',
+                                  values=[KeyValue(key=k, value=str(v))
+                                          for k, v in values.items()])
+        self._diagnostics_pub.publish(DiagnosticArray(
+            header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
+
+    @property
+    def frames_dropped(self) -> int:
+        return self._slots.dropped
+
+    def shutdown(self) -> None:
+        """Stop the worker (it finishes the frame in flight) and join it."""
+        self._slots.close()
+        self._worker.join(timeout=30.0)
+
+
+def _qos_fields(profile: QoSProfile) -> dict:
+    return {'history': profile.history, 'depth': profile.depth,
+            'reliability': profile.reliability, 'durability': profile.durability}
+
+
+def main(args: Optional[list] = None) -> int:
+    rclpy.init(args=args)
+    node: Optional[PerceptionNode] = None
+    try:
+        node = PerceptionNode()
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        executor.spin()
+    except StartupError as error:
+        rclpy.logging.get_logger('qwen_vl_perception').fatal(f'cannot start: {error}')
+        return 1
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.shutdown()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The node's parameters: one table of names, types, defaults, ranges and descriptions.
+
+README's parameter table is written from this table (keep them in step). Read-only parameters
+are fixed at start-up (rclpy refuses changes); the others change detection from the next frame.
+"""
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
+                                ParameterType)
+
+from ..detector import DEFAULT_ATTRIBUTES, DetectionSettings
+from ..geometry import CONVENTIONS, GRID_1000
+
+ARTICLE_CATEGORIES = ('table', 'cup', 'bottle', 'chair', 'robot', 'garbage can', 'shelf',
+                      'tissue box', 'potted plant')
+
+DEVICES_HELP = "'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'"
+QUANTIZATIONS = ('auto', 'nf4', 'fp4', 'none')
+TRANSPORTS = ('raw', 'compressed')
+RELIABILITIES = ('best_effort', 'reliable')
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    name: str
+    default: Any
+    type: int
+    description: str
+    read_only: bool = False
+    int_range: Optional[Tuple[int, int]] = None
+    float_range: Optional[Tuple[float, float]] = None
+    choices: Tuple[str, ...] = ()
+
+    def descriptor(self) -> ParameterDescriptor:
+        text = self.description
+        if self.choices:
+            text += f" (one of: {', '.join(self.choices)})"
+        descriptor = ParameterDescriptor(name=self.name, type=self.type, description=text,
+                                         read_only=self.read_only)
+        if self.int_range:
+            descriptor.integer_range = [IntegerRange(from_value=self.int_range[0],
+                                                     to_value=self.int_range[1], step=1)]
+        if self.float_range:
+            descriptor.floating_point_range = [FloatingPointRange(
+                from_value=self.float_range[0], to_value=self.float_range[1], step=0.0)]
+        return descriptor
+
+
+_STRING = ParameterType.PARAMETER_STRING
+_STRINGS = ParameterType.PARAMETER_STRING_ARRAY
+_BOOL = ParameterType.PARAMETER_BOOL
+_INT = ParameterType.PARAMETER_INTEGER
+_DOUBLE = ParameterType.PARAMETER_DOUBLE
+
+PARAMETERS = (
+    ParameterSpec('model_path', '', _STRING,
+                  'Qwen3-VL checkpoint directory (merged bf16 or pre-quantized 4-bit)',
+                  read_only=True),
+    ParameterSpec('device', 'auto', _STRING, f'Where the model runs: {DEVICES_HELP}',
+                  read_only=True),
+    ParameterSpec('quantization', 'auto', _STRING,
+                  "Quantization on load: 'auto' = NF4 on CUDA unless the checkpoint is already "
+                  "4-bit, as is on CPU", read_only=True, choices=QUANTIZATIONS),
+    ParameterSpec('min_pixels', 65536, _INT,
+                  'Smallest image area fed to the model, in pixels (visual-token budget: '
+                  '1 token per 32x32 pixels)', read_only=True, int_range=(1024, 16777216)),
+    ParameterSpec('max_pixels', 409600, _INT,
+                  'Largest image area fed to the model, in pixels (640x480 = 300 tokens)',
+                  read_only=True, int_range=(1024, 16777216)),
+    ParameterSpec('categories', list(ARTICLE_CATEGORIES), _STRINGS,
+                  'Object categories to detect (non-empty, names without quotes or commas)'),
+    ParameterSpec('describe', True, _BOOL,
+                  'Ask for attributes of each object and publish them on descriptions'),
+    ParameterSpec('attributes', list(DEFAULT_ATTRIBUTES), _STRINGS,
+                  'Attribute names asked for when describe is true'),
+    ParameterSpec('prompt_template', '', _STRING,
+                  "Instruction override ('' = built in); must contain {categories}, may contain "
+                  '{attributes}'),
+    ParameterSpec('coordinate_convention', GRID_1000, _STRING,
+                  'How the model writes boxes', choices=CONVENTIONS),
+    ParameterSpec('max_new_tokens', 512, _INT, 'Longest answer the model may write',
+                  int_range=(1, 8192)),
+    ParameterSpec('score_threshold', 0.3, _DOUBLE,
+                  'Detections scoring below this are dropped (score: geometric mean of the '
+                  "probabilities of the object's tokens)", float_range=(0.0, 1.0)),
+    ParameterSpec('dedupe_iou', 0.7, _DOUBLE,
+                  'Same-label boxes overlapping more than this IoU are merged',
+                  float_range=(0.01, 1.0)),
+    ParameterSpec('max_rate_hz', 0.0, _DOUBLE,
+                  'Most inferences per second (0 = as fast as the model goes)',
+                  float_range=(0.0, 1000.0)),
+    ParameterSpec('enabled', True, _BOOL, 'Run inference (false: frames are ignored)'),
+    ParameterSpec('input_transport', 'raw', _STRING,
+                  "Subscribe to 'image' (sensor_msgs/Image) or 'image/compressed'",
+                  read_only=True, choices=TRANSPORTS),
+    ParameterSpec('input_reliability', 'best_effort', _STRING,
+                  'Camera subscription reliability (best_effort accepts every publisher)',
+                  read_only=True, choices=RELIABILITIES),
+    ParameterSpec('max_image_pixels', 16777216, _INT,
+                  'Incoming images larger than this are rejected and counted',
+                  read_only=True, int_range=(1, 268435456)),
+)
+
+SPECS: Dict[str, ParameterSpec] = {spec.name: spec for spec in PARAMETERS}
+
+SETTINGS_PARAMETERS = ('categories', 'describe', 'attributes', 'prompt_template',
+                       'coordinate_convention', 'max_new_tokens', 'score_threshold',
+                       'dedupe_iou')
+
+
+def declare_parameters(node) -> None:
+    for spec in PARAMETERS:
+        node.declare_parameter(spec.name, spec.default, spec.descriptor())
+
+
+def check_value(name: str, value: Any) -> Optional[str]:
+    """Rules beyond rclpy's type/range checks; returns the reason a value is refused."""
+    spec = SPECS.get(name)
+    if spec is not None and spec.choices and value not in spec.choices:
+        return f"{name} must be one of {', '.join(spec.choices)}, not {value!r}"
+    return None
+
+
+def settings_from_values(values: Dict[str, Any]) -> DetectionSettings:
+    """DetectionSettings from parameter values (missing names take their defaults)."""
+    def get(name):
+        return values[name] if name in values else SPECS[name].default
+    return DetectionSettings(
+        categories=tuple(get('categories')),
+        describe=bool(get('describe')),
+        attributes=tuple(get('attributes')),
+        prompt_template=get('prompt_template') or None,
+        coordinate_convention=get('coordinate_convention'),
+        max_new_tokens=int(get('max_new_tokens')),
+        score_threshold=float(get('score_threshold')),
+        dedupe_iou=float(get('dedupe_iou')),
+    )
