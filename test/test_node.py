@@ -1,0 +1,301 @@
+"""perception_node end to end over real DDS, with a real (tiny, trained) Qwen3-VL on the CPU.
+
+The model is trained by ``trained_models.memorize_answer`` to answer one known text, so the
+expected pixel boxes, attributes and ids are known exactly; what is tested is the node: headers,
+coordinates, QoS, parameters, malformed input, frame dropping, start-up errors and shutdown.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip('rclpy')
+pytest.importorskip('torch')
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rcl_interfaces.msg import ParameterType  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.parameter_client import AsyncParameterClient  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
+from vision_msgs.msg import Detection2DArray, LabelInfo  # noqa: E402
+
+from qwen_vl_perception.prompt import PromptBuilder  # noqa: E402
+from qwen_vl_perception.ros.node import LATCHED, PerceptionNode, StartupError  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from trained_models import memorize_answer  # noqa: E402
+
+CATEGORIES = ['cup', 'bottle']
+ATTRIBUTES = ['color']
+ANSWER = ('```json\n[\n  {"bbox_2d": [100, 200, 300, 400], "label": "cup", "color": "red"},\n'
+          '  {"bbox_2d": [500, 500, 900, 800], "label": "bottles", "color": "green"}\n]\n```')
+# On a 640x480 image: x * 640 / 1000, y * 480 / 1000.
+EXPECTED = [('cup', (128.0, 144.0), (128.0, 96.0), 'red'),
+            ('bottle', (448.0, 312.0), (256.0, 144.0), 'green')]
+
+
+@pytest.fixture(scope='module')
+def answering_checkpoint(tiny_checkpoint, tmp_path_factory):
+    instruction = PromptBuilder(CATEGORIES, describe=True, attributes=ATTRIBUTES).instruction
+    return memorize_answer(tiny_checkpoint, tmp_path_factory.mktemp('answering') / 'model',
+                           instruction, ANSWER)
+
+
+def node_parameters(checkpoint, **overrides):
+    values = {
+        'model_path': str(checkpoint), 'device': 'cpu', 'quantization': 'none',
+        'min_pixels': 1024, 'max_pixels': 16384, 'categories': CATEGORIES,
+        'describe': True, 'attributes': ATTRIBUTES, 'score_threshold': 0.0,
+        'max_new_tokens': 96,
+    }
+    values.update(overrides)
+    return values
+
+
+def rgb_image(stamp_sec, frame_id='camera', width=640, height=480, seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    message = Image(height=height, width=width, encoding='rgb8', step=width * 3)
+    message.header.stamp.sec = stamp_sec
+    message.header.stamp.nanosec = 500
+    message.header.frame_id = frame_id
+    message.data = pixels.tobytes()
+    return message
+
+
+class Harness:
+    """The node under test plus a peer node (camera and listeners), spun in a thread."""
+
+    def __init__(self, parameters):
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context, domain_id=random.randint(1, 200))
+        overrides = [Parameter(name, value=value) for name, value in parameters.items()]
+        self.node = PerceptionNode(context=self.context, parameter_overrides=overrides)
+        self.peer = rclpy.create_node('test_peer', context=self.context)
+        self.detections, self.label_infos, self.descriptions = [], [], []
+        self.annotated, self.diagnostics = [], []
+        self.peer.create_subscription(Detection2DArray, 'detections', self.detections.append, 10)
+        self.peer.create_subscription(LabelInfo, 'label_info', self.label_infos.append, LATCHED)
+        self.peer.create_subscription(String, 'descriptions', self.descriptions.append, 10)
+        self.peer.create_subscription(DiagnosticArray, '/diagnostics', self.diagnostics.append,
+                                      10)
+        self.cameras = {}
+        self.executor = MultiThreadedExecutor(num_threads=3, context=self.context)
+        self.executor.add_node(self.node)
+        self.executor.add_node(self.peer)
+        self.spinner = threading.Thread(target=self.executor.spin, daemon=True)
+        self.spinner.start()
+
+    def camera(self, reliability=ReliabilityPolicy.BEST_EFFORT):
+        if reliability not in self.cameras:
+            qos = QoSProfile(depth=5, reliability=reliability)
+            self.cameras[reliability] = self.peer.create_publisher(Image, 'image', qos)
+        return self.cameras[reliability]
+
+    def publish_when_connected(self, message, reliability=ReliabilityPolicy.BEST_EFFORT):
+        publisher = self.camera(reliability)
+        wait_for(lambda: publisher.get_subscription_count() > 0, 10, 'camera not connected')
+        publisher.publish(message)
+
+    def set_parameters(self, *parameters):
+        client = AsyncParameterClient(self.peer, self.node.get_name())
+        assert client.wait_for_services(timeout_sec=10.0)
+        future = client.set_parameters(list(parameters))
+        wait_for(future.done, 10, 'set_parameters got no answer')
+        return future.result().results
+
+    def close(self):
+        self.node.shutdown()
+        self.executor.shutdown()
+        self.node.destroy_node()
+        self.peer.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        self.spinner.join(5)
+
+
+def wait_for(predicate, timeout, message):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(message)
+
+
+@pytest.fixture
+def harness(answering_checkpoint):
+    instance = Harness(node_parameters(answering_checkpoint))
+    yield instance
+    instance.close()
+
+
+def test_detections_carry_the_source_header_and_pixel_boxes(harness):
+    image = rgb_image(stamp_sec=1764331200, frame_id='front_camera_optical')
+    harness.publish_when_connected(image)
+    wait_for(lambda: harness.detections, 30, 'no detections published')
+    array = harness.detections[0]
+    assert array.header == image.header
+    assert [d.header for d in array.detections] == [image.header] * 2
+    for detection, (label, center, size, _) in zip(array.detections, EXPECTED):
+        (hypothesis,) = detection.results
+        assert hypothesis.hypothesis.class_id == label
+        assert 0.5 < hypothesis.hypothesis.score <= 1.0
+        assert (detection.bbox.center.position.x, detection.bbox.center.position.y) == \
+            pytest.approx(center)
+        assert (detection.bbox.size_x, detection.bbox.size_y) == pytest.approx(size)
+    assert [d.id for d in array.detections] == ['0', '1']
+    wait_for(lambda: harness.descriptions, 10, 'no descriptions published')
+    description = json.loads(harness.descriptions[0].data)
+    assert description['frame_id'] == 'front_camera_optical'
+    assert description['stamp'] == {'sec': 1764331200, 'nanosec': 500}
+    assert {key: value['color'] for key, value in description['objects'].items()} == \
+        {'0': 'red', '1': 'green'}
+
+
+def test_best_effort_and_reliable_cameras_are_both_heard(harness):
+    harness.publish_when_connected(rgb_image(1), ReliabilityPolicy.BEST_EFFORT)
+    wait_for(lambda: len(harness.detections) == 1, 30, 'best-effort camera not heard')
+    harness.publish_when_connected(rgb_image(2), ReliabilityPolicy.RELIABLE)
+    wait_for(lambda: len(harness.detections) == 2, 30, 'reliable camera not heard')
+    assert [a.header.stamp.sec for a in harness.detections] == [1, 2]
+
+
+def test_annotated_image_is_published_to_subscribers(harness):
+    annotated = []
+    harness.peer.create_subscription(Image, 'annotated_image', annotated.append, 10)
+    wait_for(lambda: harness.node.count_subscribers('annotated_image') > 0, 10, 'no match')
+    image = rgb_image(7)
+    harness.publish_when_connected(image)
+    wait_for(lambda: annotated, 30, 'no annotated image')
+    out = annotated[0]
+    assert out.header == image.header and (out.width, out.height) == (640, 480)
+    assert bytes(out.data) != bytes(image.data)
+
+
+def test_categories_change_at_runtime_and_label_info_follows(harness):
+    wait_for(lambda: harness.label_infos, 10, 'no latched label_info')
+    assert [c.class_name for c in harness.label_infos[-1].class_map] == CATEGORIES
+    (result,) = harness.set_parameters(
+        Parameter('categories', Parameter.Type.STRING_ARRAY, ['cup', 'chair', 'cup ']))
+    assert result.successful, result.reason
+    wait_for(lambda: len(harness.label_infos) >= 2, 10, 'label_info not republished')
+    assert [(c.class_id, c.class_name) for c in harness.label_infos[-1].class_map] == \
+        [(0, 'cup'), (1, 'chair')]
+    assert harness.node._detector.settings.categories == ('cup', 'chair')
+    late = []
+    harness.peer.create_subscription(LabelInfo, 'label_info', late.append, LATCHED)
+    wait_for(lambda: late, 10, 'a late subscriber did not get the latched label_info')
+    assert [c.class_name for c in late[0].class_map] == ['cup', 'chair']
+
+
+@pytest.mark.parametrize('parameter, reason_part', [
+    (Parameter('categories', Parameter.Type.STRING_ARRAY, []), 'categor'),
+    (Parameter('categories', Parameter.Type.STRING_ARRAY, ['cup, bottle']), ','),
+    (Parameter('coordinate_convention', Parameter.Type.STRING, 'pixels'), 'qwen3_grid'),
+    (Parameter('score_threshold', Parameter.Type.DOUBLE, 1.5), ''),
+    (Parameter('prompt_template', Parameter.Type.STRING, 'find {objects}'), 'categories'),
+    (Parameter('model_path', Parameter.Type.STRING, '/elsewhere'), 'read-only'),
+])
+def test_bad_parameters_are_refused_with_a_reason(harness, parameter, reason_part):
+    (result,) = harness.set_parameters(parameter)
+    assert not result.successful
+    assert reason_part in result.reason
+    assert harness.node._detector.settings.categories == tuple(CATEGORIES)
+
+
+def test_malformed_images_are_skipped_and_the_next_good_frame_is_processed(harness):
+    short = rgb_image(10)
+    short.data = bytes(short.data)[:-7]
+    bad_step = rgb_image(11)
+    bad_step.step = 100
+    unknown = rgb_image(12)
+    unknown.encoding = '32FC7'
+    for message in (short, bad_step, unknown):
+        harness.publish_when_connected(message)
+    harness.publish_when_connected(rgb_image(13))
+    wait_for(lambda: harness.detections, 30, 'the good frame was not processed')
+    assert [a.header.stamp.sec for a in harness.detections] == [13]
+    assert harness.node.counters.invalid_images == 3
+    wait_for(lambda: any(_diagnostic(d, 'invalid_images') == '3'
+                         for d in harness.diagnostics), 5, 'diagnostics do not count them')
+
+
+def test_frames_are_dropped_not_queued_when_the_model_is_slower(harness):
+    harness.publish_when_connected(rgb_image(100))
+    for stamp in range(101, 131):
+        harness.camera().publish(rgb_image(stamp))
+        time.sleep(0.002)
+    wait_for(lambda: harness.detections and harness.detections[-1].header.stamp.sec == 130, 60,
+             'the newest frame was never processed')
+    time.sleep(0.5)
+    processed = [a.header.stamp.sec for a in harness.detections]
+    assert processed == sorted(processed) and processed[-1] == 130
+    assert len(processed) < 31
+    assert harness.node.frames_dropped >= 31 - len(processed) - 5  # best effort may lose some
+
+
+def _diagnostic(array, key):
+    for status in array.status:
+        for value in status.values:
+            if value.key == key:
+                return value.value
+    return None
+
+
+def test_start_up_refuses_invalid_parameters(tiny_checkpoint):
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=random.randint(1, 200))
+    try:
+        for overrides, message in [({'min_pixels': 50000, 'max_pixels': 40000}, 'min_pixels'),
+                                   ({'categories': ['']}, 'categor'),
+                                   ({'model_path': ''}, 'model_path is required')]:
+            params = node_parameters(tiny_checkpoint, **overrides)
+            with pytest.raises(StartupError, match=message):
+                PerceptionNode(context=context, parameter_overrides=[
+                    Parameter(k, value=v) for k, v in params.items()])
+    finally:
+        rclpy.try_shutdown(context=context)
+
+
+def _run_node(arguments, **kwargs):
+    env = dict(os.environ, ROS_DOMAIN_ID=str(random.randint(1, 200)))
+    command = [sys.executable, '-m', 'qwen_vl_perception.ros.node', '--ros-args'] + arguments
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kwargs)
+
+
+def test_missing_model_stops_start_up_with_one_clear_message(tmp_path):
+    process = _run_node(['-p', f'model_path:={tmp_path / "no-such-model"}'])
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert 'cannot start' in output and 'no-such-model' in output
+    assert 'Traceback' not in output
+
+
+def test_ctrl_c_shuts_the_node_down_cleanly(answering_checkpoint):
+    params = node_parameters(answering_checkpoint)
+    arguments = []
+    for name in ('model_path', 'device', 'quantization', 'min_pixels', 'max_pixels'):
+        arguments += ['-p', f'{name}:={params[name]}']
+    process = _run_node(arguments)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    wait_for(lambda: any('ready' in line for line in lines), 120, f'node not ready: {lines}')
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) == 0
+    assert not any('Traceback' in line for line in lines)
+
+
+def test_parameter_type_is_string_array():
+    from qwen_vl_perception.ros.parameters import SPECS
+    assert SPECS['categories'].type == ParameterType.PARAMETER_STRING_ARRAY

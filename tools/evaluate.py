@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Score a folder of prediction JSON files against ground-truth labels.
+
+Prints a per-category table and writes ``metrics.json`` and ``metrics.png`` into ``--out``.
+"""
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from qwen_vl_perception.evaluation import evaluate, format_table, plot_report
+from qwen_vl_perception.labels import FORMATS, load_labels, load_predictions
+
+EXAMPLE = """example:
+  python tools/evaluate.py --labels data/scenes_val/annotations.json \\
+      --predictions runs/val_predictions --out runs/val_metrics --score-threshold 0.3
+
+  --labels accepts a COCO JSON, a YOLO dataset root (with data.yaml or classes.txt), or a
+  LabelMe JSON file / folder; --predictions holds one JSON per image:
+  {"image": "scene_00000.png", "width": 320, "height": 240,
+   "detections": [{"id": "0", "label": "ball", "box": [10, 53, 99, 142],
+                   "score": 0.93, "attributes": {"color": "purple"}}]}
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--labels', required=True, help='ground-truth file or folder')
+    parser.add_argument('--format', default='auto', choices=('auto',) + FORMATS,
+                        help='label format (default: auto-detect)')
+    parser.add_argument('--predictions', required=True,
+                        help='folder of per-image prediction JSON files')
+    parser.add_argument('--out', required=True, help='folder for metrics.json and metrics.png')
+    parser.add_argument('--iou', type=float, default=0.5,
+                        help='IoU threshold for precision/recall matching (default 0.5)')
+    parser.add_argument('--score-threshold', type=float, default=0.0,
+                        help='ignore predictions below this score for precision/recall '
+                             '(AP always uses every prediction; default 0.0)')
+    parser.add_argument('--categories', default=None,
+                        help='comma-separated category names to evaluate (default: all seen)')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='allow writing into a non-empty --out folder')
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out_dir = Path(args.out)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not args.overwrite or not out_dir.is_dir():
+            print(f'error: {out_dir} exists and is not an empty folder '
+                  '(pass --overwrite to write into it)', file=sys.stderr)
+            return 2
+    if not 0.0 < args.iou <= 1.0:
+        print(f'error: --iou must be in (0, 1], got {args.iou}', file=sys.stderr)
+        return 2
+    categories = None
+    if args.categories:
+        categories = [name.strip() for name in args.categories.split(',') if name.strip()]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            ground_truth = load_labels(args.labels, args.format)
+            predictions = load_predictions(args.predictions)
+        for warning in caught:
+            print(f'warning: {warning.message}', file=sys.stderr)
+        report = evaluate(ground_truth, predictions, categories=categories,
+                          iou_threshold=args.iou, score_threshold=args.score_threshold)
+    except ValueError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    print(format_table(report))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / 'metrics.json'
+    with open(metrics_path, 'w', encoding='utf-8') as stream:
+        json.dump(report.to_dict(), stream, indent=2)
+        stream.write('\n')
+    plot_path = out_dir / 'metrics.png'
+    plot_report(report, plot_path)
+    print(f'wrote {metrics_path} and {plot_path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
