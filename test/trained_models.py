@@ -18,7 +18,9 @@ TRAIN_PIXELS = (1024, 9216)
 
 
 def memorize_answer(source: Path, out_dir: Path, instruction: str, answer: str,
-                    steps: int = 110, seed: int = 0) -> Path:
+                    max_steps: int = 300, seed: int = 0) -> Path:
+    """Train until greedy decoding of a fresh image gives ``answer`` (checked every 20 steps);
+    fails if it has not after ``max_steps``."""
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
@@ -28,16 +30,39 @@ def memorize_answer(source: Path, out_dir: Path, instruction: str, answer: str,
     model = Qwen3VLForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        height, width = (int(v) for v in rng.integers(32, 128, size=2))
-        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        batch = training_batch(builder, [image], [instruction], [answer])
-        loss = model(**batch).loss
+    for step in range(1, max_steps + 1):
+        batch = training_batch(builder, [_random_image(rng)], [instruction], [answer])
+        labels = batch.pop('labels')
+        answer_length = int((labels[0] != -100).sum())
+        # Logits only where the answer is predicted: the 151,936-way projection dominates.
+        logits = model(**batch, logits_to_keep=answer_length + 1).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(),
+                                                 labels[:, -answer_length:].flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if step % 20 == 0 and _answers(model, builder, rng, instruction) == answer:
+            break
+    else:
+        raise AssertionError(f'the model did not learn the answer in {max_steps} steps')
     model.eval()
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     copy_processor_files(source, out_dir)
     return out_dir
+
+
+def _random_image(rng):
+    height, width = (int(v) for v in rng.integers(32, 128, size=2))
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _answers(model, builder, rng, instruction):
+    import torch
+    model.eval()
+    inputs = builder.build([_random_image(rng)], instruction).tensors
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=120, do_sample=False)
+    model.train()
+    return builder.tokenizer.decode(output[0, inputs['input_ids'].shape[1]:],
+                                    skip_special_tokens=True)

@@ -1,0 +1,114 @@
+"""The vision-language engine: a loaded Qwen3-VL plus its input builder, answering
+``generate(images, instruction, max_new_tokens)``."""
+import gc
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+from .generation import Decoder, Generation, hf_decode, make_generations
+from .loading import load_model, model_quantization
+from .processor import InputBuilder
+from .torch_support import require_torch
+
+PathLike = Union[str, Path]
+
+IM_END = '<|im_end|>'
+END_OF_TEXT = '<|endoftext|>'
+
+
+@dataclass
+class GenerateTiming:
+    """Seconds spent in the last ``generate`` call: building inputs, decoding, detokenizing."""
+
+    inputs_s: float = 0.0
+    decode_s: float = 0.0
+    text_s: float = 0.0
+    new_tokens: int = 0
+
+    @property
+    def total_s(self) -> float:
+        return self.inputs_s + self.decode_s + self.text_s
+
+
+class VisionLanguageEngine:
+    """Loads a Qwen3-VL checkpoint once and decodes batches of images greedily.
+
+    ``generate`` may be called from any thread; calls are serialised by a lock.
+    ``decoder`` replaces the default ``model.generate`` loop (see
+    :class:`~qwen_vl_perception.model.generation.Decoder`).
+    """
+
+    def __init__(self, checkpoint: PathLike, device: str = 'auto', quantization: str = 'auto',
+                 min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
+                 decoder: Optional[Decoder] = None, compute_dtype: str = 'auto'):
+        self.checkpoint = Path(checkpoint)
+        self.model = load_model(self.checkpoint, device=device, quantization=quantization,
+                                compute_dtype=compute_dtype)
+        self.inputs = InputBuilder.from_pretrained(self.checkpoint, min_pixels=min_pixels,
+                                                   max_pixels=max_pixels)
+        self.tokenizer = self.inputs.tokenizer
+        self.decoder: Decoder = decoder or hf_decode
+        self.stop_token_ids = _stop_token_ids(self.model, self.tokenizer)
+        self.last_timing = GenerateTiming()
+        self._lock = threading.Lock()
+
+    @property
+    def device(self):
+        """The torch device of the model's input embeddings (where inputs go)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def quantization(self) -> str:
+        """'none', 'nf4', 'fp4', ... as loaded."""
+        return model_quantization(self.model)
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization != 'none'
+
+    def generate(self, images: Sequence, instruction: str,
+                 max_new_tokens: int = 512) -> List[Generation]:
+        """Greedy answers for RGB ``images`` (HxWx3 uint8), one per image, same instruction."""
+        if max_new_tokens < 1:
+            raise ValueError('max_new_tokens must be at least 1')
+        torch = require_torch()
+        with self._lock, torch.inference_mode():
+            if self.model is None:
+                raise RuntimeError('the engine is closed')
+            started = time.perf_counter()
+            inputs = self.inputs.build(list(images), instruction).to(self.device)
+            built = time.perf_counter()
+            ids, probs = self.decoder(self.model, inputs, max_new_tokens, self.stop_token_ids)
+            decoded = time.perf_counter()
+            generations = make_generations(self.tokenizer, ids, probs, self.stop_token_ids,
+                                           inputs.model_input_sizes)
+            self.last_timing = GenerateTiming(
+                inputs_s=built - started, decode_s=decoded - built,
+                text_s=time.perf_counter() - decoded,
+                new_tokens=sum(len(row) for row in ids))
+        return generations
+
+    def close(self) -> None:
+        """Drop the model (and free GPU memory); the engine cannot generate afterwards."""
+        torch = require_torch()
+        with self._lock:
+            self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _stop_token_ids(model, tokenizer) -> List[int]:
+    """<|im_end|>, the tokenizer's eos, the checkpoint's generation_config eos ids and
+    <|endoftext|>."""
+    candidates = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id]
+    eos = model.generation_config.eos_token_id
+    candidates += list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    candidates.append(tokenizer.convert_tokens_to_ids(END_OF_TEXT))
+    stops = []
+    for token in candidates:
+        if token is not None and token != tokenizer.unk_token_id and int(token) not in stops:
+            stops.append(int(token))
+    return stops

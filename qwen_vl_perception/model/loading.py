@@ -1,0 +1,207 @@
+"""Load a Qwen3-VL checkpoint for inference: plain, quantized on load, or pre-quantized.
+
+Quantization choices (``quantization=``):
+
+- ``'none'``: weights as stored, in ``compute_dtype``.
+- ``'nf4'`` / ``'fp4'``: bitsandbytes 4-bit on load, double quantization, ``compute_dtype``
+  compute; the vision tower and ``lm_head`` stay unquantized (``skip_modules``).
+- ``'auto'``: a pre-quantized checkpoint (``quantization_config`` in config.json) is loaded
+  as it is; otherwise NF4 on CUDA and no quantization on CPU. bitsandbytes' CPU NF4 works but
+  is slower than plain weights on a CPU, and memory is rarely what limits a CPU run; ask for
+  ``'nf4'`` explicitly to get it there.
+
+``compute_dtype='auto'``: bfloat16 on CUDA (float16 where the GPU has no bfloat16), float32
+on CPU; for a pre-quantized checkpoint, the dtype it was saved with.
+"""
+import json
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from .torch_support import require, require_torch
+
+PathLike = Union[str, Path]
+
+QUANTIZATIONS = ('auto', 'none', 'nf4', 'fp4')
+COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
+SUPPORTED_MODEL_TYPES = ('qwen3_vl', 'qwen3_vl_moe')
+# Modules kept unquantized. transformers 5 matches these names from the start of the module
+# path ('model.visual'); older releases matched substrings ('visual').
+DEFAULT_SKIP_MODULES = ('model.visual', 'visual', 'lm_head')
+WEIGHT_PATTERNS = ('*.safetensors', 'pytorch_model*.bin')
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint cannot be loaded; the message says which and why."""
+
+
+def read_checkpoint_config(path: PathLike) -> dict:
+    """Check that ``path`` is a Qwen3-VL checkpoint folder with weights; return config.json.
+
+    Raises :class:`ModelLoadError` with one clear message otherwise.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f'model checkpoint {path} does not exist')
+    if not path.is_dir():
+        raise ModelLoadError(f'model checkpoint {path} is not a directory (give the folder '
+                             'holding config.json and the weights)')
+    config_file = path / 'config.json'
+    if not config_file.is_file():
+        raise ModelLoadError(f'model checkpoint {path} has no config.json: not a Hugging Face '
+                             'checkpoint folder')
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f'{config_file} cannot be read as JSON: {error}') from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f'{config_file} does not hold a JSON object')
+    model_type = config.get('model_type')
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(f'model checkpoint {path} is a {model_type!r} model, not Qwen3-VL '
+                             f'(model_type must be one of {", ".join(SUPPORTED_MODEL_TYPES)})')
+    if not weight_files(path):
+        raise ModelLoadError(f'model checkpoint {path} has no weights (*.safetensors or '
+                             'pytorch_model*.bin)')
+    return config
+
+
+def weight_files(path: PathLike) -> list:
+    """The weight files of a checkpoint folder, sorted."""
+    path = Path(path)
+    return sorted({file for pattern in WEIGHT_PATTERNS for file in path.glob(pattern)
+                   if file.is_file()})
+
+
+def checkpoint_quantization(config: dict) -> str:
+    """'none', 'nf4', 'fp4', 'int8', or the quant_method of another pre-quantized format."""
+    quantization = config.get('quantization_config')
+    if not quantization:
+        return 'none'
+    if quantization.get('load_in_4bit'):
+        return str(quantization.get('bnb_4bit_quant_type', 'fp4'))
+    if quantization.get('load_in_8bit'):
+        return 'int8'
+    return str(quantization.get('quant_method', 'unknown'))
+
+
+def model_quantization(model) -> str:
+    """Like :func:`checkpoint_quantization`, for a loaded model."""
+    quantization = getattr(model.config, 'quantization_config', None)
+    if quantization is None:
+        return 'none'
+    if not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    return checkpoint_quantization({'quantization_config': quantization})
+
+
+def describe_checkpoint(path: PathLike) -> dict:
+    """What a checkpoint holds, for tools: architecture, sizes, quantization, files."""
+    config = read_checkpoint_config(path)
+    path = Path(path)
+    text = config.get('text_config') or {}
+    vision = config.get('vision_config') or {}
+    files = weight_files(path)
+    quantization = checkpoint_quantization(config)
+    return {
+        'path': str(path),
+        'model_type': config.get('model_type'),
+        'architectures': list(config.get('architectures') or []),
+        'dtype': config.get('dtype') or config.get('torch_dtype') or text.get('dtype'),
+        'quantization': quantization,
+        'quantized': quantization != 'none',
+        'text': {key: text.get(key) for key in (
+            'hidden_size', 'num_hidden_layers', 'intermediate_size', 'num_attention_heads',
+            'num_key_value_heads', 'head_dim', 'vocab_size')},
+        'vision': {key: vision.get(key) for key in (
+            'depth', 'hidden_size', 'out_hidden_size', 'patch_size', 'spatial_merge_size')},
+        'tie_word_embeddings': config.get('tie_word_embeddings',
+                                          text.get('tie_word_embeddings')),
+        'weight_files': [file.name for file in files],
+        'weight_bytes': sum(file.stat().st_size for file in files),
+        'has_processor_files': all((path / name).is_file() for name in (
+            'preprocessor_config.json', 'tokenizer_config.json')),
+    }
+
+
+def resolve_device(device: str = 'auto') -> str:
+    """'auto' -> 'cuda' if available else 'cpu'; checks that a CUDA device exists."""
+    torch = require_torch()
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    kind, _, index = str(device).partition(':')
+    if kind == 'cpu' and not index:
+        return 'cpu'
+    if kind != 'cuda' or (index and not index.isdigit()):
+        raise ModelLoadError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {device!r}")
+    if not torch.cuda.is_available():
+        raise ModelLoadError(f'device {device!r} was asked for but CUDA is not available '
+                             f'(torch {torch.__version__}, built for CUDA '
+                             f'{torch.version.cuda or "none"})')
+    if index and int(index) >= torch.cuda.device_count():
+        raise ModelLoadError(f'device {device!r} does not exist: '
+                             f'{torch.cuda.device_count()} CUDA device(s)')
+    return str(device)
+
+
+def load_model(path: PathLike, device: str = 'auto', quantization: str = 'auto',
+               compute_dtype: str = 'auto',
+               skip_modules: Sequence[str] = DEFAULT_SKIP_MODULES):
+    """Load a Qwen3-VL checkpoint onto ``device`` in eval mode (see the module docstring).
+
+    Raises :class:`ModelLoadError` for a path that is not a loadable Qwen3-VL checkpoint, or
+    for options that contradict it (e.g. 'none' on a pre-quantized checkpoint).
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f'quantization must be one of {", ".join(QUANTIZATIONS)}, '
+                             f'not {quantization!r}')
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ModelLoadError(f'compute_dtype must be one of {", ".join(COMPUTE_DTYPES)}, '
+                             f'not {compute_dtype!r}')
+    config = read_checkpoint_config(path)
+    torch = require_torch()
+    transformers = require('transformers', 'to load Qwen3-VL')
+    device = resolve_device(device)
+    stored = checkpoint_quantization(config)
+    load_kwargs = {'device_map': 'cpu' if device == 'cpu' else {'': device}}
+
+    if stored != 'none':
+        if quantization not in ('auto', stored):
+            raise ModelLoadError(
+                f'model checkpoint {path} is already quantized ({stored}); it cannot be '
+                f"loaded as {quantization!r}. Use quantization='auto'.")
+        dtype = _pick_dtype(torch, device, compute_dtype, _stored_dtype(config))
+        load_kwargs['dtype'] = dtype
+        if stored in ('nf4', 'fp4', 'int8'):
+            require('bitsandbytes', 'to load a bitsandbytes-quantized checkpoint')
+    else:
+        if quantization == 'auto':
+            quantization = 'nf4' if device != 'cpu' else 'none'
+        dtype = _pick_dtype(torch, device, compute_dtype, None)
+        load_kwargs['dtype'] = dtype
+        if quantization != 'none':
+            require('bitsandbytes', f'to quantize the model to {quantization} on load')
+            load_kwargs['quantization_config'] = transformers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=quantization,
+                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+                llm_int8_skip_modules=list(skip_modules))
+    try:
+        model = transformers.AutoModelForImageTextToText.from_pretrained(
+            str(path), **load_kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as error:
+        raise ModelLoadError(f'loading model checkpoint {path} failed: {error}') from error
+    return model.eval()
+
+
+def _stored_dtype(config: dict) -> Optional[str]:
+    text = config.get('text_config') or {}
+    return config.get('dtype') or config.get('torch_dtype') or text.get('dtype')
+
+
+def _pick_dtype(torch, device: str, compute_dtype: str, stored: Optional[str]):
+    if compute_dtype != 'auto':
+        return getattr(torch, compute_dtype)
+    if stored in ('float32', 'bfloat16', 'float16'):
+        return getattr(torch, stored)
+    if device == 'cpu':
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
