@@ -243,6 +243,27 @@ def test_frames_are_dropped_not_queued_when_the_model_is_slower(harness):
     assert harness.node.frames_dropped >= 31 - len(processed) - 5  # best effort may lose some
 
 
+def test_frames_of_several_cameras_ready_together_are_decoded_as_one_batch(answering_checkpoint):
+    harness = Harness(node_parameters(answering_checkpoint,
+                                      image_topics=['front/image', 'rear/image']))
+    try:
+        qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+        front = harness.peer.create_publisher(Image, 'front/image', qos)
+        rear = harness.peer.create_publisher(Image, 'rear/image', qos)
+        wait_for(lambda: front.get_subscription_count() and rear.get_subscription_count(), 10,
+                 'cameras not connected')
+        front.publish(rgb_image(1, 'front'))  # keeps the model busy ...
+        front.publish(rgb_image(2, 'front'))  # ... while these two wait together
+        rear.publish(rgb_image(2, 'rear'))
+        wait_for(lambda: len(harness.detections) == 3, 60, 'not every frame was answered')
+        assert harness.node.counters.largest_batch == 2
+        frames = sorted((a.header.frame_id, a.header.stamp.sec) for a in harness.detections)
+        assert frames == [('front', 1), ('front', 2), ('rear', 2)]
+        assert all(len(a.detections) == 2 for a in harness.detections)
+    finally:
+        harness.close()
+
+
 def _diagnostic(array, key):
     for status in array.status:
         for value in status.values:

@@ -53,6 +53,8 @@ class Counters:
     invalid_objects: int = 0
     truncated_answers: int = 0
     inference_errors: int = 0
+    batches: int = 0
+    largest_batch: int = 0
     last_latency_s: float = 0.0
     last_inference_s: float = 0.0
 
@@ -68,6 +70,8 @@ class PerceptionNode(Node):
         value = self._value
         if value('min_pixels') > value('max_pixels'):
             raise StartupError('min_pixels must not exceed max_pixels')
+        if not value('image_topics') or not all(value('image_topics')):
+            raise StartupError('image_topics must name at least one topic, none empty')
         try:
             settings = settings_from_values({name: value(name) for name in SETTINGS_PARAMETERS})
             prepare_settings(settings)
@@ -95,11 +99,17 @@ class PerceptionNode(Node):
         camera_qos = QoSProfile(**_qos_fields(qos_profile_sensor_data))
         if value('input_reliability') == 'reliable':
             camera_qos.reliability = ReliabilityPolicy.RELIABLE
-        if value('input_transport') == 'compressed':
-            self.create_subscription(CompressedImage, 'image/compressed',
-                                     self._on_compressed_image, camera_qos)
-        else:
-            self.create_subscription(Image, 'image', self._on_image, camera_qos)
+        compressed = value('input_transport') == 'compressed'
+        self._image_topics = list(value('image_topics'))
+        for topic in self._image_topics:
+            if compressed:
+                self.create_subscription(
+                    CompressedImage, topic + '/compressed',
+                    lambda m, t=topic: self._accept(m, compressed_msg_to_rgb, t), camera_qos)
+            else:
+                self.create_subscription(Image, topic,
+                                         lambda m, t=topic: self._accept(m, image_msg_to_rgb, t),
+                                         camera_qos)
 
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.create_timer(1.0, self._publish_diagnostics)
@@ -108,8 +118,8 @@ class PerceptionNode(Node):
         self._worker.start()
         self.get_logger().info(
             f"ready: {len(settings.categories)} categories, model on {engine.device}, "
-            f"subscribed to {self.resolve_topic_name('image')}"
-            f"{'/compressed' if value('input_transport') == 'compressed' else ''}")
+            f"subscribed to {', '.join(self.resolve_topic_name(t) for t in self._image_topics)}"
+            f"{' (compressed)' if compressed else ''}")
 
     # ----------------------------------------------------------------------------- start-up
     def _value(self, name: str):
@@ -134,13 +144,7 @@ class PerceptionNode(Node):
             raise StartupError(str(error)) from error
 
     # ---------------------------------------------------------------------------- callbacks
-    def _on_image(self, message: Image) -> None:
-        self._accept(message, image_msg_to_rgb)
-
-    def _on_compressed_image(self, message: CompressedImage) -> None:
-        self._accept(message, compressed_msg_to_rgb)
-
-    def _accept(self, message, convert) -> None:
+    def _accept(self, message, convert, source: str) -> None:
         self.counters.received += 1
         if not self._enabled:
             return
@@ -150,7 +154,8 @@ class PerceptionNode(Node):
             self.counters.invalid_images += 1
             self.get_logger().warning(f'skipped an image: {error}', throttle_duration_sec=5.0)
             return
-        self._slots.put(Frame(header=message.header, rgb=rgb, received=time.monotonic()))
+        self._slots.put(Frame(header=message.header, rgb=rgb, received=time.monotonic()),
+                        source)
 
     def _on_set_parameters(self, parameters) -> SetParametersResult:
         changes = {p.name: p.value for p in parameters}
@@ -199,6 +204,8 @@ class PerceptionNode(Node):
                 self.get_logger().error(f'inference failed: {error!r}',
                                         throttle_duration_sec=5.0)
                 continue
+            self.counters.batches += 1
+            self.counters.largest_batch = max(self.counters.largest_batch, len(frames))
             for frame, result in zip(frames, results):
                 self._publish(frame, result)
 
@@ -239,6 +246,8 @@ class PerceptionNode(Node):
             'invalid_objects': counters.invalid_objects,
             'truncated_answers': counters.truncated_answers,
             'inference_errors': counters.inference_errors,
+            'batches': counters.batches,
+            'largest_batch': counters.largest_batch,
             'last_inference_ms': round(counters.last_inference_s * 1000.0, 1),
             'last_latency_ms': round(counters.last_latency_s * 1000.0, 1),
         }

@@ -91,8 +91,12 @@ PARAMETERS = (
                   'Most inferences per second (0 = as fast as the model goes)',
                   float_range=(0.0, 1000.0)),
     ParameterSpec('enabled', True, _BOOL, 'Run inference (false: frames are ignored)'),
+    ParameterSpec('image_topics', ['image'], _STRINGS,
+                  'Camera topics; frames of several cameras that are ready together are '
+                  'decoded as one batch, results share the output topics (headers tell the '
+                  'cameras apart)', read_only=True),
     ParameterSpec('input_transport', 'raw', _STRING,
-                  "Subscribe to 'image' (sensor_msgs/Image) or 'image/compressed'",
+                  "Subscribe to each image topic (sensor_msgs/Image) or to <topic>/compressed",
                   read_only=True, choices=TRANSPORTS),
     ParameterSpec('input_reliability', 'best_effort', _STRING,
                   'Camera subscription reliability (best_effort accepts every publisher)',
