@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Watch perception_node work: an image folder or a video plays the camera.
+
+Three ROS 2 nodes run in this process and talk over real DDS: a camera that publishes each
+image as sensor_msgs/Image, the perception node (the same class `ros2 run` starts) and a
+recorder that saves the annotated images and prints the detections as a table.
+
+    tools/demo.py --model /models/qwen3-vl-4b-nf4 --images ~/office_photos \\
+        --categories cup chair "potted plant" --out demo_out
+
+On a robot, start the node with `ros2 launch qwen_vl_perception perception.launch.py` instead.
+"""
+import argparse
+import json
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+from qwen_vl_perception.image_conversion import save_rgb
+from qwen_vl_perception.image_folder import list_images
+from qwen_vl_perception.tool_support import USAGE_ERROR, ToolError, prepare_output_dir
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', required=True, help='Qwen3-VL checkpoint directory')
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument('--images', help='folder of images (natural order) played as a camera')
+    source.add_argument('--video', help='video file played as a camera')
+    parser.add_argument('--out', default='demo_out', help='where annotated images go')
+    parser.add_argument('--overwrite', action='store_true', help='replace a non-empty --out')
+    parser.add_argument('--categories', nargs='+', help='categories (default: params.yaml)')
+    parser.add_argument('--attributes', nargs='+', help='attributes asked for')
+    parser.add_argument('--device', default='auto')
+    parser.add_argument('--quantization', default='auto')
+    parser.add_argument('--max-pixels', type=int, default=None)
+    parser.add_argument('--min-pixels', type=int, default=None)
+    parser.add_argument('--score-threshold', type=float, default=None)
+    parser.add_argument('--max-frames', type=int, default=0, help='stop after N frames (0: all)')
+    parser.add_argument('--timeout', type=float, default=300.0,
+                        help='seconds to wait for one frame\'s detections')
+    return parser.parse_args(argv)
+
+
+def frames_from(args):
+    """(name, rgb) pairs from the folder or the video."""
+    from qwen_vl_perception.image_conversion import load_image_file
+    if args.images:
+        paths = list_images(args.images)
+        if not paths:
+            raise ToolError(f'no images in {args.images}')
+        for path in paths:
+            yield path.stem, load_image_file(path)
+        return
+    import cv2
+    capture = cv2.VideoCapture(args.video)
+    if not capture.isOpened():
+        raise ToolError(f'cannot open video {args.video}')
+    index = 0
+    while True:
+        ok, bgr = capture.read()
+        if not ok:
+            break
+        yield f'frame_{index:05d}', cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        index += 1
+
+
+def node_overrides(args):
+    from rclpy.parameter import Parameter
+    values = {'model_path': args.model, 'device': args.device,
+              'quantization': args.quantization}
+    optional = {'categories': args.categories, 'attributes': args.attributes,
+                'max_pixels': args.max_pixels, 'min_pixels': args.min_pixels,
+                'score_threshold': args.score_threshold}
+    values.update({k: v for k, v in optional.items() if v is not None})
+    if args.max_pixels is not None and args.min_pixels is None:
+        from qwen_vl_perception.ros.parameters import SPECS
+        values['min_pixels'] = min(SPECS['min_pixels'].default, args.max_pixels)
+    return [Parameter(name, value=value) for name, value in values.items()]
+
+
+def run(args) -> int:
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import String
+    from vision_msgs.msg import Detection2DArray
+
+    from qwen_vl_perception.ros.messages import image_msg
+    from qwen_vl_perception.ros.node import PerceptionNode, StartupError
+
+    out = prepare_output_dir(args.out, args.overwrite)
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=random.randint(100, 200))
+    perception = None
+    try:
+        try:
+            perception = PerceptionNode(context=context, parameter_overrides=node_overrides(args))
+        except StartupError as error:
+            raise ToolError(f'perception node cannot start: {error}') from error
+        peer = rclpy.create_node('demo_camera_and_recorder', context=context)
+        reliable = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+        camera = peer.create_publisher(Image, 'image', reliable)
+        results = {}
+        arrived = threading.Condition()
+
+        def keep(kind):
+            def callback(message):
+                with arrived:
+                    stamp = message.header.stamp.sec if kind != 'text' else \
+                        json.loads(message.data)['stamp']['sec']
+                    results.setdefault(stamp, {})[kind] = message
+                    arrived.notify_all()
+            return callback
+
+        peer.create_subscription(Detection2DArray, 'detections', keep('detections'), reliable)
+        peer.create_subscription(Image, 'annotated_image', keep('annotated'), reliable)
+        peer.create_subscription(String, 'descriptions', keep('text'), reliable)
+        executor = MultiThreadedExecutor(num_threads=3, context=context)
+        executor.add_node(perception)
+        executor.add_node(peer)
+        spinner = threading.Thread(target=executor.spin, daemon=True)
+        spinner.start()
+        deadline = time.monotonic() + 30
+        while not (camera.get_subscription_count()
+                   and perception.count_subscribers('annotated_image')):
+            if time.monotonic() > deadline:
+                raise ToolError('the camera did not connect to the perception node')
+            time.sleep(0.05)
+
+        describe = perception._detector.settings.describe
+        rows, started, count = [], time.monotonic(), 0
+        for index, (name, rgb) in enumerate(frames_from(args), start=1):
+            if args.max_frames and index > args.max_frames:
+                break
+            header = _header(index, name)
+            camera.publish(image_msg(header, rgb))
+            wanted = {'detections', 'annotated'} | ({'text'} if describe else set())
+            with arrived:
+                if not arrived.wait_for(lambda: wanted <= set(results.get(index, {})),
+                                        timeout=args.timeout):
+                    raise ToolError(f'no detections for {name} within {args.timeout:.0f} s')
+                got = results.pop(index)
+            annotated = got['annotated']
+            save_rgb(out / f'{name}_detections.jpg', _rgb(annotated))
+            attributes = json.loads(got['text'].data)['objects'] if 'text' in got else {}
+            for detection in got['detections'].detections:
+                hypothesis = detection.results[0].hypothesis
+                extra = {k: v for k, v in attributes.get(detection.id, {}).items()
+                         if k not in ('label', 'score')}
+                rows.append((name, detection.id, hypothesis.class_id, hypothesis.score,
+                             detection.bbox, extra))
+            count = index
+        _print_table(rows)
+        elapsed = time.monotonic() - started
+        print(f'\n{count} frames, {len(rows)} detections, {elapsed / max(count, 1):.2f} s per '
+              f'frame; annotated images in {out}/')
+        executor.shutdown()
+        peer.destroy_node()
+        return 0
+    finally:
+        if perception is not None:
+            perception.shutdown()
+            perception.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+
+def _header(index, name):
+    from std_msgs.msg import Header
+    header = Header(frame_id='demo_camera')
+    header.stamp.sec = index  # the frame number: lets the recorder pair results with frames
+    return header
+
+
+def _rgb(message):
+    import numpy as np
+    rows = np.frombuffer(bytes(message.data), dtype=np.uint8).reshape(message.height,
+                                                                      message.step)
+    return rows[:, :message.width * 3].reshape(message.height, message.width, 3)
+
+
+def _print_table(rows):
+    print(f"{'image':<24} {'id':>3} {'label':<16} {'score':>5}  {'box (x1, y1, x2, y2)':<26} "
+          'attributes')
+    for name, detection_id, label, score, bbox, extra in rows:
+        cx, cy = bbox.center.position.x, bbox.center.position.y
+        box = (f'{cx - bbox.size_x / 2:.0f}, {cy - bbox.size_y / 2:.0f}, '
+               f'{cx + bbox.size_x / 2:.0f}, {cy + bbox.size_y / 2:.0f}')
+        text = ', '.join(f'{k}: {v}' for k, v in extra.items())
+        print(f'{name[:24]:<24} {detection_id:>3} {label[:16]:<16} {score:5.2f}  {box:<26} {text}')
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ToolError, FileNotFoundError, NotADirectoryError) as error:
+        print(f'error: {error}', file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == '__main__':
+    sys.exit(main())
