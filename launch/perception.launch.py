@@ -16,8 +16,8 @@ from launch_ros.actions import Node
 def generate_launch_description():
     share = get_package_share_directory('qwen_vl_perception')
     arguments = [
-        DeclareLaunchArgument('params_file', default_value=os.path.join(share, 'config',
-                                                                         'params.yaml')),
+        DeclareLaunchArgument('params_file',
+                              default_value=os.path.join(share, 'config', 'params.yaml')),
         DeclareLaunchArgument('model_path', description='Qwen3-VL checkpoint directory'),
         DeclareLaunchArgument('image', default_value='/camera/image_raw',
                               description='camera topic (sensor_msgs/Image)'),

@@ -31,7 +31,7 @@ class LatestFrameSlots:
             return replaced
 
     def take_all(self, timeout: Optional[float] = None) -> List[Any]:
-        """Wait up to ``timeout`` seconds for frames; return all waiting ones (oldest source first).
+        """Wait up to ``timeout`` s for frames; return all waiting ones (oldest source first).
 
         Returns an empty list on time-out or once closed.
         """

@@ -21,8 +21,9 @@ def known_detections() -> Detection2DArray:
     array.header.frame_id = 'camera_optical_frame'
     array.header.stamp.sec = 1764331200
     array.header.stamp.nanosec = 123456789
-    for index, (label, cx, cy, w, h, score) in enumerate(
-            [('cup', 320.5, 240.25, 64.0, 80.0, 0.93), ('garbage can', 10.0, 470.0, 20.0, 20.0, 0.5)]):
+    objects = [('cup', 320.5, 240.25, 64.0, 80.0, 0.93),
+               ('garbage can', 10.0, 470.0, 20.0, 20.0, 0.5)]
+    for index, (label, cx, cy, w, h, score) in enumerate(objects):
         detection = Detection2D()
         detection.header = array.header
         detection.id = str(index)

@@ -215,7 +215,7 @@ def test_labelme_round_trip_and_folder(tmp_path):
 ])
 def test_labelme_malformed(tmp_path, shape, problem):
     path = write_json(tmp_path / 'bad.json', {'shapes': [shape], 'imagePath': 'bad.png',
-                                             'imageWidth': 10, 'imageHeight': 10})
+                                              'imageWidth': 10, 'imageHeight': 10})
     with pytest.raises(ValueError, match=r'bad\.json: shapes\[0\]') as error:
         load_labels(path, 'labelme')
     assert problem in str(error.value)

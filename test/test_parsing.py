@@ -159,8 +159,8 @@ def test_attributes_any_case_any_type():
 def test_attributes_nested_in_an_attributes_object():
     text = ('{"bbox_2d": [1, 2, 3, 4], "label": "cup", '
             '"attributes": {"color": "blue", "Shape": "tall"}}')
-    assert parse_objects(text, MATCHER).objects[0].attributes == {'color': 'blue',
-                                                                 'shape': 'tall'}
+    attributes = parse_objects(text, MATCHER).objects[0].attributes
+    assert attributes == {'color': 'blue', 'shape': 'tall'}
 
 
 def test_near_json_single_quotes_trailing_commas_python_literals():

@@ -16,7 +16,6 @@ import random
 import sys
 import threading
 import time
-from pathlib import Path
 
 from qwen_vl_perception.image_conversion import save_rgb
 from qwen_vl_perception.image_folder import list_images
