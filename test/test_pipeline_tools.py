@@ -1,0 +1,450 @@
+"""The model pipeline tools end to end on the tiny Qwen3-VL, plus their refusals.
+
+prepare_data -> finetune (a few LoRA steps) -> merge_lora (logit check) -> quantize (NF4 on the
+CPU) -> detect_folder -> evaluate, each run through its ``main()`` as a user would run it.
+The tiny model is random: it detects nothing, which is fine here (metrics are tested
+elsewhere); what is tested is that every stage produces what the next one needs.
+"""
+import contextlib
+import importlib.util
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+pytest.importorskip('peft')
+pytest.importorskip('bitsandbytes')
+
+from qwen_vl_perception.categories import LabelMatcher  # noqa: E402
+from qwen_vl_perception.detector import DetectionSettings, detections_from_text  # noqa: E402
+from qwen_vl_perception.detector import prepare_settings  # noqa: E402
+from qwen_vl_perception.geometry import to_grid  # noqa: E402
+from qwen_vl_perception.image_folder import list_images, natural_key  # noqa: E402
+from qwen_vl_perception.labels import load_labels, load_predictions  # noqa: E402
+from qwen_vl_perception.model.configs import tiny_config  # noqa: E402
+from qwen_vl_perception.model.lora import (  # noqa: E402
+    AdapterError, read_adapter, select_target_modules, tied_module_problems)
+from qwen_vl_perception.parsing import parse_objects  # noqa: E402
+from qwen_vl_perception.prompt import IMAGE_PLACEHOLDER, PromptBuilder  # noqa: E402
+from qwen_vl_perception.scenes import write_dataset  # noqa: E402
+from qwen_vl_perception.sft_data import read_sft_dataset  # noqa: E402
+from qwen_vl_perception.trained_prompt import PROMPT_FILE  # noqa: E402
+
+TOOLS = Path(__file__).resolve().parents[1] / 'tools'
+SIZES = [(96, 72), (72, 96)]
+PIXELS = ['--min-pixels', '1024', '--max-pixels', '4096']  # a handful of visual tokens
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f'tool_{name}', TOOLS / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_tool(name, args):
+    """Run a tool's main() in-process; return (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = load_tool(name).main([str(arg) for arg in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def linear4bit_count(model):
+    import bitsandbytes as bnb
+    return sum(isinstance(module, bnb.nn.Linear4bit) for module in model.modules())
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline, one stage per fixture
+
+
+@pytest.fixture(scope='module')
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp('pipeline')
+
+
+@pytest.fixture(scope='module')
+def scenes(work):
+    write_dataset(work / 'scenes', 4, seed=2, sizes=SIZES, format=['coco', 'yolo', 'labelme'])
+    return work / 'scenes'
+
+
+@pytest.fixture(scope='module')
+def sft(work, scenes):
+    out = work / 'sft'
+    code, stdout, stderr = run_tool('prepare_data', [
+        '--labels', scenes / 'annotations.json', '--out', out, '--val-fraction', '0.25'])
+    assert code == 0, stderr
+    return out
+
+
+@pytest.fixture(scope='module')
+def adapter(work, sft, tiny_checkpoint):
+    out = work / 'adapter'
+    code, stdout, stderr = run_tool('finetune', [
+        '--base', tiny_checkpoint, '--dataset', sft, '--out', out, '--max-steps', '3',
+        '--lr', '5e-3', '--batch-size', '2', '--grad-accum', '1', '--logging-steps', '1',
+        '--device', 'cpu', '--no-progress', *PIXELS])
+    assert code == 0, stderr
+    return out, stdout
+
+
+@pytest.fixture(scope='module')
+def merged(work, adapter, tiny_checkpoint):
+    out = work / 'merged'
+    code, stdout, stderr = run_tool('merge_lora', [
+        '--base', tiny_checkpoint, '--adapter', adapter[0], '--out', out, '--device', 'cpu'])
+    assert code == 0, stderr
+    return out, stdout
+
+
+@pytest.fixture(scope='module')
+def quantized(work, merged):
+    out = work / 'nf4'
+    code, stdout, stderr = run_tool('quantize', [
+        '--model', merged[0], '--out', out, '--device', 'cpu', '--check-tokens', '4'])
+    assert code == 0, stderr
+    return out, stdout
+
+
+@pytest.fixture(scope='module')
+def detections(work, quantized, scenes):
+    out = work / 'detect'
+    code, stdout, stderr = run_tool('detect_folder', [
+        '--model', quantized[0], '--images', scenes / 'images', '--out', out,
+        '--max-new-tokens', '8', '--batch-size', '2', '--device', 'cpu'])
+    assert code == 0, stderr
+    return out, stdout
+
+
+def test_prepare_data_writes_llama_factory_files(sft):
+    info = json.loads((sft / 'dataset_info.json').read_text())
+    assert info['detection'] == {
+        'file_name': 'dataset.json', 'formatting': 'sharegpt',
+        'columns': {'messages': 'messages', 'images': 'images'},
+        'tags': {'role_tag': 'role', 'content_tag': 'content', 'user_tag': 'user',
+                 'assistant_tag': 'assistant'}}
+    assert info['detection_val']['file_name'] == 'dataset_val.json'
+    train = json.loads((sft / 'dataset.json').read_text())
+    val = json.loads((sft / 'dataset_val.json').read_text())
+    assert (len(train), len(val)) == (3, 1)
+    for sample in train + val:
+        assert [turn['role'] for turn in sample['messages']] == ['user', 'assistant']
+        assert sample['messages'][0]['content'].count(IMAGE_PLACEHOLDER) == 1
+        assert len(sample['images']) == 1 and (sft / sample['images'][0]).is_file()
+    prompt = json.loads((sft / PROMPT_FILE).read_text())
+    assert prompt['categories'] == ['ball', 'box', 'cone', 'ring']
+    assert train[0]['messages'][0]['content'] == prompt['instruction'] + IMAGE_PLACEHOLDER
+
+
+def test_finetune_writes_a_peft_adapter(adapter, tiny_checkpoint):
+    out, stdout = adapter
+    for name in ('adapter_config.json', 'adapter_model.safetensors', 'tokenizer.json',
+                 'preprocessor_config.json', 'chat_template.jinja', PROMPT_FILE):
+        assert (out / name).is_file(), name
+    log = json.loads((out / 'training_log.json').read_text())
+    result = log['result']
+    assert result['steps'] == 3
+    assert np.isfinite(result['train_loss']) and np.isfinite(result['eval_loss'])
+    assert all(np.isfinite(entry['loss']) for entry in result['log_history'] if 'loss' in entry)
+    config = json.loads((out / 'adapter_config.json').read_text())
+    assert config['r'] == 8 and config['lora_alpha'] == 16
+    info = read_adapter(out)  # the merge tool's own reader accepts it
+    assert info.weight_keys and all('language_model.layers' in key for key in info.weight_keys)
+    preprocessor = json.loads((out / 'preprocessor_config.json').read_text())
+    assert preprocessor['size'] == {'shortest_edge': 1024, 'longest_edge': 4096}
+    assert 'training loss' in stdout
+
+
+def test_merge_matches_base_plus_adapter_and_reloads(merged, tiny_checkpoint):
+    out, stdout = merged
+    assert 'max |merged - base+adapter|' in stdout and 'sizes: base' in stdout
+    log = json.loads((out / 'merge_log.json').read_text())
+    check = log['check']
+    assert log['check_passed'] and check['max_abs_diff'] <= check['tolerance']
+    # The adapter moves the logits by more than the tolerance, so an unmerged base (or a
+    # merge that lost the adapter) would have failed this check.
+    assert log['check_conclusive'] and check['adapter_effect'] > check['tolerance']
+    assert log['tied_embeddings_kept'] is True
+    model = transformers.AutoModelForImageTextToText.from_pretrained(out)
+    assert type(model).__name__ == 'Qwen3VLForConditionalGeneration'
+    assert model.dtype == torch.bfloat16
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert not any('lora' in name for name, _ in model.named_parameters())
+    base = transformers.AutoModelForImageTextToText.from_pretrained(tiny_checkpoint)
+    changed = [name for name, param in model.named_parameters()
+               if not torch.equal(param.float(), base.get_parameter(name).to(
+                   torch.bfloat16).float())]
+    assert changed and all('language_model.layers' in name for name in changed)
+    for name in ('tokenizer.json', 'chat_template.jinja', 'preprocessor_config.json',
+                 'video_preprocessor_config.json', PROMPT_FILE):
+        assert (out / name).is_file(), name
+
+
+def test_quantize_reloads_as_4bit_and_generates(quantized, merged):
+    out, stdout = quantized
+    config = json.loads((out / 'config.json').read_text())['quantization_config']
+    assert config['bnb_4bit_quant_type'] == 'nf4' and config['bnb_4bit_use_double_quant']
+    assert config['bnb_4bit_compute_dtype'] == 'float16'
+    model = transformers.AutoModelForImageTextToText.from_pretrained(
+        out, dtype=torch.bfloat16, device_map='cpu')
+    # Every linear layer but the tied lm_head, as in the article: 2 x 7 in the language
+    # model, 2 x 4 in the vision blocks, 2 + 2 in the mergers.
+    assert linear4bit_count(model) == 26
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight.dtype == \
+        torch.bfloat16
+    log = json.loads((out / 'quantize_log.json').read_text())
+    assert log['check_new_tokens'] >= 1 and log['linear4bit_layers'] == 26
+    assert 'size:' in stdout and 'check answer' in stdout
+    assert (out / 'tokenizer.json').is_file() and (out / PROMPT_FILE).is_file()
+
+
+def test_detect_folder_writes_predictions_images_and_summary(detections, scenes):
+    out, stdout = detections
+    images = sorted(path.name for path in (scenes / 'images').glob('*.png'))
+    predictions = load_predictions(out / 'predictions')
+    assert sorted(predictions) == images
+    assert sorted(p.name for p in (out / 'annotated').iterdir()) == [
+        name.replace('.png', '_detections.jpg') for name in images]
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['processed'] == len(images) and summary['skipped'] == []
+    assert summary['settings']['categories'] == ['ball', 'box', 'cone', 'ring']
+    assert summary['quantization'] == 'nf4'
+    assert [record['image'] for record in summary['per_image']] == images
+    assert summary['timing']['per_image_s'] > 0
+
+
+def test_evaluate_reads_the_detections(detections, scenes, work):
+    code, stdout, stderr = run_tool('evaluate', [
+        '--labels', scenes / 'annotations.json', '--predictions', detections[0] / 'predictions',
+        '--out', work / 'metrics'])
+    assert code == 0, stderr
+    metrics = json.loads((work / 'metrics' / 'metrics.json').read_text())
+    assert metrics  # a random tiny model scores ~0; that the tools connect is the point
+
+
+# --------------------------------------------------------------------------------------------
+# LLaMA-Factory adapters and refusals
+
+
+def _adapter_copy(source, target, **config_changes):
+    shutil.copytree(source, target)
+    path = target / 'adapter_config.json'
+    config = json.loads(path.read_text())
+    config.update(config_changes)
+    path.write_text(json.dumps(config))
+    return target
+
+
+def test_merge_accepts_a_llama_factory_adapter_folder(adapter, tiny_checkpoint, tmp_path):
+    # LLaMA-Factory names every targeted module in a list and keeps its run files beside.
+    names = [name for name, module in transformers.AutoModelForImageTextToText.from_pretrained(
+        tiny_checkpoint).named_modules()
+        if isinstance(module, torch.nn.Linear) and '.language_model.layers.' in name]
+    run_dir = _adapter_copy(adapter[0], tmp_path / 'saves/Qwen3-VL-4B-Instruct/lora/train_1',
+                            target_modules=names, base_model_name_or_path='Qwen/Qwen3-VL-4B')
+    for name in ('trainer_state.json', 'all_results.json', PROMPT_FILE, 'training_log.json'):
+        (run_dir / name).unlink(missing_ok=True)
+    (run_dir / 'trainer_state.json').write_text('{"global_step": 3}')
+    (run_dir / 'all_results.json').write_text('{"train_loss": 11.9}')
+    code, stdout, stderr = run_tool('merge_lora', [
+        '--base', tiny_checkpoint, '--adapter', run_dir, '--out', tmp_path / 'merged',
+        '--dtype', 'float32', '--device', 'cpu', '--max-pixels', '8192'])
+    assert code == 0, stderr
+    log = json.loads((tmp_path / 'merged' / 'merge_log.json').read_text())
+    assert log['check_passed'] and log['check']['max_abs_diff'] < 1e-3
+    assert log['pixel_budget'] == [1024, 8192]
+    code, _, stderr = run_tool('merge_lora', [
+        '--base', tiny_checkpoint, '--adapter', tmp_path / 'saves', '--out', tmp_path / 'x'])
+    assert code == 2 and 'adapters found below it' in stderr and 'train_1' in stderr
+
+
+def test_merge_fails_when_the_logits_differ_beyond_the_tolerance(adapter, tiny_checkpoint,
+                                                                 tmp_path):
+    # bf16 rounding makes merged and unmerged logits differ a little; a tolerance below that
+    # must fail the check: exit code 1, files kept, the log saying so.
+    code, _, stderr = run_tool('merge_lora', [
+        '--base', tiny_checkpoint, '--adapter', adapter[0], '--out', tmp_path / 'merged',
+        '--device', 'cpu', '--tolerance', '1e-9'])
+    assert code == 1 and 'does not reproduce base+adapter' in stderr
+    log = json.loads((tmp_path / 'merged' / 'merge_log.json').read_text())
+    assert log['check_passed'] is False and log['check']['max_abs_diff'] > 1e-9
+
+
+def test_merge_refuses_a_quantized_base(quantized, adapter, tmp_path):
+    code, _, stderr = run_tool('merge_lora', [
+        '--base', quantized[0], '--adapter', adapter[0], '--out', tmp_path / 'out'])
+    assert code == 2
+    assert 'quantized (nf4)' in stderr and 'tools/quantize.py' in stderr
+    assert 'Traceback' not in stderr and not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('changes', [
+    {'target_modules': ['q_proj', 'lm_head']},
+    {'target_modules': '.*(q_proj|embed_tokens)'},
+    {'modules_to_save': ['lm_head']},
+])
+def test_merge_refuses_adapters_on_the_tied_lm_head(adapter, tiny_checkpoint, tmp_path,
+                                                    changes):
+    bad = _adapter_copy(adapter[0], tmp_path / 'bad', **changes)
+    code, _, stderr = run_tool('merge_lora', [
+        '--base', tiny_checkpoint, '--adapter', bad, '--out', tmp_path / 'out'])
+    assert code == 2 and 'peft#2018' in stderr and 'Traceback' not in stderr
+
+
+def test_tied_module_problems_reads_weights_too():
+    assert tied_module_problems({'target_modules': ['q_proj', 'v_proj']}) == []
+    assert tied_module_problems({'target_modules': '^(?!.*visual).*(?:q_proj|v_proj).*'}) == []
+    problems = tied_module_problems(
+        {'target_modules': ['q_proj']},
+        ['base_model.model.lm_head.lora_A.weight', 'base_model.model.x.q_proj.lora_A.weight'])
+    assert problems == ['its weights hold tensors for lm_head']
+
+
+def test_lora_targets_are_the_language_model_unless_asked():
+    with torch.device('meta'):
+        model = transformers.Qwen3VLForConditionalGeneration(
+            transformers.Qwen3VLConfig(**tiny_config()))
+    _, language = select_target_modules(model, ['language'])
+    assert len(language) == 14 and all('.language_model.layers.' in n for n in language)
+    regex, both = select_target_modules(model, ['language', 'vision'])
+    assert len(both) == 22 and not any('merger' in name for name in both)
+    _, one = select_target_modules(model, ['layers.1.mlp.down_proj'])
+    assert one == ['model.language_model.layers.1.mlp.down_proj']
+    for refused in (['lm_head'], ['embed_tokens'], ['no_such_layer']):
+        with pytest.raises(AdapterError):
+            select_target_modules(model, refused)
+
+
+def test_tools_refuse_a_missing_model_folder(tmp_path, scenes):
+    missing = tmp_path / 'no-model'
+    code, _, stderr = run_tool('quantize', ['--model', missing, '--out', tmp_path / 'q'])
+    assert code == 2 and f'{missing} does not exist' in stderr and 'Traceback' not in stderr
+    code, _, stderr = run_tool('detect_folder', [
+        '--model', missing, '--images', scenes / 'images', '--out', tmp_path / 'd'])
+    assert code == 2 and f'{missing} does not exist' in stderr and 'Traceback' not in stderr
+    code, _, stderr = run_tool('merge_lora', [
+        '--base', missing, '--adapter', tmp_path, '--out', tmp_path / 'm'])
+    assert code == 2 and 'does not exist' in stderr
+    assert not any((tmp_path / name).exists() for name in ('q', 'd', 'm'))
+
+
+def test_tools_refuse_a_non_empty_output_folder(sft, tiny_checkpoint, scenes, tmp_path):
+    out = tmp_path / 'full'
+    out.mkdir()
+    (out / 'keep.txt').write_text('x')
+    code, _, stderr = run_tool('prepare_data', ['--labels', scenes / 'annotations.json',
+                                                '--out', out])
+    assert code == 2 and '--overwrite' in stderr
+    code, _, stderr = run_tool('finetune', ['--base', tiny_checkpoint, '--dataset', sft,
+                                            '--out', out])
+    assert code == 2 and '--overwrite' in stderr
+    code, _, stderr = run_tool('detect_folder', [
+        '--model', tiny_checkpoint, '--images', scenes / 'images', '--out', out,
+        '--categories', 'ball'])
+    assert code == 2 and '--overwrite' in stderr
+
+
+@pytest.mark.parametrize('tool', ['prepare_data', 'finetune', 'merge_lora', 'quantize',
+                                  'detect_folder'])
+def test_help_shows_a_4b_example(tool, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_tool(tool).main(['--help'])
+    assert exit_info.value.code == 0
+    assert 'qwen3-vl-4b' in capsys.readouterr().out.lower()
+
+
+# --------------------------------------------------------------------------------------------
+# Data round trip and folder handling
+
+
+@pytest.mark.parametrize('label_format,labels', [
+    ('coco', 'annotations.json'), ('yolo', '.'), ('labelme', 'images')])
+def test_prepared_answers_parse_back_to_the_grid_boxes(scenes, tmp_path, label_format, labels):
+    out = tmp_path / 'sft'
+    code, _, stderr = run_tool('prepare_data', [
+        '--labels', scenes / labels, '--format', label_format, '--out', out, '--describe',
+        '--attributes', 'color', 'shape', '--link'])
+    assert code == 0, stderr
+    truth = {image.name: image for image in load_labels(scenes / labels, label_format)}
+    prompt = PromptBuilder(['ball', 'box', 'cone', 'ring'], describe=True,
+                           attributes=('color', 'shape'))
+    samples = read_sft_dataset(out)
+    assert len(samples) == len(truth)
+    for sample in samples:
+        assert sample.instruction == prompt.instruction
+        assert Path(sample.image_path).is_symlink()
+        image = truth[Path(sample.image_path).name]
+        parsed = parse_objects(sample.answer, LabelMatcher(prompt.categories),
+                               attribute_keys=prompt.attributes)
+        assert parsed.invalid == 0 and not parsed.truncated
+        expected = sorted((obj.label, to_grid(obj.box, (image.width, image.height)),
+                           obj.attributes.get('color'), obj.attributes.get('shape'))
+                          for obj in image.objects)
+        got = sorted((obj.label, tuple(int(v) for v in obj.box), obj.attributes.get('color'),
+                      obj.attributes.get('shape')) for obj in parsed.objects)
+        assert got == expected
+
+
+def test_prepare_data_keeps_only_the_asked_categories(scenes, tmp_path):
+    code, stdout, stderr = run_tool('prepare_data', [
+        '--labels', scenes / 'annotations.json', '--out', tmp_path / 'sft',
+        '--categories', 'Ball,box', '--skip-empty'])
+    assert code == 0, stderr
+    samples = read_sft_dataset(tmp_path / 'sft')
+    for sample in samples:
+        assert '"ball, box"' in sample.instruction.lower()
+        labels = {obj.label for obj in parse_objects(
+            sample.answer, LabelMatcher(['ball', 'box', 'cone', 'ring'])).objects}
+        assert labels and labels <= {'ball', 'box'}
+    assert 'left out objects' in stderr
+
+
+def test_read_sft_dataset_refuses_bad_samples(tmp_path):
+    good = {'messages': [{'role': 'user', 'content': 'find cups<image>'},
+                         {'role': 'assistant', 'content': '[]'}], 'images': ['a.png']}
+    cases = {
+        'two tags': dict(good, messages=[{'role': 'user', 'content': '<image>x<image>'},
+                                         good['messages'][1]]),
+        'system turn': dict(good, messages=[{'role': 'system', 'content': 's'}]
+                            + good['messages']),
+        'two images': dict(good, images=['a.png', 'b.png']),
+    }
+    for reason, sample in cases.items():
+        path = tmp_path / 'data.json'
+        path.write_text(json.dumps([good, sample]))
+        with pytest.raises(ValueError, match='sample 1'):
+            read_sft_dataset(path)
+    sharegpt = {'conversations': [{'from': 'human', 'value': '<image>find cups'},
+                                  {'from': 'gpt', 'value': '[]'}], 'images': ['/x/a.png']}
+    path.write_text(json.dumps([sharegpt]))
+    sample, = read_sft_dataset(path)
+    assert (sample.instruction, sample.image_path) == ('find cups', '/x/a.png')
+
+
+def test_folder_images_come_in_natural_order(tmp_path):
+    for name in ('img10.png', 'img2.JPG', 'IMG1.jpeg', 'img3.webp', 'img4.bmp', 'notes.txt',
+                 'img5.gif'):
+        (tmp_path / name).write_bytes(b'')
+    (tmp_path / 'img0.png').mkdir()
+    assert [p.name for p in list_images(tmp_path)] == [
+        'IMG1.jpeg', 'img2.JPG', 'img3.webp', 'img4.bmp', 'img10.png']
+    assert sorted(['a10b2', 'a2b10', 'a2b9'], key=natural_key) == ['a2b9', 'a2b10', 'a10b2']
+
+
+def test_detect_folder_prints_each_object_with_its_attributes():
+    tool = load_tool('detect_folder')
+    prepared = prepare_settings(DetectionSettings(categories=('cup',), describe=True))
+    text = '```json\n[{"bbox_2d": [100, 200, 300, 400], "label": "cup", "color": "red"}]\n```'
+    frame = detections_from_text(text, prepared, (640, 480))
+    frame.seconds = 1.5
+    printed = tool._describe(Path('img2.png'), frame, 1)
+    assert printed == 'img2.png: 1 object(s) in 1.50 s\n  #0 cup 1.00 [64, 96, 192, 192] color=red'
+    assert tool.output_names([Path('a.png'), Path('a.jpg'), Path('b.png')]) == [
+        'a.png', 'a.jpg', 'b']
