@@ -31,6 +31,7 @@ from vision_msgs.msg import Detection2DArray, LabelInfo  # noqa: E402
 
 from qwen_vl_perception.prompt import PromptBuilder  # noqa: E402
 from qwen_vl_perception.ros.node import LATCHED, PerceptionNode, StartupError  # noqa: E402
+from qwen_vl_perception.trained_prompt import write_prompt_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from trained_models import memorize_answer  # noqa: E402
@@ -46,9 +47,11 @@ EXPECTED = [('cup', (128.0, 144.0), (128.0, 96.0), 'red'),
 
 @pytest.fixture(scope='module')
 def answering_checkpoint(tiny_checkpoint, tmp_path_factory):
-    instruction = PromptBuilder(CATEGORIES, describe=True, attributes=ATTRIBUTES).instruction
-    return memorize_answer(tiny_checkpoint, tmp_path_factory.mktemp('answering') / 'model',
-                           instruction, ANSWER)
+    prompt = PromptBuilder(CATEGORIES, describe=True, attributes=ATTRIBUTES)
+    model = memorize_answer(tiny_checkpoint, tmp_path_factory.mktemp('answering') / 'model',
+                            prompt.instruction, ANSWER)
+    write_prompt_file(model, prompt)  # what prepare_data/finetune leave beside a model
+    return model
 
 
 def node_parameters(checkpoint, **overrides):
@@ -241,6 +244,22 @@ def test_frames_are_dropped_not_queued_when_the_model_is_slower(harness):
     assert processed == sorted(processed) and processed[-1] == 130
     assert len(processed) < 31
     assert harness.node.frames_dropped >= 31 - len(processed) - 5  # best effort may lose some
+
+
+def test_unset_categories_are_what_the_model_was_trained_on(answering_checkpoint):
+    parameters = node_parameters(answering_checkpoint)
+    for name in ('categories', 'describe', 'attributes'):
+        del parameters[name]
+    harness = Harness(parameters)
+    try:
+        assert harness.node.get_parameter('categories').value == CATEGORIES
+        assert harness.node.get_parameter('attributes').value == ATTRIBUTES
+        harness.publish_when_connected(rgb_image(3))
+        wait_for(lambda: harness.detections, 30, 'no detections published')
+        assert [d.results[0].hypothesis.class_id for d in harness.detections[0].detections] == \
+            ['cup', 'bottle']
+    finally:
+        harness.close()
 
 
 def test_frames_of_several_cameras_ready_together_are_decoded_as_one_batch(answering_checkpoint):

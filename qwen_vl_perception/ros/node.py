@@ -16,6 +16,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import (DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data,
                        qos_profile_system_default)
 from sensor_msgs.msg import CompressedImage, Image
@@ -27,7 +28,8 @@ from ..drawing import draw_detections
 from ..frame_slot import LatestFrameSlots
 from ..image_conversion import ImageFormatError, compressed_msg_to_rgb, image_msg_to_rgb
 from . import messages
-from .parameters import SETTINGS_PARAMETERS, check_value, declare_parameters, settings_from_values
+from .parameters import (ARTICLE_CATEGORIES, SETTINGS_PARAMETERS, check_value,
+                         declare_parameters, settings_from_values, trained_prompt_values)
 
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -72,6 +74,8 @@ class PerceptionNode(Node):
             raise StartupError('min_pixels must not exceed max_pixels')
         if not value('image_topics') or not all(value('image_topics')):
             raise StartupError('image_topics must name at least one topic, none empty')
+        if self.get_parameter_or('categories').type_ == Parameter.Type.NOT_SET:
+            self._adopt_trained_prompt()
         try:
             settings = settings_from_values({name: value(name) for name in SETTINGS_PARAMETERS})
             prepare_settings(settings)
@@ -124,6 +128,19 @@ class PerceptionNode(Node):
     # ----------------------------------------------------------------------------- start-up
     def _value(self, name: str):
         return self.get_parameter(name).value
+
+    def _adopt_trained_prompt(self) -> None:
+        """Unset categories: ask what the model was trained on, else the article's."""
+        try:
+            values = trained_prompt_values(self._value('model_path'))
+        except ValueError as error:
+            raise StartupError(str(error)) from error
+        if values is None:
+            values = {'categories': list(ARTICLE_CATEGORIES)}
+        else:
+            self.get_logger().info(f"categories from the model's training prompt: "
+                                   f"{', '.join(values['categories'])}")
+        self.set_parameters([Parameter(name, value=v) for name, v in values.items()])
 
     def _load_engine(self):
         from ..model.engine import VisionLanguageEngine

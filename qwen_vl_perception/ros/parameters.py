@@ -8,9 +8,11 @@ from typing import Any, Dict, Optional, Tuple
 
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 ParameterType)
+from rclpy.parameter import Parameter
 
 from ..detector import DEFAULT_ATTRIBUTES, DetectionSettings
 from ..geometry import CONVENTIONS, GRID_1000
+from ..trained_prompt import read_prompt_file
 
 ARTICLE_CATEGORIES = ('table', 'cup', 'bottle', 'chair', 'robot', 'garbage can', 'shelf',
                       'tissue box', 'potted plant')
@@ -68,8 +70,11 @@ PARAMETERS = (
     ParameterSpec('max_pixels', 409600, _INT,
                   'Largest image area fed to the model, in pixels (640x480 = 300 tokens)',
                   read_only=True, int_range=(1024, 16777216)),
-    ParameterSpec('categories', list(ARTICLE_CATEGORIES), _STRINGS,
-                  'Object categories to detect (non-empty, names without quotes or commas)'),
+    ParameterSpec('categories', None, _STRINGS,
+                  'Object categories to detect (non-empty, names without quotes or commas). '
+                  'Unset: what the model was trained to find (its detection_prompt.json, which '
+                  'also sets describe, attributes and prompt_template), else the article\'s '
+                  'office categories'),
     ParameterSpec('describe', True, _BOOL,
                   'Ask for attributes of each object and publish them on descriptions'),
     ParameterSpec('attributes', list(DEFAULT_ATTRIBUTES), _STRINGS,
@@ -115,7 +120,25 @@ SETTINGS_PARAMETERS = ('categories', 'describe', 'attributes', 'prompt_template'
 
 def declare_parameters(node) -> None:
     for spec in PARAMETERS:
-        node.declare_parameter(spec.name, spec.default, spec.descriptor())
+        # A parameter without default is declared by type, so that it reads as unset.
+        default = spec.default if spec.default is not None else Parameter.Type(spec.type)
+        node.declare_parameter(spec.name, default, spec.descriptor())
+
+
+def trained_prompt_values(model_path: str) -> Optional[Dict[str, Any]]:
+    """describe/attributes/categories/prompt_template a model was fine-tuned with, if known.
+
+    Raises ValueError for a malformed detection_prompt.json.
+    """
+    record = read_prompt_file(model_path) if model_path else None
+    if record is None:
+        return None
+    values = {'categories': list(record['categories']),
+              'describe': bool(record.get('describe', False)),
+              'prompt_template': record.get('prompt_template') or ''}
+    if record.get('attributes'):
+        values['attributes'] = list(record['attributes'])
+    return values
 
 
 def check_value(name: str, value: Any) -> Optional[str]:
@@ -130,8 +153,9 @@ def settings_from_values(values: Dict[str, Any]) -> DetectionSettings:
     """DetectionSettings from parameter values (missing names take their defaults)."""
     def get(name):
         return values[name] if name in values else SPECS[name].default
+    categories = get('categories')
     return DetectionSettings(
-        categories=tuple(get('categories')),
+        categories=tuple(ARTICLE_CATEGORIES if categories is None else categories),
         describe=bool(get('describe')),
         attributes=tuple(get('attributes')),
         prompt_template=get('prompt_template') or None,
