@@ -25,7 +25,7 @@ from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.parameter_client import AsyncParameterClient  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
-from sensor_msgs.msg import Image  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 from vision_msgs.msg import Detection2DArray, LabelInfo  # noqa: E402
 
@@ -244,6 +244,31 @@ def test_frames_are_dropped_not_queued_when_the_model_is_slower(harness):
     assert processed == sorted(processed) and processed[-1] == 130
     assert len(processed) < 31
     assert harness.node.frames_dropped >= 31 - len(processed) - 5  # best effort may lose some
+
+
+def test_compressed_transport_and_rate_limit(answering_checkpoint):
+    import cv2
+    harness = Harness(node_parameters(answering_checkpoint, input_transport='compressed',
+                                      max_rate_hz=2.0))
+    try:
+        publisher = harness.peer.create_publisher(CompressedImage, 'image/compressed', 10)
+        wait_for(lambda: publisher.get_subscription_count() > 0, 10, 'not connected')
+        pixels = np.random.default_rng(1).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+        started = time.monotonic()
+        for stamp in (1, 2, 3):
+            message = CompressedImage(format='jpeg',
+                                      data=cv2.imencode('.jpg', pixels)[1].tobytes())
+            message.header.stamp.sec = stamp
+            publisher.publish(message)
+            wait_for(lambda: len(harness.detections) == stamp, 30, f'frame {stamp} unanswered')
+        # Three inferences at most 2 per second: the third starts >= 1 s after the first.
+        assert time.monotonic() - started >= 1.0
+        assert [len(a.detections) for a in harness.detections] == [2, 2, 2]
+        garbage = CompressedImage(format='jpeg', data=b'not a jpeg')
+        publisher.publish(garbage)
+        wait_for(lambda: harness.node.counters.invalid_images == 1, 10, 'garbage not counted')
+    finally:
+        harness.close()
 
 
 def test_unset_categories_are_what_the_model_was_trained_on(answering_checkpoint):
