@@ -36,23 +36,38 @@ class VisionLanguageEngine:
     """Loads a Qwen3-VL checkpoint once and decodes batches of images greedily.
 
     ``generate`` may be called from any thread; calls are serialised by a lock.
-    ``decoder`` replaces the default ``model.generate`` loop (see
-    :class:`~qwen_vl_perception.model.generation.Decoder`).
+    ``decoder``: a :class:`~qwen_vl_perception.model.generation.Decoder`, or ``'auto'``
+    (the CUDA-graphed :class:`~qwen_vl_perception.model.fast_decode.FastGreedyDecoder` on a
+    GPU, ``model.generate`` on the CPU), ``'fast'`` or ``'hf'``.
     """
 
     def __init__(self, checkpoint: PathLike, device: str = 'auto', quantization: str = 'auto',
                  min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
-                 decoder: Optional[Decoder] = None, compute_dtype: str = 'auto'):
+                 decoder: Union[Decoder, str, None] = 'auto', compute_dtype: str = 'auto'):
         self.checkpoint = Path(checkpoint)
         self.model = load_model(self.checkpoint, device=device, quantization=quantization,
                                 compute_dtype=compute_dtype)
         self.inputs = InputBuilder.from_pretrained(self.checkpoint, min_pixels=min_pixels,
                                                    max_pixels=max_pixels)
         self.tokenizer = self.inputs.tokenizer
-        self.decoder: Decoder = decoder or hf_decode
+        self.decoder: Decoder = self._pick_decoder(decoder)
         self.stop_token_ids = _stop_token_ids(self.model, self.tokenizer)
         self.last_timing = GenerateTiming()
         self._lock = threading.Lock()
+
+    def _pick_decoder(self, decoder) -> Decoder:
+        if decoder is None or decoder == 'hf':
+            return hf_decode
+        if decoder == 'auto':
+            decoder = 'fast' if self.device.type == 'cuda' else 'hf'
+            return self._pick_decoder(decoder)
+        if decoder == 'fast':
+            from .fast_decode import FastGreedyDecoder
+            return FastGreedyDecoder()
+        if isinstance(decoder, str):
+            raise ValueError(
+                f"decoder must be 'auto', 'fast', 'hf' or a callable, not {decoder!r}")
+        return decoder
 
     @property
     def device(self):
@@ -95,6 +110,9 @@ class VisionLanguageEngine:
         torch = require_torch()
         with self._lock:
             self.model = None
+            clear = getattr(self.decoder, 'clear', None)
+            if clear is not None:
+                clear()  # captured CUDA graphs hold the model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -148,13 +148,14 @@ class PerceptionNode(Node):
         path = self._value('model_path')
         if not path:
             raise StartupError('model_path is required (a Qwen3-VL checkpoint directory)')
-        for name in ('device', 'quantization'):
+        for name in ('quantization', 'decoder'):
             reason = check_value(name, self._value(name))
             if reason:
                 raise StartupError(reason)
         try:
             return VisionLanguageEngine(path, device=self._value('device'),
                                         quantization=self._value('quantization'),
+                                        decoder=self._value('decoder'),
                                         min_pixels=self._value('min_pixels'),
                                         max_pixels=self._value('max_pixels'))
         except ModelLoadError as error:

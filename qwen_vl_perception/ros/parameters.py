@@ -19,6 +19,7 @@ ARTICLE_CATEGORIES = ('table', 'cup', 'bottle', 'chair', 'robot', 'garbage can',
 
 DEVICES_HELP = "'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'"
 QUANTIZATIONS = ('auto', 'nf4', 'fp4', 'none')
+DECODERS = ('auto', 'fast', 'hf')
 TRANSPORTS = ('raw', 'compressed')
 RELIABILITIES = ('best_effort', 'reliable')
 
@@ -64,6 +65,10 @@ PARAMETERS = (
     ParameterSpec('quantization', 'auto', _STRING,
                   "Quantization on load: 'auto' = NF4 on CUDA unless the checkpoint is already "
                   "4-bit, as is on CPU", read_only=True, choices=QUANTIZATIONS),
+    ParameterSpec('decoder', 'auto', _STRING,
+                  "Generation loop: 'auto' (CUDA-graphed static-cache decoder on a GPU, "
+                  "transformers' generate on the CPU), 'fast' or 'hf'", read_only=True,
+                  choices=DECODERS),
     ParameterSpec('min_pixels', 65536, _INT,
                   'Smallest image area fed to the model, in pixels (visual-token budget: '
                   '1 token per 32x32 pixels)', read_only=True, int_range=(1024, 16777216)),

@@ -1,0 +1,520 @@
+#!/usr/bin/env python3
+"""Benchmark Qwen3-VL frame latency: the article's pattern against FastGreedyDecoder.
+
+The article's pattern is ``model.generate`` on a bitsandbytes NF4 model (double quantization,
+float16 compute, every linear layer but ``lm_head`` quantized). Our engine is
+:class:`~qwen_vl_perception.model.fast_decode.FastGreedyDecoder` on the same model, and on the
+model as the project loads it (``nf4``: language model NF4 with the model's dtype as compute
+dtype, vision tower and ``lm_head`` unquantized) and unquantized (``bf16``; float32 on CPU).
+
+Without ``--model`` the Qwen3-VL-4B architecture is built with random weights directly on the
+device (latency does not depend on weight values); ``--tiny`` uses the tiny test
+architecture. The input is a ``--image`` sized picture and the node's real prompt (the
+article's categories, ``describe=True``) built by the project's InputBuilder. Answer lengths
+are forced (no stop tokens) to each ``--new-tokens``.
+
+Reported per configuration: prefill ms, decode ms/token, frame latency, frames/s (batch /
+frame latency) and peak device memory (``torch.cuda.max_memory_allocated``, weights included).
+``--agreement-tokens`` also compares our tokens with ``model.generate`` greedy (stop tokens
+on) on a left-padded batch of three frames of two image sizes.
+
+Examples::
+
+    python3 tools/benchmark.py --out results/benchmark/gpu.json
+    python3 tools/benchmark.py --device cpu --tiny --out results/benchmark/cpu.json
+"""
+import argparse
+import gc
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from qwen_vl_perception.model.configs import qwen3_vl_4b_config, tiny_config  # noqa: E402
+from qwen_vl_perception.model.torch_support import require, require_torch  # noqa: E402
+
+ARTICLE_CATEGORIES = ['table', 'cup', 'bottle', 'chair', 'robot', 'garbage can', 'shelf',
+                      'tissue box', 'potted plant']
+VARIANTS = ('bf16', 'nf4', 'nf4-all', 'article')
+GB = 1e9
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n\n', 1)[1])
+    parser.add_argument('--device', default=None, choices=('cuda', 'cpu'),
+                        help='where to run (default: cuda if available)')
+    parser.add_argument('--tiny', action='store_true',
+                        help='the tiny test architecture instead of the 4B one')
+    parser.add_argument('--model', type=Path, default=None,
+                        help='an unquantized Qwen3-VL checkpoint folder instead of random weights')
+    parser.add_argument('--image', default='640x480', help='WIDTHxHEIGHT of the test image')
+    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 4, 8])
+    parser.add_argument('--new-tokens', type=int, nargs='+', default=[150, 80])
+    parser.add_argument('--repeats', type=int, default=3, help='timed runs per configuration')
+    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS,
+                        help='bf16: unquantized; nf4: language model NF4 (project loading); '
+                             'nf4-all: every linear but lm_head NF4, model-dtype compute; '
+                             "article: nf4-all with float16 compute (the article's model)")
+    parser.add_argument('--article-runs', nargs='*', default=['1x150', '1x80', '8x80'],
+                        help="model.generate runs on the article's model, BATCHxTOKENS")
+    parser.add_argument('--article-repeats', type=int, default=2,
+                        help='timed model.generate runs per article configuration')
+    parser.add_argument('--profile', action='store_true',
+                        help='write kernel-time tables of eager decode steps (CUDA)')
+    parser.add_argument('--agreement-tokens', type=int, default=64,
+                        help='tokens for the agreement check with model.generate (0: skip)')
+    parser.add_argument('--fuse', default='auto', choices=('auto', 'on', 'off'),
+                        help='fuse the decode step elementwise work with torch.compile')
+    parser.add_argument('--unfused-check', action='store_true',
+                        help='also time our engine unfused (batch 1, first --new-tokens)')
+    parser.add_argument('--cpu-time', action='store_true',
+                        help='CPU only: one torch thread, time with the process CPU clock '
+                             '(fair on a machine shared with other jobs)')
+    parser.add_argument('--out', type=Path, default=None, help='write the results as JSON')
+    return parser.parse_args(argv)
+
+
+# -- building the model -------------------------------------------------------------------
+
+def build_model(torch, transformers, args, device, dtype):
+    if args.model is not None:
+        model = transformers.AutoModelForImageTextToText.from_pretrained(
+            str(args.model), dtype=dtype, device_map={'': str(device)})
+        if getattr(model.config, 'quantization_config', None) is not None:
+            raise SystemExit('--model must be an unquantized checkpoint (it is quantized here)')
+        return model.eval()
+    config = transformers.Qwen3VLConfig(**(tiny_config() if args.tiny else qwen3_vl_4b_config()))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def quantize_linears(torch, model, compute_dtype, skip, double_quant=True) -> int:
+    """Replace ``nn.Linear`` layers (not under a name in ``skip``) by bitsandbytes NF4 ones,
+    as ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))``
+    does on load. Returns how many were replaced."""
+    bnb = require('bitsandbytes', 'to quantize to NF4')
+    count = 0
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            full_name = f'{parent_name}.{name}' if parent_name else name
+            if type(child) is not torch.nn.Linear or any(
+                    part in skip for part in full_name.split('.')):
+                continue
+            quantized = bnb.nn.Linear4bit(
+                child.in_features, child.out_features, bias=child.bias is not None,
+                compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type='nf4',
+                device='meta')
+            quantized.weight = bnb.nn.Params4bit(
+                child.weight.data, requires_grad=False, compress_statistics=double_quant,
+                quant_type='nf4', module=quantized).to(child.weight.device)
+            if child.bias is not None:
+                quantized.bias = child.bias
+            setattr(parent, name, quantized)
+            count += 1
+    return count
+
+
+def set_compute_dtype(model, dtype) -> None:
+    for module in model.modules():
+        if hasattr(module, 'compute_dtype') and hasattr(module.weight, 'quant_state'):
+            module.compute_dtype = dtype
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+def make_input_builder(args, workdir: Path):
+    from qwen_vl_perception.model.processor import InputBuilder
+    if args.model is not None:
+        return InputBuilder.from_pretrained(args.model)
+    from qwen_vl_perception.model.tiny import make_tiny_checkpoint
+    # The tiny checkpoint carries the real tokenizer, image processor and chat template.
+    return InputBuilder.from_pretrained(make_tiny_checkpoint(workdir / 'processor'))
+
+
+def test_image(width, height, seed):
+    """A structured RGB picture (gradients and blocks), not flat noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
+                      (x + y) * 255 // max(width + height - 2, 1)], axis=-1).astype(np.uint8)
+    for _ in range(8):
+        x0, y0 = rng.integers(0, width - 32), rng.integers(0, height - 32)
+        image[y0:y0 + rng.integers(16, 96), x0:x0 + rng.integers(16, 96)] = rng.integers(
+            0, 256, 3)
+    return image
+
+
+# -- timing ----------------------------------------------------------------------------------
+
+class Timer:
+    """Wall clock (device synchronised), or with ``cpu_time`` the process's CPU time: on a
+    CPU shared with other jobs that measures the work done, not the wait for a core."""
+
+    def __init__(self, torch, device, cpu_time=False):
+        self.torch, self.device, self.cpu_time = torch, device, cpu_time
+        self.clock = time.process_time if cpu_time else time.perf_counter
+
+    def sync(self):
+        if self.device.type == 'cuda':
+            self.torch.cuda.synchronize(self.device)
+
+    def reset_peak(self):
+        if self.device.type == 'cuda':
+            self.sync()
+            gc.collect()
+            self.torch.cuda.empty_cache()
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_gb(self):
+        if self.device.type != 'cuda':
+            return None
+        return self.torch.cuda.max_memory_allocated(self.device) / GB
+
+    def allocated_gb(self):
+        if self.device.type != 'cuda':
+            return None
+        return self.torch.cuda.memory_allocated(self.device) / GB
+
+    def seconds(self, function):
+        self.sync()
+        started = self.clock()
+        result = function()
+        self.sync()
+        return self.clock() - started, result
+
+
+def time_ours(torch, timer, decoder, model, tensors, batch, new_tokens, repeats, label):
+    timer.reset_peak()
+    first_s, _ = timer.seconds(lambda: decoder(model, tensors, new_tokens, []))
+    captured = decoder.last_timing.graph_captured
+    frames, prefills, decodes = [], [], []
+    for _ in range(repeats):
+        seconds, (ids, _) = timer.seconds(lambda: decoder(model, tensors, new_tokens, []))
+        assert all(len(row) == new_tokens for row in ids), 'forced length not reached'
+        timing = decoder.last_timing
+        frames.append(seconds)
+        prefills.append(timing.prefill_s)
+        decodes.append(timing.decode_ms_per_token)
+    frame = float(np.median(frames))
+    prefill_s = float(np.median(prefills))
+    decode_ms = float(np.median(decodes))
+    if timer.cpu_time:  # the decoder's own timings are wall clock: measure as for generate
+        prefill_s = float(np.median([
+            timer.seconds(lambda: decoder(model, tensors, 1, []))[0] for _ in range(repeats)]))
+        decode_ms = 1000 * (frame - prefill_s) / max(new_tokens - 1, 1)
+    return {
+        'engine': 'ours', 'label': label, 'batch': batch, 'new_tokens': new_tokens,
+        'prefill_ms': 1000 * prefill_s, 'decode_ms_per_token': decode_ms,
+        'frame_s': frame, 'frames_per_s': batch / frame, 'frame_s_runs': frames,
+        'first_call_s': first_s, 'first_call_captured_graph': captured,
+        'peak_gb': timer.peak_gb(), 'fused': decoder_fused(decoder)}
+
+
+def decoder_fused(decoder):
+    sessions = list(decoder._sessions.values())
+    return bool(sessions and sessions[-1].kernels.fused)
+
+
+def time_generate(torch, timer, model, tensors, batch, new_tokens, repeats, label):
+    def generate(count):
+        return model.generate(**tensors, max_new_tokens=count, min_new_tokens=count,
+                              do_sample=False, temperature=None, top_k=None, top_p=None)
+
+    timer.reset_peak()
+    generate(2)  # warm-up
+    prefill_s, _ = timer.seconds(lambda: generate(1))
+    frames = []
+    for _ in range(repeats):
+        seconds, output = timer.seconds(lambda: generate(new_tokens))
+        assert output.shape[1] - tensors['input_ids'].shape[1] == new_tokens
+        frames.append(seconds)
+    frame = float(np.median(frames))
+    return {
+        'engine': 'generate', 'label': label, 'batch': batch, 'new_tokens': new_tokens,
+        'prefill_ms': 1000 * prefill_s,
+        'decode_ms_per_token': 1000 * (frame - prefill_s) / max(new_tokens - 1, 1),
+        'frame_s': frame, 'frames_per_s': batch / frame, 'frame_s_runs': frames,
+        'peak_gb': timer.peak_gb()}
+
+
+def agreement(model, decoders, tensors, new_tokens, label):
+    """Our tokens against ``model.generate`` greedy (``hf_decode``), forced to ``new_tokens``.
+
+    ``sequences_identical`` and ``tokens_before_first_difference`` compare free-running
+    outputs (one near-tie changes everything after it); ``per_token`` is teacher forced: our
+    choice at each position given generate's tokens before it.
+    """
+    from qwen_vl_perception.model.generation import hf_decode
+    reference, _ = hf_decode(model, tensors, new_tokens, [])
+    entry = {'label': label, 'new_tokens': new_tokens, 'rows': len(reference)}
+    for name, decoder in decoders.items():
+        ours, _ = decoder(model, tensors, new_tokens, [])
+        common = []
+        for ref_row, row in zip(reference, ours):
+            count = 0
+            for a, b in zip(ref_row, row):
+                if a != b:
+                    break
+                count += 1
+            common.append(count)
+        choices = decoder.choices_given(model, tensors, reference)
+        same = sum(a == b for ref_row, row in zip(reference, choices)
+                   for a, b in zip(ref_row, row))
+        entry[name] = {
+            'sequences_identical': sum(a == b for a, b in zip(reference, ours)) / len(ours),
+            'tokens_before_first_difference': sum(common) / (new_tokens * len(ours)),
+            'common_prefix_per_row': common,
+            'per_token': same / (new_tokens * len(reference))}
+        decoder.clear()
+    return entry
+
+
+def profile_step(torch, decoder, model, tensors, path, steps=3):
+    """Kernel times of eager decode steps (no graph): where a step's GPU time goes."""
+    decoder(model, tensors, 8, [])
+    session = next(reversed(decoder._sessions.values()))
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            session.step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    # Kernel rows only: operator rows repeat their kernels' time.
+    from torch.autograd import DeviceType
+    device_us = sum(event.self_device_time_total for event in events
+                    if getattr(event, 'device_type', None) == DeviceType.CUDA) / steps
+    text = events.table(sort_by='self_cuda_time_total', row_limit=30)
+    path.write_text(f'GPU kernel time per step: {device_us / 1000:.3f} ms\n{text}\n')
+    decoder.clear()
+    return device_us / 1000
+
+
+# -- the benchmark ---------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch = require_torch()
+    transformers = require('transformers', 'to build Qwen3-VL')
+    from qwen_vl_perception.model.fast_decode import FastGreedyDecoder
+    from qwen_vl_perception.prompt import PromptBuilder
+
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    on_cuda = device.type == 'cuda'
+    if args.cpu_time:
+        if on_cuda:
+            raise SystemExit('--cpu-time is for --device cpu')
+        torch.set_num_threads(1)
+    dtype = torch.bfloat16 if on_cuda else torch.float32
+    article_compute = torch.float16 if on_cuda else torch.float32
+    dtype_name = str(dtype).replace('torch.', '')
+    width, height = (int(value) for value in args.image.lower().split('x'))
+    fuse = {'auto': None, 'on': True, 'off': False}[args.fuse]
+    results = {'command': ' '.join(sys.argv), 'environment': environment(torch, device),
+               'architecture': 'tiny' if args.tiny else ('checkpoint' if args.model
+                                                         else 'Qwen3-VL-4B (random weights)'),
+               'image': f'{width}x{height}', 'runs': [], 'agreement': [], 'errors': [],
+               'allocated_gb': {}, 'profile_ms_per_step': {}}
+
+    def save():
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2) + '\n')
+
+    with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
+        builder = make_input_builder(args, Path(workdir))
+        instruction = PromptBuilder(ARTICLE_CATEGORIES, describe=True).instruction
+        started = time.perf_counter()
+        one = builder.build([test_image(width, height, 0)], instruction)
+        results['input_build_ms_batch1'] = 1000 * (time.perf_counter() - started)
+        visual = int((one.tensors['input_ids'] == builder.image_token_id).sum())
+        results['prompt_tokens'] = one.prompt_length
+        results['visual_tokens'] = visual
+        results['instruction'] = instruction
+        batches = {size: builder.build([test_image(width, height, seed) for seed in range(size)],
+                                       instruction).to(device).tensors
+                   for size in sorted(set(args.batch_sizes) | {1})}
+        small = (max(32, width * 3 // 4 // 32 * 32), max(32, height * 3 // 4 // 32 * 32))
+        mixed = builder.build([test_image(width, height, 10), test_image(*small, 11),
+                               test_image(width, height, 12)], instruction).to(device).tensors
+
+        timer = Timer(torch, device, cpu_time=args.cpu_time)
+        results['clock'] = 'process CPU time, 1 thread' if args.cpu_time else 'wall'
+        timer.reset_peak()
+        model = build_model(torch, transformers, args, device, dtype)
+        results['parameters'] = sum(p.numel() for p in model.parameters())
+        results['model_gb'] = {dtype_name: timer.allocated_gb()}
+        decoder = FastGreedyDecoder(fuse_elementwise=fuse)
+
+        def our_runs(label):
+            for batch in args.batch_sizes:
+                for new_tokens in args.new_tokens:
+                    try:
+                        run = time_ours(torch, timer, decoder, model, batches[batch], batch,
+                                        new_tokens, args.repeats, label)
+                    except Exception as error:  # record and go on: partial results count
+                        results['errors'].append(f'ours {label} b{batch} n{new_tokens}: '
+                                                 f'{type(error).__name__}: {error}')
+                        print(results['errors'][-1], flush=True)
+                        continue
+                    results['runs'].append(run)
+                    print(row_text(run), flush=True)
+                    save()
+                decoder.clear()  # peak memory per batch size, not all sizes' caches at once
+
+        def check_agreement(label):
+            if args.agreement_tokens <= 0:
+                return
+            decoders = {'default': decoder}
+            if on_cuda and fuse is not False:
+                decoders['unfused'] = FastGreedyDecoder(fuse_elementwise=False)
+            try:
+                entry = agreement(model, decoders, mixed, args.agreement_tokens, label)
+            except Exception as error:
+                results['errors'].append(f'agreement {label}: {type(error).__name__}: {error}')
+                print(results['errors'][-1], flush=True)
+                return
+            results['agreement'].append(entry)
+            for name in decoders:
+                print(f"agreement {label} ({name}): per token (teacher forced) "
+                      f"{entry[name]['per_token']:.1%}, sequences identical "
+                      f"{entry[name]['sequences_identical']:.0%}, tokens before first "
+                      f"difference {entry[name]['tokens_before_first_difference']:.0%}",
+                      flush=True)
+            save()
+
+        def profile(label):
+            if not (args.profile and on_cuda):
+                return
+            name = 'profile_' + ''.join(c if c.isalnum() else '_' for c in label)[:40] + '.txt'
+            path = (args.out.parent if args.out else Path('.')) / name
+            try:
+                results['profile_ms_per_step'][label] = profile_step(
+                    torch, decoder, model, batches[1], path)
+            except Exception as error:
+                results['errors'].append(f'profile {label}: {type(error).__name__}: {error}')
+            print(f"profile {label}: {results['profile_ms_per_step'].get(label)} ms of kernels"
+                  ' per step', flush=True)
+
+        def memory_check(where):
+            decoder.clear()
+            timer.reset_peak()
+            results['allocated_gb'][where] = timer.allocated_gb()
+
+        def unfused_check(label):
+            if not args.unfused_check:
+                return
+            plain = FastGreedyDecoder(fuse_elementwise=False)
+            run = time_ours(torch, timer, plain, model, batches[1], 1, args.new_tokens[0],
+                            args.repeats, label + ' unfused')
+            results['runs'].append(run)
+            print(row_text(run), flush=True)
+            plain.clear()
+            save()
+
+        if 'bf16' in args.variants:
+            label = dtype_name
+            check_agreement(label)
+            our_runs(label)
+            unfused_check(label)
+            profile(label)
+            memory_check(f'after {label} runs')
+
+        quantized = set(args.variants) & {'nf4', 'nf4-all', 'article'}
+        if quantized:
+            count = quantize_linears(torch, model, dtype, skip=('lm_head', 'visual'))
+            timer.reset_peak()
+            results['model_gb']['nf4 (vision unquantized)'] = timer.allocated_gb()
+            results['nf4_layers'] = count
+            if 'nf4' in args.variants:
+                label = f'nf4, {dtype_name} compute, vision {dtype_name}'
+                check_agreement(label)
+                our_runs(label)
+                unfused_check(label)
+                profile(label)
+                memory_check(f'after {label} runs')
+        if set(args.variants) & {'nf4-all', 'article'}:
+            decoder.clear()
+            results['nf4_layers'] += quantize_linears(torch, model, dtype, skip=('lm_head',))
+            timer.reset_peak()
+            results['model_gb']['nf4 (all but lm_head)'] = timer.allocated_gb()
+            if 'nf4-all' in args.variants:
+                label = f'nf4 all, {dtype_name} compute'
+                our_runs(label)
+            if 'article' in args.variants:
+                set_compute_dtype(model, article_compute)
+                label = f"article model (nf4 all, {str(article_compute).replace('torch.', '')}" \
+                        " compute)"
+                check_agreement(label)
+                for spec in args.article_runs:
+                    batch, new_tokens = (int(value) for value in spec.lower().split('x'))
+                    if batch not in batches:
+                        batches[batch] = builder.build(
+                            [test_image(width, height, seed) for seed in range(batch)],
+                            instruction).to(device).tensors
+                    run = time_ours(torch, timer, decoder, model, batches[batch], batch,
+                                    new_tokens, args.repeats, label)
+                    decoder.clear()
+                    results['runs'].append(run)
+                    print(row_text(run), flush=True)
+                    run = time_generate(torch, timer, model, batches[batch], batch, new_tokens,
+                                        args.article_repeats, label)
+                    results['runs'].append(run)
+                    print(row_text(run), flush=True)
+                    save()
+    save()
+    print()
+    print(table(results))
+    return results
+
+
+def environment(torch, device):
+    info = {'python': platform.python_version(), 'torch': torch.__version__,
+            'transformers': require('transformers', '').__version__, 'device': str(device)}
+    try:
+        info['bitsandbytes'] = require('bitsandbytes', '').__version__
+    except ImportError:
+        info['bitsandbytes'] = None
+    if device.type == 'cuda':
+        info['gpu'] = torch.cuda.get_device_name(device)
+        info['cuda'] = torch.version.cuda
+    else:
+        info['cpu'] = platform.processor() or platform.machine()
+        info['threads'] = torch.get_num_threads()
+    return info
+
+
+def row_text(run):
+    peak = f"{run['peak_gb']:.2f}" if run.get('peak_gb') is not None else '-'
+    return (f"{run['engine']:8} {run['label'][:44]:44} b{run['batch']:<2} n{run['new_tokens']:<4}"
+            f" prefill {run['prefill_ms']:8.1f} ms  decode {run['decode_ms_per_token']:7.2f}"
+            f" ms/tok  frame {run['frame_s']:7.3f} s  {run['frames_per_s']:7.2f} frames/s"
+            f"  peak {peak} GB")
+
+
+def table(results):
+    header = ('| engine | weights | batch | tokens | prefill ms | decode ms/token | frame s '
+              '| frames/s | peak GB |\n|---|---|---|---|---|---|---|---|---|')
+    lines = [header]
+    for run in results['runs']:
+        peak = f"{run['peak_gb']:.2f}" if run.get('peak_gb') is not None else '-'
+        engine = 'model.generate' if run['engine'] == 'generate' else 'FastGreedyDecoder'
+        lines.append(f"| {engine} | {run['label']} | {run['batch']} | {run['new_tokens']} | "
+                     f"{run['prefill_ms']:.1f} | {run['decode_ms_per_token']:.2f} | "
+                     f"{run['frame_s']:.3f} | {run['frames_per_s']:.2f} | {peak} |")
+    return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+    main()
