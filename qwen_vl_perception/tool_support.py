@@ -41,6 +41,20 @@ def fail(message: str) -> int:
     return USAGE_ERROR
 
 
+def run_tool(run, args, expected=(), check_failures=()) -> int:
+    """Run a tool's ``run(args)``: expected failures (``ToolError`` and the ``expected``
+    exception types) print one ``error:`` line and give :data:`USAGE_ERROR`; a failed
+    self-check (``check_failures``) gives 1. Anything else is a bug and keeps its traceback."""
+    quiet_library_logs()
+    try:
+        return run(args)
+    except tuple(check_failures) as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 1
+    except (ToolError, *expected) as error:
+        return fail(str(error))
+
+
 def prepare_output_dir(path: PathLike, overwrite: bool,
                        inputs: Sequence[PathLike] = (),
                        stale_patterns: Sequence[str] = ()) -> Path:

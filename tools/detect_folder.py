@@ -26,8 +26,8 @@ from qwen_vl_perception.image_folder import FOLDER_IMAGE_EXTENSIONS, list_images
 from qwen_vl_perception.labels import write_prediction_file
 from qwen_vl_perception.model.loading import QUANTIZATIONS, ModelLoadError, read_checkpoint_config
 from qwen_vl_perception.model.torch_support import MissingDependencyError
-from qwen_vl_perception.tool_support import (ToolError, fail, prepare_output_dir,
-                                             quiet_library_logs, split_names)
+from qwen_vl_perception.tool_support import (ToolError, prepare_output_dir, run_tool,
+                                             split_names)
 from qwen_vl_perception.trained_prompt import PROMPT_FILE, read_prompt_file
 
 PREDICTIONS_DIR = 'predictions'
@@ -87,13 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    quiet_library_logs()
-    try:
-        return run(args)
-    except (ToolError, ModelLoadError, MissingDependencyError, ValueError,
-            FileNotFoundError) as error:
-        return fail(str(error))
+    return run_tool(run, build_parser().parse_args(argv),
+                    expected=(ModelLoadError, MissingDependencyError, ValueError,
+                              FileNotFoundError))
 
 
 def detection_settings(args, model_dir: Path) -> DetectionSettings:

@@ -7,10 +7,10 @@ import argparse
 import json
 import sys
 import warnings
-from pathlib import Path
 
 from qwen_vl_perception.evaluation import evaluate, format_table, plot_report
 from qwen_vl_perception.labels import FORMATS, load_labels, load_predictions
+from qwen_vl_perception.tool_support import ToolError, prepare_output_dir, run_tool
 
 EXAMPLE = """example:
   python tools/evaluate.py --labels data/scenes_val/annotations.json \\
@@ -47,33 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    out_dir = Path(args.out)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        if not args.overwrite or not out_dir.is_dir():
-            print(f'error: {out_dir} exists and is not an empty folder '
-                  '(pass --overwrite to write into it)', file=sys.stderr)
-            return 2
+    return run_tool(run, build_parser().parse_args(argv), expected=(ValueError,))
+
+
+def run(args) -> int:
     if not 0.0 < args.iou <= 1.0:
-        print(f'error: --iou must be in (0, 1], got {args.iou}', file=sys.stderr)
-        return 2
+        raise ToolError(f'--iou must be in (0, 1], got {args.iou}')
     categories = None
     if args.categories:
         categories = [name.strip() for name in args.categories.split(',') if name.strip()]
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter('always')
-            ground_truth = load_labels(args.labels, args.format)
-            predictions = load_predictions(args.predictions)
-        for warning in caught:
-            print(f'warning: {warning.message}', file=sys.stderr)
-        report = evaluate(ground_truth, predictions, categories=categories,
-                          iou_threshold=args.iou, score_threshold=args.score_threshold)
-    except ValueError as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 2
+    out_dir = prepare_output_dir(args.out, args.overwrite, inputs=[args.predictions])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        ground_truth = load_labels(args.labels, args.format)
+        predictions = load_predictions(args.predictions)
+    for warning in caught:
+        print(f'warning: {warning.message}', file=sys.stderr)
+    report = evaluate(ground_truth, predictions, categories=categories,
+                      iou_threshold=args.iou, score_threshold=args.score_threshold)
     print(format_table(report))
-    out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / 'metrics.json'
     with open(metrics_path, 'w', encoding='utf-8') as stream:
         json.dump(report.to_dict(), stream, indent=2)

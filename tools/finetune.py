@@ -21,9 +21,8 @@ from qwen_vl_perception.model.lora import AdapterError, TARGET_GROUPS
 from qwen_vl_perception.model.lora_training import LoraTrainingConfig, train_lora
 from qwen_vl_perception.model.torch_support import MissingDependencyError
 from qwen_vl_perception.sft_data import VAL_DATASET_FILE, resolve_dataset_file
-from qwen_vl_perception.tool_support import (MODEL_WEIGHT_PATTERNS, ToolError, fail,
-                                             prepare_output_dir, quiet_library_logs,
-                                             split_names)
+from qwen_vl_perception.tool_support import (MODEL_WEIGHT_PATTERNS, ToolError,
+                                             prepare_output_dir, run_tool, split_names)
 
 EXAMPLE = """example (the article's run, on one 16 GB+ GPU):
   python tools/finetune.py --base ~/models/Qwen3-VL-4B-Instruct --dataset data/office_sft \\
@@ -108,13 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    quiet_library_logs()
-    try:
-        return run(args)
-    except (ToolError, ModelLoadError, AdapterError, MissingDependencyError, ValueError,
-            FloatingPointError) as error:
-        return fail(str(error))
+    return run_tool(run, build_parser().parse_args(argv),
+                    expected=(ModelLoadError, AdapterError, MissingDependencyError, ValueError,
+                              FloatingPointError))
 
 
 def run(args) -> int:

@@ -18,9 +18,8 @@ from qwen_vl_perception.model.merging import (MERGE_DTYPES, MERGE_LOG, RELATIVE_
                                               MergeCheckError, MergeError,
                                               check_mergeable_base, merge_lora)
 from qwen_vl_perception.model.torch_support import MissingDependencyError
-from qwen_vl_perception.tool_support import (MODEL_WEIGHT_PATTERNS, ToolError, fail,
-                                             format_bytes, prepare_output_dir,
-                                             quiet_library_logs)
+from qwen_vl_perception.tool_support import (MODEL_WEIGHT_PATTERNS, format_bytes,
+                                             prepare_output_dir, run_tool)
 
 EXAMPLE = """example (the article's LLaMA-Factory adapter):
   python tools/merge_lora.py --base ~/models/Qwen3-VL-4B-Instruct \\
@@ -70,16 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    quiet_library_logs()
-    try:
-        return run(args)
-    except MergeCheckError as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 1
-    except (ToolError, ModelLoadError, AdapterError, MergeError, MissingDependencyError,
-            ValueError) as error:
-        return fail(str(error))
+    return run_tool(run, build_parser().parse_args(argv),
+                    expected=(ModelLoadError, AdapterError, MergeError, MissingDependencyError,
+                              ValueError),
+                    check_failures=(MergeCheckError,))
 
 
 def run(args) -> int:

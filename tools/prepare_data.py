@@ -17,7 +17,7 @@ from tqdm import tqdm
 from qwen_vl_perception.labels import FORMATS, load_labels
 from qwen_vl_perception.prompt import DEFAULT_ATTRIBUTES, PromptBuilder
 from qwen_vl_perception.sft_data import write_sft_dataset
-from qwen_vl_perception.tool_support import (ToolError, fail, prepare_output_dir,
+from qwen_vl_perception.tool_support import (ToolError, prepare_output_dir, run_tool,
                                              split_names)
 from qwen_vl_perception.trained_prompt import write_prompt_file
 
@@ -73,11 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except ToolError as error:
-        return fail(str(error))
+    return run_tool(run, build_parser().parse_args(argv))
 
 
 def run(args) -> int:

@@ -16,9 +16,9 @@ from qwen_vl_perception.model.quantization import (COMPUTE_DTYPES, QUANT_TYPES, 
                                                    STORAGE_DTYPES, QuantizeCheckError,
                                                    QuantizeError, quantize_checkpoint)
 from qwen_vl_perception.model.torch_support import MissingDependencyError
-from qwen_vl_perception.tool_support import (MODEL_WEIGHT_PATTERNS, ToolError, fail,
-                                             format_bytes, prepare_output_dir,
-                                             quiet_library_logs, split_names)
+from qwen_vl_perception.tool_support import (MODEL_WEIGHT_PATTERNS, ToolError,
+                                             format_bytes, prepare_output_dir, run_tool,
+                                             split_names)
 
 EXAMPLE = """example (the article's step 3, on the merged Qwen3-VL-4B-Instruct):
   python tools/quantize.py --model models/qwen3-vl-4b-merged --out models/qwen3-vl-4b-nf4
@@ -59,16 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    quiet_library_logs()
-    try:
-        return run(args)
-    except QuantizeCheckError as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 1
-    except (ToolError, ModelLoadError, QuantizeError, MissingDependencyError,
-            ValueError) as error:
-        return fail(str(error))
+    return run_tool(run, build_parser().parse_args(argv),
+                    expected=(ModelLoadError, QuantizeError, MissingDependencyError, ValueError),
+                    check_failures=(QuantizeCheckError,))
 
 
 def run(args) -> int:
