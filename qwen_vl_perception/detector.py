@@ -83,6 +83,8 @@ class FrameDetections:
     degenerate: int = 0
     duplicates: int = 0
     seconds: float = 0.0
+    describe: bool = False
+    """Whether this frame was asked for attributes (settings may change while in flight)."""
 
 
 def detections_from_text(text: str, prepared: PreparedSettings,
@@ -99,7 +101,8 @@ def detections_from_text(text: str, prepared: PreparedSettings,
     parsed = parse_objects(text, prepared.matcher, attribute_keys=settings.attributes)
     result = FrameDetections(detections=[], raw_text=text,
                              unknown_labels=list(parsed.unknown_labels),
-                             invalid=parsed.invalid, truncated=parsed.truncated)
+                             invalid=parsed.invalid, truncated=parsed.truncated,
+                             describe=settings.describe)
     candidates = []
     for obj in parsed.objects:
         box = to_pixels(obj.box, settings.coordinate_convention, source_size, model_input_size)

@@ -51,5 +51,11 @@ class LatestFrameSlots:
             self._condition.notify_all()
 
     @property
+    def waiting(self) -> int:
+        """How many frames wait to be taken."""
+        with self._condition:
+            return len(self._waiting)
+
+    @property
     def closed(self) -> bool:
         return self._closed

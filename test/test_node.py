@@ -20,7 +20,6 @@ import pytest
 rclpy = pytest.importorskip('rclpy')
 pytest.importorskip('torch')
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rcl_interfaces.msg import ParameterType  # noqa: E402
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.parameter_client import AsyncParameterClient  # noqa: E402
@@ -204,7 +203,8 @@ def test_categories_change_at_runtime_and_label_info_follows(harness):
     (Parameter('categories', Parameter.Type.STRING_ARRAY, []), 'categor'),
     (Parameter('categories', Parameter.Type.STRING_ARRAY, ['cup, bottle']), ','),
     (Parameter('coordinate_convention', Parameter.Type.STRING, 'pixels'), 'qwen3_grid'),
-    (Parameter('score_threshold', Parameter.Type.DOUBLE, 1.5), ''),
+    (Parameter('score_threshold', Parameter.Type.DOUBLE, 1.5), 'range'),
+    (Parameter('max_rate_hz', Parameter.Type.INTEGER, 2), 'type'),
     (Parameter('prompt_template', Parameter.Type.STRING, 'find {objects}'), 'categories'),
     (Parameter('model_path', Parameter.Type.STRING, '/elsewhere'), 'read-only'),
 ])
@@ -233,9 +233,10 @@ def test_malformed_images_are_skipped_and_the_next_good_frame_is_processed(harne
 
 
 def test_frames_are_dropped_not_queued_when_the_model_is_slower(harness):
-    harness.publish_when_connected(rgb_image(100))
+    reliable = ReliabilityPolicy.RELIABLE  # no frame is lost in transport: drops are the node's
+    harness.publish_when_connected(rgb_image(100), reliable)
     for stamp in range(101, 131):
-        harness.camera().publish(rgb_image(stamp))
+        harness.camera(reliable).publish(rgb_image(stamp))
         time.sleep(0.002)
     wait_for(lambda: harness.detections and harness.detections[-1].header.stamp.sec == 130, 60,
              'the newest frame was never processed')
@@ -243,27 +244,35 @@ def test_frames_are_dropped_not_queued_when_the_model_is_slower(harness):
     processed = [a.header.stamp.sec for a in harness.detections]
     assert processed == sorted(processed) and processed[-1] == 130
     assert len(processed) < 31
-    assert harness.node.frames_dropped >= 31 - len(processed) - 5  # best effort may lose some
+    # Every frame that reached the node was either answered or dropped, none queued.
+    assert harness.node.frames_dropped == harness.node.counters.received - len(processed)
+    assert harness.node.frames_dropped > 0
 
 
 def test_compressed_transport_and_rate_limit(answering_checkpoint):
     import cv2
     harness = Harness(node_parameters(answering_checkpoint, input_transport='compressed',
-                                      max_rate_hz=2.0))
+                                      max_rate_hz=0.4))
     try:
         publisher = harness.peer.create_publisher(CompressedImage, 'image/compressed', 10)
         wait_for(lambda: publisher.get_subscription_count() > 0, 10, 'not connected')
         pixels = np.random.default_rng(1).integers(0, 256, (480, 640, 3), dtype=np.uint8)
-        started = time.monotonic()
+        arrivals = []
         for stamp in (1, 2, 3):
             message = CompressedImage(format='jpeg',
                                       data=cv2.imencode('.jpg', pixels)[1].tobytes())
             message.header.stamp.sec = stamp
             publisher.publish(message)
             wait_for(lambda: len(harness.detections) == stamp, 30, f'frame {stamp} unanswered')
-        # Three inferences at most 2 per second: the third starts >= 1 s after the first.
-        assert time.monotonic() - started >= 1.0
+            arrivals.append(time.monotonic())
         assert [len(a.detections) for a in harness.detections] == [2, 2, 2]
+        # At most 0.4 inferences per second: results 2.5 s apart although each frame was
+        # published as soon as the previous result arrived and one inference takes less.
+        inference = harness.node.counters.last_inference_s
+        if inference > 2.0:
+            pytest.skip(f'one inference took {inference:.1f} s: too slow to see the limit')
+        gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+        assert min(gaps) >= 2.5 - 0.2, gaps
         garbage = CompressedImage(format='jpeg', data=b'not a jpeg')
         publisher.publish(garbage)
         wait_for(lambda: harness.node.counters.invalid_images == 1, 10, 'garbage not counted')
@@ -297,6 +306,8 @@ def test_frames_of_several_cameras_ready_together_are_decoded_as_one_batch(answe
         wait_for(lambda: front.get_subscription_count() and rear.get_subscription_count(), 10,
                  'cameras not connected')
         front.publish(rgb_image(1, 'front'))  # keeps the model busy ...
+        slots = harness.node._slots
+        wait_for(lambda: slots.accepted == 1 and slots.waiting == 0, 30, 'frame 1 not taken')
         front.publish(rgb_image(2, 'front'))  # ... while these two wait together
         rear.publish(rgb_image(2, 'rear'))
         wait_for(lambda: len(harness.detections) == 3, 60, 'not every frame was answered')
@@ -322,7 +333,10 @@ def test_start_up_refuses_invalid_parameters(tiny_checkpoint):
     try:
         for overrides, message in [({'min_pixels': 50000, 'max_pixels': 40000}, 'min_pixels'),
                                    ({'categories': ['']}, 'categor'),
-                                   ({'model_path': ''}, 'model_path is required')]:
+                                   ({'model_path': ''}, 'model_path is required'),
+                                   ({'max_rate_hz': 2}, 'decimal point'),
+                                   ({'input_transport': 'compresed'}, 'raw, compressed'),
+                                   ({'max_new_tokens': 0}, 'range')]:
             params = node_parameters(tiny_checkpoint, **overrides)
             with pytest.raises(StartupError, match=message):
                 PerceptionNode(context=context, parameter_overrides=[
@@ -361,6 +375,14 @@ def test_ctrl_c_shuts_the_node_down_cleanly(answering_checkpoint):
     assert not any('Traceback' in line for line in lines)
 
 
-def test_parameter_type_is_string_array():
-    from qwen_vl_perception.ros.parameters import SPECS
-    assert SPECS['categories'].type == ParameterType.PARAMETER_STRING_ARRAY
+def test_disabled_node_ignores_frames_until_enabled(harness):
+    (result,) = harness.set_parameters(Parameter('enabled', Parameter.Type.BOOL, False))
+    assert result.successful
+    harness.publish_when_connected(rgb_image(20))
+    wait_for(lambda: harness.node.counters.received == 1, 10, 'frame not received')
+    time.sleep(1.0)
+    assert harness.detections == []
+    (result,) = harness.set_parameters(Parameter('enabled', Parameter.Type.BOOL, True))
+    harness.publish_when_connected(rgb_image(21))
+    wait_for(lambda: harness.detections, 30, 'no detections after enabling')
+    assert [a.header.stamp.sec for a in harness.detections] == [21]

@@ -17,7 +17,7 @@ log() { printf '[setup_env] %s\n' "$*" >&2; }
 
 # Everything that decides the venv's content enters the stamp.
 stamp_value=$(cat "$env_dir"/requirements*.txt "$msgs_src"/CMakeLists.txt "$msgs_src"/package.xml \
-  "$msgs_src"/msg/*.msg "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)
+  "$msgs_src"/msg/*.msg "${BASH_SOURCE[0]}" "$repo/setup.py" | sha256sum | cut -d' ' -f1)
 stamp_file=$venv/.qvp-setup-stamp
 
 if [[ -z ${QVP_FORCE:-} && -f $stamp_file && $(cat "$stamp_file") == "$stamp_value" ]] \
@@ -42,8 +42,12 @@ if [[ ! -x $venv/bin/python ]]; then
   "$base_python" -m venv "${system_site[@]}" "$venv"
 fi
 py=$venv/bin/python
-pip_install() { "$py" -m pip install --disable-pip-version-check -q "$@" 2>&1 \
-  | grep -v "^WARNING: Location 'file:" >&2 || true; }
+pip_install() {
+  # pip's own status decides; the filter only hides this machine's noise about local indexes.
+  "$py" -m pip install --disable-pip-version-check -q "$@" 2>&1 \
+    | { grep -v "^WARNING: Location 'file:" >&2 || true; }
+  return "${PIPESTATUS[0]}"
+}
 
 if [[ $use_distro == 1 ]]; then
   log "using the sourced ROS 2 $ROS_DISTRO (rclpy, vision_msgs)"

@@ -14,6 +14,7 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.exceptions import InvalidParameterTypeException, ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -28,8 +29,8 @@ from ..drawing import draw_detections
 from ..frame_slot import LatestFrameSlots
 from ..image_conversion import ImageFormatError, compressed_msg_to_rgb, image_msg_to_rgb
 from . import messages
-from .parameters import (ARTICLE_CATEGORIES, SETTINGS_PARAMETERS, check_value,
-                         declare_parameters, settings_from_values, trained_prompt_values)
+from .parameters import (PARAMETERS, SETTINGS_PARAMETERS, check_value, declare_parameters,
+                         settings_from_values, startup_problems, unset_prompt_values)
 
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -55,6 +56,7 @@ class Counters:
     invalid_objects: int = 0
     truncated_answers: int = 0
     inference_errors: int = 0
+    publish_errors: int = 0
     batches: int = 0
     largest_batch: int = 0
     last_latency_s: float = 0.0
@@ -68,14 +70,18 @@ class PerceptionNode(Node):
         """``engine``: an already loaded engine (tools, tests); by default the node loads one
         from its ``model_path``/``device``/``quantization`` parameters."""
         super().__init__('qwen_vl_perception', **node_kwargs)
-        declare_parameters(self)
+        try:
+            declare_parameters(self)
+        except ParameterException as error:  # a wrong type or range in a params file
+            hint = (' (a double needs a decimal point, e.g. 2.0)'
+                    if isinstance(error, InvalidParameterTypeException) else '')
+            raise StartupError(f'invalid parameter: {error}{hint}') from error
         value = self._value
-        if value('min_pixels') > value('max_pixels'):
-            raise StartupError('min_pixels must not exceed max_pixels')
-        if not value('image_topics') or not all(value('image_topics')):
-            raise StartupError('image_topics must name at least one topic, none empty')
-        if self.get_parameter_or('categories').type_ == Parameter.Type.NOT_SET:
-            self._adopt_trained_prompt()
+        problem = startup_problems({spec.name: self.get_parameter_or(spec.name).value
+                                    for spec in PARAMETERS})
+        if problem:
+            raise StartupError(problem)
+        self._fill_unset_prompt_parameters()
         try:
             settings = settings_from_values({name: value(name) for name in SETTINGS_PARAMETERS})
             prepare_settings(settings)
@@ -89,6 +95,7 @@ class PerceptionNode(Node):
         self._max_image_pixels = int(value('max_image_pixels'))
         self.counters = Counters()
         self._slots = LatestFrameSlots()
+        self._last_inference_failed = False
 
         self._detections_pub = self.create_publisher(Detection2DArray, 'detections',
                                                      qos_profile_system_default)
@@ -129,36 +136,38 @@ class PerceptionNode(Node):
     def _value(self, name: str):
         return self.get_parameter(name).value
 
-    def _adopt_trained_prompt(self) -> None:
-        """Unset categories: ask what the model was trained on, else the article's."""
+    def _fill_unset_prompt_parameters(self) -> None:
+        """Unset categories/describe/attributes/prompt_template: what the model was trained
+        with (its detection_prompt.json), else the defaults. Values given by the user stay."""
+        unset = [spec.name for spec in PARAMETERS if spec.from_model
+                 and self.get_parameter_or(spec.name).type_ == Parameter.Type.NOT_SET]
+        if not unset:
+            return
         try:
-            values = trained_prompt_values(self._value('model_path'))
+            values, from_model = unset_prompt_values(self._value('model_path'), unset)
         except ValueError as error:
             raise StartupError(str(error)) from error
-        if values is None:
-            values = {'categories': list(ARTICLE_CATEGORIES)}
-        else:
-            self.get_logger().info(f"categories from the model's training prompt: "
-                                   f"{', '.join(values['categories'])}")
-        self.set_parameters([Parameter(name, value=v) for name, v in values.items()])
+        if from_model:
+            self.get_logger().info(f"from the model's training prompt: {', '.join(unset)}")
+        results = self.set_parameters([Parameter(name, value=v) for name, v in values.items()])
+        for name, result in zip(values, results):
+            if not result.successful:
+                raise StartupError(f'{name}: {result.reason}')
 
     def _load_engine(self):
         from ..model.engine import VisionLanguageEngine
         from ..model.loading import ModelLoadError
+        from ..model.torch_support import MissingDependencyError
         path = self._value('model_path')
         if not path:
             raise StartupError('model_path is required (a Qwen3-VL checkpoint directory)')
-        for name in ('quantization', 'decoder'):
-            reason = check_value(name, self._value(name))
-            if reason:
-                raise StartupError(reason)
         try:
             return VisionLanguageEngine(path, device=self._value('device'),
                                         quantization=self._value('quantization'),
                                         decoder=self._value('decoder'),
                                         min_pixels=self._value('min_pixels'),
                                         max_pixels=self._value('max_pixels'))
-        except ModelLoadError as error:
+        except (ModelLoadError, MissingDependencyError, OSError, ValueError) as error:
             raise StartupError(str(error)) from error
 
     # ---------------------------------------------------------------------------- callbacks
@@ -219,13 +228,22 @@ class PerceptionNode(Node):
                 results = self._detector.detect([frame.rgb for frame in frames])
             except Exception as error:  # noqa: BLE001 - the node must survive any model error
                 self.counters.inference_errors += 1
+                self._last_inference_failed = True
                 self.get_logger().error(f'inference failed: {error!r}',
                                         throttle_duration_sec=5.0)
                 continue
+            self._last_inference_failed = False
             self.counters.batches += 1
             self.counters.largest_batch = max(self.counters.largest_batch, len(frames))
             for frame, result in zip(frames, results):
-                self._publish(frame, result)
+                if self._slots.closed:
+                    return  # shutting down: the publishers may be gone
+                try:
+                    self._publish(frame, result)
+                except Exception as error:  # noqa: BLE001 - one bad frame must not stop the rest
+                    self.counters.publish_errors += 1
+                    self.get_logger().error(f'publishing failed: {error!r}',
+                                            throttle_duration_sec=5.0)
 
     def _publish(self, frame: Frame, result: FrameDetections) -> None:
         counters = self.counters
@@ -239,7 +257,7 @@ class PerceptionNode(Node):
             self.get_logger().debug(f'labels outside the categories: {result.unknown_labels}')
         self._detections_pub.publish(messages.detection_array_msg(frame.header,
                                                                   result.detections))
-        if self._detector.settings.describe:
+        if result.describe:
             self._descriptions_pub.publish(messages.descriptions_msg(frame.header,
                                                                      result.detections))
         if self._annotated_pub.get_subscription_count() > 0:
@@ -264,14 +282,22 @@ class PerceptionNode(Node):
             'invalid_objects': counters.invalid_objects,
             'truncated_answers': counters.truncated_answers,
             'inference_errors': counters.inference_errors,
+            'publish_errors': counters.publish_errors,
             'batches': counters.batches,
             'largest_batch': counters.largest_batch,
             'last_inference_ms': round(counters.last_inference_s * 1000.0, 1),
             'last_latency_ms': round(counters.last_latency_s * 1000.0, 1),
         }
-        level = DiagnosticStatus.WARN if counters.inference_errors else DiagnosticStatus.OK
+        if not self._worker.is_alive():
+            level, message = DiagnosticStatus.ERROR, 'inference worker stopped'
+        elif self._last_inference_failed:
+            level, message = DiagnosticStatus.WARN, 'the last inference failed'
+        elif not self._enabled:
+            level, message = DiagnosticStatus.OK, 'disabled'
+        else:
+            level, message = DiagnosticStatus.OK, 'running'
         status = DiagnosticStatus(level=level, name=f'{self.get_name()}: detection',
-                                  hardware_id='qwen_vl_perception', message='running',
+                                  hardware_id='qwen_vl_perception', message=message,
                                   values=[KeyValue(key=k, value=str(v))
                                           for k, v in values.items()])
         self._diagnostics_pub.publish(DiagnosticArray(
@@ -284,7 +310,9 @@ class PerceptionNode(Node):
     def shutdown(self) -> None:
         """Stop the worker (it finishes the frame in flight) and join it."""
         self._slots.close()
-        self._worker.join(timeout=30.0)
+        self._worker.join(timeout=60.0)
+        if self._worker.is_alive():
+            self.get_logger().warning('the inference in flight did not finish within 60 s')
 
 
 def _qos_fields(profile: QoSProfile) -> dict:

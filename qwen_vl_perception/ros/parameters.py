@@ -34,6 +34,9 @@ class ParameterSpec:
     int_range: Optional[Tuple[int, int]] = None
     float_range: Optional[Tuple[float, float]] = None
     choices: Tuple[str, ...] = ()
+    from_model: bool = False
+    """Left unset, it takes the value the model was fine-tuned with (detection_prompt.json
+    beside the weights), else ``default``."""
 
     def descriptor(self) -> ParameterDescriptor:
         text = self.description
@@ -75,18 +78,18 @@ PARAMETERS = (
     ParameterSpec('max_pixels', 409600, _INT,
                   'Largest image area fed to the model, in pixels (640x480 = 300 tokens)',
                   read_only=True, int_range=(1024, 16777216)),
-    ParameterSpec('categories', None, _STRINGS,
+    ParameterSpec('categories', list(ARTICLE_CATEGORIES), _STRINGS,
                   'Object categories to detect (non-empty, names without quotes or commas). '
-                  'Unset: what the model was trained to find (its detection_prompt.json, which '
-                  'also sets describe, attributes and prompt_template), else the article\'s '
-                  'office categories'),
+                  "Unset: what the model was trained to find, else the article's office "
+                  'categories', from_model=True),
     ParameterSpec('describe', True, _BOOL,
-                  'Ask for attributes of each object and publish them on descriptions'),
+                  'Ask for attributes of each object and publish them on descriptions',
+                  from_model=True),
     ParameterSpec('attributes', list(DEFAULT_ATTRIBUTES), _STRINGS,
-                  'Attribute names asked for when describe is true'),
+                  'Attribute names asked for when describe is true', from_model=True),
     ParameterSpec('prompt_template', '', _STRING,
                   "Instruction override ('' = built in); must contain {categories}, may contain "
-                  '{attributes}'),
+                  '{attributes}', from_model=True),
     ParameterSpec('coordinate_convention', GRID_1000, _STRING,
                   'How the model writes boxes', choices=CONVENTIONS),
     ParameterSpec('max_new_tokens', 512, _INT, 'Longest answer the model may write',
@@ -124,26 +127,41 @@ SETTINGS_PARAMETERS = ('categories', 'describe', 'attributes', 'prompt_template'
 
 
 def declare_parameters(node) -> None:
+    """Declare every parameter; ``from_model`` ones by type only, so that they read as unset
+    until :func:`unset_prompt_values` fills them."""
     for spec in PARAMETERS:
-        # A parameter without default is declared by type, so that it reads as unset.
-        default = spec.default if spec.default is not None else Parameter.Type(spec.type)
+        default = Parameter.Type(spec.type) if spec.from_model else spec.default
         node.declare_parameter(spec.name, default, spec.descriptor())
 
 
-def trained_prompt_values(model_path: str) -> Optional[Dict[str, Any]]:
-    """describe/attributes/categories/prompt_template a model was fine-tuned with, if known.
+def startup_problems(values: Dict[str, Any]) -> Optional[str]:
+    """The first reason the read-only/start-up values are unusable, or None."""
+    for spec in PARAMETERS:
+        if spec.name in values and values[spec.name] is not None:
+            reason = check_value(spec.name, values[spec.name])
+            if reason:
+                return reason
+    if values['min_pixels'] > values['max_pixels']:
+        return 'min_pixels must not exceed max_pixels'
+    if not values['image_topics'] or not all(values['image_topics']):
+        return 'image_topics must name at least one topic, none empty'
+    return None
 
-    Raises ValueError for a malformed detection_prompt.json.
-    """
+
+def unset_prompt_values(model_path: str, unset) -> Tuple[Dict[str, Any], bool]:
+    """Values for the unset ``from_model`` parameters named in ``unset``: what the model was
+    fine-tuned with (detection_prompt.json), else the defaults. Returns the values and whether
+    they came from the model. Raises ValueError for a malformed detection_prompt.json."""
     record = read_prompt_file(model_path) if model_path else None
-    if record is None:
-        return None
-    values = {'categories': list(record['categories']),
-              'describe': bool(record.get('describe', False)),
-              'prompt_template': record.get('prompt_template') or ''}
-    if record.get('attributes'):
-        values['attributes'] = list(record['attributes'])
-    return values
+    trained = {}
+    if record is not None:
+        trained = {'categories': list(record['categories']),
+                   'describe': bool(record.get('describe', False)),
+                   'prompt_template': record.get('prompt_template') or ''}
+        if record.get('attributes'):
+            trained['attributes'] = list(record['attributes'])
+    values = {name: trained.get(name, SPECS[name].default) for name in unset}
+    return values, record is not None
 
 
 def check_value(name: str, value: Any) -> Optional[str]:
@@ -157,10 +175,10 @@ def check_value(name: str, value: Any) -> Optional[str]:
 def settings_from_values(values: Dict[str, Any]) -> DetectionSettings:
     """DetectionSettings from parameter values (missing names take their defaults)."""
     def get(name):
-        return values[name] if name in values else SPECS[name].default
-    categories = get('categories')
+        value = values.get(name)
+        return SPECS[name].default if value is None else value
     return DetectionSettings(
-        categories=tuple(ARTICLE_CATEGORIES if categories is None else categories),
+        categories=tuple(get('categories')),
         describe=bool(get('describe')),
         attributes=tuple(get('attributes')),
         prompt_template=get('prompt_template') or None,
