@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from qwen_vl_perception.image_conversion import save_rgb
+from qwen_vl_perception.image_conversion import ImageFormatError, save_rgb
 from qwen_vl_perception.image_folder import list_images
 from qwen_vl_perception.tool_support import USAGE_ERROR, ToolError, prepare_output_dir
 
@@ -31,7 +31,9 @@ def parse_args(argv=None):
     source.add_argument('--video', help='video file played as a camera')
     parser.add_argument('--out', default='demo_out', help='where annotated images go')
     parser.add_argument('--overwrite', action='store_true', help='replace a non-empty --out')
-    parser.add_argument('--categories', nargs='+', help='categories (default: params.yaml)')
+    parser.add_argument('--categories', nargs='+',
+                        help="categories (default: the model's training prompt, else the "
+                             "node's defaults)")
     parser.add_argument('--attributes', nargs='+', help='attributes asked for')
     parser.add_argument('--device', default='auto')
     parser.add_argument('--quantization', default='auto')
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (ToolError, FileNotFoundError, NotADirectoryError) as error:
+    except (ToolError, FileNotFoundError, NotADirectoryError, ImageFormatError) as error:
         print(f'error: {error}', file=sys.stderr)
         return USAGE_ERROR
 

@@ -4,6 +4,7 @@ A thin rclpy shell over the core (:mod:`qwen_vl_perception.detector`). Camera ca
 validate and convert the image and hand it to a worker thread (newest frame wins); the worker
 runs the model and publishes. Parameter services stay responsive during inference.
 """
+import functools
 import sys
 import threading
 import time
@@ -111,6 +112,8 @@ class PerceptionNode(Node):
         if value('input_reliability') == 'reliable':
             camera_qos.reliability = ReliabilityPolicy.RELIABLE
         compressed = value('input_transport') == 'compressed'
+        convert_raw = functools.partial(image_msg_to_rgb,
+                                        use_cv_bridge=bool(value('use_cv_bridge')))
         self._image_topics = list(value('image_topics'))
         for topic in self._image_topics:
             if compressed:
@@ -119,7 +122,7 @@ class PerceptionNode(Node):
                     lambda m, t=topic: self._accept(m, compressed_msg_to_rgb, t), camera_qos)
             else:
                 self.create_subscription(Image, topic,
-                                         lambda m, t=topic: self._accept(m, image_msg_to_rgb, t),
+                                         lambda m, t=topic: self._accept(m, convert_raw, t),
                                          camera_qos)
 
         self.add_on_set_parameters_callback(self._on_set_parameters)

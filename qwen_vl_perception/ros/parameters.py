@@ -114,6 +114,10 @@ PARAMETERS = (
     ParameterSpec('input_reliability', 'best_effort', _STRING,
                   'Camera subscription reliability (best_effort accepts every publisher)',
                   read_only=True, choices=RELIABILITIES),
+    ParameterSpec('use_cv_bridge', True, _BOOL,
+                  'Convert raw images with cv_bridge when it is importable (after the checks of '
+                  "size, step and encoding); false or without cv_bridge: the built-in converter",
+                  read_only=True),
     ParameterSpec('max_image_pixels', 16777216, _INT,
                   'Incoming images larger than this are rejected and counted',
                   read_only=True, int_range=(1, 268435456)),
