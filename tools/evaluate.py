@@ -12,9 +12,11 @@ from qwen_vl_perception.evaluation import evaluate, format_table, plot_report
 from qwen_vl_perception.labels import FORMATS, load_labels, load_predictions
 from qwen_vl_perception.tool_support import ToolError, prepare_output_dir, run_tool
 
-EXAMPLE = """example:
-  python tools/evaluate.py --labels data/scenes_val/annotations.json \\
-      --predictions runs/val_predictions --out runs/val_metrics --score-threshold 0.3
+EXAMPLE = """example (the 4-bit fine-tuned Qwen3-VL-4B-Instruct's folder predictions):
+  python tools/detect_folder.py --model models/qwen3-vl-4b-nf4 --images data/office/test \\
+      --out runs/office_test
+  python tools/evaluate.py --labels data/office/test/annotations.json \\
+      --predictions runs/office_test/predictions --out runs/office_test/metrics
 
   --labels accepts a COCO JSON, a YOLO dataset root (with data.yaml or classes.txt), or a
   LabelMe JSON file / folder; --predictions holds one JSON per image:
