@@ -15,7 +15,7 @@ from .detection import Detection
 from .geometry import CONVENTIONS, GRID_1000, deduplicate, is_degenerate, to_pixels
 from .parsing import parse_objects
 from .prompt import PromptBuilder
-from .scoring import span_score
+from .scoring import object_score
 
 DEFAULT_ATTRIBUTES = ('color', 'shape', 'appearance')
 
@@ -109,7 +109,8 @@ def detections_from_text(text: str, prepared: PreparedSettings,
         if is_degenerate(box, settings.min_box_size):
             result.degenerate += 1
             continue
-        score = span_score(obj.span, token_offsets, token_probs) if token_probs else 1.0
+        score = (object_score(text, obj.span, token_offsets, token_probs) if token_probs
+                 else 1.0)
         if score < settings.score_threshold:
             result.below_threshold += 1
             continue

@@ -6,9 +6,15 @@ The product of the probabilities of an object's tokens is the probability of emi
 that object (its box digits, its label) given what came before; the geometric mean normalises
 that for length, so a long label is not penalised, and gives a score in [0, 1] with the
 meaning "typical per-token confidence". One doubtful token (a box digit, the label) lowers it.
+
+Only the tokens that carry the object's content count (:func:`value_spans`: the box numbers and
+the label's text). The JSON punctuation and key names around them are near-certain for any
+fine-tuned model; counting them would pull every score towards 1 and flatten the differences
+between a sure and a doubtful object.
 """
 import bisect
 import math
+import re
 from typing import List, Sequence, Tuple
 
 from .detection import ParsedObject
@@ -38,6 +44,38 @@ def span_score(span: Span, token_offsets: Sequence[Span],
         log_sum += math.log(min(float(probability), 1.0))
         count += 1
     return math.exp(log_sum / count) if count else 0.0
+
+
+_NUMBER = re.compile(r'(?<![\w.])\d+(?:\.\d+)?(?!\w)')  # not the 2 of "bbox_2d"
+_LABEL_VALUE = re.compile(r"""["']?(?:label|category|name)["']?\s*:\s*["']([^"'\n]*)["']""",
+                          re.IGNORECASE)
+
+
+def value_spans(text: str, span: Span) -> List[Span]:
+    """The character ranges, inside ``text[span[0]:span[1]]``, of the object's box numbers and
+    label value (offsets into ``text``)."""
+    start, end = span
+    body = text[start:end]
+    spans = [(start + m.start(), start + m.end()) for m in _NUMBER.finditer(body)]
+    spans += [(start + m.start(1), start + m.end(1)) for m in _LABEL_VALUE.finditer(body)
+              if m.end(1) > m.start(1)]
+    return sorted(spans)
+
+
+def object_score(text: str, span: Span, token_offsets: Sequence[Span],
+                 token_probs: Sequence[float]) -> float:
+    """The score of the object written at ``span`` of ``text``: the geometric mean of the
+    probabilities of the tokens that overlap its box numbers or label value (each token once);
+    the whole span when neither is found."""
+    values = value_spans(text, span)
+    if not values:
+        return span_score(span, token_offsets, token_probs)
+    chosen_offsets, chosen_probs = [], []
+    for offset, probability in zip(token_offsets, token_probs):
+        if any(_overlaps(s, e, offset[0], offset[1]) for s, e in values):
+            chosen_offsets.append(offset)
+            chosen_probs.append(probability)
+    return span_score(span, chosen_offsets, chosen_probs)
 
 
 def object_scores(objects: Sequence[ParsedObject], token_offsets: Sequence[Span],

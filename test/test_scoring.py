@@ -90,3 +90,26 @@ def test_object_scores_with_sorted_offsets_equal_brute_force():
     slow = [span_score(obj.span, offsets, probs) for obj in objects]
     assert fast == pytest.approx(slow)
     assert object_scores([], offsets, probs) == []
+
+
+def test_value_spans_cover_box_numbers_and_label_only():
+    from qwen_vl_perception.scoring import value_spans
+    text = 'x {"bbox_2d": [12, 345, 6, 7890], "label": "tissue box", "color": "red"} y'
+    span = (2, len(text) - 2)
+    pieces = [text[s:e] for s, e in value_spans(text, span)]
+    assert pieces == ['12', '345', '6', '7890', 'tissue box']
+
+
+def test_object_score_ignores_near_certain_json_punctuation():
+    from qwen_vl_perception.scoring import object_score
+    text = '{"bbox_2d": [10, 20], "label": "cup"}'
+    # Tokens: '{"bbox_2d": [' (1.0), '10' (0.5), ', ' (1.0), '20' (0.5), '], "label": "' (1.0),
+    # 'cup' (0.5), '"}' (1.0).
+    pieces = ['{"bbox_2d": [', '10', ', ', '20', '], "label": "', 'cup', '"}']
+    offsets, position = [], 0
+    for piece in pieces:
+        offsets.append((position, position + len(piece)))
+        position += len(piece)
+    probs = [1.0, 0.5, 1.0, 0.5, 1.0, 0.5, 1.0]
+    assert object_score(text, (0, len(text)), offsets, probs) == pytest.approx(0.5)
+    assert span_score((0, len(text)), offsets, probs) == pytest.approx(0.5 ** (3 / 7))

@@ -96,7 +96,8 @@ PARAMETERS = (
                   int_range=(1, 8192)),
     ParameterSpec('score_threshold', 0.3, _DOUBLE,
                   'Detections scoring below this are dropped (score: geometric mean of the '
-                  "probabilities of the object's tokens)", float_range=(0.0, 1.0)),
+                  "probabilities of the tokens of the object's box numbers and label)",
+                  float_range=(0.0, 1.0)),
     ParameterSpec('dedupe_iou', 0.7, _DOUBLE,
                   'Same-label boxes overlapping more than this IoU are merged',
                   float_range=(0.01, 1.0)),
