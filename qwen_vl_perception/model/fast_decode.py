@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .configs import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
+from .generation import trim_at_stop
 from .torch_support import require, require_torch
 
 MAX_STOP_IDS = 8
@@ -147,7 +148,7 @@ class FastGreedyDecoder:
         tokens, probs = session.results(steps + 1)
         timing.decode_s = time.perf_counter() - loaded
         timing.decode_steps = steps
-        return _trim(tokens, probs, stop_token_ids)
+        return trim_at_stop(tokens, probs, stop_token_ids)
 
     def _prefilled_session(self, torch, model, tensors, max_new_tokens, stop_token_ids):
         """Prefill, then load the frame into its (maybe newly captured) session."""
@@ -505,21 +506,6 @@ class _DecodeSession:
         tokens = self.out_tokens[:, :count].tolist()
         probs = self.out_probs[:, :count].tolist()
         return tokens, probs
-
-
-def _trim(tokens, probs, stop_token_ids):
-    """Cut each row after its first stop token (kept, as ``hf_decode`` keeps it)."""
-    stops = set(stop_token_ids)
-    all_ids, all_probs = [], []
-    for row_ids, row_probs in zip(tokens, probs):
-        end = len(row_ids)
-        for index, token in enumerate(row_ids):
-            if token in stops:
-                end = index + 1
-                break
-        all_ids.append(row_ids[:end])
-        all_probs.append(row_probs[:end])
-    return all_ids, all_probs
 
 
 def _synchronize(torch, device) -> None:

@@ -77,9 +77,14 @@ def hf_decode(model, inputs, max_new_tokens: int,
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         chosen.append(log_probs.gather(1, generated[:, step:step + 1]).squeeze(1).exp())
     probs = torch.stack(chosen, dim=1) if chosen else generated.float()
+    return trim_at_stop(generated.tolist(), probs.tolist(), stop_token_ids)
+
+
+def trim_at_stop(token_ids, token_probs, stop_token_ids) -> Tuple[TokenIds, TokenProbs]:
+    """Cut each row after its first stop token (the stop token is kept)."""
     stops = set(stop_token_ids)
     all_ids, all_probs = [], []
-    for row_ids, row_probs in zip(generated.tolist(), probs.tolist()):
+    for row_ids, row_probs in zip(token_ids, token_probs):
         end = len(row_ids)
         for index, token in enumerate(row_ids):
             if token in stops:
