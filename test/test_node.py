@@ -345,8 +345,8 @@ def test_start_up_refuses_invalid_parameters(tiny_checkpoint):
         rclpy.try_shutdown(context=context)
 
 
-def _run_node(arguments, **kwargs):
-    env = dict(os.environ, ROS_DOMAIN_ID=str(random.randint(1, 200)))
+def _run_node(arguments, domain_id=None, **kwargs):
+    env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id or random.randint(1, 200)))
     command = [sys.executable, '-m', 'qwen_vl_perception.ros.node', '--ros-args'] + arguments
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **kwargs)
@@ -360,19 +360,45 @@ def test_missing_model_stops_start_up_with_one_clear_message(tmp_path):
     assert 'Traceback' not in output
 
 
-def test_ctrl_c_shuts_the_node_down_cleanly(answering_checkpoint):
+@pytest.mark.parametrize('busy', [False, True], ids=['idle', 'during-inference'])
+def test_ctrl_c_shuts_the_node_down_cleanly(answering_checkpoint, busy):
     params = node_parameters(answering_checkpoint)
     arguments = []
     for name in ('model_path', 'device', 'quantization', 'min_pixels', 'max_pixels'):
         arguments += ['-p', f'{name}:={params[name]}']
-    process = _run_node(arguments)
+    domain_id = random.randint(1, 200)
+    process = _run_node(arguments, domain_id=domain_id)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()
-    wait_for(lambda: any('ready' in line for line in lines), 120, f'node not ready: {lines}')
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=30) == 0
-    assert not any('Traceback' in line for line in lines)
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain_id)
+    try:
+        wait_for(lambda: any('ready' in line for line in lines), 120, f'not ready: {lines}')
+        if busy:  # a camera keeps the model busy: Ctrl-C lands while a frame is in flight
+            peer = rclpy.create_node('ctrl_c_camera', context=context)
+            received = []
+            peer.create_subscription(Detection2DArray, 'detections', received.append, 10)
+            camera = peer.create_publisher(Image, 'image', 5)
+            executor = MultiThreadedExecutor(context=context)
+            executor.add_node(peer)
+            threading.Thread(target=executor.spin, daemon=True).start()
+            wait_for(lambda: camera.get_subscription_count() > 0, 10, 'not connected')
+            for stamp in range(200):
+                camera.publish(rgb_image(stamp))
+                if received:
+                    break
+                time.sleep(0.05)
+            assert received, 'the node answered no frame'
+            camera.publish(rgb_image(999))
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=90) == 0
+        reader.join(5)
+        assert not any('Traceback' in line for line in lines), ''.join(lines)
+    finally:
+        process.kill()
+        rclpy.try_shutdown(context=context)
 
 
 def test_disabled_node_ignores_frames_until_enabled(harness):
