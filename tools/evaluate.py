@@ -12,7 +12,8 @@ from qwen_vl_perception.evaluation import evaluate, format_table, plot_report
 from qwen_vl_perception.labels import FORMATS, load_labels, load_predictions
 from qwen_vl_perception.tool_support import ToolError, prepare_output_dir, run_tool
 
-EXAMPLE = """example (the 4-bit fine-tuned Qwen3-VL-4B-Instruct's folder predictions):
+EXAMPLE = """example:
+  # predictions of the 4-bit fine-tuned Qwen3-VL-4B-Instruct over a test folder, then scores
   python tools/detect_folder.py --model models/qwen3-vl-4b-nf4 --images data/office/test \\
       --out runs/office_test
   python tools/evaluate.py --labels data/office/test/annotations.json \\
