@@ -198,6 +198,15 @@ def detections_to_json(image_name: str, width: int, height: int,
     }
 
 
+def _require_keys(item, where: str, keys) -> None:
+    """ValueError naming ``where`` unless ``item`` is a dict holding every key of ``keys``."""
+    if not isinstance(item, dict):
+        raise ValueError(f'{where}: expected an object')
+    for key in keys:
+        if key not in item:
+            raise ValueError(f'{where}: missing key {key!r}')
+
+
 def detections_from_json(data: dict, source: str = 'predictions'
                          ) -> Tuple[str, int, int, List[Detection]]:
     """Parse a prediction-file dict into ``(image_name, width, height, detections)``.
@@ -219,11 +228,7 @@ def detections_from_json(data: dict, source: str = 'predictions'
     detections = []
     for index, item in enumerate(data['detections']):
         where = f'{source}: detection {index}'
-        if not isinstance(item, dict):
-            raise ValueError(f'{where}: expected an object')
-        for key in ('label', 'box', 'score'):
-            if key not in item:
-                raise ValueError(f'{where}: missing key {key!r}')
+        _require_keys(item, where, ('label', 'box', 'score'))
         if not isinstance(item['label'], str) or not item['label']:
             raise ValueError(f'{where}: "label" must be a non-empty string')
         if not _is_number(item['score']):
@@ -302,11 +307,7 @@ def read_coco(path: PathLike) -> List[LabeledImage]:
     images: Dict[object, LabeledImage] = {}
     for index, entry in enumerate(data['images']):
         where = f'{path}: images[{index}]'
-        if not isinstance(entry, dict):
-            raise ValueError(f'{where}: expected an object')
-        for key in ('id', 'file_name', 'width', 'height'):
-            if key not in entry:
-                raise ValueError(f'{where}: missing key {key!r}')
+        _require_keys(entry, where, ('id', 'file_name', 'width', 'height'))
         if entry['id'] in images:
             raise ValueError(f'{where}: duplicate image id {entry["id"]!r}')
         images[entry['id']] = LabeledImage(
@@ -316,11 +317,7 @@ def read_coco(path: PathLike) -> List[LabeledImage]:
         )
     for index, annotation in enumerate(data['annotations']):
         where = f'{path}: annotations[{index}]'
-        if not isinstance(annotation, dict):
-            raise ValueError(f'{where}: expected an object')
-        for key in ('image_id', 'category_id', 'bbox'):
-            if key not in annotation:
-                raise ValueError(f'{where}: missing key {key!r}')
+        _require_keys(annotation, where, ('image_id', 'category_id', 'bbox'))
         if annotation.get('iscrowd', 0):
             continue
         if annotation['image_id'] not in images:

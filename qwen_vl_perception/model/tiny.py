@@ -52,8 +52,7 @@ QWEN3_VL_CHAT_TEMPLATE = (
 # Qwen3-VL-4B-Instruct's image and video processor settings (patch 16, merge 2, mean/std 0.5).
 IMAGE_MIN_PIXELS = 65536
 IMAGE_MAX_PIXELS = 16777216
-PREPROCESSOR_CONFIG = {
-    'size': {'shortest_edge': IMAGE_MIN_PIXELS, 'longest_edge': IMAGE_MAX_PIXELS},
+_SHARED_PROCESSING = {
     'patch_size': 16,
     'temporal_patch_size': 2,
     'merge_size': 2,
@@ -66,26 +65,19 @@ PREPROCESSOR_CONFIG = {
     'rescale_factor': 1 / 255,
     'resample': 3,
     'processor_class': 'Qwen3VLProcessor',
+}
+PREPROCESSOR_CONFIG = {
+    'size': {'shortest_edge': IMAGE_MIN_PIXELS, 'longest_edge': IMAGE_MAX_PIXELS},
+    **_SHARED_PROCESSING,
     'image_processor_type': 'Qwen2VLImageProcessorFast',
 }
 VIDEO_PREPROCESSOR_CONFIG = {
     'size': {'shortest_edge': 4096, 'longest_edge': 25165824},
-    'patch_size': 16,
-    'temporal_patch_size': 2,
-    'merge_size': 2,
-    'image_mean': [0.5, 0.5, 0.5],
-    'image_std': [0.5, 0.5, 0.5],
-    'do_convert_rgb': True,
-    'do_normalize': True,
-    'do_rescale': True,
-    'do_resize': True,
+    **_SHARED_PROCESSING,
     'do_sample_frames': True,
     'fps': 2,
     'min_frames': 4,
     'max_frames': 768,
-    'rescale_factor': 1 / 255,
-    'resample': 3,
-    'processor_class': 'Qwen3VLProcessor',
     'video_processor_type': 'Qwen3VLVideoProcessor',
 }
 # Qwen3-VL-Instruct ships sampling defaults; the engine decodes greedily regardless.
