@@ -9,6 +9,8 @@ setup(
     name=PACKAGE,
     version='0.1.0',
     packages=find_packages(include=[PACKAGE, PACKAGE + '.*']),
+    # The packed default model (tools/make_default_model.py writes it; a few MB).
+    package_data={PACKAGE: ['default_model/weights.safetensors', 'default_model/manifest.json']},
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + PACKAGE]),
         ('share/' + PACKAGE, ['package.xml']),
@@ -17,7 +19,7 @@ setup(
         ('lib/' + PACKAGE, glob('tools/*.py')),
     ],
     install_requires=['setuptools'],
-    zip_safe=True,
+    zip_safe=False,
     maintainer='qwen_vl_perception maintainers',
     maintainer_email='maintainers@qwen-vl-perception.org',
     description='Open-vocabulary ROS 2 detection with a 4-bit quantized Qwen3-VL.',

@@ -18,7 +18,9 @@ def generate_launch_description():
     arguments = [
         DeclareLaunchArgument('params_file',
                               default_value=os.path.join(share, 'config', 'params.yaml')),
-        DeclareLaunchArgument('model_path', description='Qwen3-VL checkpoint directory'),
+        DeclareLaunchArgument('model_path',
+                              description="Qwen3-VL checkpoint directory, or 'default' (the "
+                                          "project's synthetic-scenes model)"),
         DeclareLaunchArgument('image', default_value='/camera/image_raw',
                               description='camera topic (sensor_msgs/Image)'),
         DeclareLaunchArgument('namespace', default_value=''),

@@ -143,13 +143,21 @@ def _overlaps(box: Tuple[int, int, int, int], others: Sequence[Tuple[int, int, i
                for ox1, oy1, ox2, oy2 in others)
 
 
-def render_scene(rng: Rng, width: int, height: int) -> Scene:
-    """Render one scene; see :func:`generate_scene`. Also returns each object's mask."""
+def render_scene(rng: Rng, width: int, height: int, min_objects: int = 1,
+                 max_objects: int = 4) -> Scene:
+    """Render one scene; see :func:`generate_scene`. Also returns each object's mask.
+
+    The scene asks for ``min_objects..max_objects`` objects (uniformly); one that finds no
+    free room is left out, so a crowded scene can have fewer.
+    """
     if width < 64 or height < 64:
         raise ValueError(f'scenes need at least 64x64 pixels, got {width}x{height}')
+    if not 0 <= min_objects <= max_objects:
+        raise ValueError(f'need 0 <= min_objects <= max_objects, got {min_objects}, '
+                         f'{max_objects}')
     rng = _generator(rng)
     image = _background(rng, width, height)
-    wanted = int(rng.integers(1, 5))
+    wanted = int(rng.integers(min_objects, max_objects + 1))
     short_side = min(width, height)
     boxes: List[Tuple[int, int, int, int]] = []
     objects: List[GroundTruthObject] = []
@@ -184,14 +192,15 @@ def render_scene(rng: Rng, width: int, height: int) -> Scene:
     return Scene(image, objects, masks)
 
 
-def generate_scene(rng: Rng, width: int, height: int
-                   ) -> Tuple[np.ndarray, List[GroundTruthObject]]:
-    """A ``height x width x 3`` RGB uint8 image and its 1-4 objects (tight pixel boxes).
+def generate_scene(rng: Rng, width: int, height: int, min_objects: int = 1,
+                   max_objects: int = 4) -> Tuple[np.ndarray, List[GroundTruthObject]]:
+    """A ``height x width x 3`` RGB uint8 image and its objects (1-4 by default; tight
+    pixel boxes).
 
     ``rng`` is a seed or a ``numpy.random.Generator``; the same seed gives the same scene.
     Objects carry attributes ``{"color": ..., "shape": ...}``.
     """
-    scene = render_scene(rng, width, height)
+    scene = render_scene(rng, width, height, min_objects, max_objects)
     return scene.image, scene.objects
 
 
@@ -215,13 +224,15 @@ def _dataset_files(out_dir: Path) -> List[Path]:
 def write_dataset(out_dir, count: int, seed: int,
                   sizes: Sequence[Tuple[int, int]] = DEFAULT_SIZES,
                   format: Union[str, Sequence[str]] = 'coco',
-                  overwrite: bool = False) -> List[LabeledImage]:
+                  overwrite: bool = False, min_objects: int = 1,
+                  max_objects: int = 4) -> List[LabeledImage]:
     """Write ``count`` scenes as PNGs plus labels in one or several formats.
 
     Layout of ``out_dir``: ``images/scene_00000.png`` ..., and per format
     ``annotations.json`` (coco), ``labels/*.txt`` + ``classes.txt`` + ``data.yaml`` (yolo),
     ``images/scene_00000.json`` beside each image (labelme). Refuses a non-empty ``out_dir``
     unless ``overwrite``, which first deletes only files this function writes.
+    ``min_objects``/``max_objects``: objects asked for per scene (see :func:`render_scene`).
     Returns the written images' labels.
     """
     formats = [format] if isinstance(format, str) else list(format)
@@ -232,6 +243,9 @@ def write_dataset(out_dir, count: int, seed: int,
         raise ValueError(f'count must be at least 1, got {count}')
     if not sizes:
         raise ValueError('sizes must not be empty')
+    if not 0 <= min_objects <= max_objects:
+        raise ValueError(f'need 0 <= min_objects <= max_objects, got {min_objects}, '
+                         f'{max_objects}')
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f'{out_dir}: exists and is not a folder')
@@ -249,7 +263,7 @@ def write_dataset(out_dir, count: int, seed: int,
     for index in range(count):
         rng = np.random.default_rng([seed, index])
         width, height = sizes[int(rng.integers(len(sizes)))]
-        scene = render_scene(rng, int(width), int(height))
+        scene = render_scene(rng, int(width), int(height), min_objects, max_objects)
         path = out_dir / IMAGE_DIR / image_name(index)
         if not cv2.imwrite(str(path), cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR)):
             raise OSError(f'{path}: could not write the image')

@@ -5,8 +5,12 @@ Three ROS 2 nodes run in this process and talk over real DDS: a camera that publ
 image as sensor_msgs/Image, the perception node (the same class `ros2 run` starts) and a
 recorder that saves the annotated images and prints the detections as a table.
 
+    tools/demo.py                      # default model, 8 new synthetic scenes as the camera
     tools/demo.py --model /models/qwen3-vl-4b-nf4 --images ~/office_photos \\
         --categories cup chair "potted plant" --out demo_out
+
+The default model (--model default) is the project's tiny one: it knows only the synthetic
+scenes' balls, boxes, cones and rings and their colours.
 
 On a robot, start the node with `ros2 launch qwen_vl_perception perception.launch.py` instead.
 """
@@ -25,10 +29,16 @@ from qwen_vl_perception.tool_support import USAGE_ERROR, ToolError, prepare_outp
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', required=True, help='Qwen3-VL checkpoint directory')
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument('--images', help='folder of images (natural order) played as a camera')
+    parser.add_argument('--model', default='default',
+                        help="Qwen3-VL checkpoint directory (default: 'default', the project's "
+                             'synthetic-scenes model)')
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument('--images', help='folder of images (natural order) played as a camera '
+                                         '(default: --scenes new synthetic scenes)')
     source.add_argument('--video', help='video file played as a camera')
+    parser.add_argument('--scenes', type=int, default=8,
+                        help='without --images/--video: how many synthetic scenes to write '
+                             'into OUT/camera and play (default 8)')
     parser.add_argument('--out', default='demo_out', help='where annotated images go')
     parser.add_argument('--overwrite', action='store_true', help='replace a non-empty --out')
     parser.add_argument('--categories', nargs='+',
@@ -95,6 +105,8 @@ def run(args) -> int:
     from qwen_vl_perception.ros.node import PerceptionNode, StartupError
 
     out = prepare_output_dir(args.out, args.overwrite)
+    if not args.images and not args.video:
+        args.images = str(_write_scenes(out / 'camera', args.scenes))
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=random.randint(100, 200))
     perception = None
@@ -168,6 +180,16 @@ def run(args) -> int:
             perception.shutdown()
             perception.destroy_node()
         rclpy.try_shutdown(context=context)
+
+
+def _write_scenes(folder, count):
+    """Held-out synthetic scenes (a seed the default model was not trained on)."""
+    from qwen_vl_perception.scenes import write_dataset
+    if count < 1:
+        raise ToolError('--scenes must be at least 1')
+    write_dataset(folder, count, seed=20_000, overwrite=True)
+    print(f'camera: {count} synthetic scenes written to {folder}/images')
+    return folder / 'images'
 
 
 def _header(index, name):

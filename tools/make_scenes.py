@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     parser.add_argument('--sizes', default=default_sizes,
                         help=f'comma-separated WIDTHxHEIGHT choices (default {default_sizes})')
+    parser.add_argument('--min-objects', type=int, default=1,
+                        help='fewest objects asked for per scene (default 1)')
+    parser.add_argument('--max-objects', type=int, default=4,
+                        help='most objects per scene (default 4)')
     group = parser.add_mutually_exclusive_group()
     group.add_argument('--format', choices=FORMATS, default='coco',
                        help='label format (default coco)')
@@ -49,7 +53,8 @@ def main(argv=None) -> int:
     formats = list(FORMATS) if args.all_formats else [args.format]
     try:
         images = write_dataset(args.out, args.count, args.seed, sizes=sizes, format=formats,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, min_objects=args.min_objects,
+                               max_objects=args.max_objects)
     except (ValueError, FileExistsError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 2

@@ -9,7 +9,9 @@ answer and its ``<|im_end|>`` carry a loss.
 
 transformers' ``Trainer`` runs the loop (schedule, accumulation with token-count loss
 normalisation, gradient clipping, mixed precision, checkpoints); the multimodal collator is
-this module's :class:`SftCollator`.
+this module's :class:`SftCollator`. The loss is computed from the hidden states of the
+answer positions only (:func:`answer_loss`): the 151,936-way ``lm_head`` is never applied to
+the prompt and image tokens, whose logits the loss ignores anyway.
 """
 import json
 import math
@@ -28,7 +30,7 @@ from .pixel_budget import NODE_MAX_PIXELS, NODE_MIN_PIXELS, write_pixel_budget
 from .processor import InputBuilder
 from .tiny import copy_processor_files
 from .torch_support import require, require_torch
-from .training import training_batch
+from .training import IGNORE_INDEX, training_batch
 
 PathLike = Union[str, Path]
 
@@ -103,6 +105,36 @@ class SftCollator:
         images = [load_image_file(sample.image_path) for sample in samples]
         return training_batch(self.builder, images, [s.instruction for s in samples],
                               [s.answer for s in samples])
+
+
+def answer_loss(model, inputs: dict, num_items_in_batch=None):
+    """Next-token cross entropy over the positions ``labels`` marks (not ``IGNORE_INDEX``),
+    with logits computed for those positions only. Summed and divided by
+    ``num_items_in_batch`` when given (the Trainer's count over accumulated micro-batches),
+    else averaged."""
+    torch = require_torch()
+    inputs = dict(inputs)
+    labels = inputs.pop('labels')
+    network = model.get_base_model() if hasattr(model, 'get_base_model') else model
+    hidden = network.model(**inputs).last_hidden_state
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logits = network.lm_head(hidden[:, :-1][mask]).float()
+    loss = torch.nn.functional.cross_entropy(logits, targets[mask], reduction='sum')
+    if num_items_in_batch is None:
+        return loss / mask.sum().clamp(min=1)
+    return loss / num_items_in_batch
+
+
+def _answer_loss_trainer(transformers):
+    class AnswerLossTrainer(transformers.Trainer):
+        """``Trainer`` whose loss is :func:`answer_loss`."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = answer_loss(model, inputs, num_items_in_batch)
+            return (loss, {}) if return_outputs else loss
+
+    return AnswerLossTrainer
 
 
 def sample_length(builder: InputBuilder, sample: SftSample) -> int:
@@ -212,9 +244,9 @@ def train_lora(base: PathLike, dataset, out_dir: PathLike,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         dataloader_pin_memory=device != 'cpu', optim='adamw_torch',
         **_checkpointing_arguments(transformers, gradient_checkpointing))
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=train,
-                                   eval_dataset=val or None,
-                                   data_collator=SftCollator(builder))
+    trainer_class = _answer_loss_trainer(transformers)
+    trainer = trainer_class(model=model, args=args, train_dataset=train,
+                            eval_dataset=val or None, data_collator=SftCollator(builder))
     output = trainer.train()
     eval_loss = None
     if val:

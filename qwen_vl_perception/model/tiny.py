@@ -118,10 +118,16 @@ def make_tiny_checkpoint(out_dir: PathLike, seed: int = 0, dtype: str = 'float32
     model = model.to(getattr(torch, dtype)).eval()
     model.generation_config = transformers.GenerationConfig(**GENERATION_CONFIG)
     model.save_pretrained(out_dir)
-    write_tokenizer_files(out_dir)
-    _write_json(out_dir / 'preprocessor_config.json', PREPROCESSOR_CONFIG)
-    _write_json(out_dir / 'video_preprocessor_config.json', VIDEO_PREPROCESSOR_CONFIG)
+    write_input_files(out_dir)
     return out_dir
+
+
+def write_input_files(out_dir: PathLike) -> None:
+    """Write the inputs side of a checkpoint into ``out_dir``: the real Qwen3 tokenizer,
+    Qwen3-VL's chat template and its image and video processor configs."""
+    write_tokenizer_files(out_dir)
+    _write_json(Path(out_dir) / 'preprocessor_config.json', PREPROCESSOR_CONFIG)
+    _write_json(Path(out_dir) / 'video_preprocessor_config.json', VIDEO_PREPROCESSOR_CONFIG)
 
 
 def write_tokenizer_files(out_dir: PathLike) -> None:

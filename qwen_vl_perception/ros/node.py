@@ -29,9 +29,12 @@ from ..detector import Detector, FrameDetections, prepare_settings
 from ..drawing import draw_detections
 from ..frame_slot import LatestFrameSlots
 from ..image_conversion import ImageFormatError, compressed_msg_to_rgb, image_msg_to_rgb
+from ..tool_support import quiet_library_logs
+from ..model.default_model import DEFAULT_MODEL_NAME, DefaultModelError, ensure_default_model
 from . import messages
 from .parameters import (PARAMETERS, SETTINGS_PARAMETERS, check_value, declare_parameters,
-                         settings_from_values, startup_problems, unset_prompt_values)
+                         settings_from_values, startup_problems, trained_pixel_budget,
+                         unset_model_values)
 
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -72,7 +75,8 @@ class PerceptionNode(Node):
         from its ``model_path``/``device``/``quantization`` parameters."""
         super().__init__('qwen_vl_perception', **node_kwargs)
         try:
-            declare_parameters(self)
+            declare_parameters(self, names=('model_path',))
+            declare_parameters(self, defaults=trained_pixel_budget(self._model_dir()))
         except ParameterException as error:  # a wrong type or range in a params file
             hint = (' (a double needs a decimal point, e.g. 2.0)'
                     if isinstance(error, InvalidParameterTypeException) else '')
@@ -140,14 +144,15 @@ class PerceptionNode(Node):
         return self.get_parameter(name).value
 
     def _fill_unset_prompt_parameters(self) -> None:
-        """Unset categories/describe/attributes/prompt_template: what the model was trained
-        with (its detection_prompt.json), else the defaults. Values given by the user stay."""
+        """Unset categories/describe/attributes/prompt_template/min_pixels/max_pixels: what
+        the model was trained with (its detection_prompt.json), else the defaults. Values
+        given by the user stay."""
         unset = [spec.name for spec in PARAMETERS if spec.from_model
                  and self.get_parameter_or(spec.name).type_ == Parameter.Type.NOT_SET]
         if not unset:
             return
         try:
-            values, from_model = unset_prompt_values(self._value('model_path'), unset)
+            values, from_model = unset_model_values(self._model_dir(), unset)
         except ValueError as error:
             raise StartupError(str(error)) from error
         if from_model:
@@ -157,13 +162,28 @@ class PerceptionNode(Node):
             if not result.successful:
                 raise StartupError(f'{name}: {result.reason}')
 
+    def _model_dir(self) -> str:
+        """``model_path``, with 'default' resolved to the embedded model's NF4 checkpoint
+        (unpacked and quantized into the cache on first use)."""
+        if getattr(self, '_resolved_model_dir', None) is None:
+            path = self._value('model_path')
+            if path == DEFAULT_MODEL_NAME:
+                from ..model.torch_support import MissingDependencyError
+                try:
+                    path = str(ensure_default_model(log=self.get_logger().info))
+                except (DefaultModelError, MissingDependencyError, OSError) as error:
+                    raise StartupError(f'default model: {error}') from error
+            self._resolved_model_dir = path
+        return self._resolved_model_dir
+
     def _load_engine(self):
         from ..model.engine import VisionLanguageEngine
         from ..model.loading import ModelLoadError
         from ..model.torch_support import MissingDependencyError
-        path = self._value('model_path')
+        path = self._model_dir()
         if not path:
-            raise StartupError('model_path is required (a Qwen3-VL checkpoint directory)')
+            raise StartupError("model_path is required (a Qwen3-VL checkpoint directory, or "
+                               "'default' for the project's synthetic-scenes model)")
         try:
             return VisionLanguageEngine(path, device=self._value('device'),
                                         quantization=self._value('quantization'),
@@ -324,6 +344,7 @@ def _qos_fields(profile: QoSProfile) -> dict:
 
 
 def main(args: Optional[list] = None) -> int:
+    quiet_library_logs()
     rclpy.init(args=args)
     node: Optional[PerceptionNode] = None
     try:

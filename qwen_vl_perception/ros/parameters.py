@@ -4,6 +4,7 @@ README's parameter table is written from this table (keep them in step). Read-on
 are fixed at start-up (rclpy refuses changes); the others change detection from the next frame.
 """
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
@@ -12,7 +13,8 @@ from rclpy.parameter import Parameter
 
 from ..detector import DEFAULT_ATTRIBUTES, DetectionSettings
 from ..geometry import CONVENTIONS, GRID_1000
-from ..trained_prompt import read_prompt_file
+from ..model.pixel_budget import read_pixel_budget
+from ..trained_prompt import PROMPT_FILE, read_prompt_file
 
 ARTICLE_CATEGORIES = ('table', 'cup', 'bottle', 'chair', 'robot', 'garbage can', 'shelf',
                       'tissue box', 'potted plant')
@@ -61,8 +63,9 @@ _DOUBLE = ParameterType.PARAMETER_DOUBLE
 
 PARAMETERS = (
     ParameterSpec('model_path', '', _STRING,
-                  'Qwen3-VL checkpoint directory (merged bf16 or pre-quantized 4-bit)',
-                  read_only=True),
+                  "Qwen3-VL checkpoint directory (merged bf16 or pre-quantized 4-bit); "
+                  "'default': the project's tiny synthetic-scenes model (balls, boxes, cones, "
+                  'rings only), unpacked and quantized on first use', read_only=True),
     ParameterSpec('device', 'auto', _STRING, f'Where the model runs: {DEVICES_HELP}',
                   read_only=True),
     ParameterSpec('quantization', 'auto', _STRING,
@@ -74,10 +77,11 @@ PARAMETERS = (
                   choices=DECODERS),
     ParameterSpec('min_pixels', 65536, _INT,
                   'Smallest image area fed to the model, in pixels (visual-token budget: '
-                  '1 token per 32x32 pixels)', read_only=True, int_range=(1024, 16777216)),
+                  '1 token per 32x32 pixels). Unset: what a model fine-tuned by the tools was '
+                  'trained at, else the default', read_only=True, int_range=(1024, 16777216)),
     ParameterSpec('max_pixels', 409600, _INT,
-                  'Largest image area fed to the model, in pixels (640x480 = 300 tokens)',
-                  read_only=True, int_range=(1024, 16777216)),
+                  'Largest image area fed to the model, in pixels (640x480 = 300 tokens). '
+                  'Unset: as min_pixels', read_only=True, int_range=(1024, 16777216)),
     ParameterSpec('categories', list(ARTICLE_CATEGORIES), _STRINGS,
                   'Object categories to detect (non-empty, names without quotes or commas). '
                   "Unset: what the model was trained to find, else the article's office "
@@ -131,12 +135,26 @@ SETTINGS_PARAMETERS = ('categories', 'describe', 'attributes', 'prompt_template'
                        'dedupe_iou')
 
 
-def declare_parameters(node) -> None:
-    """Declare every parameter; ``from_model`` ones by type only, so that they read as unset
-    until :func:`unset_prompt_values` fills them."""
+def trained_pixel_budget(model_path: str) -> Dict[str, int]:
+    """``{'min_pixels', 'max_pixels'}`` a model fine-tuned by the project's tools was trained
+    at (it has a detection_prompt.json; the budget is in its preprocessor_config.json), else
+    empty: a stock checkpoint's processor budget (up to 16 M pixels) is no node default."""
+    if not model_path or not (Path(model_path) / PROMPT_FILE).is_file():
+        return {}
+    budget = read_pixel_budget(model_path)
+    return {'min_pixels': budget[0], 'max_pixels': budget[1]} if budget else {}
+
+
+def declare_parameters(node, names=None, defaults: Optional[Dict[str, Any]] = None) -> None:
+    """Declare the parameters named in ``names`` (default: all) that are not declared yet;
+    ``from_model`` ones by type only, so that they read as unset until
+    :func:`unset_model_values` fills them. ``defaults`` replace the specs' defaults."""
+    defaults = defaults or {}
     for spec in PARAMETERS:
+        if (names is not None and spec.name not in names) or node.has_parameter(spec.name):
+            continue
         default = Parameter.Type(spec.type) if spec.from_model else spec.default
-        node.declare_parameter(spec.name, default, spec.descriptor())
+        node.declare_parameter(spec.name, defaults.get(spec.name, default), spec.descriptor())
 
 
 def startup_problems(values: Dict[str, Any]) -> Optional[str]:
@@ -146,17 +164,19 @@ def startup_problems(values: Dict[str, Any]) -> Optional[str]:
             reason = check_value(spec.name, values[spec.name])
             if reason:
                 return reason
-    if values['min_pixels'] > values['max_pixels']:
+    low, high = values['min_pixels'], values['max_pixels']
+    if low is not None and high is not None and low > high:
         return 'min_pixels must not exceed max_pixels'
     if not values['image_topics'] or not all(values['image_topics']):
         return 'image_topics must name at least one topic, none empty'
     return None
 
 
-def unset_prompt_values(model_path: str, unset) -> Tuple[Dict[str, Any], bool]:
+def unset_model_values(model_path: str, unset) -> Tuple[Dict[str, Any], bool]:
     """Values for the unset ``from_model`` parameters named in ``unset``: what the model was
-    fine-tuned with (detection_prompt.json), else the defaults. Returns the values and whether
-    they came from the model. Raises ValueError for a malformed detection_prompt.json."""
+    fine-tuned with (its detection_prompt.json), else the defaults. Returns the values and
+    whether they came from the model. Raises ValueError for a malformed
+    detection_prompt.json."""
     record = read_prompt_file(model_path) if model_path else None
     trained = {}
     if record is not None:
