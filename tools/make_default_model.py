@@ -22,6 +22,7 @@ from pathlib import Path
 
 from qwen_vl_perception.model.default_model import PACKED_DIR, pack_checkpoint
 from qwen_vl_perception.model.scratch_training import (ScratchTrainingConfig,
+                                                       detection_agreement,
                                                        evaluate_on_scenes, scene_answer,
                                                        scene_prompt, train_from_scratch)
 from qwen_vl_perception.tool_support import ToolError, quiet_library_logs, run_tool
@@ -124,18 +125,19 @@ def run(args) -> int:
     evaluation = dict(count=args.eval_scenes, seed=HELD_OUT_SEED,
                       min_objects=config.min_objects, max_objects=config.max_objects,
                       sizes=config.sizes, device=args.device)
-    figures['base_float32'], _ = evaluate_on_scenes(work / 'base', **evaluation)
-    figures['merged_float32'], _ = evaluate_on_scenes(work / 'merged', **evaluation)
-    figures['merged_bfloat16'], bf16_answers = evaluate_on_scenes(
+    figures['base_float32'], _, _ = evaluate_on_scenes(work / 'base', **evaluation)
+    figures['merged_float32'], _, _ = evaluate_on_scenes(work / 'merged', **evaluation)
+    figures['merged_bfloat16'], bf16_answers, bf16_detected = evaluate_on_scenes(
         work / 'merged', compute_dtype='bfloat16', **evaluation)
     (work / 'nf4').mkdir()
     quantize_checkpoint(work / 'merged', work / 'nf4', quant_type='nf4',
                         compute_dtype='float32', device=args.device,
                         log=lambda message: None)
-    figures['nf4'], nf4_answers = evaluate_on_scenes(work / 'nf4', quantization='nf4',
-                                                     **evaluation)
+    figures['nf4'], nf4_answers, nf4_detected = evaluate_on_scenes(
+        work / 'nf4', quantization='nf4', **evaluation)
     same = sum(a == b for a, b in zip(bf16_answers, nf4_answers))
     figures['nf4_vs_bfloat16_identical_answers'] = same / max(1, len(nf4_answers))
+    figures['nf4_vs_bfloat16_detections'] = detection_agreement(bf16_detected, nf4_detected)
 
     print('[5/5] pack', flush=True)
     figures['recipe'] = {'command': 'python tools/make_default_model.py ' + ' '.join(

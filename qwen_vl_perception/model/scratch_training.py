@@ -408,9 +408,10 @@ def evaluate_on_scenes(checkpoint: PathLike, count: int = 40, seed: int = 10_000
                        sizes: Sequence[Tuple[int, int]] = DEFAULT_SIZES,
                        device: str = 'cpu', quantization: str = 'none',
                        compute_dtype: str = 'float32', max_new_tokens: int = 200,
-                       batch_size: int = 8) -> Tuple[Dict[str, object], List[str]]:
+                       batch_size: int = 8) -> Tuple[Dict[str, object], List[str], list]:
     """Detect on ``count`` held-out scenes through the node's Engine + Detector path and score
-    with :func:`~qwen_vl_perception.evaluation.evaluate`. Returns (figures, raw answers)."""
+    with :func:`~qwen_vl_perception.evaluation.evaluate`. Returns (figures, raw answers,
+    per-scene :class:`~qwen_vl_perception.labels.LabeledImage` of the detections)."""
     from ..detector import DetectionSettings, Detector
     from ..evaluation import evaluate
     from ..labels import LabeledImage
@@ -443,4 +444,21 @@ def evaluate_on_scenes(checkpoint: PathLike, count: int = 40, seed: int = 10_000
                'color_accuracy': color.accuracy if color else None,
                'images': count, 'objects': sum(len(t.objects) for t in truth),
                'seconds': round(time.perf_counter() - started, 1)}
-    return figures, answers
+    detected = [LabeledImage(t.image_path, t.width, t.height,
+                             [GroundTruthObject(d.label, d.box, dict(d.attributes))
+                              for d in predictions[t.image_path]]) for t in truth]
+    return figures, answers, detected
+
+
+def detection_agreement(reference: Sequence, other: Sequence) -> Dict[str, object]:
+    """How far two models' detections on the same scenes agree: ``other`` scored with
+    ``reference``'s detections as the ground truth (precision, recall at IoU 0.5, colour
+    agreement on matched objects). Both are lists from :func:`evaluate_on_scenes`."""
+    from ..detection import Detection
+    from ..evaluation import evaluate
+    predictions = {image.image_path: [Detection(o.label, o.box, 1.0, dict(o.attributes))
+                                      for o in image.objects] for image in other}
+    report = evaluate(list(reference), predictions, categories=CATEGORIES)
+    color = report.attributes.get('color')
+    return {'precision': report.precision, 'recall': report.recall,
+            'color_agreement': color.accuracy if color else None}
