@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from .torch_support import require, require_torch
+from ..tool_support import quiet_library_logs
 
 PathLike = Union[str, Path]
 
@@ -151,6 +152,7 @@ def load_model(path: PathLike, device: str = 'auto', quantization: str = 'auto',
     Raises :class:`ModelLoadError` for a path that is not a loadable Qwen3-VL checkpoint, or
     for options that contradict it (e.g. 'none' on a pre-quantized checkpoint).
     """
+    quiet_library_logs()
     if quantization not in QUANTIZATIONS:
         raise ModelLoadError(f'quantization must be one of {", ".join(QUANTIZATIONS)}, '
                              f'not {quantization!r}')

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
 
+from ..tool_support import quiet_library_logs
 from ..trained_prompt import copy_prompt_file
 from .loading import (checkpoint_quantization, read_checkpoint_config, resolve_device,
                       weight_files)
@@ -123,6 +124,7 @@ def quantize_checkpoint(model_dir: PathLike, out_dir: PathLike, quant_type: str 
         raise ValueError(f'compute_dtype must be one of {", ".join(COMPUTE_DTYPES)}')
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f'storage dtype must be one of {", ".join(STORAGE_DTYPES)}')
+    quiet_library_logs()
     started = time.perf_counter()
     config = read_checkpoint_config(model_dir)
     stored = checkpoint_quantization(config)
