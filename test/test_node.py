@@ -296,6 +296,28 @@ def test_unset_categories_are_what_the_model_was_trained_on(answering_checkpoint
         harness.close()
 
 
+def test_unset_pixel_budget_is_a_tool_trained_models_own(answering_checkpoint, tmp_path):
+    import shutil
+    from qwen_vl_perception.model.pixel_budget import write_pixel_budget
+    from qwen_vl_perception.trained_prompt import PROMPT_FILE
+    model = Path(shutil.copytree(answering_checkpoint, tmp_path / 'model'))
+    write_pixel_budget(model, 2048, 12288)
+    for has_prompt_file, expected in ((True, (2048, 12288)), (False, (65536, 409600))):
+        if not has_prompt_file:  # a stock checkpoint: its processor budget is no default
+            (model / PROMPT_FILE).unlink()
+        parameters = node_parameters(model)
+        del parameters['min_pixels'], parameters['max_pixels']
+        harness = Harness(parameters)
+        try:
+            node = harness.node
+            assert (node.get_parameter('min_pixels').value,
+                    node.get_parameter('max_pixels').value) == expected
+            inputs = node._detector._engine.inputs
+            assert (inputs.min_pixels, inputs.max_pixels) == expected
+        finally:
+            harness.close()
+
+
 def test_frames_of_several_cameras_ready_together_are_decoded_as_one_batch(answering_checkpoint):
     harness = Harness(node_parameters(answering_checkpoint,
                                       image_topics=['front/image', 'rear/image']))

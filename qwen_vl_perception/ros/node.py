@@ -76,7 +76,8 @@ class PerceptionNode(Node):
         super().__init__('qwen_vl_perception', **node_kwargs)
         try:
             declare_parameters(self, names=('model_path',))
-            declare_parameters(self, defaults=trained_pixel_budget(self._model_dir()))
+            budget = trained_pixel_budget(self._model_dir())
+            declare_parameters(self, defaults=budget)
         except ParameterException as error:  # a wrong type or range in a params file
             hint = (' (a double needs a decimal point, e.g. 2.0)'
                     if isinstance(error, InvalidParameterTypeException) else '')
@@ -86,6 +87,10 @@ class PerceptionNode(Node):
                                     for spec in PARAMETERS})
         if problem:
             raise StartupError(problem)
+        if budget and all(self._value(name) == pixels for name, pixels in budget.items()):
+            self.get_logger().info(
+                f"the model's training resolution: min_pixels {budget['min_pixels']}, "
+                f"max_pixels {budget['max_pixels']}")
         self._fill_unset_prompt_parameters()
         try:
             settings = settings_from_values({name: value(name) for name in SETTINGS_PARAMETERS})
