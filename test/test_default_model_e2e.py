@@ -74,7 +74,7 @@ def _spin_until(executor, stop):
 
 
 def test_default_model_detects_held_out_scenes_through_the_node(model_cache, scenes, tmp_path):
-    domain_id = random.randint(1, 200)
+    domain_id = random.randint(1, 101)  # higher ids can clash with Linux ephemeral ports
     env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id), **{CACHE_ENV: str(model_cache)})
     node = subprocess.Popen(
         [sys.executable, '-m', 'qwen_vl_perception.ros.node', '--ros-args',
@@ -85,7 +85,7 @@ def test_default_model_detects_held_out_scenes_through_the_node(model_cache, sce
     threading.Thread(target=lambda: node_log.extend(node.stdout), daemon=True).start()
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=domain_id)
-    camera = None
+    camera = spinner = None
     try:
         recorder = rclpy.create_node('e2e_recorder', context=context)
         arrays, descriptions = [], {}
@@ -110,10 +110,10 @@ def test_default_model_detects_held_out_scenes_through_the_node(model_cache, sce
                                  str(scenes / 'images'), '120'], env=env, capture_output=True,
                                 text=True, timeout=1800)
         assert camera.returncode == 0, camera.stdout + camera.stderr + ''.join(node_log)
-        time.sleep(1.0)  # the last descriptions message follows its detections
-        stop.set()
-        spinner.join()
-        executor.shutdown()
+        deadline = time.monotonic() + 30  # the last messages may still be on their way
+        while (len(arrays) < SCENES or len(descriptions) < SCENES) and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
 
         names = sorted(p.name for p in (scenes / 'images').glob('*.png'))
         by_stamp = {(a.header.stamp.sec, a.header.stamp.nanosec): a for a in arrays}
@@ -148,6 +148,10 @@ def test_default_model_detects_held_out_scenes_through_the_node(model_cache, sce
         assert report['recall'] >= 0.8
         assert color['accuracy'] >= 0.8
     finally:
+        if spinner is not None:
+            stop.set()
+            spinner.join()
+            executor.shutdown()
         node.terminate()
         node.wait(timeout=60)
         rclpy.try_shutdown(context=context)

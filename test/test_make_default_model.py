@@ -27,7 +27,8 @@ def test_recipe_runs_every_stage_and_packs_a_usable_model(tmp_path):
     assert figures['scratch']['steps'] == 3 and figures['lora']['steps'] == 2
     for stage in ('base_float32', 'merged_float32', 'merged_bfloat16', 'nf4'):
         assert figures[stage]['images'] == 4, stage
-    agreement = figures['nf4_vs_bfloat16_detections']
+    assert figures['shipped']['nf4']['images'] == 4  # the packed model, as the node gets it
+    agreement = figures['shipped']['nf4_vs_bfloat16_detections']
     assert set(agreement) == {'precision', 'recall', 'color_agreement'}
     assert '--steps 3' in figures['recipe']['command']
     work = tmp_path / 'work'

@@ -367,8 +367,8 @@ def test_start_up_refuses_invalid_parameters(tiny_checkpoint):
         rclpy.try_shutdown(context=context)
 
 
-def _run_node(arguments, domain_id=None, **kwargs):
-    env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id or random.randint(1, 200)))
+def _run_node(arguments, domain_id=None, env=None, **kwargs):
+    env = dict(env or os.environ, ROS_DOMAIN_ID=str(domain_id or random.randint(1, 200)))
     command = [sys.executable, '-m', 'qwen_vl_perception.ros.node', '--ros-args'] + arguments
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, **kwargs)
@@ -380,6 +380,16 @@ def test_missing_model_stops_start_up_with_one_clear_message(tmp_path):
     assert process.returncode == 1
     assert 'cannot start' in output and 'no-such-model' in output
     assert 'Traceback' not in output
+
+
+def test_default_model_that_cannot_be_prepared_stops_start_up_cleanly(tmp_path):
+    not_a_folder = tmp_path / 'cache-is-a-file'
+    not_a_folder.write_text('')
+    process = _run_node(['-p', 'model_path:=default'],
+                        env=dict(os.environ, QWEN_VL_PERCEPTION_CACHE=str(not_a_folder)))
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert 'cannot start: default model' in output and 'Traceback' not in output
 
 
 @pytest.mark.parametrize('busy', [False, True], ids=['idle', 'during-inference'])

@@ -39,7 +39,9 @@ def parse_args(argv=None):
     parser.add_argument('--scenes', type=int, default=8,
                         help='without --images/--video: how many synthetic scenes to write '
                              'into OUT/camera and play (default 8)')
-    parser.add_argument('--out', default='demo_out', help='where annotated images go')
+    parser.add_argument('--out', default=None,
+                        help='where annotated images go (default demo_out, replaced on each '
+                             'run; a folder given here must be empty unless --overwrite)')
     parser.add_argument('--overwrite', action='store_true', help='replace a non-empty --out')
     parser.add_argument('--categories', nargs='+',
                         help="categories (default: the model's training prompt, else the "
@@ -104,6 +106,8 @@ def run(args) -> int:
     from qwen_vl_perception.ros.messages import image_msg
     from qwen_vl_perception.ros.node import PerceptionNode, StartupError
 
+    if args.out is None:  # the default folder is the demo's own: rerunning replaces it
+        args.out, args.overwrite = 'demo_out', True
     out = prepare_output_dir(args.out, args.overwrite)
     if not args.images and not args.video:
         args.images = str(_write_scenes(out / 'camera', args.scenes))

@@ -9,8 +9,9 @@
    path; quantize the merged model to NF4 (tools/quantize.py's quantize_checkpoint) and
    evaluate that, with its agreement with the bf16 model.
 5. Pack the merged checkpoint into --artifact (default: the package's default_model/ folder,
-   a few MB) with every figure in its manifest.json. The node's `model_path: default` and
-   tools/demo.py unpack and quantize it on first use.
+   a few MB), then evaluate the packed model as the node gets it ("shipped": unpacked and
+   quantized by ensure_default_model). Every figure goes into its manifest.json. The node's
+   `model_path: default` and tools/demo.py unpack and quantize it on first use.
 
 The default model knows only the synthetic categories (ball, box, cone, ring) and colours.
 """
@@ -20,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from qwen_vl_perception.model.default_model import PACKED_DIR, pack_checkpoint
+from qwen_vl_perception.model.default_model import PACKED_DIR, pack_checkpoint, update_manifest
 from qwen_vl_perception.model.scratch_training import (ScratchTrainingConfig,
                                                        detection_agreement,
                                                        evaluate_on_scenes, scene_answer,
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--eval-scenes', type=int, default=80,
                         help='held-out scenes to evaluate on (default 80)')
     parser.add_argument('--threads', type=int, default=2, help='CPU threads (default 2)')
+    parser.add_argument('--evaluate-only', action='store_true',
+                        help='train nothing: re-evaluate the packed model in --artifact as the '
+                             'node runs it and store the figures in its manifest')
     return parser
 
 
@@ -80,6 +84,8 @@ def run(args) -> int:
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise ToolError('--device cuda asked for, but torch sees no CUDA device')
     torch.set_num_threads(args.threads)
+    if args.evaluate_only:
+        return evaluate_only(args)
     work = Path(args.work)
     if work.exists() and any(work.iterdir()):
         raise ToolError(f'{work} is not empty; remove it or pass another --work')
@@ -139,13 +145,48 @@ def run(args) -> int:
     figures['nf4_vs_bfloat16_identical_answers'] = same / max(1, len(nf4_answers))
     figures['nf4_vs_bfloat16_detections'] = detection_agreement(bf16_detected, nf4_detected)
 
-    print('[5/5] pack', flush=True)
+    print('[5/5] pack, then evaluate what the node runs', flush=True)
     figures['recipe'] = {'command': 'python tools/make_default_model.py ' + ' '.join(
         sys.argv[1:]), 'scratch_config': {k: v for k, v in scratch['config'].items()}}
     out = pack_checkpoint(work / 'merged', args.artifact, {'figures': figures})
+    figures['shipped'] = evaluate_shipped(out, work / 'cache', evaluation)
+    update_manifest(out, {'figures': figures})
     size = sum(f.stat().st_size for f in out.iterdir())
     print(json.dumps({k: v for k, v in figures.items() if k != 'recipe'}, indent=2))
     print(f'packed {size / 1e6:.1f} MB into {out} (total {time.perf_counter() - started:.0f} s)')
+    return 0
+
+
+def evaluate_shipped(artifact: Path, cache: Path, evaluation: dict) -> dict:
+    """Figures of the packed model as the node gets it (unpacked from float16, NF4 built by
+    ensure_default_model): bf16 and NF4 precision/recall, and how far they agree."""
+    from qwen_vl_perception.model.default_model import ensure_default_model
+    unpacked = ensure_default_model('none', packed_dir=artifact, cache=cache)
+    quantized = ensure_default_model('nf4', packed_dir=artifact, cache=cache)
+    shipped = {}
+    shipped['bfloat16'], bf16_answers, bf16_detected = evaluate_on_scenes(
+        unpacked, compute_dtype='bfloat16', **evaluation)
+    shipped['nf4'], nf4_answers, nf4_detected = evaluate_on_scenes(
+        quantized, quantization='nf4', **evaluation)
+    same = sum(a == b for a, b in zip(bf16_answers, nf4_answers))
+    shipped['nf4_vs_bfloat16_identical_answers'] = same / max(1, len(nf4_answers))
+    shipped['nf4_vs_bfloat16_detections'] = detection_agreement(bf16_detected, nf4_detected)
+    return shipped
+
+
+def evaluate_only(args) -> int:
+    """Re-measure an already packed model (--artifact) and store the figures in it."""
+    from qwen_vl_perception.model.default_model import read_manifest
+    artifact = Path(args.artifact)
+    manifest = read_manifest(artifact)
+    config = RECIPE
+    evaluation = dict(count=args.eval_scenes, seed=HELD_OUT_SEED,
+                      min_objects=config.min_objects, max_objects=config.max_objects,
+                      sizes=config.sizes, device=args.device)
+    figures = dict(manifest.get('figures') or {})
+    figures['shipped'] = evaluate_shipped(artifact, Path(args.work) / 'cache', evaluation)
+    update_manifest(artifact, {'figures': figures})
+    print(json.dumps(figures['shipped'], indent=2))
     return 0
 
 

@@ -35,6 +35,8 @@ EMBEDDING_KEY = 'model.language_model.embed_tokens.weight'
 _ROWS_KEY = 'embedding_rows'
 _IDS_KEY = 'embedding_token_ids'
 CACHE_ENV = 'QWEN_VL_PERCEPTION_CACHE'
+_FORMAT_VERSION = '1'
+"""Part of the cache key: bump it when unpacking or quantizing changes what is built."""
 DEFAULT_MODEL_NAME = 'default'
 """The ``model_path`` value that selects the default model."""
 
@@ -55,6 +57,11 @@ def pack_checkpoint(checkpoint: PathLike, out_dir: PathLike,
     require('safetensors', 'to pack the default model')
     from safetensors.torch import load_file, save_file
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    needed = ('model.safetensors', 'config.json', 'generation_config.json',
+              'preprocessor_config.json')
+    missing = [name for name in needed if not (checkpoint / name).is_file()]
+    if missing:
+        raise DefaultModelError(f'{checkpoint}: cannot pack, missing {", ".join(missing)}')
     state = load_file(str(checkpoint / 'model.safetensors'))
     embedding = state.pop(EMBEDDING_KEY)
     rows = torch.nonzero(embedding.abs().sum(1)).flatten()
@@ -102,6 +109,14 @@ def unpack_checkpoint(packed_dir: PathLike, out_dir: PathLike) -> Path:
     return out_dir
 
 
+def update_manifest(packed_dir: PathLike, entries: dict) -> dict:
+    """Merge ``entries`` into a packed model's manifest (top-level keys); return it."""
+    manifest = read_manifest(packed_dir)
+    manifest.update(entries)
+    (Path(packed_dir) / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + '\n')
+    return manifest
+
+
 def read_manifest(packed_dir: PathLike = PACKED_DIR) -> dict:
     """The packed model's manifest; :class:`DefaultModelError` if it is not there."""
     packed_dir = Path(packed_dir)
@@ -133,7 +148,9 @@ def ensure_default_model(quantization: str = 'nf4', packed_dir: PathLike = PACKE
         raise ValueError("quantization must be 'nf4' or 'none'")
     packed_dir = Path(packed_dir)
     read_manifest(packed_dir)
-    digest = hashlib.sha256((packed_dir / WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256((packed_dir / WEIGHTS_FILE).read_bytes()
+                            + (packed_dir / MANIFEST_FILE).read_bytes()
+                            + _FORMAT_VERSION.encode()).hexdigest()[:16]
     root = Path(cache) if cache is not None else cache_root()
     home = root / f'default-model-{digest}'
     merged = _build_once(home / 'float32', lambda tmp: unpack_checkpoint(packed_dir, tmp), log)
@@ -156,6 +173,7 @@ def _build_once(target: Path, build: Callable[[Path], object],
     tmp = Path(tempfile.mkdtemp(prefix=target.name + '.', dir=target.parent))
     try:
         build(tmp)
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         try:
             tmp.rename(target)
         except OSError:

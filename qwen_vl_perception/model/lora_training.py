@@ -128,7 +128,13 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None):
 
 def _answer_loss_trainer(transformers):
     class AnswerLossTrainer(transformers.Trainer):
-        """``Trainer`` whose loss is :func:`answer_loss`."""
+        """``Trainer`` whose loss is :func:`answer_loss`, normalised by the answer tokens of
+        all accumulated micro-batches (the Trainer counts them and passes the count only when
+        it believes the loss accepts it; Qwen3-VL's model class says it does not)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = True
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = answer_loss(model, inputs, num_items_in_batch)

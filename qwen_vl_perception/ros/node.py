@@ -30,7 +30,7 @@ from ..drawing import draw_detections
 from ..frame_slot import LatestFrameSlots
 from ..image_conversion import ImageFormatError, compressed_msg_to_rgb, image_msg_to_rgb
 from ..tool_support import quiet_library_logs
-from ..model.default_model import DEFAULT_MODEL_NAME, DefaultModelError, ensure_default_model
+from ..model.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 from . import messages
 from .parameters import (PARAMETERS, SETTINGS_PARAMETERS, check_value, declare_parameters,
                          settings_from_values, startup_problems, trained_pixel_budget,
@@ -75,7 +75,7 @@ class PerceptionNode(Node):
         from its ``model_path``/``device``/``quantization`` parameters."""
         super().__init__('qwen_vl_perception', **node_kwargs)
         try:
-            declare_parameters(self, names=('model_path',))
+            declare_parameters(self, names=('model_path', 'quantization'))
             budget = trained_pixel_budget(self._model_dir())
             declare_parameters(self, defaults=budget)
         except ParameterException as error:  # a wrong type or range in a params file
@@ -173,11 +173,12 @@ class PerceptionNode(Node):
         if getattr(self, '_resolved_model_dir', None) is None:
             path = self._value('model_path')
             if path == DEFAULT_MODEL_NAME:
-                from ..model.torch_support import MissingDependencyError
+                form = 'none' if self._value('quantization') == 'none' else 'nf4'
                 try:
-                    path = str(ensure_default_model(log=self.get_logger().info))
-                except (DefaultModelError, MissingDependencyError, OSError) as error:
-                    raise StartupError(f'default model: {error}') from error
+                    path = str(ensure_default_model(form, log=self.get_logger().info))
+                except Exception as error:  # any failure to unpack/quantize stops start-up
+                    raise StartupError(f'default model: {type(error).__name__}: {error}') \
+                        from error
             self._resolved_model_dir = path
         return self._resolved_model_dir
 
