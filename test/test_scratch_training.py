@@ -1,5 +1,7 @@
 """Scratch training of scene models: targets, the exact compact loss, the export, packing."""
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -128,6 +130,15 @@ def test_ensure_default_model_builds_once_and_reports_a_missing_package(trained,
                                  log=messages.append)
     assert first == again and (first / 'config.json').is_file()
     assert len(messages) == 1 and not list(first.parent.glob('float32.*'))
+    killed = first.parent / 'float32.abandoned'  # what a build killed midway leaves
+    recent = first.parent / 'float32.running'  # another process's build in progress
+    killed.mkdir()
+    recent.mkdir()
+    os.utime(killed, (0, 0))
+    shutil.rmtree(first)
+    ensure_default_model('none', packed_dir=packed, cache=tmp_path / 'cache',
+                         log=messages.append)
+    assert not killed.exists() and recent.exists()
     with pytest.raises(DefaultModelError, match='make_default_model'):
         ensure_default_model(packed_dir=tmp_path / 'nothing', cache=tmp_path / 'cache')
 

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
@@ -37,6 +38,8 @@ _IDS_KEY = 'embedding_token_ids'
 CACHE_ENV = 'QWEN_VL_PERCEPTION_CACHE'
 _FORMAT_VERSION = '1'
 """Part of the cache key: bump it when unpacking or quantizing changes what is built."""
+_STALE_BUILD_SECONDS = 3600
+"""A temporary build folder older than this belongs to no running build."""
 DEFAULT_MODEL_NAME = 'default'
 """The ``model_path`` value that selects the default model."""
 
@@ -169,6 +172,9 @@ def _build_once(target: Path, build: Callable[[Path], object],
     if (target / 'config.json').is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(target.name + '.*'):  # left by a build that was killed
+        if time.time() - stale.stat().st_mtime > _STALE_BUILD_SECONDS:
+            shutil.rmtree(stale, ignore_errors=True)
     log(f'preparing the default model in {target} (first use only)')
     tmp = Path(tempfile.mkdtemp(prefix=target.name + '.', dir=target.parent))
     try:
