@@ -301,8 +301,8 @@ def test_unset_pixel_budget_is_a_tool_trained_models_own(answering_checkpoint, t
     from qwen_vl_perception.model.pixel_budget import write_pixel_budget
     from qwen_vl_perception.trained_prompt import PROMPT_FILE
     model = Path(shutil.copytree(answering_checkpoint, tmp_path / 'model'))
-    write_pixel_budget(model, 2048, 12288)
-    for has_prompt_file, expected in ((True, (2048, 12288)), (False, (65536, 409600))):
+    write_pixel_budget(model, 512, 12288)  # 512 is below the parameter's range: kept at 1024
+    for has_prompt_file, expected in ((True, (1024, 12288)), (False, (65536, 409600))):
         if not has_prompt_file:  # a stock checkpoint: its processor budget is no default
             (model / PROMPT_FILE).unlink()
         parameters = node_parameters(model)

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import SetParametersResult
+from rcl_interfaces.msg import ParameterType, SetParametersResult
 from rclpy.exceptions import InvalidParameterTypeException, ParameterException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
@@ -79,8 +79,10 @@ class PerceptionNode(Node):
             budget = trained_pixel_budget(self._model_dir())
             declare_parameters(self, defaults=budget)
         except ParameterException as error:  # a wrong type or range in a params file
+            double = any(spec.type == ParameterType.PARAMETER_DOUBLE and spec.name in str(error)
+                         for spec in PARAMETERS)
             hint = (' (a double needs a decimal point, e.g. 2.0)'
-                    if isinstance(error, InvalidParameterTypeException) else '')
+                    if isinstance(error, InvalidParameterTypeException) and double else '')
             raise StartupError(f'invalid parameter: {error}{hint}') from error
         value = self._value
         problem = startup_problems({spec.name: self.get_parameter_or(spec.name).value

@@ -142,7 +142,13 @@ def trained_pixel_budget(model_path: str) -> Dict[str, int]:
     if not model_path or not (Path(model_path) / PROMPT_FILE).is_file():
         return {}
     budget = read_pixel_budget(model_path)
-    return {'min_pixels': budget[0], 'max_pixels': budget[1]} if budget else {}
+    if not budget:
+        return {}
+    values = dict(zip(('min_pixels', 'max_pixels'), budget))
+    # Kept inside the parameters' ranges, so that a model trained at an unusual budget still
+    # starts (the user set nothing that could be refused).
+    return {name: min(max(value, SPECS[name].int_range[0]), SPECS[name].int_range[1])
+            for name, value in values.items()}
 
 
 def declare_parameters(node, names=None, defaults: Optional[Dict[str, Any]] = None) -> None:
