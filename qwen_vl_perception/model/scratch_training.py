@@ -41,7 +41,7 @@ from .pixel_budget import write_pixel_budget
 from .processor import InputBuilder
 from .tiny import GENERATION_CONFIG, write_input_files
 from .torch_support import require, require_torch
-from .training import IGNORE_INDEX, training_batch
+from .training import IGNORE_INDEX, collate_examples, training_example
 
 PathLike = Union[str, Path]
 
@@ -252,24 +252,6 @@ def token_targets(torch, scene: Scene, grid_thw: Sequence[int], merge: int = 2):
     return category, color, box
 
 
-def _collate(torch, samples: List[dict], pad_id: int, device: str) -> dict:
-    length = max(s['input_ids'].shape[1] for s in samples)
-    count = len(samples)
-    batch = {
-        'input_ids': torch.full((count, length), pad_id, dtype=torch.long),
-        'attention_mask': torch.zeros((count, length), dtype=torch.long),
-        'mm_token_type_ids': torch.zeros((count, length), dtype=torch.long),
-        'labels': torch.full((count, length), IGNORE_INDEX, dtype=torch.long),
-    }
-    for row, sample in enumerate(samples):
-        size = sample['input_ids'].shape[1]
-        for key in ('input_ids', 'attention_mask', 'mm_token_type_ids', 'labels'):
-            batch[key][row, :size] = sample[key][0]
-    batch['pixel_values'] = torch.cat([s['pixel_values'] for s in samples])
-    batch['image_grid_thw'] = torch.cat([s['image_grid_thw'] for s in samples])
-    return {key: value.to(device) for key, value in batch.items()}
-
-
 def _learning_rate(config: ScratchTrainingConfig, step: int, elapsed: float) -> float:
     """Linear warm-up, then cosine down to 5% over whichever ends first: steps or time."""
     if step < config.warmup:
@@ -322,9 +304,9 @@ def train_from_scratch(out_dir: PathLike, config: Optional[ScratchTrainingConfig
     samples = []
     for index in range(config.scenes):
         scene = make_scene(config, config.seed, index)
-        sample = training_batch(builder, [scene.image], [prompt.instruction],
-                                [scene_answer(scene.objects, scene.image.shape[1],
-                                              scene.image.shape[0], config.box_step)])
+        sample = training_example(builder, scene.image, prompt.instruction,
+                                  scene_answer(scene.objects, scene.image.shape[1],
+                                               scene.image.shape[0], config.box_step))
         sample['aux'] = token_targets(torch, scene, sample['image_grid_thw'][0].tolist())
         samples.append(sample)
     data_seconds = time.perf_counter() - started
@@ -346,7 +328,8 @@ def train_from_scratch(out_dir: PathLike, config: Optional[ScratchTrainingConfig
         for group in optimizer.param_groups:
             group['lr'] = _learning_rate(config, step, elapsed)
         chosen = [samples[i] for i in order.integers(0, len(samples), config.batch_size)]
-        batch = _collate(torch, chosen, builder.pad_token_id, config.device)
+        batch = {key: value.to(config.device) for key, value in
+                 collate_examples(chosen, builder.pad_token_id).items()}
         labels = batch.pop('labels')
         hidden = model.model(**batch).last_hidden_state
         loss = exact_loss(torch, hidden, labels, embedding, unused_count)
