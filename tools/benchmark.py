@@ -27,6 +27,7 @@ import argparse
 import gc
 import json
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -77,6 +78,21 @@ def parse_args(argv=None):
                         help='fuse the decode step elementwise work with torch.compile')
     parser.add_argument('--unfused-check', action='store_true',
                         help='also time our engine unfused (batch 1, first --new-tokens)')
+    parser.add_argument('--nf4-kernel', default='auto', choices=('auto', 'on', 'off'),
+                        help="NF4 decode linears through the project's fused Triton kernel "
+                             "(auto: on CUDA with Triton) or bitsandbytes' own path")
+    parser.add_argument('--bnb-check', nargs='*', default=[], metavar='BATCHxTOKENS',
+                        help="also time the nf4 variant with bitsandbytes' own decode "
+                             'linears (no fused kernel) at these configurations, e.g. 1x80 8x80')
+    parser.add_argument('--linear-rows', type=int, nargs='*', default=[],
+                        help="CUDA: time one decode step's NF4 linears alone (CUDA graph of "
+                             "every layer's seven) at these row counts, fused kernel against "
+                             'bitsandbytes')
+    parser.add_argument('--memory-processes', action='store_true',
+                        help='CUDA: measure the batch-1 peak memory of nf4 and nf4-all each in '
+                             'a fresh process (nothing left over from other runs)')
+    parser.add_argument('--memory-only', default=None, choices=('nf4', 'nf4-all'),
+                        help=argparse.SUPPRESS)  # one such process; prints JSON
     parser.add_argument('--cpu-time', action='store_true',
                         help='CPU only: one torch thread, time with the process CPU clock '
                              '(fair on a machine shared with other jobs)')
@@ -219,12 +235,21 @@ def time_ours(torch, timer, decoder, model, tensors, batch, new_tokens, repeats,
         'prefill_ms': 1000 * prefill_s, 'decode_ms_per_token': decode_ms,
         'frame_s': frame, 'frames_per_s': batch / frame, 'frame_s_runs': frames,
         'first_call_s': first_s, 'first_call_captured_graph': captured,
-        'peak_gb': timer.peak_gb(), 'fused': decoder_fused(decoder)}
+        'peak_gb': timer.peak_gb(), 'fused': decoder_fused(decoder),
+        'nf4_kernel_layers': nf4_kernel_layers(decoder)}
 
 
 def decoder_fused(decoder):
     sessions = list(decoder._sessions.values())
     return bool(sessions and sessions[-1].kernels.fused)
+
+
+def nf4_kernel_layers(decoder):
+    """How many linears the last session ran through the fused NF4 kernel."""
+    sessions = list(decoder._sessions.values())
+    if not sessions:
+        return 0
+    return sum(linear is not module for module, linear in sessions[-1].linears.items())
 
 
 def time_generate(torch, timer, model, tensors, batch, new_tokens, repeats, label):
@@ -301,10 +326,144 @@ def profile_step(torch, decoder, model, tensors, path, steps=3):
     return device_us / 1000
 
 
+def instruction_prefill(torch, timer, model, tensors, repeats):
+    """The language model's prefill of the text before the image alone (batch 1): the most
+    that reusing the instruction's KV cache across frames could save per frame."""
+    from qwen_vl_perception.model.configs import VISION_START_TOKEN_ID
+    from qwen_vl_perception.model.fast_decode import text_model_parts
+    ids = tensors['input_ids'][:1]
+    start = int((ids[0] == VISION_START_TOKEN_ID).nonzero()[0])
+    prefix = ids[:, :start]
+    language_model = model.model.language_model
+    text_model_parts(model)  # a Qwen3-VL, as the rest of the tool assumes
+    language_model(input_ids=prefix, use_cache=True)
+    seconds = [timer.seconds(lambda: language_model(input_ids=prefix, use_cache=True))[0]
+               for _ in range(repeats)]
+    return {'tokens': start, 'ms': 1000 * float(np.median(seconds))}
+
+
+DECODE_LINEARS = (('self_attn', ('q_proj', 'k_proj', 'v_proj', 'o_proj')),
+                  ('mlp', ('gate_proj', 'up_proj', 'down_proj')))
+
+
+def linear_step(torch, model, rows_list, dtype, replays=20):
+    """Device time of one decode step's NF4 linears (every layer's seven, one CUDA graph),
+    bitsandbytes' ``Linear4bit.forward`` against the fused kernel, per row count."""
+    from qwen_vl_perception.model.fast_decode import text_model_parts
+    from qwen_vl_perception.model.nf4_matmul import NF4Matmul
+    modules = [getattr(getattr(layer, owner), name) for layer in text_model_parts(model).layers
+               for owner, names in DECODE_LINEARS for name in names]
+    matmul = NF4Matmul(min_rows=1)  # the kernel at every row count, one row included
+    fused = [matmul.linear_for(module) for module in modules]
+    if any(function is None for function in fused):
+        raise ValueError('not every decode linear is NF4 on CUDA')
+    weight_bytes = sum(module.weight.data.numel() * module.weight.data.element_size()
+                       + module.weight.quant_state.absmax.numel()
+                       * module.weight.quant_state.absmax.element_size() for module in modules)
+    rows_results = []
+    for rows in rows_list:
+        inputs = [torch.randn(rows, 1, module.in_features, device='cuda', dtype=dtype)
+                  for module in modules]
+        entry = {'rows': rows, 'layers': len(modules), 'weights_gb': weight_bytes / GB}
+        for name, functions in (('bitsandbytes', modules), ('fused', fused)):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for function, x in zip(functions, inputs):
+                    function(x)  # warm-up; the fused kernel tunes its launch shapes here
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = [function(x) for function, x in zip(functions, inputs)]
+            graph.replay()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(replays):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            milliseconds = start.elapsed_time(end) / replays
+            entry[f'{name}_ms'] = milliseconds
+            entry[f'{name}_tb_per_s'] = weight_bytes / milliseconds / 1e9
+            entry[f'{name}_outputs'] = outputs  # compared below, then dropped
+            graph.reset()
+        difference = max(float((a.float() - b.float()).abs().max() / b.float().abs().max())
+                         for a, b in zip(entry.pop('fused_outputs'),
+                                         entry.pop('bitsandbytes_outputs')))
+        entry['max_relative_difference'] = difference
+        rows_results.append(entry)
+        print(f"linears of one decode step, {rows} rows: bitsandbytes "
+              f"{entry['bitsandbytes_ms']:.3f} ms ({entry['bitsandbytes_tb_per_s']:.2f} TB/s), "
+              f"fused {entry['fused_ms']:.3f} ms ({entry['fused_tb_per_s']:.2f} TB/s), "
+              f'max relative difference {difference:.2e}', flush=True)
+    return rows_results
+
+
+def memory_only(args):
+    """One fresh process, one quantized variant: resident weights, then the peak of a first
+    batch-1 frame (tuning, capture) and of a steady one. Prints one JSON line."""
+    torch = require_torch()
+    transformers = require('transformers', 'to build Qwen3-VL')
+    from qwen_vl_perception.model.fast_decode import FastGreedyDecoder
+    from qwen_vl_perception.prompt import PromptBuilder
+    device, dtype = torch.device('cuda'), torch.bfloat16
+    width, height = (int(value) for value in args.image.lower().split('x'))
+    new_tokens = args.new_tokens[0]
+    with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
+        builder = make_input_builder(args, Path(workdir))
+        instruction = PromptBuilder(ARTICLE_CATEGORIES, describe=True).instruction
+        tensors = builder.build([test_image(width, height, 0)], instruction).to(device).tensors
+        model = build_model(torch, transformers, args, device, dtype)
+        skip = ('lm_head', 'visual') if args.memory_only == 'nf4' else ('lm_head',)
+        quantize_linears(torch, model, dtype, skip=skip)
+        gc.collect()
+        torch.cuda.empty_cache()
+        weights = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        decoder = FastGreedyDecoder(nf4_kernel={'auto': None, 'on': True, 'off': False}[
+            args.nf4_kernel])
+        decoder(model, tensors, new_tokens, [])
+        first = torch.cuda.max_memory_allocated(device)
+        first_reserved = torch.cuda.max_memory_reserved(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        decoder(model, tensors, new_tokens, [])
+        steady = torch.cuda.max_memory_allocated(device)
+        result = {'variant': args.memory_only, 'batch': 1, 'new_tokens': new_tokens,
+                  'weights_gb': weights / GB, 'first_frame_peak_gb': first / GB,
+                  'first_frame_peak_reserved_gb': first_reserved / GB,
+                  'steady_frame_peak_gb': steady / GB,
+                  'steady_frame_peak_reserved_gb': torch.cuda.max_memory_reserved(device) / GB,
+                  'nf4_kernel_layers': nf4_kernel_layers(decoder)}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def memory_processes(args, variants):
+    """Run :func:`memory_only` in a fresh process per variant; their JSON results."""
+    results = []
+    for variant in variants:
+        command = [sys.executable, str(Path(__file__).resolve()), '--memory-only', variant,
+                   '--image', args.image, '--new-tokens', str(args.new_tokens[0]),
+                   '--nf4-kernel', args.nf4_kernel]
+        if args.model is not None:
+            command += ['--model', str(args.model)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+        lines = [line for line in done.stdout.splitlines() if line.startswith('{')]
+        if done.returncode != 0 or not lines:
+            results.append({'variant': variant, 'error': done.stderr[-2000:]})
+        else:
+            results.append(json.loads(lines[-1]))
+        print(f'memory, fresh process, {variant}: {results[-1]}', flush=True)
+    return results
+
+
 # -- the benchmark ---------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.memory_only:
+        return memory_only(args)
     torch = require_torch()
     transformers = require('transformers', 'to build Qwen3-VL')
     from qwen_vl_perception.model.fast_decode import FastGreedyDecoder
@@ -321,6 +480,7 @@ def main(argv=None):
     dtype_name = str(dtype).replace('torch.', '')
     width, height = (int(value) for value in args.image.lower().split('x'))
     fuse = {'auto': None, 'on': True, 'off': False}[args.fuse]
+    nf4_kernel = {'auto': None, 'on': True, 'off': False}[args.nf4_kernel]
     results = {'command': ' '.join(sys.argv), 'environment': environment(torch, device),
                'architecture': 'tiny' if args.tiny else ('checkpoint' if args.model
                                                          else 'Qwen3-VL-4B (random weights)'),
@@ -332,6 +492,10 @@ def main(argv=None):
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2) + '\n')
 
+    if args.memory_processes and on_cuda:  # first, while this process holds no GPU memory
+        results['memory_processes'] = memory_processes(
+            args, [variant for variant in ('nf4', 'nf4-all') if variant in args.variants])
+        save()
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
         builder = make_input_builder(args, Path(workdir))
         instruction = PromptBuilder(ARTICLE_CATEGORIES, describe=True).instruction
@@ -355,7 +519,7 @@ def main(argv=None):
         model = build_model(torch, transformers, args, device, dtype)
         results['parameters'] = sum(p.numel() for p in model.parameters())
         results['model_gb'] = {dtype_name: timer.allocated_gb()}
-        decoder = FastGreedyDecoder(fuse_elementwise=fuse)
+        decoder = FastGreedyDecoder(fuse_elementwise=fuse, nf4_kernel=nf4_kernel)
 
         def our_runs(label):
             for batch in args.batch_sizes:
@@ -378,7 +542,8 @@ def main(argv=None):
                 return
             decoders = {'default': decoder}
             if on_cuda and fuse is not False:
-                decoders['unfused'] = FastGreedyDecoder(fuse_elementwise=False)
+                decoders['unfused'] = FastGreedyDecoder(fuse_elementwise=False,
+                                                        nf4_kernel=nf4_kernel)
             try:
                 entry = agreement(model, decoders, mixed, args.agreement_tokens, label)
             except Exception as error:
@@ -415,12 +580,48 @@ def main(argv=None):
         def unfused_check(label):
             if not args.unfused_check:
                 return
-            plain = FastGreedyDecoder(fuse_elementwise=False)
+            plain = FastGreedyDecoder(fuse_elementwise=False, nf4_kernel=nf4_kernel)
             run = time_ours(torch, timer, plain, model, batches[1], 1, args.new_tokens[0],
                             args.repeats, label + ' unfused')
             results['runs'].append(run)
             print(row_text(run), flush=True)
             plain.clear()
+            save()
+
+        def batch_inputs(batch):
+            if batch not in batches:
+                batches[batch] = builder.build(
+                    [test_image(width, height, seed) for seed in range(batch)],
+                    instruction).to(device).tensors
+            return batches[batch]
+
+        def bnb_check(label):
+            if not args.bnb_check:
+                return
+            plain = FastGreedyDecoder(fuse_elementwise=fuse, nf4_kernel=False)
+            for spec in args.bnb_check:
+                batch, new_tokens = (int(value) for value in spec.lower().split('x'))
+                run = time_ours(torch, timer, plain, model, batch_inputs(batch), batch,
+                                new_tokens, args.repeats, label + ', bitsandbytes decode linears')
+                plain.clear()
+                results['runs'].append(run)
+                print(row_text(run), flush=True)
+                save()
+
+        def linear_check():
+            if not (args.linear_rows and on_cuda):
+                return
+            try:
+                results['decode_linears'] = linear_step(torch, model, args.linear_rows, dtype)
+            except Exception as error:
+                results['errors'].append(f'linears: {type(error).__name__}: {error}')
+                print(results['errors'][-1], flush=True)
+            save()
+
+        def prefix_check():
+            results['instruction_prefill'] = instruction_prefill(
+                torch, timer, model, batches[1], args.repeats)
+            print(f"instruction prefix alone: {results['instruction_prefill']}", flush=True)
             save()
 
         if 'bf16' in args.variants:
@@ -442,6 +643,9 @@ def main(argv=None):
                 check_agreement(label)
                 our_runs(label)
                 unfused_check(label)
+                bnb_check(label)
+                linear_check()
+                prefix_check()
                 profile(label)
                 memory_check(f'after {label} runs')
         if set(args.variants) & {'nf4-all', 'article'}:
@@ -459,17 +663,13 @@ def main(argv=None):
                 check_agreement(label)
                 for spec in args.article_runs:
                     batch, new_tokens = (int(value) for value in spec.lower().split('x'))
-                    if batch not in batches:
-                        batches[batch] = builder.build(
-                            [test_image(width, height, seed) for seed in range(batch)],
-                            instruction).to(device).tensors
-                    run = time_ours(torch, timer, decoder, model, batches[batch], batch,
+                    run = time_ours(torch, timer, decoder, model, batch_inputs(batch), batch,
                                     new_tokens, args.repeats, label)
                     decoder.clear()
                     results['runs'].append(run)
                     print(row_text(run), flush=True)
-                    run = time_generate(torch, timer, model, batches[batch], batch, new_tokens,
-                                        args.article_repeats, label)
+                    run = time_generate(torch, timer, model, batch_inputs(batch), batch,
+                                        new_tokens, args.article_repeats, label)
                     results['runs'].append(run)
                     print(row_text(run), flush=True)
                     save()

@@ -57,12 +57,13 @@ else
   "$py" -c 'import rclpy' || { log "rclpy did not install"; exit 1; }
 fi
 
-# torch only when the venv has none, so that a CUDA build is never replaced.
+# torch (and the triton pinned with it) only when the venv has no torch, so that a CUDA build
+# and its own triton are never replaced.
 requirements=$env_dir/requirements.txt
 if "$py" -c 'import torch' 2>/dev/null; then
   log "keeping the installed torch $("$py" -c 'import torch; print(torch.__version__)')"
   filtered=$(mktemp)
-  grep -v -E '^torch([=<>!~ ]|$)' "$requirements" > "$filtered"
+  grep -v -E '^(torch|triton)([=<>!~ ;]|$)' "$requirements" > "$filtered"
   requirements=$filtered
 fi
 log "installing the ML stack and test tools"

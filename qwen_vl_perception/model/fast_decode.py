@@ -17,6 +17,10 @@ same tokens; in bf16/fp16 its kernels round differently, so near-tied logits can
    one by one is what makes eager decoding slow. Elementwise work (RMSNorm, rotary, SiLU,
    sampling bookkeeping) is fused with ``torch.compile`` first when ``fuse_elementwise``.
    On CPU the same step runs eagerly.
+4. On CUDA, for batches of three or more, bitsandbytes NF4 linears of the step run through
+   one fused Triton kernel (:mod:`~qwen_vl_perception.model.nf4_matmul`) that reads the 4-bit
+   weight once for every sequence of the batch, where bitsandbytes dequantizes whole weights
+   to bf16 first. ``nf4_kernel=False`` keeps bitsandbytes' path; prefill always uses it.
 
 Sequences that produce a stop token keep decoding (their outputs are masked and dropped) until
 all are done or ``max_new_tokens`` is reached; batches are left padded, as ``InputBuilder``
@@ -76,13 +80,16 @@ class FastGreedyDecoder:
     frames of slightly different prompt lengths share one captured graph. On CUDA the loop
     checks whether every sequence has stopped once per ``sync_interval`` tokens (each check
     is a device synchronisation). ``max_sessions`` captured graphs are kept (least recently
-    used dropped). The instance is callable like ``hf_decode``; not thread-safe (the engine
-    serialises calls).
+    used dropped). ``nf4_kernel``: ``None`` means "on CUDA when Triton is there". All graphs
+    are captured on one side stream per device, so that the CUDA libraries' per-stream
+    workspaces are not allocated again for every capture. The instance is callable like
+    ``hf_decode``; not thread-safe (the engine serialises calls).
     """
 
     def __init__(self, use_cuda_graphs: Optional[bool] = None,
                  fuse_elementwise: Optional[bool] = None, cache_bucket: int = 256,
-                 sync_interval: int = 8, max_sessions: int = 4):
+                 sync_interval: int = 8, max_sessions: int = 4,
+                 nf4_kernel: Optional[bool] = None):
         if cache_bucket < 1 or sync_interval < 1 or max_sessions < 1:
             raise ValueError('cache_bucket, sync_interval and max_sessions must be positive')
         self.use_cuda_graphs = use_cuda_graphs
@@ -90,7 +97,10 @@ class FastGreedyDecoder:
         self.cache_bucket = int(cache_bucket)
         self.sync_interval = int(sync_interval)
         self.max_sessions = int(max_sessions)
+        self.nf4_kernel = nf4_kernel
         self.last_timing = DecodeTiming()
+        self._nf4_matmul = None
+        self._capture_streams: Dict[str, object] = {}
         self._sessions: 'OrderedDict[tuple, _DecodeSession]' = OrderedDict()
         self._kernels: Dict[bool, '_Kernels'] = {}
 
@@ -189,13 +199,33 @@ class FastGreedyDecoder:
             return session, False
         fuse = graphs if self.fuse_elementwise is None else bool(self.fuse_elementwise)
         session = _DecodeSession(torch, model, parts, batch, cache_len, dtype, device,
-                                 self._kernels_for(torch, fuse))
+                                 self._kernels_for(torch, fuse), self._nf4_for(device))
         if graphs:
-            session.capture()
+            session.capture(self._capture_stream(torch, device))
         self._sessions[key] = session
         while len(self._sessions) > self.max_sessions:
             self._sessions.popitem(last=False)[1].release()
         return session, graphs
+
+    def _nf4_for(self, device):
+        """The fused NF4 matmul for ``device``, or None (bitsandbytes' own path)."""
+        if self.nf4_kernel is False:
+            return None
+        from .nf4_matmul import NF4Matmul, kernel_unavailable_reason
+        reason = kernel_unavailable_reason(device)
+        if reason is not None:
+            if self.nf4_kernel:
+                raise ValueError(reason)
+            return None
+        if self._nf4_matmul is None:
+            self._nf4_matmul = NF4Matmul()
+        return self._nf4_matmul
+
+    def _capture_stream(self, torch, device):
+        key = str(device)
+        if key not in self._capture_streams:
+            self._capture_streams[key] = torch.cuda.Stream(device=device)
+        return self._capture_streams[key]
 
     def _kernels_for(self, torch, fuse: bool) -> '_Kernels':
         if fuse not in self._kernels:
@@ -359,11 +389,13 @@ class _DecodeSession:
     """Static KV cache, state buffers and the (optionally graph-captured) decode step."""
 
     def __init__(self, torch, model, parts: _TextModelParts, batch: int, cache_len: int, dtype,
-                 device, kernels: _Kernels):
+                 device, kernels: _Kernels, nf4_matmul=None):
         self.torch = torch
         self.model_ref = model
         self.parts = parts
         self.kernels = kernels
+        self.nf4_matmul = nf4_matmul
+        self.linears = {}
         self.batch = batch
         self.cache_len = cache_len
         self.device = device
@@ -410,10 +442,18 @@ class _DecodeSession:
         self.finished.copy_(done)
         self.step_index.fill_(1)
 
+    def project(self, module, x):
+        """``module(x)``, through the fused NF4 kernel where it applies."""
+        linear = self.linears.get(module)
+        if linear is None:
+            fused = self.nf4_matmul.linear_for(module) if self.nf4_matmul is not None else None
+            linear = self.linears[module] = fused or module
+        return linear(x)
+
     def step(self):
         """Feed ``token`` at ``cache_position``; record the next token; advance the state."""
         torch = self.torch
-        parts, kernels = self.parts, self.kernels
+        parts, kernels, project = self.parts, self.kernels, self.project
         batch, head_dim = self.batch, parts.head_dim
         groups = parts.num_heads // parts.num_kv_heads
         hidden = parts.embed_tokens(self.token).unsqueeze(1)
@@ -428,9 +468,9 @@ class _DecodeSession:
         for layer, next_norm, keys, values in zip(parts.layers, next_norms, self.keys,
                                                   self.values):
             attn = layer.self_attn
-            q = attn.q_proj(normed).view(batch, 1, -1, head_dim)
-            k = attn.k_proj(normed).view(batch, 1, -1, head_dim)
-            v = attn.v_proj(normed).view(batch, 1, -1, head_dim)
+            q = project(attn.q_proj, normed).view(batch, 1, -1, head_dim)
+            k = project(attn.k_proj, normed).view(batch, 1, -1, head_dim)
+            v = project(attn.v_proj, normed).view(batch, 1, -1, head_dim)
             q, k = kernels.qk_norm_rope(q, k, attn.q_norm.weight, attn.k_norm.weight,
                                         attn.q_norm.variance_epsilon, cos, sin)
             keys.index_copy_(2, self.cache_position, k)
@@ -441,13 +481,15 @@ class _DecodeSession:
             out = torch.nn.functional.scaled_dot_product_attention(
                 grouped, keys, values, attn_mask=mask, scale=attn.scaling)
             norm = layer.post_attention_layernorm
-            hidden, normed = kernels.add_rms_norm(hidden, attn.o_proj(out.reshape(batch, 1, -1)),
-                                                  norm.weight, norm.variance_epsilon)
-            mlp = layer.mlp
             hidden, normed = kernels.add_rms_norm(
-                hidden, mlp.down_proj(kernels.act_mul(mlp, mlp.gate_proj(normed),
-                                                      mlp.up_proj(normed))),
-                next_norm.weight, next_norm.variance_epsilon)
+                hidden, project(attn.o_proj, out.reshape(batch, 1, -1)), norm.weight,
+                norm.variance_epsilon)
+            mlp = layer.mlp
+            gated = kernels.act_mul(mlp, project(mlp.gate_proj, normed),
+                                    project(mlp.up_proj, normed))
+            hidden, normed = kernels.add_rms_norm(
+                hidden, project(mlp.down_proj, gated), next_norm.weight,
+                next_norm.variance_epsilon)
         logits = parts.lm_head(normed[:, 0])
         best, prob, done = kernels.pick(logits, self.finished, self.stop_ids, self.pad_id)
         self.out_tokens.index_copy_(1, self.step_index, best.unsqueeze(1))
@@ -458,10 +500,10 @@ class _DecodeSession:
         self.cache_position.add_(1)
         self.step_index.add_(1)
 
-    def capture(self):
-        """Warm up (compiles fused kernels, loads libraries) and capture ``step`` once."""
+    def capture(self, stream):
+        """Warm up (compiles fused kernels, tunes the NF4 kernel, loads libraries) and
+        capture ``step`` once on ``stream``."""
         torch = self.torch
-        stream = torch.cuda.Stream(device=self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(stream):
@@ -471,13 +513,18 @@ class _DecodeSession:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self.step()
-        except Exception:
+        except Exception as error:
+            if self.nf4_matmul is not None:
+                warnings.warn(f'the fused NF4 kernel failed ({type(error).__name__}: {error}); '
+                              "falling back to bitsandbytes' own", RuntimeWarning)
+                self.nf4_matmul, self.linears = None, {}
+                return self.capture(stream)
             if not self.kernels.fused:
                 raise
             warnings.warn('fused decode kernels failed to compile or capture; '
                           'falling back to unfused ones', RuntimeWarning)
             self.kernels = _Kernels(torch, False)
-            return self.capture()
+            return self.capture(stream)
         self.graph = graph
         for buffer in self.keys + self.values:
             buffer.zero_()
@@ -499,6 +546,7 @@ class _DecodeSession:
             self.graph.reset()
             self.graph = None
         self.keys, self.values = [], []
+        self.linears = {}
         self.out_tokens = self.out_probs = self.neg = self.key_valid = None
         self.model_ref = None
 

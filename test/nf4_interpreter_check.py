@@ -1,0 +1,66 @@
+"""Run the fused NF4 kernel in Triton's CPU interpreter against bitsandbytes' dequantization.
+
+Started by ``test_nf4_matmul.py`` in its own process (``TRITON_INTERPRET`` must be set before
+Triton is imported). Every launch shape the tuner may pick (select tree and gather lookups,
+unrolled or not, split or not), nested and plain absmax. float16 only: the interpreter's
+``tl.dot`` mishandles bfloat16 (the CUDA tests cover it). Prints one line per launch and exits
+non-zero on the first mismatch.
+"""
+import os
+import sys
+
+os.environ['TRITON_INTERPRET'] = '1'
+
+import bitsandbytes.functional as bnb_functional  # noqa: E402
+import torch  # noqa: E402
+
+from qwen_vl_perception.model.nf4_matmul import NF4Matmul, NF4Weight  # noqa: E402
+
+CASES = [  # out features, in features, rows
+    (96, 256, 3), (64, 512, 1), (40, 128, 16), (72, 64, 5)]
+
+
+def weight_view(packed, state, nested, bias, dtype):
+    if nested:
+        absmax2, code2 = state.state2.absmax, state.state2.code
+        nested_block, offset = state.state2.blocksize, float(state.offset)
+    else:
+        absmax2 = code2 = state.absmax
+        nested_block, offset = 1, 0.0
+    out_features, in_features = state.shape
+    return NF4Weight(packed.view(-1), state.absmax, absmax2, code2, state.code.float(), offset,
+                     nested, nested_block, out_features, in_features, bias, dtype)
+
+
+def main():
+    torch.manual_seed(0)
+    dtype = torch.float16
+    checked = 0
+    for nested in (True, False):
+        for out_features, in_features, rows in CASES:
+            weight = torch.randn(out_features, in_features)
+            packed, state = bnb_functional.quantize_4bit(
+                weight, blocksize=64, compress_statistics=nested, quant_type='nf4')
+            dequantized = bnb_functional.dequantize_4bit(packed, state).to(dtype).float()
+            bias = torch.randn(out_features).to(dtype)
+            view = weight_view(packed, state, nested, bias, dtype)
+            x = torch.randn(rows, 1, in_features).to(dtype)
+            expected = x.float() @ dequantized.T + bias.float()
+            matmul = NF4Matmul(tune=False)
+            for shape in matmul.candidates(out_features, in_features, 8):
+                out = matmul(x, view, shape)
+                error = (out.float() - expected).abs().max().item()
+                limit = 2e-3 * expected.abs().max().item()
+                line = (f'nested={nested} {out_features}x{in_features} rows={rows} {shape}: '
+                        f'max error {error:.4g} (limit {limit:.4g})')
+                print(line)
+                if out.shape != (rows, 1, out_features) or not error <= limit:
+                    print('MISMATCH', file=sys.stderr)
+                    return 1
+                checked += 1
+    print(f'{checked} launches match')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

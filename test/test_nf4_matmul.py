@@ -1,0 +1,179 @@
+"""The fused NF4 matmul: Triton's CPU interpreter here, the real kernel where a GPU is."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip('torch')
+bnb = pytest.importorskip('bitsandbytes')
+
+from qwen_vl_perception.model.fast_decode import FastGreedyDecoder  # noqa: E402
+from qwen_vl_perception.model.nf4_matmul import (  # noqa: E402
+    MAX_ROWS, NF4Matmul, kernel_unavailable_reason, nf4_weight)
+
+REPO = Path(__file__).resolve().parents[1]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+triton_missing = importlib.util.find_spec('triton') is None
+
+
+def _interpreter_cannot_loop():
+    """Triton's interpreter before 3.9 cannot run a loop over a runtime bound (our tile loop)
+    with numpy >= 2.3 (it turns a one-element array into an int)."""
+    if triton_missing:
+        return False
+    import numpy
+    import triton
+
+    def version(text):
+        return tuple(int(part) for part in text.split('.')[:2] if part.isdigit())
+    return version(triton.__version__) < (3, 9) and version(numpy.__version__) >= (2, 3)
+
+
+def nf4_linear(out_features, in_features, compute_dtype, nested=True, bias=True,
+               device='cuda', seed=0):
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    module = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
+                               compress_statistics=nested, quant_type='nf4', device='meta')
+    module.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False,
+                                      compress_statistics=nested, quant_type='nf4',
+                                      module=module).to(device)
+    if bias:
+        module.bias = torch.nn.Parameter(linear.bias.data.to(device, compute_dtype),
+                                         requires_grad=False)
+    return module
+
+
+def dequantized_reference(module, x):
+    """fp32 product with the weight bitsandbytes' dequantization gives in compute dtype."""
+    weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    weight = weight.to(module.compute_dtype).float()
+    out = x.to(module.compute_dtype).float() @ weight.T
+    if module.bias is not None:
+        out = out + module.bias.float()
+    return out
+
+
+@pytest.mark.skipif(triton_missing, reason='needs Triton (its CPU interpreter)')
+@pytest.mark.skipif(_interpreter_cannot_loop(),
+                    reason="this Triton's interpreter cannot loop with numpy >= 2.3")
+def test_kernel_matches_bitsandbytes_dequantization_in_the_interpreter():
+    """Every launch shape the tuner may pick, nested and plain absmax, 1-16 rows."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+    result = subprocess.run([sys.executable, str(REPO / 'test' / 'nf4_interpreter_check.py')],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checked = int(result.stdout.strip().splitlines()[-1].split()[0])
+    assert checked >= 40, result.stdout[-3000:]
+    for lookup in (0, 1):
+        for unroll in (1, 2):
+            assert f'lookup={lookup}, unroll={unroll}' in result.stdout
+
+
+def test_launch_shapes_split_the_reduction_evenly():
+    for out_features, in_features in [(4096, 2560), (2560, 9728), (1024, 2560), (72, 64)]:
+        shapes = NF4Matmul.candidates(out_features, in_features, 264)
+        assert shapes and len(set(shapes)) == len(shapes)
+        assert {shape.lookup for shape in shapes} == {0, 1}
+        blocks = in_features // 64
+        for shape in shapes:
+            assert blocks % shape.splits == 0
+            assert (blocks // shape.splits) % shape.unroll == 0
+    # 2560 x 4096: 20 column tiles of 128 and 64 blocks; 16 splits (2 x 2 blocks each) come
+    # nearest to 264 programs.
+    default = NF4Matmul.candidates(2560, 4096, 264)[0]
+    assert (default.block_n, default.splits, default.lookup, default.unroll) == (128, 16, 0, 2)
+    # A table other than bitsandbytes' NF4 one: only the gather lookup reads it.
+    assert {shape.lookup for shape in NF4Matmul.candidates(2560, 4096, 264, False)} == {1}
+
+
+def test_the_kernel_applies_only_to_nf4_weights_on_cuda():
+    assert 'CUDA' in kernel_unavailable_reason('cpu')
+    assert nf4_weight(torch.nn.Linear(128, 64)) is None
+    assert nf4_weight(nf4_linear(64, 128, torch.bfloat16, device='cpu')) is None
+    fp4 = bnb.nn.Linear4bit(128, 64, quant_type='fp4', device='meta')
+    assert nf4_weight(fp4) is None
+
+
+def test_decoder_refuses_the_kernel_where_it_cannot_run():
+    from test_fast_decode import STOPS, make_inputs, tiny_model
+    with pytest.raises(ValueError, match='CUDA'):
+        FastGreedyDecoder(nf4_kernel=True)(tiny_model(), make_inputs([(3, 2, None)]), 2, STOPS)
+
+
+@cuda
+@pytest.mark.parametrize('compute_dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('nested', [True, False])
+@pytest.mark.parametrize('shape', [(200, 320), (1024, 2560)])
+def test_cuda_kernel_matches_the_dequantized_product(compute_dtype, nested, shape):
+    module = nf4_linear(*shape, compute_dtype, nested=nested)
+    linear = NF4Matmul(min_rows=1).linear_for(module)
+    assert linear is not None
+    for rows in (1, 3, 8, MAX_ROWS):
+        x = torch.randn(rows, 1, shape[1], device='cuda', dtype=torch.bfloat16)
+        expected = dequantized_reference(module, x)
+        out = linear(x)
+        assert out.shape == (rows, 1, shape[0]) and out.dtype == x.dtype
+        scale = expected.abs().max().item()
+        assert (out.float() - expected).abs().max().item() <= 1e-2 * scale
+        # bitsandbytes' own result is as far from the reference as ours, or farther.
+        theirs = (module(x).float() - expected).abs().max().item()
+        assert (out.float() - expected).abs().max().item() <= max(theirs, 1e-3 * scale) * 2
+
+
+@cuda
+def test_cuda_kernel_leaves_one_or_many_rows_to_bitsandbytes_and_replays_in_a_graph():
+    module = nf4_linear(256, 512, torch.bfloat16)
+    linear = NF4Matmul().linear_for(module)
+    for rows in (1, 2, MAX_ROWS + 1):  # below min_rows, and more rows than the kernel takes
+        x = torch.randn(rows, 512, device='cuda', dtype=torch.bfloat16)
+        assert torch.equal(linear(x), module(x))
+    x = torch.randn(4, 512, device='cuda', dtype=torch.bfloat16)
+    eager = linear(x)  # tunes outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = linear(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(captured, linear(x))
+    assert not torch.equal(captured, eager)
+
+
+@cuda
+def test_decoder_with_the_kernel_agrees_with_bitsandbytes_path():
+    from test_fast_decode import STOPS, make_inputs, tiny_model
+    model = tiny_model(seed=3).to('cuda', torch.bfloat16)
+    language_model = model.model.language_model
+    for layer in language_model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    setattr(parent, name, _quantized_copy(child))
+    inputs = {k: v.cuda() for k, v in make_inputs(  # four rows: the kernel's range
+        [(5, 7, (1, 4, 6)), (2, 3, (1, 6, 8)), (4, 4, (1, 4, 4)), (6, 1, None)]).items()}
+    plain = FastGreedyDecoder(nf4_kernel=False)
+    reference, _ = plain(model, inputs, 32, [])
+    fused = FastGreedyDecoder(nf4_kernel=True)
+    tokens, probs = fused(model, inputs, 32, STOPS)
+    session = next(iter(fused._sessions.values()))
+    assert session.nf4_matmul is not None
+    assert sum(linear is not module for module, linear in session.linears.items()) == \
+        7 * len(language_model.layers)
+    assert {key[0] for key in fused._nf4_matmul._shapes} == {4}  # tuned, so it ran at 4 rows
+    choices = fused.choices_given(model, inputs, reference)
+    same = sum(a == b for row, ref in zip(choices, reference) for a, b in zip(row, ref))
+    assert same >= 0.9 * 32 * len(reference)
+
+
+def _quantized_copy(child):
+    module = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                               compute_dtype=torch.bfloat16, compress_statistics=True,
+                               quant_type='nf4', device='meta')
+    module.weight = bnb.nn.Params4bit(
+        child.weight.data.clone(), requires_grad=False, compress_statistics=True,
+        quant_type='nf4', module=module).to('cuda')
+    return module
