@@ -3,8 +3,9 @@
 Started by ``test_nf4_matmul.py`` in its own process (``TRITON_INTERPRET`` must be set before
 Triton is imported). Every launch shape the tuner may pick (select tree and gather lookups,
 unrolled or not, split or not), nested and plain absmax. float16 only: the interpreter's
-``tl.dot`` mishandles bfloat16 (the CUDA tests cover it). Prints one line per launch and exits
-non-zero on the first mismatch.
+``tl.dot`` mishandles bfloat16 (the CUDA tests cover it). Then the prefill path's
+dequantization in bfloat16 and float16. Prints one line per check and exits non-zero on the
+first mismatch.
 """
 import os
 import sys
@@ -58,6 +59,24 @@ def main():
                     print('MISMATCH', file=sys.stderr)
                     return 1
                 checked += 1
+    for dtype in (torch.bfloat16, torch.float16):  # the prefill path's dequantization
+        for nested in (True, False):
+            weight = torch.randn(80, 192)
+            packed, state = bnb_functional.quantize_4bit(
+                weight, blocksize=64, compress_statistics=nested, quant_type='nf4')
+            expected = bnb_functional.dequantize_4bit(packed, state).to(dtype)
+            view = weight_view(packed, state, nested, None, dtype)
+            out = NF4Matmul(tune=False).dequantize(view)
+            exact = (out == expected).float().mean().item()
+            ulps = ((out.float() - expected.float()).abs()
+                    / expected.float().abs().clamp_min(1e-6)).max().item()
+            print(f'dequantize {dtype} nested={nested}: {exact:.4%} exact, max relative '
+                  f'difference {ulps:.2e}')
+            # The interpreter truncates float32 to bfloat16 (CUDA rounds to nearest: the CUDA
+            # test wants exact values there), so bfloat16 is held to one unit in the last place.
+            if ulps > 2 ** -7 or (dtype == torch.float16 and exact < 0.999):
+                print('MISMATCH', file=sys.stderr)
+                return 1
     print(f'{checked} launches match')
     return 0
 

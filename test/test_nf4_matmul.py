@@ -126,10 +126,27 @@ def test_cuda_kernel_matches_the_dequantized_product(compute_dtype, nested, shap
 
 
 @cuda
-def test_cuda_kernel_leaves_one_or_many_rows_to_bitsandbytes_and_replays_in_a_graph():
+@pytest.mark.parametrize('compute_dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('nested', [True, False])
+def test_cuda_prefill_path_dequantizes_to_bitsandbytes_values(compute_dtype, nested):
+    module = nf4_linear(1024, 2560, compute_dtype, nested=nested)
+    matmul = NF4Matmul()
+    expected = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    expected = expected.to(compute_dtype)
+    out = matmul.dequantize(nf4_weight(module))
+    assert out.shape == expected.shape and out.dtype == compute_dtype
+    assert (out == expected).float().mean().item() >= 0.999
+    x = torch.randn(2, 20, 2560, device='cuda', dtype=torch.bfloat16)  # 40 rows: prefill
+    ours, theirs = matmul.linear_for(module)(x), module(x)
+    assert ours.shape == theirs.shape == (2, 20, 1024)
+    assert (ours.float() - theirs.float()).abs().max() <= 1e-2 * theirs.float().abs().max()
+
+
+@cuda
+def test_cuda_kernel_leaves_one_or_two_rows_to_bitsandbytes_and_replays_in_a_graph():
     module = nf4_linear(256, 512, torch.bfloat16)
     linear = NF4Matmul().linear_for(module)
-    for rows in (1, 2, MAX_ROWS + 1):  # below min_rows, and more rows than the kernel takes
+    for rows in (1, 2):  # below min_rows: bitsandbytes' own forward
         x = torch.randn(rows, 512, device='cuda', dtype=torch.bfloat16)
         assert torch.equal(linear(x), module(x))
     x = torch.randn(4, 512, device='cuda', dtype=torch.bfloat16)
@@ -164,6 +181,9 @@ def test_decoder_with_the_kernel_agrees_with_bitsandbytes_path():
     assert sum(linear is not module for module, linear in session.linears.items()) == \
         7 * len(language_model.layers)
     assert {key[0] for key in fused._nf4_matmul._shapes} == {4}  # tuned, so it ran at 4 rows
+    # Prefill ran through the kernels too, and every module has its own forward back.
+    assert len(fused._nf4_linears[model]) == 7 * len(language_model.layers)
+    assert not any('forward' in module.__dict__ for module in model.modules())
     choices = fused.choices_given(model, inputs, reference)
     same = sum(a == b for row, ref in zip(choices, reference) for a, b in zip(row, ref))
     assert same >= 0.9 * 32 * len(reference)

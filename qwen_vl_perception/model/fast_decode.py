@@ -20,15 +20,19 @@ same tokens; in bf16/fp16 its kernels round differently, so near-tied logits can
 4. On CUDA, for batches of three or more, bitsandbytes NF4 linears of the step run through
    one fused Triton kernel (:mod:`~qwen_vl_perception.model.nf4_matmul`) that reads the 4-bit
    weight once for every sequence of the batch, where bitsandbytes dequantizes whole weights
-   to bf16 first. ``nf4_kernel=False`` keeps bitsandbytes' path; prefill always uses it.
+   to bf16 first. During prefill the NF4 linears of the whole model dequantize with one
+   kernel each and multiply with ``linear``, skipping bitsandbytes' Python layers (prefill is
+   bound by host time). ``nf4_kernel=False`` keeps bitsandbytes' own path everywhere.
 
 Sequences that produce a stop token keep decoding (their outputs are masked and dropped) until
 all are done or ``max_new_tokens`` is reached; batches are left padded, as ``InputBuilder``
 makes them.
 """
+import contextlib
 import inspect
 import time
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -100,6 +104,7 @@ class FastGreedyDecoder:
         self.nf4_kernel = nf4_kernel
         self.last_timing = DecodeTiming()
         self._nf4_matmul = None
+        self._nf4_linears = weakref.WeakKeyDictionary()  # model -> [(module, linear)]
         self._capture_streams: Dict[str, object] = {}
         self._sessions: 'OrderedDict[tuple, _DecodeSession]' = OrderedDict()
         self._kernels: Dict[bool, '_Kernels'] = {}
@@ -169,7 +174,8 @@ class FastGreedyDecoder:
         graphs = self._graphs_enabled(device)
         timing = self.last_timing = DecodeTiming()
         started = time.perf_counter()
-        first_logits, cache, position_ids = prefill(model, tensors)
+        with self._lean_nf4_linears(model, device):
+            first_logits, cache, position_ids = prefill(model, tensors)
         _synchronize(torch, device)
         timing.prefill_s = time.perf_counter() - started
 
@@ -220,6 +226,26 @@ class FastGreedyDecoder:
         if self._nf4_matmul is None:
             self._nf4_matmul = NF4Matmul()
         return self._nf4_matmul
+
+    @contextlib.contextmanager
+    def _lean_nf4_linears(self, model, device):
+        """While active, the model's NF4 linears run through :class:`NF4Matmul`."""
+        nf4 = self._nf4_for(device)
+        if nf4 is None:
+            yield
+            return
+        linears = self._nf4_linears.get(model)
+        if linears is None:
+            linears = [(module, nf4.linear_for(module)) for module in model.modules()]
+            linears = self._nf4_linears[model] = [
+                (module, linear) for module, linear in linears if linear is not None]
+        try:
+            for module, linear in linears:
+                module.forward = linear
+            yield
+        finally:
+            for module, _ in linears:
+                module.__dict__.pop('forward', None)
 
     def _capture_stream(self, torch, device):
         key = str(device)

@@ -12,6 +12,11 @@ one for a single row and its dequantize-and-matmul still slightly so for two; fr
 the kernel takes 40-60% less time (``tools/benchmark.py --linear-rows``,
 ``results/benchmark/``).
 
+For more than :data:`MAX_ROWS` rows (prefill) the weight is dequantized by one kernel into the
+compute dtype, to the same values as bitsandbytes' dequantization, and multiplied by
+``torch.nn.functional.linear``: bitsandbytes' own path does the same GPU work through several
+Python layers and kernels per linear, and a prefill is bound by that host time.
+
 Launch shapes (tile width, unrolling, lookup method, how many programs split the reduction)
 are timed once per (rows, out features, in features, dtype) on the device, outside any
 CUDA-graph capture, unless ``tune=False``. Needs CUDA and Triton (which CUDA builds of torch
@@ -125,20 +130,42 @@ class NF4Matmul:
         self._sm_count: Dict[int, int] = {}
 
     def linear_for(self, module) -> Optional[Callable]:
-        """A function computing ``module(x)``, with the kernel for ``min_rows`` to
-        :data:`MAX_ROWS` rows and ``module`` itself otherwise; None if the kernel cannot run
-        ``module`` at all."""
+        """A function computing ``module(x)``: the fused kernel for ``min_rows`` to
+        :data:`MAX_ROWS` rows, the dequantized weight for more, the module's own forward for
+        fewer; None if the kernels cannot run ``module`` at all."""
         weight = nf4_weight(module)
         if weight is None:
             return None
         minimum = self.min_rows
+        own_forward = type(module).forward  # not module(x): callers may swap module.forward
 
         def linear(x):
             rows = x.numel() // x.shape[-1]
-            if rows < minimum or rows > MAX_ROWS:
-                return module(x)
+            if rows > MAX_ROWS:
+                return self.dequantized_linear(x, weight)
+            if rows < minimum:
+                return own_forward(module, x)
             return self(x, weight)
         return linear
+
+    def dequantize(self, weight: NF4Weight):
+        """The weight as an ``(out, in)`` tensor in the compute dtype (bitsandbytes' values)."""
+        torch = require_torch()
+        from . import nf4_triton
+        out = torch.empty(weight.out_features, weight.in_features, dtype=weight.compute_dtype,
+                          device=weight.packed.device)
+        nf4_triton.dequantize(weight.packed, weight.absmax, weight.absmax2, weight.code2,
+                              weight.code, out, weight.offset, weight.nested,
+                              weight.nested_block)
+        return out
+
+    def dequantized_linear(self, x, weight: NF4Weight):
+        """``x @ W.T + b`` through the dequantized weight, for any number of rows."""
+        torch = require_torch()
+        bias = None if weight.bias is None else weight.bias.to(weight.compute_dtype)
+        out = torch.nn.functional.linear(x.to(weight.compute_dtype), self.dequantize(weight),
+                                         bias)
+        return out.to(x.dtype)
 
     def __call__(self, x, weight: NF4Weight, shape: Optional[LaunchShape] = None):
         """The product for ``x`` of any row count up to :data:`MAX_ROWS`; ``shape`` forces

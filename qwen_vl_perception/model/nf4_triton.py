@@ -7,6 +7,9 @@ them), turns the codes into NF4 values, multiplies them with ``x`` on tensor cor
 the fp32 result by the block's absmax (one per row and block, itself 8-bit quantized when
 ``NESTED``). The weight is read once for all rows of ``x`` and never written back dequantized.
 
+``nf4_dequantize_kernel`` writes a whole weight in the compute dtype, for products with many
+rows (prefill), where a matmul on the dequantized weight is the right tool.
+
 The code-to-value step decides the speed (it runs for every weight element): ``LOOKUP`` 0 is
 a tree of selects over the standard NF4 table, 1 a register gather from the table passed in.
 The caller times both and keeps the faster.
@@ -97,3 +100,35 @@ def launch(x, packed, absmax, absmax2, code2, code, partial, offset, n, k, split
         x.stride(0), k // 64 // splits, NESTED=nested, QBLOCK2=qblock2, LOOKUP=lookup,
         UNROLL=unroll, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         num_stages=num_stages)
+
+
+@triton.jit
+def nf4_dequantize_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_ptr, out_ptr,
+                          offset, n_bytes, NESTED: tl.constexpr, QBLOCK2: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """``out`` (row-major, the compute dtype) = the weight, as bitsandbytes dequantizes it:
+    ``code * absmax`` in fp32, rounded once. Each program takes ``BLOCK`` packed bytes."""
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = index < n_bytes
+    packed = tl.load(packed_ptr + index, mask=ok, other=0).to(tl.int32)
+    block = index // 32  # 64 values = 32 bytes per absmax
+    if NESTED:
+        quantized = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + quantized) * tl.load(absmax2_ptr + block // QBLOCK2)
+        scale = scale + offset
+    else:
+        scale = tl.load(absmax_ptr + block, mask=ok, other=0.0)
+    high = tl.load(code_ptr + (packed >> 4)) * scale
+    low = tl.load(code_ptr + (packed & 15)) * scale
+    values = tl.reshape(tl.join(high, low), (2 * BLOCK,)).to(out_ptr.dtype.element_ty)
+    position = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + position, values, mask=position < 2 * n_bytes)
+
+
+def dequantize(packed, absmax, absmax2, code2, code, out, offset, nested, qblock2,
+               block=1024):
+    """Fill ``out`` (``2 * packed.numel()`` values) with the dequantized weight."""
+    n_bytes = packed.numel()
+    nf4_dequantize_kernel[(triton.cdiv(n_bytes, block),)](
+        packed, absmax, absmax2, code2, code, out, offset, n_bytes, NESTED=nested,
+        QBLOCK2=qblock2, BLOCK=block)
