@@ -12,7 +12,7 @@ bnb = pytest.importorskip('bitsandbytes')
 
 from qwen_vl_perception.model.fast_decode import FastGreedyDecoder  # noqa: E402
 from qwen_vl_perception.model.nf4_matmul import (  # noqa: E402
-    MAX_ROWS, NF4Matmul, kernel_unavailable_reason, nf4_weight)
+    MAX_ROWS, LaunchShape, NF4Matmul, kernel_unavailable_reason, nf4_weight)
 
 REPO = Path(__file__).resolve().parents[1]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -97,6 +97,38 @@ def test_the_kernel_applies_only_to_nf4_weights_on_cuda():
     assert nf4_weight(nf4_linear(64, 128, torch.bfloat16, device='cpu')) is None
     fp4 = bnb.nn.Linear4bit(128, 64, quant_type='fp4', device='meta')
     assert nf4_weight(fp4) is None
+
+
+def test_only_plain_nf4_layers_qualify():
+    """A PEFT LoRA layer around an NF4 one shows its base weight; the kernels would drop the
+    adapter, so it must not qualify."""
+    peft = pytest.importorskip('peft')
+    plain = nf4_linear(64, 128, torch.bfloat16, device='cpu')
+    assert nf4_weight(plain, require_cuda=False) is not None
+    assert nf4_weight(plain) is None  # on the CPU
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nf4_linear(64, 128, torch.bfloat16, device='cpu')
+
+    wrapped = peft.get_peft_model(Holder(), peft.LoraConfig(r=4, target_modules=['proj']))
+    lora_layer = wrapped.base_model.model.proj
+    assert getattr(lora_layer.weight, 'quant_state', None) is not None
+    assert nf4_weight(lora_layer, require_cuda=False) is None
+
+
+def test_bad_inputs_and_launch_shapes_are_refused_before_launching():
+    weight = nf4_weight(nf4_linear(64, 128, torch.bfloat16, device='cpu'), require_cuda=False)
+    matmul = NF4Matmul(tune=False)
+    with pytest.raises(ValueError, match='features'):
+        matmul.dequantized_linear(torch.randn(4, 96, dtype=torch.bfloat16), weight)
+    with pytest.raises(ValueError, match='features'):
+        matmul(torch.randn(4, 96, dtype=torch.bfloat16), weight)
+    with pytest.raises(ValueError, match='evenly'):  # 128 features = 2 blocks of 64
+        matmul(torch.randn(4, 128, dtype=torch.bfloat16), weight, LaunchShape(64, 3))
+    with pytest.raises(ValueError, match='min_rows'):
+        NF4Matmul(min_rows=0)
 
 
 def test_decoder_refuses_the_kernel_where_it_cannot_run():

@@ -421,8 +421,9 @@ def memory_only(args):
         torch.cuda.empty_cache()
         weights = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        decoder = FastGreedyDecoder(nf4_kernel={'auto': None, 'on': True, 'off': False}[
-            args.nf4_kernel])
+        choice = {'auto': None, 'on': True, 'off': False}
+        decoder = FastGreedyDecoder(fuse_elementwise=choice[args.fuse],
+                                    nf4_kernel=choice[args.nf4_kernel])
         decoder(model, tensors, new_tokens, [])
         first = torch.cuda.max_memory_allocated(device)
         first_reserved = torch.cuda.max_memory_reserved(device)
@@ -445,7 +446,9 @@ def memory_processes(args, variants):
     for variant in variants:
         command = [sys.executable, str(Path(__file__).resolve()), '--memory-only', variant,
                    '--image', args.image, '--new-tokens', str(args.new_tokens[0]),
-                   '--nf4-kernel', args.nf4_kernel]
+                   '--nf4-kernel', args.nf4_kernel, '--fuse', args.fuse]
+        if args.tiny:
+            command.append('--tiny')
         if args.model is not None:
             command += ['--model', str(args.model)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=1200)

@@ -84,10 +84,12 @@ class FastGreedyDecoder:
     frames of slightly different prompt lengths share one captured graph. On CUDA the loop
     checks whether every sequence has stopped once per ``sync_interval`` tokens (each check
     is a device synchronisation). ``max_sessions`` captured graphs are kept (least recently
-    used dropped). ``nf4_kernel``: ``None`` means "on CUDA when Triton is there". All graphs
-    are captured on one side stream per device, so that the CUDA libraries' per-stream
-    workspaces are not allocated again for every capture. The instance is callable like
-    ``hf_decode``; not thread-safe (the engine serialises calls).
+    used dropped). ``nf4_kernel``: ``None`` means "on CUDA when Triton is there, until it
+    fails once" (then a warning, and bitsandbytes' path). Warm-up and kernel tuning before
+    each capture run on one side stream per device, so that the CUDA libraries' per-stream
+    workspaces are not allocated again for every capture (the capture itself uses PyTorch's
+    capture stream). The instance is callable like ``hf_decode``; not thread-safe (the
+    engine serialises calls).
     """
 
     def __init__(self, use_cuda_graphs: Optional[bool] = None,
@@ -104,7 +106,9 @@ class FastGreedyDecoder:
         self.nf4_kernel = nf4_kernel
         self.last_timing = DecodeTiming()
         self._nf4_matmul = None
-        self._nf4_linears = weakref.WeakKeyDictionary()  # model -> [(module, linear)]
+        self._nf4_failed = False
+        # model -> [(module, its NF4Matmul linear, the compute dtype it was made for)]
+        self._nf4_linears = weakref.WeakKeyDictionary()
         self._capture_streams: Dict[str, object] = {}
         self._sessions: 'OrderedDict[tuple, _DecodeSession]' = OrderedDict()
         self._kernels: Dict[bool, '_Kernels'] = {}
@@ -146,9 +150,11 @@ class FastGreedyDecoder:
             return session.results(count)[0]
 
     def clear(self) -> None:
-        """Drop the captured graphs and static caches (frees their GPU memory)."""
+        """Drop the captured graphs and static caches (frees their GPU memory) and what was
+        learnt about the model's layers: call it after changing a model in place."""
         while self._sessions:
             self._sessions.popitem()[1].release()
+        self._nf4_linears = weakref.WeakKeyDictionary()
 
     # -- the call ------------------------------------------------------------------------
 
@@ -174,8 +180,7 @@ class FastGreedyDecoder:
         graphs = self._graphs_enabled(device)
         timing = self.last_timing = DecodeTiming()
         started = time.perf_counter()
-        with self._lean_nf4_linears(model, device):
-            first_logits, cache, position_ids = prefill(model, tensors)
+        first_logits, cache, position_ids = self._prefill(model, tensors, device)
         _synchronize(torch, device)
         timing.prefill_s = time.perf_counter() - started
 
@@ -208,6 +213,8 @@ class FastGreedyDecoder:
                                  self._kernels_for(torch, fuse), self._nf4_for(device))
         if graphs:
             session.capture(self._capture_stream(torch, device))
+            if session.nf4_matmul is None and self._nf4_for(device) is not None:
+                self._nf4_failed = True  # the capture fell back: do not try it again
         self._sessions[key] = session
         while len(self._sessions) > self.max_sessions:
             self._sessions.popitem(last=False)[1].release()
@@ -215,7 +222,7 @@ class FastGreedyDecoder:
 
     def _nf4_for(self, device):
         """The fused NF4 matmul for ``device``, or None (bitsandbytes' own path)."""
-        if self.nf4_kernel is False:
+        if self.nf4_kernel is False or self._nf4_failed:
             return None
         from .nf4_matmul import NF4Matmul, kernel_unavailable_reason
         reason = kernel_unavailable_reason(device)
@@ -227,24 +234,48 @@ class FastGreedyDecoder:
             self._nf4_matmul = NF4Matmul()
         return self._nf4_matmul
 
+    def _prefill(self, model, tensors, device):
+        """:func:`prefill` with the NF4 linears through :class:`NF4Matmul`. If that fails but
+        bitsandbytes' own path works, and the kernel was only on by default, warn and keep
+        this decoder on bitsandbytes from then on."""
+        if self._nf4_for(device) is None:
+            return prefill(model, tensors)
+        try:
+            with self._lean_nf4_linears(model, device):
+                return prefill(model, tensors)
+        except Exception as error:
+            if self.nf4_kernel:
+                raise
+            result = prefill(model, tensors)  # a failure here is the model's own: raised
+            warnings.warn(f'prefill through the fused NF4 kernels failed '
+                          f"({type(error).__name__}: {error}); using bitsandbytes' own path",
+                          RuntimeWarning)
+            self._nf4_failed = True
+            return result
+
     @contextlib.contextmanager
     def _lean_nf4_linears(self, model, device):
-        """While active, the model's NF4 linears run through :class:`NF4Matmul`."""
+        """While active, the model's NF4 linears run through :class:`NF4Matmul`. Modules that
+        already have a forward of their own (hooks) are left alone."""
         nf4 = self._nf4_for(device)
-        if nf4 is None:
-            yield
-            return
-        linears = self._nf4_linears.get(model)
-        if linears is None:
-            linears = [(module, nf4.linear_for(module)) for module in model.modules()]
-            linears = self._nf4_linears[model] = [
-                (module, linear) for module, linear in linears if linear is not None]
+        cached = self._nf4_linears.get(model)
+        if cached is None or any(getattr(module, 'compute_dtype', None) != dtype
+                                 for module, _, dtype in cached):
+            cached = []
+            for module in model.modules():
+                linear = nf4.linear_for(module)
+                if linear is not None:
+                    cached.append((module, linear, getattr(module, 'compute_dtype', None)))
+            self._nf4_linears[model] = cached
+        swapped = []
         try:
-            for module, linear in linears:
-                module.forward = linear
+            for module, linear, _ in cached:
+                if 'forward' not in module.__dict__:
+                    module.forward = linear
+                    swapped.append(module)
             yield
         finally:
-            for module, _ in linears:
+            for module in swapped:
                 module.__dict__.pop('forward', None)
 
     def _capture_stream(self, torch, device):
@@ -541,8 +572,9 @@ class _DecodeSession:
                 self.step()
         except Exception as error:
             if self.nf4_matmul is not None:
-                warnings.warn(f'the fused NF4 kernel failed ({type(error).__name__}: {error}); '
-                              "falling back to bitsandbytes' own", RuntimeWarning)
+                warnings.warn(f'capturing the decode step failed ({type(error).__name__}: '
+                              f'{error}); trying again without the fused NF4 kernel',
+                              RuntimeWarning)
                 self.nf4_matmul, self.linears = None, {}
                 return self.capture(stream)
             if not self.kernels.fused:

@@ -8,9 +8,9 @@ weight once for up to :data:`MAX_ROWS` rows and dequantizes in registers
 compute dtype) with ``x`` and scales the fp32 sums by each 64-block's absmax, where
 bitsandbytes rounds ``code * absmax`` to the compute dtype first: results differ by a rounding.
 Below ``min_rows`` rows (default 3) bitsandbytes is kept: on an H200 its GEMV is the faster
-one for a single row and its dequantize-and-matmul still slightly so for two; from four rows on
-the kernel takes 40-60% less time (``tools/benchmark.py --linear-rows``,
-``results/benchmark/``).
+one for a single row and its dequantize-and-matmul still slightly so for two; at four rows the
+kernel takes ~30% less time, at eight 41-46% less (``tools/benchmark.py --linear-rows``,
+``results/benchmark/``; three rows were not measured).
 
 For more than :data:`MAX_ROWS` rows (prefill) the weight is dequantized by one kernel into the
 compute dtype, to the same values as bitsandbytes' dequantization, and multiplied by
@@ -23,6 +23,7 @@ CUDA-graph capture, unless ``tune=False``. Needs CUDA and Triton (which CUDA bui
 bring); without them :func:`kernel_unavailable_reason` says why and callers keep
 bitsandbytes' own path.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
@@ -30,7 +31,7 @@ from typing import Callable, Dict, Optional, Tuple
 from .torch_support import require_torch
 
 MAX_ROWS = 16
-"""Rows (sequences decoding together) the kernel handles; more go to bitsandbytes."""
+"""Rows the fused kernel handles; more go through the dequantized weight and ``linear``."""
 NF4_TABLE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
              -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
              0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
@@ -86,17 +87,27 @@ def kernel_unavailable_reason(device=None) -> Optional[str]:
     return None
 
 
-def nf4_weight(module) -> Optional[NF4Weight]:
-    """The kernel's view of ``module`` if it is an NF4 ``Linear4bit`` it can run, else None."""
+def nf4_weight(module, require_cuda: bool = True) -> Optional[NF4Weight]:
+    """The kernel's view of ``module`` if it is a plain bitsandbytes NF4 ``Linear4bit`` (not a
+    wrapper such as a PEFT LoRA layer, whose adapter the kernel would drop) with uint8
+    storage that the kernels can run, else None. ``require_cuda=False``: for tests on CPU."""
     torch = require_torch()
-    weight = getattr(module, 'weight', None)
+    try:
+        import bitsandbytes
+    except ImportError:
+        return None
+    if not isinstance(module, bitsandbytes.nn.Linear4bit) or 'weight' not in module._parameters:
+        return None
+    weight = module.weight
     state = getattr(weight, 'quant_state', None)
     if state is None or getattr(state, 'quant_type', None) != 'nf4':
         return None
     if state.blocksize != _QUANT_BLOCK or len(state.shape) != 2:
         return None
     out_features, in_features = (int(size) for size in state.shape)
-    if in_features % _QUANT_BLOCK or weight.device.type != 'cuda':
+    if in_features % _QUANT_BLOCK or weight.dtype != torch.uint8:
+        return None
+    if require_cuda and weight.device.type != 'cuda':
         return None
     nested = bool(getattr(state, 'nested', False))
     if nested:
@@ -154,14 +165,16 @@ class NF4Matmul:
         from . import nf4_triton
         out = torch.empty(weight.out_features, weight.in_features, dtype=weight.compute_dtype,
                           device=weight.packed.device)
-        nf4_triton.dequantize(weight.packed, weight.absmax, weight.absmax2, weight.code2,
-                              weight.code, out, weight.offset, weight.nested,
-                              weight.nested_block)
+        with _on_device(torch, out.device):
+            nf4_triton.dequantize(weight.packed, weight.absmax, weight.absmax2, weight.code2,
+                                  weight.code, out, weight.offset, weight.nested,
+                                  weight.nested_block)
         return out
 
     def dequantized_linear(self, x, weight: NF4Weight):
         """``x @ W.T + b`` through the dequantized weight, for any number of rows."""
         torch = require_torch()
+        _check_input(x, weight)
         bias = None if weight.bias is None else weight.bias.to(weight.compute_dtype)
         out = torch.nn.functional.linear(x.to(weight.compute_dtype), self.dequantize(weight),
                                          bias)
@@ -170,15 +183,22 @@ class NF4Matmul:
     def __call__(self, x, weight: NF4Weight, shape: Optional[LaunchShape] = None):
         """The product for ``x`` of any row count up to :data:`MAX_ROWS`; ``shape`` forces
         a launch shape (one of :meth:`candidates`) instead of the tuned one."""
-        from . import nf4_triton
+        torch = require_torch()
+        _check_input(x, weight)
         leading = x.shape[:-1]
         rows = x.numel() // x.shape[-1]
         if rows > MAX_ROWS:
             raise ValueError(f'the fused NF4 kernel takes at most {MAX_ROWS} rows, got {rows}')
+        if shape is not None:
+            blocks = weight.in_features // _QUANT_BLOCK
+            if blocks % shape.splits or (blocks // shape.splits) % shape.unroll:
+                raise ValueError(f'{shape} does not split {blocks} blocks evenly')
+        from . import nf4_triton
         flat = x.reshape(rows, x.shape[-1]).to(weight.compute_dtype).contiguous()
-        shape = shape or self._shape(flat, weight)
-        partial = self._partial(flat, weight, shape)
-        self._launch(nf4_triton, flat, weight, shape, partial)
+        with _on_device(torch, flat.device):
+            shape = shape or self._shape(flat, weight)
+            partial = self._partial(flat, weight, shape)
+            self._launch(nf4_triton, flat, weight, shape, partial)
         out = (partial.sum(0) if shape.splits > 1 else partial[0]).to(x.dtype)
         if weight.bias is not None:
             out = out + weight.bias.to(x.dtype)
@@ -258,6 +278,19 @@ class NF4Matmul:
         torch = require_torch()
         return torch.empty(shape.splits, flat.shape[0], weight.out_features, dtype=torch.float32,
                            device=flat.device)
+
+
+def _check_input(x, weight: NF4Weight) -> None:
+    if x.shape[-1] != weight.in_features:
+        raise ValueError(f'input has {x.shape[-1]} features, the layer takes '
+                         f'{weight.in_features}')
+
+
+def _on_device(torch, device):
+    """Triton launches on the current CUDA device: make it ``device``'s."""
+    if device.type == 'cuda':
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _median_ms(device, function, repeats: int = 9) -> float:

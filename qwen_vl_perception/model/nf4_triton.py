@@ -79,7 +79,8 @@ def nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, cod
             block = rows64 * (K // QBLOCK) + tile
             if NESTED:
                 quantized = tl.load(absmax_ptr + block, mask=row_ok, other=0).to(tl.int32)
-                scale = (tl.load(code2_ptr + quantized) * tl.load(absmax2_ptr + block // QBLOCK2)
+                scale = (tl.load(code2_ptr + quantized)
+                         * tl.load(absmax2_ptr + block // QBLOCK2, mask=row_ok, other=0.0)
                          + offset)
             else:
                 scale = tl.load(absmax_ptr + block, mask=row_ok, other=0.0)
@@ -114,7 +115,8 @@ def nf4_dequantize_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, code_p
     block = index // 32  # 64 values = 32 bytes per absmax
     if NESTED:
         quantized = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + quantized) * tl.load(absmax2_ptr + block // QBLOCK2)
+        scale = tl.load(code2_ptr + quantized) * tl.load(absmax2_ptr + block // QBLOCK2,
+                                                         mask=ok, other=0.0)
         scale = scale + offset
     else:
         scale = tl.load(absmax_ptr + block, mask=ok, other=0.0)
