@@ -229,3 +229,74 @@ def _quantized_copy(child):
         child.weight.data.clone(), requires_grad=False, compress_statistics=True,
         quant_type='nf4', module=module).to('cuda')
     return module
+
+
+class _CountingMatmul:
+    """Stands in for NF4Matmul in the decoder's plumbing tests: it takes every plain linear of
+    the language model and computes exactly what the layer computes, counting calls (or
+    failing, to test the fallback)."""
+
+    def __init__(self, fail=False):
+        self.calls = 0
+        self.made = 0
+        self.fail = fail
+
+    def linear_for(self, module):
+        if type(module) is not torch.nn.Linear or module.out_features > 1000:
+            return None  # lm_head and the vision tower's merger stay as they are
+        self.made += 1
+        own_forward = type(module).forward
+
+        def linear(x):
+            self.calls += 1
+            if self.fail:
+                raise RuntimeError('kernel failed to compile')
+            return own_forward(module, x)
+        return linear
+
+
+def test_decoder_prefill_swaps_forwards_in_and_out_and_follows_compute_dtype():
+    from test_fast_decode import STOPS, assert_same, make_inputs, tiny_model
+    from qwen_vl_perception.model.generation import hf_decode
+    model = tiny_model(seed=4)
+    inputs = make_inputs([(5, 7, (1, 4, 6)), (2, 3, None)])
+    reference = hf_decode(model, inputs, 6, STOPS)
+    decoder = FastGreedyDecoder()
+    matmul = _CountingMatmul()
+    decoder._nf4_for = lambda device: matmul
+    assert_same(reference, decoder(model, inputs, 6, STOPS))
+    assert matmul.calls > 0 and not any('forward' in m.__dict__ for m in model.modules())
+    made = matmul.made
+    decoder(model, inputs, 6, STOPS)
+    assert matmul.made == made  # the model's linears were found once...
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.compute_dtype = torch.float32
+    decoder(model, inputs, 6, STOPS)
+    assert matmul.made > made  # ...and again after their compute dtype changed
+    hooked = model.model.language_model.layers[0].mlp.up_proj
+    hooked.forward = hooked.forward  # a forward of its own (a hook): left alone
+    calls = matmul.calls
+    decoder(model, inputs, 6, STOPS)
+    assert matmul.calls > calls and 'forward' in hooked.__dict__
+
+
+def test_decoder_prefill_falls_back_to_the_layers_own_path_when_the_kernel_fails():
+    from test_fast_decode import STOPS, assert_same, make_inputs, tiny_model
+    from qwen_vl_perception.model.generation import hf_decode
+    model = tiny_model(seed=5)
+    inputs = make_inputs([(5, 7, (1, 4, 6))])
+    decoder = FastGreedyDecoder()
+    failing = _CountingMatmul(fail=True)
+    decoder._nf4_for = lambda device: None if decoder._nf4_failed else failing
+    with pytest.warns(RuntimeWarning, match='kernel failed to compile'):
+        result = decoder(model, inputs, 6, STOPS)
+    assert_same(hf_decode(model, inputs, 6, STOPS), result)
+    assert decoder._nf4_failed and failing.calls == 1
+    assert not any('forward' in m.__dict__ for m in model.modules())
+    decoder(model, inputs, 6, STOPS)
+    assert failing.calls == 1  # not tried again
+    forced = FastGreedyDecoder(nf4_kernel=True)
+    forced._nf4_for = lambda device: _CountingMatmul(fail=True)
+    with pytest.raises(RuntimeError, match='kernel failed'):
+        forced(model, inputs, 6, STOPS)
