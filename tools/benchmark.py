@@ -245,7 +245,8 @@ def decoder_fused(decoder):
 
 
 def nf4_kernel_layers(decoder):
-    """How many linears the last session ran through the fused NF4 kernel."""
+    """How many NF4 layers the last session routes through NF4Matmul (fused kernel from 3
+    rows, bitsandbytes' GEMV below)."""
     sessions = list(decoder._sessions.values())
     if not sessions:
         return 0

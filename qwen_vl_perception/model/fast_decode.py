@@ -106,6 +106,7 @@ class FastGreedyDecoder:
         self.nf4_kernel = nf4_kernel
         self.last_timing = DecodeTiming()
         self._nf4_matmul = None
+        self._nf4_devices: Dict[str, object] = {}
         self._nf4_failed = False
         # model -> [(module, its NF4Matmul linear, the compute dtype it was made for)]
         self._nf4_linears = weakref.WeakKeyDictionary()
@@ -209,11 +210,13 @@ class FastGreedyDecoder:
             self._sessions.move_to_end(key)
             return session, False
         fuse = graphs if self.fuse_elementwise is None else bool(self.fuse_elementwise)
+        nf4 = self._nf4_for(device)
+        linears = {module: linear for module, linear, _ in self._nf4_linears_for(model, nf4)}
         session = _DecodeSession(torch, model, parts, batch, cache_len, dtype, device,
-                                 self._kernels_for(torch, fuse), self._nf4_for(device))
+                                 self._kernels_for(torch, fuse), nf4, linears)
         if graphs:
             session.capture(self._capture_stream(torch, device))
-            if session.nf4_matmul is None and self._nf4_for(device) is not None:
+            if session.nf4_matmul is None and nf4 is not None:
                 self._nf4_failed = True  # the capture fell back: do not try it again
         self._sessions[key] = session
         while len(self._sessions) > self.max_sessions:
@@ -221,18 +224,37 @@ class FastGreedyDecoder:
         return session, graphs
 
     def _nf4_for(self, device):
-        """The fused NF4 matmul for ``device``, or None (bitsandbytes' own path)."""
+        """The fused NF4 matmul for ``device``, or None (bitsandbytes' own path). Whether
+        the kernels can run on a device is found out once."""
         if self.nf4_kernel is False or self._nf4_failed:
             return None
-        from .nf4_matmul import NF4Matmul, kernel_unavailable_reason
-        reason = kernel_unavailable_reason(device)
-        if reason is not None:
-            if self.nf4_kernel:
+        key = str(device)
+        if key not in self._nf4_devices:
+            from .nf4_matmul import NF4Matmul, kernel_unavailable_reason
+            reason = kernel_unavailable_reason(device)
+            if reason is not None and self.nf4_kernel:
                 raise ValueError(reason)
-            return None
-        if self._nf4_matmul is None:
-            self._nf4_matmul = NF4Matmul()
-        return self._nf4_matmul
+            if reason is None and self._nf4_matmul is None:
+                self._nf4_matmul = NF4Matmul()
+            self._nf4_devices[key] = None if reason else self._nf4_matmul
+        return self._nf4_devices[key]
+
+    def _nf4_linears_for(self, model, nf4):
+        """``[(module, its NF4Matmul linear, compute dtype)]`` for ``model``'s NF4 layers,
+        made once per model (again when a layer's compute dtype changed); empty without
+        ``nf4``. Prefill and every decode session share them."""
+        if nf4 is None:
+            return []
+        cached = self._nf4_linears.get(model)
+        if cached is None or any(getattr(module, 'compute_dtype', None) != dtype
+                                 for module, _, dtype in cached):
+            cached = []
+            for module in model.modules():
+                linear = nf4.linear_for(module)
+                if linear is not None:
+                    cached.append((module, linear, getattr(module, 'compute_dtype', None)))
+            self._nf4_linears[model] = cached
+        return cached
 
     def _prefill(self, model, tensors, device):
         """:func:`prefill` with the NF4 linears through :class:`NF4Matmul`. If that fails but
@@ -257,19 +279,9 @@ class FastGreedyDecoder:
     def _lean_nf4_linears(self, model, device):
         """While active, the model's NF4 linears run through :class:`NF4Matmul`. Modules that
         already have a forward of their own (hooks) are left alone."""
-        nf4 = self._nf4_for(device)
-        cached = self._nf4_linears.get(model)
-        if cached is None or any(getattr(module, 'compute_dtype', None) != dtype
-                                 for module, _, dtype in cached):
-            cached = []
-            for module in model.modules():
-                linear = nf4.linear_for(module)
-                if linear is not None:
-                    cached.append((module, linear, getattr(module, 'compute_dtype', None)))
-            self._nf4_linears[model] = cached
         swapped = []
         try:
-            for module, linear, _ in cached:
+            for module, linear, _ in self._nf4_linears_for(model, self._nf4_for(device)):
                 if 'forward' not in module.__dict__:
                     module.forward = linear
                     swapped.append(module)
@@ -446,13 +458,13 @@ class _DecodeSession:
     """Static KV cache, state buffers and the (optionally graph-captured) decode step."""
 
     def __init__(self, torch, model, parts: _TextModelParts, batch: int, cache_len: int, dtype,
-                 device, kernels: _Kernels, nf4_matmul=None):
+                 device, kernels: _Kernels, nf4_matmul=None, linears=None):
         self.torch = torch
         self.model_ref = model
         self.parts = parts
         self.kernels = kernels
         self.nf4_matmul = nf4_matmul
-        self.linears = {}
+        self.linears = dict(linears or {})  # module -> its NF4Matmul linear
         self.batch = batch
         self.cache_len = cache_len
         self.device = device
@@ -501,11 +513,7 @@ class _DecodeSession:
 
     def project(self, module, x):
         """``module(x)``, through the fused NF4 kernel where it applies."""
-        linear = self.linears.get(module)
-        if linear is None:
-            fused = self.nf4_matmul.linear_for(module) if self.nf4_matmul is not None else None
-            linear = self.linears[module] = fused or module
-        return linear(x)
+        return self.linears.get(module, module)(x)
 
     def step(self):
         """Feed ``token`` at ``cache_position``; record the next token; advance the state."""
