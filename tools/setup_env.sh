@@ -42,6 +42,10 @@ if [[ ! -x $venv/bin/python ]]; then
   "$base_python" -m venv "${system_site[@]}" "$venv"
 fi
 py=$venv/bin/python
+# Older bundled pips (Python 3.10's 23.0) install the package editable through the legacy
+# 'setup.py develop', which the ament_python setup.cfg breaks.
+"$py" -m pip install --disable-pip-version-check -q --upgrade 'pip>=24' 2>&1 \
+  | { grep -v "^WARNING: Location 'file:" >&2 || true; }
 pip_install() {
   # pip's own status decides; the filter only hides this machine's noise about local indexes.
   "$py" -m pip install --disable-pip-version-check -q "$@" 2>&1 \
@@ -68,7 +72,9 @@ if "$py" -c 'import torch' 2>/dev/null; then
 fi
 log "installing the ML stack and test tools"
 pip_install -r "$requirements"
-"$py" -c 'import torch, transformers, bitsandbytes, peft, cv2' \
+# (bitsandbytes' optional-kernel warning is noise here: the tools and the node hide it too)
+"$py" -c 'import logging; logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(40)
+import torch, transformers, bitsandbytes, peft, cv2' \
   || { log "the ML stack did not install"; exit 1; }
 
 if [[ $use_distro == 0 ]]; then
@@ -76,19 +82,22 @@ if [[ $use_distro == 0 ]]; then
   # The ROS wheels' CMake exports name the wheel builder's interpreter paths: point them here.
   "$py" - <<'EOF'
 import pathlib
+import re
 import sys
 import sysconfig
 
 paths = sysconfig.get_paths()
-replacements = {
-    '/opt/python/cp311-cp311/include/python3.11': paths['include'],
-    '/opt/python/cp311-cp311/lib/python3.11/site-packages': paths['purelib'],
-}
+# e.g. /opt/python/cp310-cp310/include/python3.10 (one per wheel build's Python)
+builder = r'/opt/python/cp3\d+-cp3\d+'
+replacements = [
+    (re.compile(builder + r'/include/python3\.\d+'), paths['include']),
+    (re.compile(builder + r'/lib/python3\.\d+/site-packages'), paths['purelib']),
+]
 for cmake_file in pathlib.Path(sys.prefix, 'share').rglob('*.cmake'):
     text = cmake_file.read_text(errors='surrogateescape')
     new = text
-    for old, here in replacements.items():
-        new = new.replace(old, here)
+    for pattern, here in replacements:
+        new = pattern.sub(lambda _match, here=here: here, new)
     if new != text:
         cmake_file.write_text(new, errors='surrogateescape')
 EOF
