@@ -141,8 +141,10 @@ class PerceptionNode(Node):
         self._worker = threading.Thread(target=self._work, name='qwen_vl_inference',
                                         daemon=True)
         self._worker.start()
+        count = len(settings.categories)
         self.get_logger().info(
-            f"ready: {len(settings.categories)} categories, model on {engine.device}, "
+            f"ready: {count} {'category' if count == 1 else 'categories'}, model on "
+            f"{engine.device}, "
             f"subscribed to {', '.join(self.resolve_topic_name(t) for t in self._image_topics)}"
             f"{' (compressed)' if compressed else ''}")
 
