@@ -531,15 +531,17 @@ def test_detect_folder_overwrite_keeps_only_this_runs_outputs(detections, quanti
 
 def test_evaluate_takes_the_run_folder_and_refuses_no_match(detections, scenes, tmp_path):
     labels = scenes / 'annotations.json'
+    run_dir = tmp_path / 'run'
+    shutil.copytree(detections[0], run_dir)
     code, _, stderr = run_tool('evaluate', [
-        '--labels', labels, '--predictions', detections[0], '--out', tmp_path / 'm'])
+        '--labels', labels, '--predictions', run_dir, '--out', run_dir / 'metrics'])
     assert code == 0, stderr
     assert 'warning' not in stderr
     code, _, stderr = run_tool('evaluate', [
         '--labels', labels, '--predictions', detections[0] / 'predictions',
         '--out', tmp_path / 'm2'])
     assert code == 0, stderr
-    assert (json.loads((tmp_path / 'm' / 'metrics.json').read_text())
+    assert (json.loads((run_dir / 'metrics' / 'metrics.json').read_text())
             == json.loads((tmp_path / 'm2' / 'metrics.json').read_text()))
     empty = tmp_path / 'empty'
     empty.mkdir()

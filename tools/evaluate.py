@@ -78,7 +78,7 @@ def run(args) -> int:
         print(f'warning: {len(missing)} of {len(names)} labelled images have no prediction '
               f'file in {folder} (counted as no detections), e.g. {missing[0]}',
               file=sys.stderr)
-    out_dir = prepare_output_dir(args.out, args.overwrite, inputs=[args.predictions])
+    out_dir = prepare_output_dir(args.out, args.overwrite, inputs=[folder])
     report = evaluate(ground_truth, predictions, categories=categories,
                       iou_threshold=args.iou, score_threshold=args.score_threshold)
     print(format_table(report))
