@@ -76,11 +76,13 @@ def run_tool(run, args, expected=(), check_failures=()) -> int:
     except BaseException:
         remove_created_outputs()
         raise
+    finally:
+        _created.clear()
 
 
 _created: List[Tuple[Path, Optional[set]]] = []
-"""Output folders :func:`prepare_output_dir` made or found empty in this run, each with the
-names that were in it before (None: the folder itself was made)."""
+"""Output folders :func:`prepare_output_dir` prepared in this run, each with the names of
+the entries it held then (None: the folder, or the outermost folder above it, was made)."""
 
 
 def remove_created_outputs() -> None:
