@@ -545,10 +545,13 @@ def test_evaluate_takes_the_run_folder_and_refuses_no_match(detections, scenes, 
             == json.loads((tmp_path / 'm2' / 'metrics.json').read_text()))
     empty = tmp_path / 'empty'
     empty.mkdir()
-    code, _, stderr = run_tool('evaluate', [
-        '--labels', labels, '--predictions', empty, '--out', tmp_path / 'm3'])
-    assert code == 2 and 'none of the 4 labelled images has a prediction file' in stderr
-    assert stderr.count('\n') == 1 and not (tmp_path / 'm3').exists()
+    # As a user runs it: its own process, one error line, exit 2, nothing written.
+    result = subprocess.run([sys.executable, str(TOOLS / 'evaluate.py'), '--labels', str(labels),
+                             '--predictions', str(empty), '--out', str(tmp_path / 'm3')],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert 'none of the 4 labelled images has a prediction file' in result.stderr
+    assert result.stderr.count('\n') == 1 and not (tmp_path / 'm3').exists()
     partial = tmp_path / 'partial'
     partial.mkdir()
     shutil.copy(sorted((detections[0] / 'predictions').iterdir())[0], partial)
