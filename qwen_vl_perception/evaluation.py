@@ -6,8 +6,9 @@
   greedy matching per image and category: predictions in descending score order each take the
   unmatched ground-truth box of highest IoU, if that IoU is ``>= iou_threshold``.
 * Attribute accuracy is measured on those matched pairs, for every attribute key of the
-  ground-truth object (a prediction lacking the key counts as wrong; values are compared
-  case-insensitively after stripping spaces).
+  ground-truth object that some prediction has (a key no prediction has was not asked for
+  and is not reported; a prediction lacking a reported key counts as wrong; values are
+  compared case-insensitively after stripping spaces).
 
 Images are matched by file name (basename). Labels are compared exactly. A category with no
 ground truth is reported (its false positives count) but has no AP/recall and is left out of
@@ -309,6 +310,9 @@ def evaluate(ground_truth: Sequence[LabeledImage], predictions: Mapping[str, Lis
         kept[image.name] = [d for d in detections if d.label in allowed]
         ignored += len(detections) - len(kept[image.name])
 
+    # Only attributes the model was asked for are scored: those that some prediction has.
+    predicted_attributes = {key for detections in kept.values() for d in detections
+                            for key in d.attributes}
     metrics = {name: CategoryMetrics(name) for name in names}
     overall_attributes: Dict[str, AttributeAccuracy] = {}
     for image in images:
@@ -329,6 +333,8 @@ def evaluate(ground_truth: Sequence[LabeledImage], predictions: Mapping[str, Lis
                 if gt_index is None:
                     continue
                 for key, value in gt_objects[gt_index].attributes.items():
+                    if key not in predicted_attributes:
+                        continue  # never asked for (no prediction has it): not scored
                     right = _same_value(value, det.attributes.get(key))
                     for table in (entry.attributes, overall_attributes):
                         counter = table.setdefault(key, AttributeAccuracy())
@@ -385,9 +391,6 @@ def format_table(report: EvaluationReport) -> str:
             missing = f', {counter.missing} without it' if counter.missing else ''
             lines.append(f'  {key}: {_ratio(counter.accuracy)} '
                          f'({counter.correct}/{counter.total}{missing})')
-    if report.images_without_predictions:
-        lines.append(f'note: {len(report.images_without_predictions)} images had no '
-                     'prediction file (counted as no detections)')
     if report.predictions_without_ground_truth:
         lines.append(f'note: {len(report.predictions_without_ground_truth)} prediction files '
                      'name images absent from the ground truth (ignored)')

@@ -251,7 +251,8 @@ def write_dataset(out_dir, count: int, seed: int,
         raise ValueError(f'{out_dir}: exists and is not a folder')
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
-            raise FileExistsError(f'{out_dir}: not empty (pass overwrite=True / --overwrite)')
+            raise FileExistsError(f'{out_dir} exists and is not empty (overwrite=True replaces '
+                                  'the dataset there)')
         for path in _dataset_files(out_dir):
             path.unlink()
         labels_dir = out_dir / 'labels'

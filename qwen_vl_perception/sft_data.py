@@ -152,6 +152,23 @@ def _place_image(source: Path, target: Path, link: bool) -> None:
         shutil.copyfile(source, target)
 
 
+def category_coverage(images: Sequence[LabeledImage], prompt: PromptBuilder
+                      ) -> Tuple[Counter, Counter]:
+    """``(objects per prompt category, objects per label that is no category)`` of ``images``,
+    matched as :func:`write_sft_dataset` matches them; lets a tool refuse a dataset whose
+    answers would all be empty before it writes anything."""
+    matcher = LabelMatcher(prompt.categories, match_head_noun=False)
+    kept, dropped = Counter(), Counter()
+    for image in images:
+        for obj in image.objects:
+            category = matcher.match(obj.label)
+            if category is None:
+                dropped[obj.label] += 1
+            else:
+                kept[category] += 1
+    return kept, dropped
+
+
 def write_sft_dataset(images: Sequence[LabeledImage], out_dir: PathLike, prompt: PromptBuilder,
                       name: str = 'detection', val_fraction: float = 0.0, seed: int = 0,
                       link: bool = False, skip_empty: bool = False,

@@ -5,7 +5,9 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+from .categories import normalize_categories
 
 PathLike = Union[str, os.PathLike]
 
@@ -35,6 +37,21 @@ def quiet_library_logs() -> None:
     logging.getLogger('bitsandbytes.backends.cpu.ops').setLevel(logging.ERROR)
 
 
+def quiet_progress_bars() -> None:
+    """No "Loading weights" progress bar each time a tool loads a model.
+
+    transformers reads the switch when it is imported (``HF_HUB_DISABLE_PROGRESS_BARS``);
+    when it is imported already, its own switch is turned off. A user's explicit setting of
+    the variable is kept. Training and detection progress are the tools' own bars.
+    """
+    os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
+    if os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] != '1':
+        return
+    hf_logging = sys.modules.get('transformers.utils.logging')
+    if hf_logging is not None:
+        hf_logging.disable_progress_bar()
+
+
 def fail(message: str) -> int:
     """Print ``error: message`` to stderr and return :data:`USAGE_ERROR`."""
     print(f'error: {message}', file=sys.stderr)
@@ -46,13 +63,46 @@ def run_tool(run, args, expected=(), check_failures=()) -> int:
     exception types) print one ``error:`` line and give :data:`USAGE_ERROR`; a failed
     self-check (``check_failures``) gives 1. Anything else is a bug and keeps its traceback."""
     quiet_library_logs()
+    quiet_progress_bars()
+    _created.clear()
     try:
         return run(args)
     except tuple(check_failures) as error:
         print(f'error: {error}', file=sys.stderr)
         return 1
     except (ToolError, *expected) as error:
+        remove_created_outputs()
         return fail(str(error))
+    except BaseException:
+        remove_created_outputs()
+        raise
+    finally:
+        _created.clear()
+
+
+_created: List[Tuple[Path, Optional[set]]] = []
+"""Output folders :func:`prepare_output_dir` prepared in this run, each with the names of
+the entries it held then (None: the folder, or the outermost folder above it, was made)."""
+
+
+def remove_created_outputs() -> None:
+    """Undo :func:`prepare_output_dir` after a failed run: remove the folders it created and,
+    in a folder that existed, only the entries that were not there before. A folder the user
+    had keeps everything it held. :func:`run_tool` calls it when a tool fails."""
+    while _created:
+        folder, before = _created.pop()
+        if not folder.is_dir():
+            continue
+        if before is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        for entry in folder.iterdir():
+            if entry.name in before:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def prepare_output_dir(path: PathLike, overwrite: bool,
@@ -61,9 +111,11 @@ def prepare_output_dir(path: PathLike, overwrite: bool,
     """Check and create a tool's output folder; return it.
 
     A folder that exists and is not empty is refused unless ``overwrite``; with it, the files
-    matching ``stale_patterns`` (e.g. :data:`MODEL_WEIGHT_PATTERNS`) are deleted first and the
-    others are replaced as the tool writes them. The output may not be, contain or lie inside
-    any of ``inputs`` (a tool must not write over what it reads).
+    and folders matching ``stale_patterns`` (e.g. :data:`MODEL_WEIGHT_PATTERNS`, or a tool's
+    own output folders) are deleted first and the others are replaced as the tool writes them.
+    The output may not be, contain or lie inside any of ``inputs`` (a tool must not write over
+    what it reads). What the folder held is recorded, so that a failed run under
+    :func:`run_tool` removes only what it created (:func:`remove_created_outputs`).
     """
     out = Path(path)
     resolved = out.resolve()
@@ -76,7 +128,8 @@ def prepare_output_dir(path: PathLike, overwrite: bool,
                             'write the result somewhere else')
     if out.exists() and not out.is_dir():
         raise ToolError(f'{out} exists and is not a folder')
-    if out.is_dir() and any(out.iterdir()):
+    existed = out.is_dir()
+    if existed and any(out.iterdir()):
         if not overwrite:
             raise ToolError(f'{out} exists and is not empty (pass --overwrite to write into it)')
         for pattern in stale_patterns:
@@ -85,6 +138,13 @@ def prepare_output_dir(path: PathLike, overwrite: bool,
                     shutil.rmtree(stale)
                 else:
                     stale.unlink()
+    if existed:
+        _created.append((resolved, {entry.name for entry in out.iterdir()}))
+    else:
+        top = resolved  # the outermost folder this call makes (parents included)
+        while not top.parent.exists():
+            top = top.parent
+        _created.append((top, None))
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -100,6 +160,26 @@ def split_names(values: Optional[Iterable[str]]) -> Optional[List[str]]:
     for value in values:
         names.extend(part.strip() for part in str(value).split(',') if part.strip())
     return names
+
+
+def category_names(values: Optional[Iterable[str]],
+                   option: str = '--categories') -> Optional[List[str]]:
+    """The categories of a tool's ``--categories`` option, checked by the node's rule.
+
+    Names are space- or comma-separated (:func:`split_names`); a value that is empty or blank
+    as a whole stays as an empty name, which the node's validator
+    (:func:`~qwen_vl_perception.categories.normalize_categories`) refuses with the message
+    the node gives for the same parameter value. ``None`` (option not given) stays ``None``.
+    """
+    if values is None:
+        return None
+    names: List[str] = []
+    for value in values:
+        names.extend(split_names([value]) or [str(value)])
+    try:
+        return normalize_categories(names)
+    except ValueError as error:
+        raise ToolError(f'invalid {option}: {error}') from None
 
 
 def folder_bytes(path: PathLike, patterns: Sequence[str] = ('*',)) -> int:

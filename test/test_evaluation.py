@@ -112,6 +112,17 @@ def test_hand_computed_case():
     assert cup.attributes['color'].accuracy == pytest.approx(1 / 3)
 
 
+def test_attributes_no_prediction_has_are_not_reported():
+    # The ground truth knows colours and shapes; the model was asked for colours only.
+    truth = [LabeledImage('/data/a.png', 100, 100, [gt('cup', (0, 0, 10, 10), color='red',
+                                                       shape='round')])]
+    predictions = {'a.png': [det('cup', (0, 0, 10, 10), 0.9, color='red')]}
+    report = evaluate(truth, predictions)
+    assert list(report.attributes) == ['color']
+    assert 'shape' not in format_table(report)
+    assert evaluate(truth, {'a.png': [det('cup', (0, 0, 10, 10), 0.9)]}).attributes == {}
+
+
 def test_score_threshold_changes_precision_recall_not_ap():
     truth, predictions = tiny_case()
     report = evaluate(truth, predictions, score_threshold=0.65)

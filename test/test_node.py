@@ -35,6 +35,10 @@ from qwen_vl_perception.trained_prompt import write_prompt_file  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from trained_models import memorize_answer  # noqa: E402
 
+# A thread that fails (e.g. InvalidHandle from a node destroyed under a spinning executor)
+# fails the test instead of leaving a warning.
+pytestmark = pytest.mark.filterwarnings('error::pytest.PytestUnhandledThreadExceptionWarning')
+
 CATEGORIES = ['cup', 'bottle']
 ATTRIBUTES = ['color']
 ANSWER = ('```json\n[\n  {"bbox_2d": [100, 200, 300, 400], "label": "cup", "color": "red"},\n'
@@ -116,12 +120,16 @@ class Harness:
         return future.result().results
 
     def close(self):
+        # The spinning thread must have stopped before the nodes go: rclpy's executor
+        # shutdown does not wait for it, and a wait set still holding a node being destroyed
+        # raises InvalidHandle in that thread.
         self.node.shutdown()
         self.executor.shutdown()
+        self.spinner.join(30)
+        assert not self.spinner.is_alive(), 'the executor thread did not stop'
         self.node.destroy_node()
         self.peer.destroy_node()
         rclpy.try_shutdown(context=self.context)
-        self.spinner.join(5)
 
 
 def wait_for(predicate, timeout, message):
@@ -257,22 +265,20 @@ def test_compressed_transport_and_rate_limit(answering_checkpoint):
         publisher = harness.peer.create_publisher(CompressedImage, 'image/compressed', 10)
         wait_for(lambda: publisher.get_subscription_count() > 0, 10, 'not connected')
         pixels = np.random.default_rng(1).integers(0, 256, (480, 640, 3), dtype=np.uint8)
-        arrivals = []
+        starts = []
         for stamp in (1, 2, 3):
             message = CompressedImage(format='jpeg',
                                       data=cv2.imencode('.jpg', pixels)[1].tobytes())
             message.header.stamp.sec = stamp
             publisher.publish(message)
-            wait_for(lambda: len(harness.detections) == stamp, 30, f'frame {stamp} unanswered')
-            arrivals.append(time.monotonic())
+            wait_for(lambda: len(harness.detections) == stamp, 60, f'frame {stamp} unanswered')
+            starts.append(harness.node.counters.last_inference_start)
         assert [len(a.detections) for a in harness.detections] == [2, 2, 2]
-        # At most 0.4 inferences per second: results 2.5 s apart although each frame was
-        # published as soon as the previous result arrived and one inference takes less.
-        inference = harness.node.counters.last_inference_s
-        if inference > 2.0:
-            pytest.skip(f'one inference took {inference:.1f} s: too slow to see the limit')
-        gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-        assert min(gaps) >= 2.5 - 0.2, gaps
+        # At most 0.4 inferences per second: the node began its inferences 2.5 s apart
+        # (its own clock), although each frame was published as soon as the previous result
+        # arrived. What the node decided, not when results arrived: load cannot shorten it.
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        assert min(gaps) >= 2.5, gaps
         garbage = CompressedImage(format='jpeg', data=b'not a jpeg')
         publisher.publish(garbage)
         wait_for(lambda: harness.node.counters.invalid_images == 1, 10, 'garbage not counted')
@@ -294,6 +300,18 @@ def test_unset_categories_are_what_the_model_was_trained_on(answering_checkpoint
             ['cup', 'bottle']
     finally:
         harness.close()
+
+
+def test_ready_line_counts_one_category_and_destroying_stops_the_worker(
+        answering_checkpoint, capfd):
+    harness = Harness(node_parameters(answering_checkpoint, categories=['cup']))
+    assert 'ready: 1 category, model on cpu' in capfd.readouterr().err
+    harness.executor.shutdown()
+    harness.spinner.join(30)
+    harness.node.destroy_node()  # without shutdown() first: the worker must stop all the same
+    assert not harness.node._worker.is_alive()
+    harness.peer.destroy_node()
+    rclpy.try_shutdown(context=harness.context)
 
 
 def test_unset_pixel_budget_is_a_tool_trained_models_own(answering_checkpoint, tmp_path):
@@ -405,8 +423,10 @@ def test_ctrl_c_shuts_the_node_down_cleanly(answering_checkpoint, busy):
     reader.start()
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=domain_id)
+    spinner = None
     try:
         wait_for(lambda: any('ready' in line for line in lines), 120, f'not ready: {lines}')
+        assert any('ready: 2 categories,' in line for line in lines), lines
         if busy:  # a camera keeps the model busy: Ctrl-C lands while a frame is in flight
             peer = rclpy.create_node('ctrl_c_camera', context=context)
             received = []
@@ -414,7 +434,8 @@ def test_ctrl_c_shuts_the_node_down_cleanly(answering_checkpoint, busy):
             camera = peer.create_publisher(Image, 'image', 5)
             executor = MultiThreadedExecutor(context=context)
             executor.add_node(peer)
-            threading.Thread(target=executor.spin, daemon=True).start()
+            spinner = threading.Thread(target=executor.spin, daemon=True)
+            spinner.start()
             wait_for(lambda: camera.get_subscription_count() > 0, 10, 'not connected')
             # Small frames: large best-effort messages between processes may be lost under load.
             for stamp in range(600):
@@ -431,6 +452,10 @@ def test_ctrl_c_shuts_the_node_down_cleanly(answering_checkpoint, busy):
         assert not any('Traceback' in line for line in lines), ''.join(lines)
     finally:
         process.kill()
+        if spinner is not None:  # stopped before its node goes (see Harness.close)
+            executor.shutdown()
+            spinner.join(30)
+            peer.destroy_node()
         rclpy.try_shutdown(context=context)
 
 

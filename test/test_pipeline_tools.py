@@ -10,6 +10,8 @@ import importlib.util
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,8 @@ from qwen_vl_perception.labels import load_labels, load_predictions  # noqa: E40
 from qwen_vl_perception.model.configs import tiny_config  # noqa: E402
 from qwen_vl_perception.model.lora import (  # noqa: E402
     AdapterError, read_adapter, select_target_modules, tied_module_problems)
+from qwen_vl_perception.model.pixel_budget import read_pixel_budget  # noqa: E402
+from qwen_vl_perception.model.pixel_budget import write_pixel_budget  # noqa: E402
 from qwen_vl_perception.parsing import parse_objects  # noqa: E402
 from qwen_vl_perception.prompt import IMAGE_PLACEHOLDER, PromptBuilder  # noqa: E402
 from qwen_vl_perception.scenes import write_dataset  # noqa: E402
@@ -37,7 +41,7 @@ from qwen_vl_perception.trained_prompt import PROMPT_FILE  # noqa: E402
 
 TOOLS = Path(__file__).resolve().parents[1] / 'tools'
 SIZES = [(96, 72), (72, 96)]
-PIXELS = ['--min-pixels', '1024', '--max-pixels', '4096']  # a handful of visual tokens
+BASE_BUDGET = (1024, 4096)  # a handful of visual tokens
 
 
 def load_tool(name):
@@ -85,21 +89,33 @@ def sft(work, scenes):
 
 
 @pytest.fixture(scope='module')
-def adapter(work, sft, tiny_checkpoint):
+def trained_base(work, sft, tiny_checkpoint):
+    """The tiny checkpoint as a model fine-tuned by the tools is: with its training prompt and
+    the pixel budget it was trained at (a small one, unlike the node's default)."""
+    base = work / 'trained-base'
+    shutil.copytree(tiny_checkpoint, base)
+    shutil.copy(sft / PROMPT_FILE, base / PROMPT_FILE)
+    write_pixel_budget(base, *BASE_BUDGET)
+    return base
+
+
+@pytest.fixture(scope='module')
+def adapter(work, sft, trained_base):
+    # No --min-pixels/--max-pixels: the adapter must be trained at the base's own budget.
     out = work / 'adapter'
     code, stdout, stderr = run_tool('finetune', [
-        '--base', tiny_checkpoint, '--dataset', sft, '--out', out, '--max-steps', '3',
+        '--base', trained_base, '--dataset', sft, '--out', out, '--max-steps', '3',
         '--lr', '5e-3', '--batch-size', '2', '--grad-accum', '1', '--logging-steps', '1',
-        '--device', 'cpu', '--no-progress', *PIXELS])
+        '--device', 'cpu', '--no-progress'])
     assert code == 0, stderr
     return out, stdout
 
 
 @pytest.fixture(scope='module')
-def merged(work, adapter, tiny_checkpoint):
+def merged(work, adapter, trained_base):
     out = work / 'merged'
     code, stdout, stderr = run_tool('merge_lora', [
-        '--base', tiny_checkpoint, '--adapter', adapter[0], '--out', out, '--device', 'cpu'])
+        '--base', trained_base, '--adapter', adapter[0], '--out', out, '--device', 'cpu'])
     assert code == 0, stderr
     return out, stdout
 
@@ -110,7 +126,7 @@ def quantized(work, merged):
     code, stdout, stderr = run_tool('quantize', [
         '--model', merged[0], '--out', out, '--device', 'cpu', '--check-tokens', '4'])
     assert code == 0, stderr
-    return out, stdout
+    return out, stdout + stderr
 
 
 @pytest.fixture(scope='module')
@@ -157,9 +173,11 @@ def test_finetune_writes_a_peft_adapter(adapter, tiny_checkpoint):
     assert config['r'] == 8 and config['lora_alpha'] == 16
     info = read_adapter(out)  # the merge tool's own reader accepts it
     assert info.weight_keys and all('language_model.layers' in key for key in info.weight_keys)
+    # Trained at the base's own budget (no option given), not at the node's default.
     preprocessor = json.loads((out / 'preprocessor_config.json').read_text())
     assert preprocessor['size'] == {'shortest_edge': 1024, 'longest_edge': 4096}
-    assert 'training loss' in stdout
+    assert log['config']['min_pixels'] == 1024 and log['config']['max_pixels'] == 4096
+    assert 'training loss' in stdout and 'fed at 1024-4096 pixels' in stdout
 
 
 def test_merge_matches_base_plus_adapter_and_reloads(merged, tiny_checkpoint):
@@ -185,6 +203,7 @@ def test_merge_matches_base_plus_adapter_and_reloads(merged, tiny_checkpoint):
     for name in ('tokenizer.json', 'chat_template.jinja', 'preprocessor_config.json',
                  'video_preprocessor_config.json', PROMPT_FILE):
         assert (out / name).is_file(), name
+    assert read_pixel_budget(out) == BASE_BUDGET
 
 
 def test_quantize_reloads_as_4bit_and_generates(quantized, merged):
@@ -203,6 +222,7 @@ def test_quantize_reloads_as_4bit_and_generates(quantized, merged):
     assert log['check_new_tokens'] >= 1 and log['linear4bit_layers'] == 26
     assert 'size:' in stdout and 'check answer' in stdout
     assert (out / 'tokenizer.json').is_file() and (out / PROMPT_FILE).is_file()
+    assert read_pixel_budget(out) == BASE_BUDGET
 
 
 def test_detect_folder_writes_predictions_images_and_summary(detections, scenes):
@@ -448,3 +468,243 @@ def test_detect_folder_prints_each_object_with_its_attributes():
     assert printed == 'img2.png: 1 object(s) in 1.50 s\n  #0 cup 1.00 [64, 96, 192, 192] color=red'
     assert tool.output_names([Path('a.png'), Path('a.jpg'), Path('b.png')]) == [
         'a.png', 'a.jpg', 'b']
+
+
+# --------------------------------------------------------------------------------------------
+# No silent wrong results (issue #11)
+
+
+def _scaled_adapter(source, target, factor):
+    """A copy of an adapter whose LoRA B matrices are multiplied by ``factor`` (0: a LoRA
+    that changes nothing, as an untrained one)."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(source, target)
+    path = target / 'adapter_model.safetensors'
+    tensors = load_file(str(path))
+    save_file({key: value * factor if 'lora_B' in key else value
+               for key, value in tensors.items()}, str(path), metadata={'format': 'pt'})
+    return target
+
+
+def test_merge_check_at_the_default_dtype_tells_merged_from_base(adapter, trained_base,
+                                                                 tmp_path):
+    # An adapter whose effect is below what bf16 rounding can do to the logits: compared in
+    # bf16 the check could not tell merged from base; compared in float32 it can.
+    weak = _scaled_adapter(adapter[0], tmp_path / 'weak', 0.01)
+    code, stdout, stderr = run_tool('merge_lora', [
+        '--base', trained_base, '--adapter', weak, '--out', tmp_path / 'merged',
+        '--device', 'cpu'])
+    assert code == 0, stderr
+    log = json.loads((tmp_path / 'merged' / 'merge_log.json').read_text())
+    check = log['check']
+    assert log['dtype'] == 'bfloat16' and log['check_passed'] and log['check_conclusive']
+    assert check['max_abs_diff'] <= check['tolerance'] < check['adapter_effect']
+    # A comparison in bf16 needed a tolerance of 10 % of the logit scale: inconclusive here.
+    assert check['adapter_effect'] < 0.1 * max(1.0, check['logit_scale'])
+    assert 'cannot tell' not in stdout + stderr
+    # An adapter that changes nothing cannot be checked: the merge fails, saying so.
+    zero = _scaled_adapter(adapter[0], tmp_path / 'zero', 0.0)
+    code, _, stderr = run_tool('merge_lora', [
+        '--base', trained_base, '--adapter', zero, '--out', tmp_path / 'merged0',
+        '--device', 'cpu'])
+    assert code == 1 and 'cannot tell the merged model' in stderr
+
+
+def test_detect_folder_overwrite_keeps_only_this_runs_outputs(detections, quantized, scenes,
+                                                              tmp_path):
+    run_dir = tmp_path / 'run'
+    shutil.copytree(detections[0], run_dir)
+    (run_dir / 'notes.txt').write_text('mine')
+    one = tmp_path / 'one'
+    one.mkdir()
+    first = sorted((scenes / 'images').glob('*.png'))[0]
+    shutil.copy(first, one / first.name)
+    code, _, stderr = run_tool('detect_folder', [
+        '--model', quantized[0], '--images', one, '--out', run_dir, '--overwrite',
+        '--max-new-tokens', '4', '--device', 'cpu', '--quiet'])
+    assert code == 0, stderr
+    assert sorted(load_predictions(run_dir / 'predictions')) == [first.name]
+    assert [p.name for p in (run_dir / 'annotated').iterdir()] == [
+        first.stem + '_detections.jpg']
+    assert (run_dir / 'notes.txt').read_text() == 'mine'  # not the tool's: kept
+
+
+def test_evaluate_takes_the_run_folder_and_refuses_no_match(detections, scenes, tmp_path):
+    labels = scenes / 'annotations.json'
+    run_dir = tmp_path / 'run'
+    shutil.copytree(detections[0], run_dir)
+    code, _, stderr = run_tool('evaluate', [
+        '--labels', labels, '--predictions', run_dir, '--out', run_dir / 'metrics'])
+    assert code == 0, stderr
+    assert 'warning' not in stderr
+    code, _, stderr = run_tool('evaluate', [
+        '--labels', labels, '--predictions', detections[0] / 'predictions',
+        '--out', tmp_path / 'm2'])
+    assert code == 0, stderr
+    assert (json.loads((run_dir / 'metrics' / 'metrics.json').read_text())
+            == json.loads((tmp_path / 'm2' / 'metrics.json').read_text()))
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    # As a user runs it: its own process, one error line, exit 2, nothing written.
+    result = subprocess.run([sys.executable, str(TOOLS / 'evaluate.py'), '--labels', str(labels),
+                             '--predictions', str(empty), '--out', str(tmp_path / 'm3')],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert 'none of the 4 labelled images has a prediction file' in result.stderr
+    assert result.stderr.count('\n') == 1 and not (tmp_path / 'm3').exists()
+    partial = tmp_path / 'partial'
+    partial.mkdir()
+    shutil.copy(sorted((detections[0] / 'predictions').iterdir())[0], partial)
+    code, stdout, stderr = run_tool('evaluate', [
+        '--labels', labels, '--predictions', partial, '--out', tmp_path / 'm4'])
+    assert code == 0, stderr
+    assert 'warning: 3 of 4 labelled images have no prediction file' in stderr
+
+
+def test_a_failed_run_removes_only_what_it_created(scenes, tmp_path):
+    bad = tmp_path / 'bad.json'
+    bad.write_text('{"images": 3}')
+    code, _, stderr = run_tool('evaluate', [
+        '--labels', bad, '--predictions', scenes, '--out', tmp_path / 'new' / 'metrics'])
+    assert code == 2 and not (tmp_path / 'new').exists()
+    mine = tmp_path / 'mine'
+    mine.mkdir()
+    code, _, stderr = run_tool('evaluate', [
+        '--labels', bad, '--predictions', scenes, '--out', mine])
+    assert code == 2 and mine.is_dir()  # the user's folder stays
+    # A failure after the tool began writing (every image file is missing: images/ was made).
+    labels = json.loads((scenes / 'annotations.json').read_text())
+    for image in labels['images']:
+        image['file_name'] = 'nowhere/' + image['file_name']
+    broken = tmp_path / 'broken.json'
+    broken.write_text(json.dumps(labels))
+    keep = tmp_path / 'keep'
+    keep.mkdir()
+    (keep / 'old.txt').write_text('x')
+    code, _, stderr = run_tool('prepare_data', ['--labels', broken, '--out', keep,
+                                                '--overwrite'])
+    assert code == 2 and 'no sample left' in stderr
+    assert sorted(p.name for p in keep.iterdir()) == ['old.txt']
+
+
+def test_categories_follow_the_nodes_rule_in_every_tool(scenes, quantized, tmp_path):
+    from qwen_vl_perception.categories import normalize_categories
+    with pytest.raises(ValueError) as node_error:
+        normalize_categories([''])  # what the node refuses categories: [''] with
+    message = str(node_error.value)
+    runs = {
+        'detect_folder': ['--model', quantized[0], '--images', scenes / 'images',
+                          '--out', tmp_path / 'd', '--categories', ''],
+        'prepare_data': ['--labels', scenes / 'annotations.json', '--out', tmp_path / 'p',
+                         '--categories', ''],
+        'evaluate': ['--labels', scenes / 'annotations.json', '--predictions', scenes,
+                     '--out', tmp_path / 'e', '--categories', ''],
+        'demo': ['--model', quantized[0], '--images', scenes / 'images', '--out',
+                 tmp_path / 'demo', '--categories', ''],
+    }
+    for tool, args in runs.items():
+        code, _, stderr = run_tool(tool, args)
+        assert code == 2 and stderr == f'error: invalid --categories: {message}\n', tool
+    assert not any(tmp_path.iterdir())
+
+
+def test_prepare_data_refuses_categories_that_match_no_label(scenes, tmp_path):
+    code, _, stderr = run_tool('prepare_data', [
+        '--labels', scenes / 'annotations.json', '--out', tmp_path / 'none',
+        '--categories', '杯子'])
+    assert code == 2 and 'no labelled object is one of the categories (杯子)' in stderr
+    assert not (tmp_path / 'none').exists()
+    truth = load_labels(scenes / 'annotations.json')
+    total = sum(len(image.objects) for image in truth)
+    balls = sum(obj.label == 'ball' for image in truth for obj in image.objects)
+    code, _, stderr = run_tool('prepare_data', [
+        '--labels', scenes / 'annotations.json', '--out', tmp_path / 'some',
+        '--categories', 'ball'])
+    assert code == 0, stderr
+    assert f'({total - balls} of {total} objects)' in stderr and 'warning:' in stderr
+
+
+@pytest.fixture(scope='module')
+def default_model_cache(tmp_path_factory):
+    from qwen_vl_perception.model.default_model import CACHE_ENV
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp('default-model-cache')))
+        yield
+
+
+def test_every_model_option_takes_default(default_model_cache, scenes, sft, tmp_path):
+    one = tmp_path / 'one'
+    one.mkdir()
+    first = sorted((scenes / 'images').glob('*.png'))[0]
+    shutil.copy(first, one / first.name)
+    code, stdout, stderr = run_tool('detect_folder', [
+        '--model', 'default', '--images', one, '--out', tmp_path / 'd',
+        '--max-new-tokens', '4', '--device', 'cpu', '--quiet'])
+    assert code == 0, stderr
+    summary = json.loads((tmp_path / 'd' / 'summary.json').read_text())
+    assert summary['quantization'] == 'nf4' and summary['settings']['categories'] == [
+        'ball', 'box', 'cone', 'ring']
+    # The float32 form is taken as the base of the other tools (each stops at a later check).
+    for tool, args, reason in (
+            ('finetune', ['--base', 'default', '--dataset', sft, '--out', tmp_path / 'f',
+                          '--min-pixels', '0'], 'min_pixels'),
+            ('merge_lora', ['--base', 'default', '--adapter', tmp_path / 'no-adapter',
+                            '--out', tmp_path / 'm'], 'no-adapter'),
+            ('quantize', ['--model', 'default', '--out', tmp_path / 'q',
+                          '--check-tokens', '0'], '--check-tokens')):
+        code, _, stderr = run_tool(tool, args)
+        assert code == 2 and reason in stderr and 'default does not exist' not in stderr, tool
+
+
+def test_model_loading_shows_no_progress_bars(quantized):
+    # "Loading weights" bars on every start are noise in the tools' output.
+    assert 'Loading weights' not in quantized[1]
+
+
+# --------------------------------------------------------------------------------------------
+# The demo (camera, node and recorder over DDS in one process)
+
+
+def test_demo_checks_its_inputs_before_loading_or_writing(tmp_path, tiny_checkpoint):
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    code, _, stderr = run_tool('demo', ['--model', tmp_path / 'nope', '--out', tmp_path / 'o1'])
+    assert code == 2 and 'nope does not exist' in stderr
+    code, _, stderr = run_tool('demo', ['--model', tiny_checkpoint, '--images', empty,
+                                        '--out', tmp_path / 'o2'])
+    assert code == 2 and 'no images' in stderr
+    assert not (tmp_path / 'o1').exists() and not (tmp_path / 'o2').exists()
+    # Nothing was written before the refusal: no synthetic scenes, no folder.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['empty']
+
+
+def test_demo_refuses_a_file_that_is_no_video_with_one_line(tmp_path):
+    # Checked before any node or thread exists: one error line and exit 2 (it used to abort
+    # with "terminate called without an active exception" in some runs, exit 134).
+    video = tmp_path / 'not_a_video.mp4'
+    video.write_bytes(b'not a video at all' * 100)
+    result = subprocess.run([sys.executable, str(TOOLS / 'demo.py'), '--video', str(video),
+                             '--out', str(tmp_path / 'out')],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith('error: cannot open video') and \
+        result.stderr.count('\n') == 1, result.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+def test_demo_skips_unreadable_images_and_lists_every_frame(default_model_cache, tmp_path):
+    pytest.importorskip('rclpy')
+    import cv2
+    images = tmp_path / 'mixed'
+    images.mkdir()
+    cv2.imwrite(str(images / 'a_blank.png'), np.full((96, 128, 3), 127, np.uint8))
+    (images / 'b_corrupt.jpg').write_bytes(b'\xff\xd8 not really a jpeg')
+    # Threshold 1: every detection is dropped, so the frame has none.
+    code, stdout, stderr = run_tool('demo', ['--images', images, '--out', tmp_path / 'out',
+                                             '--device', 'cpu', '--score-threshold', '1.0'])
+    assert code == 0, stderr
+    assert 'skipped b_corrupt.jpg' in stderr
+    rows = [line for line in stdout.splitlines() if line.startswith('a_blank')]
+    assert len(rows) == 1 and '(no detections)' in rows[0], stdout  # a row all the same
+    assert '1 frames (1 unreadable images skipped), 0 detections' in stdout
+    assert (tmp_path / 'out' / 'a_blank_detections.jpg').is_file()

@@ -142,7 +142,8 @@ def test_make_scenes_tool(tmp_path, capsys):
         images = load_labels(out, fmt)
         assert len(images) == 3 and all((i.width, i.height) == (256, 256) for i in images)
     assert tool.main(args) == 2
-    assert '--overwrite' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert '--overwrite' in err and 'overwrite=True' not in err  # the option, not the API
     assert tool.main(args + ['--overwrite']) == 0
     with pytest.raises(SystemExit):
         tool.main(['--out', str(out), '--count', '1', '--sizes', 'big'])

@@ -40,6 +40,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from qwen_vl_perception.model.configs import qwen3_vl_4b_config, tiny_config  # noqa: E402
+from qwen_vl_perception.model.default_model import (DEFAULT_MODEL_NAME,  # noqa: E402
+                                                    resolve_model_path)
 from qwen_vl_perception.model.torch_support import require, require_torch  # noqa: E402
 
 ARTICLE_CATEGORIES = ['table', 'cup', 'bottle', 'chair', 'robot', 'garbage can', 'shelf',
@@ -57,7 +59,9 @@ def parse_args(argv=None):
     parser.add_argument('--tiny', action='store_true',
                         help='the tiny test architecture instead of the 4B one')
     parser.add_argument('--model', type=Path, default=None,
-                        help='an unquantized Qwen3-VL checkpoint folder instead of random weights')
+                        help='an unquantized Qwen3-VL checkpoint folder instead of random '
+                             f"weights, or '{DEFAULT_MODEL_NAME}' (the project's "
+                             'synthetic-scenes model, its float32 form)')
     parser.add_argument('--image', default='640x480', help='WIDTHxHEIGHT of the test image')
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 4, 8])
     parser.add_argument('--new-tokens', type=int, nargs='+', default=[150, 80])
@@ -466,6 +470,8 @@ def memory_processes(args, variants):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.model is not None:
+        args.model = resolve_model_path(str(args.model), 'none')
     if args.memory_only:
         return memory_only(args)
     torch = require_torch()

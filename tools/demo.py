@@ -5,7 +5,7 @@ Three ROS 2 nodes run in this process and talk over real DDS: a camera that publ
 image as sensor_msgs/Image, the perception node (the same class `ros2 run` starts) and a
 recorder that saves the annotated images and prints the detections as a table.
 
-    tools/demo.py                      # default model, 8 new synthetic scenes as the camera
+    tools/demo.py                      # default model, 8 synthetic scenes as the camera
     tools/demo.py --model /models/qwen3-vl-4b-nf4 --images ~/office_photos \\
         --categories cup chair "potted plant" --out demo_out
 
@@ -16,14 +16,20 @@ On a robot, start the node with `ros2 launch qwen_vl_perception perception.launc
 """
 import argparse
 import json
+import os
 import random
 import sys
 import threading
 import time
 
+from pathlib import Path
+
 from qwen_vl_perception.image_conversion import ImageFormatError, save_rgb
-from qwen_vl_perception.image_folder import list_images
-from qwen_vl_perception.tool_support import USAGE_ERROR, ToolError, prepare_output_dir
+from qwen_vl_perception.image_folder import FOLDER_IMAGE_EXTENSIONS, list_images
+from qwen_vl_perception.model.default_model import DEFAULT_MODEL_NAME
+from qwen_vl_perception.model.loading import ModelLoadError, read_checkpoint_config
+from qwen_vl_perception.tool_support import (ToolError, category_names, prepare_output_dir,
+                                             run_tool)
 
 
 def parse_args(argv=None):
@@ -33,12 +39,14 @@ def parse_args(argv=None):
                         help="Qwen3-VL checkpoint directory (default: 'default', the project's "
                              'synthetic-scenes model)')
     source = parser.add_mutually_exclusive_group()
-    source.add_argument('--images', help='folder of images (natural order) played as a camera '
-                                         '(default: --scenes new synthetic scenes)')
+    source.add_argument('--images', help='folder of images (natural order) played as a camera; '
+                                         'unreadable files are skipped (default: --scenes '
+                                         'synthetic scenes)')
     source.add_argument('--video', help='video file played as a camera')
     parser.add_argument('--scenes', type=int, default=8,
                         help='without --images/--video: how many synthetic scenes to write '
-                             'into OUT/camera and play (default 8)')
+                             'into OUT/camera/images and play (default 8; the same held-out '
+                             'scenes every run, ones the default model was not trained on)')
     parser.add_argument('--out', default=None,
                         help='where annotated images go (default demo_out, replaced on each '
                              'run; a folder given here must be empty unless --overwrite)')
@@ -58,27 +66,62 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def frames_from(args):
-    """(name, rgb) pairs from the folder or the video."""
+def check_inputs(args):
+    """Refuse bad options before anything is loaded or written: categories (the node's
+    rule), the model folder, the images folder (at least one image) or the video (it opens and
+    has a frame)."""
+    args.categories = category_names(args.categories)
+    if args.model != DEFAULT_MODEL_NAME:
+        read_checkpoint_config(args.model)
+    if args.images:
+        if not list_images(args.images):
+            raise ToolError(f'no images ({", ".join(FOLDER_IMAGE_EXTENSIONS)}) in {args.images}')
+    elif args.video:
+        # FFmpeg's own log lines for an unreadable file would precede the one error line
+        # (read by OpenCV when it opens its first video; a user's setting is kept).
+        os.environ.setdefault('OPENCV_FFMPEG_LOGLEVEL', '-8')
+        import cv2
+        if not Path(args.video).is_file():
+            raise ToolError(f'video file {args.video} does not exist')
+        capture = cv2.VideoCapture(args.video)
+        try:
+            if not capture.isOpened() or not capture.read()[0]:
+                raise ToolError(f'cannot open video {args.video}: not a video OpenCV can '
+                                'decode')
+        finally:
+            capture.release()
+    elif args.scenes < 1:
+        raise ToolError('--scenes must be at least 1')
+
+
+def frames_from(args, skipped):
+    """(name, rgb) pairs from the folder or the video; unreadable images are reported,
+    appended to ``skipped`` and left out (as tools/detect_folder.py does)."""
     from qwen_vl_perception.image_conversion import load_image_file
     if args.images:
-        paths = list_images(args.images)
-        if not paths:
-            raise ToolError(f'no images in {args.images}')
-        for path in paths:
-            yield path.stem, load_image_file(path)
+        for path in list_images(args.images):
+            try:
+                rgb = load_image_file(path)
+            except (ImageFormatError, OSError) as error:
+                skipped.append(path.name)
+                print(f'skipped {path.name}: {error}', file=sys.stderr)
+                continue
+            yield path.stem, rgb
         return
     import cv2
     capture = cv2.VideoCapture(args.video)
     if not capture.isOpened():
         raise ToolError(f'cannot open video {args.video}')
-    index = 0
-    while True:
-        ok, bgr = capture.read()
-        if not ok:
-            break
-        yield f'frame_{index:05d}', cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        index += 1
+    try:
+        index = 0
+        while True:
+            ok, bgr = capture.read()
+            if not ok:
+                break
+            yield f'frame_{index:05d}', cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            index += 1
+    finally:
+        capture.release()
 
 
 def node_overrides(args):
@@ -96,6 +139,13 @@ def node_overrides(args):
 
 
 def run(args) -> int:
+    if args.out is None:  # the default folder is the demo's own: rerunning replaces it
+        args.out, args.overwrite = 'demo_out', True
+    check_inputs(args)
+    # The demo's own outputs of an earlier run go, so the folder shows only this run's.
+    out = prepare_output_dir(args.out, args.overwrite, inputs=[args.images],
+                             stale_patterns=('*_detections.jpg', 'camera'))
+
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -106,14 +156,11 @@ def run(args) -> int:
     from qwen_vl_perception.ros.messages import image_msg
     from qwen_vl_perception.ros.node import PerceptionNode, StartupError
 
-    if args.out is None:  # the default folder is the demo's own: rerunning replaces it
-        args.out, args.overwrite = 'demo_out', True
-    out = prepare_output_dir(args.out, args.overwrite)
     if not args.images and not args.video:
         args.images = str(_write_scenes(out / 'camera', args.scenes))
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=random.randint(100, 200))
-    perception = None
+    perception = peer = executor = spinner = None
     try:
         try:
             perception = PerceptionNode(context=context, parameter_overrides=node_overrides(args))
@@ -150,8 +197,8 @@ def run(args) -> int:
             time.sleep(0.05)
 
         describe = perception._detector.settings.describe
-        rows, started, count = [], time.monotonic(), 0
-        for index, (name, rgb) in enumerate(frames_from(args), start=1):
+        rows, skipped, started, count = [], [], time.monotonic(), 0
+        for index, (name, rgb) in enumerate(frames_from(args, skipped), start=1):
             if args.max_frames and index > args.max_frames:
                 break
             header = _header(index, name)
@@ -165,7 +212,10 @@ def run(args) -> int:
             annotated = got['annotated']
             save_rgb(out / f'{name}_detections.jpg', _rgb(annotated))
             attributes = json.loads(got['text'].data)['objects'] if 'text' in got else {}
-            for detection in got['detections'].detections:
+            detections = got['detections'].detections
+            if not detections:
+                rows.append((name, None, None, None, None, {}))  # the frame has a row too
+            for detection in detections:
                 hypothesis = detection.results[0].hypothesis
                 extra = {k: v for k, v in attributes.get(detection.id, {}).items()
                          if k not in ('label', 'score')}
@@ -174,23 +224,31 @@ def run(args) -> int:
             count = index
         _print_table(rows)
         elapsed = time.monotonic() - started
-        print(f'\n{count} frames, {len(rows)} detections, {elapsed / max(count, 1):.2f} s per '
-              f'frame; annotated images in {out}/')
-        executor.shutdown()
-        peer.destroy_node()
+        found = sum(row[1] is not None for row in rows)
+        unreadable = f' ({len(skipped)} unreadable images skipped)' if skipped else ''
+        print(f'\n{count} frames{unreadable}, {found} detections, '
+              f'{elapsed / max(count, 1):.2f} s per frame; annotated images in {out}/')
+        if not count:
+            raise ToolError(f'no image in {args.images or args.video} could be read')
         return 0
     finally:
+        # Stop the executor's threads before the nodes and the context go: a thread still
+        # spinning over destroyed handles aborts the process at exit.
+        if executor is not None:
+            executor.shutdown()
+        if spinner is not None:
+            spinner.join(timeout=10.0)
         if perception is not None:
             perception.shutdown()
             perception.destroy_node()
+        if peer is not None:
+            peer.destroy_node()
         rclpy.try_shutdown(context=context)
 
 
 def _write_scenes(folder, count):
     """Held-out synthetic scenes (a seed the default model was not trained on)."""
     from qwen_vl_perception.scenes import write_dataset
-    if count < 1:
-        raise ToolError('--scenes must be at least 1')
     write_dataset(folder, count, seed=20_000, overwrite=True)
     print(f'camera: {count} synthetic scenes written to {folder}/images')
     return folder / 'images'
@@ -214,6 +272,9 @@ def _print_table(rows):
     print(f"{'image':<24} {'id':>3} {'label':<16} {'score':>5}  {'box (x1, y1, x2, y2)':<26} "
           'attributes')
     for name, detection_id, label, score, bbox, extra in rows:
+        if detection_id is None:
+            print(f'{name[:24]:<24} {"-":>3} (no detections)')
+            continue
         cx, cy = bbox.center.position.x, bbox.center.position.y
         box = (f'{cx - bbox.size_x / 2:.0f}, {cy - bbox.size_y / 2:.0f}, '
                f'{cx + bbox.size_x / 2:.0f}, {cy + bbox.size_y / 2:.0f}')
@@ -222,12 +283,9 @@ def _print_table(rows):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ToolError, FileNotFoundError, NotADirectoryError, ImageFormatError) as error:
-        print(f'error: {error}', file=sys.stderr)
-        return USAGE_ERROR
+    return run_tool(run, parse_args(argv),
+                    expected=(FileNotFoundError, NotADirectoryError, ImageFormatError,
+                              ModelLoadError, ValueError))
 
 
 if __name__ == '__main__':

@@ -23,14 +23,15 @@ from qwen_vl_perception.detector import (DEFAULT_ATTRIBUTES, DetectionSettings, 
 from qwen_vl_perception.drawing import draw_detections
 from qwen_vl_perception.image_conversion import ImageFormatError, load_image_file, save_rgb
 from qwen_vl_perception.image_folder import FOLDER_IMAGE_EXTENSIONS, list_images
-from qwen_vl_perception.labels import write_prediction_file
+from qwen_vl_perception.labels import PREDICTIONS_DIR, write_prediction_file
+from qwen_vl_perception.model.default_model import (DEFAULT_MODEL_NAME, DefaultModelError,
+                                                    resolve_model_path)
 from qwen_vl_perception.model.loading import QUANTIZATIONS, ModelLoadError, read_checkpoint_config
 from qwen_vl_perception.model.torch_support import MissingDependencyError
-from qwen_vl_perception.tool_support import (ToolError, prepare_output_dir, run_tool,
-                                             split_names)
+from qwen_vl_perception.tool_support import (ToolError, category_names, prepare_output_dir,
+                                             run_tool, split_names)
 from qwen_vl_perception.trained_prompt import PROMPT_FILE, read_prompt_file
 
-PREDICTIONS_DIR = 'predictions'
 ANNOTATED_DIR = 'annotated'
 SUMMARY_FILE = 'summary.json'
 
@@ -50,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', required=True, help='Qwen3-VL checkpoint folder')
+    parser.add_argument('--model', required=True,
+                        help=f"Qwen3-VL checkpoint folder, or '{DEFAULT_MODEL_NAME}' for the "
+                             "project's synthetic-scenes model (NF4; float32 with "
+                             '--quantization none)')
     parser.add_argument('--images', required=True, help='folder of images (not recursive)')
     parser.add_argument('--out', required=True, help='output folder')
     parser.add_argument('--categories', nargs='+', default=None, metavar='NAME',
@@ -82,14 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest image area fed to the model (default: the checkpoint's)")
     parser.add_argument('--quiet', action='store_true', help='do not print every object')
     parser.add_argument('--overwrite', action='store_true',
-                        help='allow writing into a non-empty --out folder')
+                        help='allow writing into a non-empty --out folder (an earlier run\'s '
+                             f'{PREDICTIONS_DIR}/, {ANNOTATED_DIR}/ and {SUMMARY_FILE} there are '
+                             'deleted first)')
     return parser
 
 
 def main(argv=None) -> int:
     return run_tool(run, build_parser().parse_args(argv),
-                    expected=(ModelLoadError, MissingDependencyError, ValueError,
-                              FileNotFoundError))
+                    expected=(ModelLoadError, MissingDependencyError, DefaultModelError,
+                              ValueError, FileNotFoundError))
 
 
 def detection_settings(args, model_dir: Path) -> DetectionSettings:
@@ -100,7 +106,7 @@ def detection_settings(args, model_dir: Path) -> DetectionSettings:
     for warning in caught:
         print(f'warning: {warning.message}', file=sys.stderr)
     trained = trained or {}
-    categories = split_names(args.categories) or trained.get('categories')
+    categories = category_names(args.categories) or trained.get('categories')
     if not categories:
         raise ToolError(f'no --categories given and {model_dir} has no {PROMPT_FILE} saying '
                         'what it was trained to find; pass --categories')
@@ -125,7 +131,8 @@ def output_names(paths):
 
 
 def run(args) -> int:
-    model_dir = Path(args.model)
+    form = 'none' if args.quantization == 'none' else 'nf4'
+    model_dir = resolve_model_path(args.model, form)
     read_checkpoint_config(model_dir)  # a clear error for a missing or wrong folder, now
     settings = detection_settings(args, model_dir)
     try:
@@ -135,7 +142,9 @@ def run(args) -> int:
     if not images:
         raise ToolError(f'no images ({", ".join(FOLDER_IMAGE_EXTENSIONS)}) in {args.images}')
     prepared = prepare_settings(settings)  # refuse bad options before the model loads
-    out = prepare_output_dir(args.out, args.overwrite, inputs=[args.images, args.model])
+    # --overwrite: the earlier run's outputs go, so the folder holds only this run's.
+    out = prepare_output_dir(args.out, args.overwrite, inputs=[args.images, model_dir],
+                             stale_patterns=(PREDICTIONS_DIR, ANNOTATED_DIR, SUMMARY_FILE))
 
     from qwen_vl_perception.model.engine import VisionLanguageEngine
     started = time.perf_counter()

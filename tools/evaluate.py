@@ -9,8 +9,10 @@ import sys
 import warnings
 
 from qwen_vl_perception.evaluation import evaluate, format_table, plot_report
-from qwen_vl_perception.labels import FORMATS, load_labels, load_predictions
-from qwen_vl_perception.tool_support import ToolError, prepare_output_dir, run_tool
+from qwen_vl_perception.labels import (FORMATS, PREDICTIONS_DIR, load_labels, load_predictions,
+                                       predictions_folder)
+from qwen_vl_perception.tool_support import (ToolError, category_names, prepare_output_dir,
+                                             run_tool)
 
 EXAMPLE = """example:
   # predictions of the 4-bit fine-tuned Qwen3-VL-4B-Instruct over a test folder, then scores
@@ -35,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--format', default='auto', choices=('auto',) + FORMATS,
                         help='label format (default: auto-detect)')
     parser.add_argument('--predictions', required=True,
-                        help='folder of per-image prediction JSON files')
+                        help='folder of per-image prediction JSON files, or the run folder '
+                             f'of tools/detect_folder.py (its {PREDICTIONS_DIR}/ is read)')
     parser.add_argument('--out', required=True, help='folder for metrics.json and metrics.png')
     parser.add_argument('--iou', type=float, default=0.5,
                         help='IoU threshold for precision/recall matching (default 0.5)')
@@ -56,16 +59,26 @@ def main(argv=None) -> int:
 def run(args) -> int:
     if not 0.0 < args.iou <= 1.0:
         raise ToolError(f'--iou must be in (0, 1], got {args.iou}')
-    categories = None
-    if args.categories:
-        categories = [name.strip() for name in args.categories.split(',') if name.strip()]
-    out_dir = prepare_output_dir(args.out, args.overwrite, inputs=[args.predictions])
+    categories = category_names(None if args.categories is None else [args.categories])
+    folder = predictions_folder(args.predictions)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         ground_truth = load_labels(args.labels, args.format)
-        predictions = load_predictions(args.predictions)
+        predictions = load_predictions(folder)
     for warning in caught:
         print(f'warning: {warning.message}', file=sys.stderr)
+    names = [image.name for image in ground_truth]
+    missing = [name for name in names if name not in predictions]
+    if names and len(missing) == len(names):
+        raise ToolError(f'none of the {len(names)} labelled images has a prediction file in '
+                        f'{folder} ({len(predictions)} prediction files there); give the '
+                        f'folder tools/detect_folder.py wrote (its {PREDICTIONS_DIR}/ '
+                        'sub-folder or the run folder itself)')
+    if missing:
+        print(f'warning: {len(missing)} of {len(names)} labelled images have no prediction '
+              f'file in {folder} (counted as no detections), e.g. {missing[0]}',
+              file=sys.stderr)
+    out_dir = prepare_output_dir(args.out, args.overwrite, inputs=[folder])
     report = evaluate(ground_truth, predictions, categories=categories,
                       iou_threshold=args.iou, score_threshold=args.score_threshold)
     print(format_table(report))

@@ -5,7 +5,8 @@ Defaults follow the article's LLaMA-Factory run: QLoRA (NF4 base) in bf16 on CUD
 rate 3e-5, 3 epochs, batch 2 x gradient accumulation 2, cosine schedule, cutoff 2048 tokens,
 LoRA rank 8 / alpha 16 / dropout 0 on the language model's linear layers (never lm_head or
 embed_tokens: Qwen3-VL ties them, peft#2018). Training prompts are built exactly as the node
-builds its prompts, at the node's default resolution (--min-pixels/--max-pixels).
+builds its prompts, at the resolution the node runs the base at (--min-pixels/--max-pixels:
+a base fine-tuned by these tools keeps the budget it was trained at).
 
 Writes a PEFT adapter folder: adapter_config.json, adapter_model.safetensors, the base's
 tokenizer/processor files (with the training pixel budget), detection_prompt.json and
@@ -16,9 +17,13 @@ import sys
 import warnings
 from pathlib import Path
 
+from qwen_vl_perception.model.default_model import (DEFAULT_MODEL_NAME, DefaultModelError,
+                                                    resolve_model_path)
 from qwen_vl_perception.model.loading import COMPUTE_DTYPES, QUANTIZATIONS, ModelLoadError
 from qwen_vl_perception.model.lora import AdapterError, TARGET_GROUPS
 from qwen_vl_perception.model.lora_training import LoraTrainingConfig, train_lora
+from qwen_vl_perception.model.pixel_budget import (NODE_MAX_PIXELS, NODE_MIN_PIXELS,
+                                                   model_pixel_budget)
 from qwen_vl_perception.model.torch_support import MissingDependencyError
 from qwen_vl_perception.sft_data import VAL_DATASET_FILE, resolve_dataset_file
 from qwen_vl_perception.tool_support import (MODEL_WEIGHT_PATTERNS, ToolError,
@@ -40,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--base', required=True, help='base Qwen3-VL checkpoint folder')
+    parser.add_argument('--base', required=True,
+                        help=f"base Qwen3-VL checkpoint folder, or '{DEFAULT_MODEL_NAME}' for "
+                             "the project's synthetic-scenes model (its float32 form)")
     parser.add_argument('--dataset', required=True,
                         help='dataset folder (with dataset.json) or a sharegpt JSON file')
     parser.add_argument('--val-dataset', default=None,
@@ -94,12 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help='auto = bfloat16 on CUDA, float32 on CPU')
     runtime.add_argument('--gradient-checkpointing', action=argparse.BooleanOptionalAction,
                          default=None, help='default: on for CUDA, off on CPU')
-    runtime.add_argument('--min-pixels', type=int, default=defaults.min_pixels,
-                         help='smallest image area fed to the model (default %(default)s, the '
-                              "node's)")
-    runtime.add_argument('--max-pixels', type=int, default=defaults.max_pixels,
-                         help='largest image area fed to the model (default %(default)s, the '
-                              "node's)")
+    runtime.add_argument('--min-pixels', type=int, default=None,
+                         help="smallest image area fed to the model (default: the base's, as "
+                              'the node runs it: the budget a model fine-tuned by these tools '
+                              f'was trained at, else {NODE_MIN_PIXELS})')
+    runtime.add_argument('--max-pixels', type=int, default=None,
+                         help="largest image area fed to the model (default: the base's, as "
+                              f'the node runs it, else {NODE_MAX_PIXELS})')
     parser.add_argument('--no-progress', action='store_true', help='no progress bars')
     parser.add_argument('--overwrite', action='store_true',
                         help='allow writing into a non-empty --out folder')
@@ -108,30 +116,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     return run_tool(run, build_parser().parse_args(argv),
-                    expected=(ModelLoadError, AdapterError, MissingDependencyError, ValueError,
-                              FloatingPointError))
+                    expected=(ModelLoadError, AdapterError, MissingDependencyError,
+                              DefaultModelError, ValueError, FloatingPointError))
 
 
 def run(args) -> int:
+    args.base = resolve_model_path(args.base, 'none')
     dataset = resolve_dataset_file(args.dataset)
     val_dataset = args.val_dataset
     if val_dataset is None and (dataset.parent / VAL_DATASET_FILE).is_file() \
             and dataset.name != VAL_DATASET_FILE:
         val_dataset = dataset.parent / VAL_DATASET_FILE
+    if not Path(args.base).is_dir():
+        raise ToolError(f'base model folder {args.base} does not exist')
+    min_pixels, max_pixels = model_pixel_budget(args.base, args.min_pixels, args.max_pixels)
     config = LoraTrainingConfig(
         learning_rate=args.learning_rate, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, gradient_accumulation=args.grad_accum,
         lr_scheduler=args.lr_scheduler, warmup=args.warmup, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, lora_targets=tuple(split_names(args.lora_targets)),
-        min_pixels=args.min_pixels, max_pixels=args.max_pixels, cutoff_len=args.cutoff_len,
+        min_pixels=min_pixels, max_pixels=max_pixels, cutoff_len=args.cutoff_len,
         seed=args.seed, device=args.device, quantization=args.quantization,
         compute_dtype=args.compute_dtype, gradient_checkpointing=args.gradient_checkpointing,
         logging_steps=args.logging_steps, save_steps=args.save_steps)
-    if not Path(args.base).is_dir():
-        raise ToolError(f'base model folder {args.base} does not exist')
     out = prepare_output_dir(args.out, args.overwrite, inputs=[args.base, dataset.parent],
                              stale_patterns=MODEL_WEIGHT_PATTERNS)
+    print(f'training images fed at {min_pixels}-{max_pixels} pixels')
     with warnings.catch_warnings():
         # transformers 5 warns about its own deprecated alias while loading Qwen3-VL.
         warnings.filterwarnings('ignore', message='.*is_gradient_checkpointing.*')

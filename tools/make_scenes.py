@@ -11,6 +11,7 @@ from collections import Counter
 
 from qwen_vl_perception.labels import FORMATS
 from qwen_vl_perception.scenes import DEFAULT_SIZES, parse_sizes, write_dataset
+from qwen_vl_perception.tool_support import fail
 
 EXAMPLE = """example:
   python tools/make_scenes.py --out data/scenes_train --count 2000 --seed 1
@@ -55,9 +56,11 @@ def main(argv=None) -> int:
         images = write_dataset(args.out, args.count, args.seed, sizes=sizes, format=formats,
                                overwrite=args.overwrite, min_objects=args.min_objects,
                                max_objects=args.max_objects)
-    except (ValueError, FileExistsError) as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 2
+    except FileExistsError:
+        return fail(f'{args.out} exists and is not empty (pass --overwrite to replace the '
+                    'dataset there; other files are kept)')
+    except ValueError as error:
+        return fail(str(error))
     objects = Counter(obj.label for image in images for obj in image.objects)
     summary = ', '.join(f'{count} {label}' for label, count in sorted(objects.items()))
     print(f'wrote {len(images)} images ({summary}) with {"/".join(formats)} labels '

@@ -6,12 +6,16 @@ and chat template, and loads with AutoModelForImageTextToText (and the node). Ch
 anything loads: the base is not quantized (merge into bf16, then run tools/quantize.py), and
 the adapter puts no LoRA or modules_to_save on lm_head/embed_tokens (tied in Qwen3-VL:
 peft#2018). Checked after saving: on a probe image + instruction, the reloaded merged model's
-logits match base+adapter within a tolerance (max |difference| printed; merge_log.json).
+logits match base+adapter within a tolerance, compared in float32 so that the check tells
+merged from base (max |difference| printed; merge_log.json); a check that cannot tell them
+apart (an untrained adapter) fails.
 """
 import argparse
 import sys
 import warnings
 
+from qwen_vl_perception.model.default_model import (DEFAULT_MODEL_NAME, DefaultModelError,
+                                                    resolve_model_path)
 from qwen_vl_perception.model.loading import ModelLoadError
 from qwen_vl_perception.model.lora import AdapterError, read_adapter
 from qwen_vl_perception.model.merging import (MERGE_DTYPES, MERGE_LOG, RELATIVE_TOLERANCE,
@@ -38,19 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--base', required=True,
-                        help='unquantized base checkpoint the adapter was trained on')
+                        help='unquantized base checkpoint the adapter was trained on, or '
+                             f"'{DEFAULT_MODEL_NAME}' for the project's synthetic-scenes model "
+                             '(its float32 form)')
     parser.add_argument('--adapter', required=True,
                         help='adapter folder (adapter_config.json + adapter_model.safetensors)')
     parser.add_argument('--out', required=True, help='folder for the merged checkpoint')
     parser.add_argument('--dtype', default='bfloat16', choices=MERGE_DTYPES,
-                        help='dtype of the merged weights (default %(default)s)')
+                        help='dtype of the merged weights (default %(default)s; merging and '
+                             'the check run in float32 whatever it is)')
     parser.add_argument('--device', default='auto',
                         help="where to merge and check: 'auto' (CUDA when available), 'cpu', "
                              "'cuda' or 'cuda:N'")
-    tolerances = ', '.join(f'{name} {value:g}' for name, value in RELATIVE_TOLERANCE.items())
     parser.add_argument('--tolerance', type=float, default=None,
-                        help='largest allowed |logit difference| on the probe (default: a share '
-                             f'of the largest |logit|: {tolerances})')
+                        help='largest allowed |logit difference| on the probe, compared in '
+                             f'float32 (default: {RELATIVE_TOLERANCE:g} x the largest |logit|)')
     parser.add_argument('--probe-image', default=None,
                         help='image for the check (default: a fixed synthetic scene)')
     parser.add_argument('--probe-instruction', default=None,
@@ -71,11 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     return run_tool(run, build_parser().parse_args(argv),
                     expected=(ModelLoadError, AdapterError, MergeError, MissingDependencyError,
-                              ValueError),
+                              DefaultModelError, ValueError),
                     check_failures=(MergeCheckError,))
 
 
 def run(args) -> int:
+    args.base = resolve_model_path(args.base, 'none')
     check_mergeable_base(args.base)
     adapter = read_adapter(args.adapter)
     out = prepare_output_dir(args.out, args.overwrite, inputs=[args.base, args.adapter],
@@ -89,17 +96,24 @@ def run(args) -> int:
                             instruction=args.probe_instruction, min_pixels=args.min_pixels,
                             max_pixels=args.max_pixels)
     check = result.check
-    print(f'logit check on {check.positions} probe positions: max |merged - base+adapter| = '
-          f'{check.max_abs_diff:.4g} (tolerance {check.tolerance:.4g}; largest |logit| '
-          f'{check.logit_scale:.4g}); reload vs in-memory merge {check.reload_diff:.4g}; '
-          f'top-1 agreement {check.top1_agreement:.1%}')
-    print(f'the adapter changes the logits by up to {check.adapter_effect:.4g}'
-          + ('' if check.conclusive else ' (not more than the tolerance: an untrained adapter? '
-                                         'the check cannot tell merged from base)'))
+    print(f'logit check in float32 on {check.positions} probe positions: max |merged - '
+          f'base+adapter| = {check.max_abs_diff:.4g} (tolerance {check.tolerance:.4g}; largest '
+          f'|logit| {check.logit_scale:.4g}); the adapter changes the logits by up to '
+          f'{check.adapter_effect:.4g}')
+    print(f'saved in {result.dtype}: reloaded vs as saved {check.reload_diff:.4g}; rounding to '
+          f'{result.dtype} moves the logits by up to {check.rounding_diff:.4g} (top-1 agreement '
+          f'{check.top1_agreement:.1%})')
     print(f'sizes: base {format_bytes(result.base_weight_bytes)}, adapter '
           f'{format_bytes(result.adapter_weight_bytes)}, merged '
           f'{format_bytes(result.merged_weight_bytes)} ({result.dtype})')
     print(f'wrote the merged checkpoint to {out} in {result.seconds:.0f} s')
+    if not check.conclusive:
+        print(f'error: the adapter changes the probe logits by only {check.adapter_effect:.4g}, '
+              f'not more than the tolerance {check.tolerance:.4g}: the check cannot tell the '
+              f'merged model in {out} from its base (an untrained adapter, or one for another '
+              'base?); check with a --probe-image/--probe-instruction where the adapter '
+              'matters, or a smaller --tolerance', file=sys.stderr)
+        return 1
     return 0
 
 

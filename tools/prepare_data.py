@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from qwen_vl_perception.labels import FORMATS, load_labels
 from qwen_vl_perception.prompt import DEFAULT_ATTRIBUTES, PromptBuilder
-from qwen_vl_perception.sft_data import write_sft_dataset
-from qwen_vl_perception.tool_support import (ToolError, prepare_output_dir, run_tool,
-                                             split_names)
+from qwen_vl_perception.sft_data import category_coverage, write_sft_dataset
+from qwen_vl_perception.tool_support import (ToolError, category_names, prepare_output_dir,
+                                             run_tool, split_names)
 from qwen_vl_perception.trained_prompt import write_prompt_file
 
 EXAMPLE = """example (the article's office categories, with descriptions):
@@ -87,7 +87,7 @@ def run(args) -> int:
         raise ToolError(str(error)) from None
     if not images:
         raise ToolError(f'{args.labels}: no labelled images')
-    categories = split_names(args.categories)
+    categories = category_names(args.categories)
     if categories is None:
         categories = sorted({obj.label for image in images for obj in image.objects})
         if not categories:
@@ -98,6 +98,12 @@ def run(args) -> int:
                                attributes=split_names(args.attributes))
     except ValueError as error:
         raise ToolError(str(error)) from None
+    kept, dropped = category_coverage(images, prompt)
+    if not kept:
+        labels = ', '.join(f'{count} {label}' for label, count in sorted(dropped.items()))
+        raise ToolError(f'no labelled object is one of the categories '
+                        f'({", ".join(prompt.categories)}), so every answer would be empty; '
+                        f'the labels are: {labels or "none"}')
     out = prepare_output_dir(args.out, args.overwrite, inputs=[Path(args.labels)])
     try:
         summary = write_sft_dataset(
@@ -117,7 +123,10 @@ def _report(summary, prompt, out: Path, args) -> None:
     if summary.dropped_labels:
         dropped = ', '.join(f'{count} {label}' for label, count in
                             sorted(summary.dropped_labels.items()))
-        print(f'left out objects whose label is not a category: {dropped}', file=sys.stderr)
+        left_out = sum(summary.dropped_labels.values())
+        total = left_out + sum(summary.objects.values())
+        print(f'warning: left out objects whose label is not a category: {dropped} '
+              f'({left_out} of {total} objects)', file=sys.stderr)
     for name in prompt.answer_attributes:
         if not summary.attribute_counts.get(name):
             print(f'warning: no object has the attribute {name!r}; the model will learn to '

@@ -11,6 +11,8 @@ import argparse
 import sys
 import warnings
 
+from qwen_vl_perception.model.default_model import (DEFAULT_MODEL_NAME, DefaultModelError,
+                                                    resolve_model_path)
 from qwen_vl_perception.model.loading import ModelLoadError, read_checkpoint_config
 from qwen_vl_perception.model.quantization import (COMPUTE_DTYPES, QUANT_TYPES, QUANTIZE_LOG,
                                                    STORAGE_DTYPES, QuantizeCheckError,
@@ -33,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', required=True, help='merged (unquantized) checkpoint folder')
+    parser.add_argument('--model', required=True,
+                        help='merged (unquantized) checkpoint folder, or '
+                             f"'{DEFAULT_MODEL_NAME}' for the project's synthetic-scenes model "
+                             '(its float32 form)')
     parser.add_argument('--out', required=True, help='folder for the 4-bit checkpoint')
     parser.add_argument('--quant-type', default='nf4', choices=QUANT_TYPES,
                         help='4-bit data type (default %(default)s)')
@@ -60,11 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     return run_tool(run, build_parser().parse_args(argv),
-                    expected=(ModelLoadError, QuantizeError, MissingDependencyError, ValueError),
+                    expected=(ModelLoadError, QuantizeError, MissingDependencyError,
+                              DefaultModelError, ValueError),
                     check_failures=(QuantizeCheckError,))
 
 
 def run(args) -> int:
+    args.model = resolve_model_path(args.model, 'none')
     read_checkpoint_config(args.model)
     if args.check_tokens < 1:
         raise ToolError('--check-tokens must be at least 1')

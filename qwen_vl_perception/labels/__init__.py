@@ -36,15 +36,15 @@ end-to-end test)::
 from .coco import read_coco, write_coco
 from .formats import detect_format, load_labels
 from .labelme import read_labelme, read_labelme_file, write_labelme
-from .predictions import (detections_from_json, detections_to_json, load_predictions,
-                          write_prediction_file)
+from .predictions import (PREDICTIONS_DIR, detections_from_json, detections_to_json,
+                          load_predictions, predictions_folder, write_prediction_file)
 from .records import (FORMATS, IMAGE_EXTENSIONS, LABELME_VERSION, YOLO_CLASS_FILES,
                       YOLO_YAML_NAMES, GroundTruthObject, LabeledImage, image_size)
 from .yolo import read_yolo, write_yolo, yolo_label_path
 
-__all__ = ['FORMATS', 'IMAGE_EXTENSIONS', 'LABELME_VERSION', 'YOLO_CLASS_FILES',
-           'YOLO_YAML_NAMES', 'GroundTruthObject', 'LabeledImage', 'detect_format',
-           'detections_from_json', 'detections_to_json', 'image_size', 'load_labels',
-           'load_predictions', 'read_coco', 'read_labelme', 'read_labelme_file', 'read_yolo',
-           'write_coco', 'write_labelme', 'write_prediction_file', 'write_yolo',
-           'yolo_label_path']
+__all__ = ['FORMATS', 'IMAGE_EXTENSIONS', 'LABELME_VERSION', 'PREDICTIONS_DIR',
+           'YOLO_CLASS_FILES', 'YOLO_YAML_NAMES', 'GroundTruthObject', 'LabeledImage',
+           'detect_format', 'detections_from_json', 'detections_to_json', 'image_size',
+           'load_labels', 'load_predictions', 'predictions_folder', 'read_coco',
+           'read_labelme', 'read_labelme_file', 'read_yolo', 'write_coco', 'write_labelme',
+           'write_prediction_file', 'write_yolo', 'yolo_label_path']

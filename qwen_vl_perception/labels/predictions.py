@@ -65,6 +65,29 @@ def detections_from_json(data: dict, source: str = 'predictions'
     return image_name, width, height, detections
 
 
+PREDICTIONS_DIR = 'predictions'
+"""The sub-folder of a detection run folder (``tools/detect_folder.py --out``) holding one
+prediction file per image."""
+
+
+def predictions_folder(path: PathLike) -> Path:
+    """The folder of prediction files that ``path`` names: ``path`` itself, or its
+    :data:`PREDICTIONS_DIR` when ``path`` is a detection run folder."""
+    path = Path(path)
+    inner = path / PREDICTIONS_DIR
+    if inner.is_dir() and all(_not_prediction(file) for file in path.glob('*.json')):
+        return inner  # a run folder: only summary.json beside predictions/
+    return path
+
+
+def _not_prediction(path: Path) -> bool:
+    try:
+        data = _read_json(path)
+    except ValueError:
+        return True
+    return not (isinstance(data, dict) and 'image' in data and 'detections' in data)
+
+
 def write_prediction_file(path: PathLike, image_name: str, width: int, height: int,
                           detections: Sequence[Detection]) -> None:
     """Write one image's predictions as JSON to ``path``."""

@@ -167,6 +167,17 @@ def ensure_default_model(quantization: str = 'nf4', packed_dir: PathLike = PACKE
     return _build_once(home / 'nf4', quantize, log)
 
 
+def resolve_model_path(path: PathLike, form: str = 'nf4',
+                       log: Callable[[str], None] = print) -> Path:
+    """``path`` as a checkpoint folder: ``'default'`` (:data:`DEFAULT_MODEL_NAME`) gives the
+    default model's folder in ``form`` ('nf4' to detect with, 'none' for the float32 one that
+    fine-tuning, merging and quantizing start from), made on first use; any other path is
+    returned as it is. The tools and the demo take their model options through it."""
+    if str(path) == DEFAULT_MODEL_NAME:
+        return ensure_default_model(form, log=log)
+    return Path(path)
+
+
 def _build_once(target: Path, build: Callable[[Path], object],
                 log: Callable[[str], None]) -> Path:
     if (target / 'config.json').is_file():

@@ -16,7 +16,7 @@ the prompt and image tokens, whose logits the loss ignores anyway.
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -26,7 +26,7 @@ from ..sft_data import SftSample, read_sft_dataset
 from ..trained_prompt import copy_prompt_file
 from .loading import load_model, model_quantization, resolve_device
 from .lora import DEFAULT_TARGETS, check_no_tied_lora, select_target_modules
-from .pixel_budget import NODE_MAX_PIXELS, NODE_MIN_PIXELS, write_pixel_budget
+from .pixel_budget import model_pixel_budget, write_pixel_budget
 from .processor import InputBuilder
 from .tiny import copy_processor_files
 from .torch_support import require, require_torch
@@ -57,8 +57,11 @@ class LoraTrainingConfig:
     """Default: 2 x rank (LLaMA-Factory's default)."""
     lora_dropout: float = 0.0
     lora_targets: Tuple[str, ...] = DEFAULT_TARGETS
-    min_pixels: int = NODE_MIN_PIXELS
-    max_pixels: int = NODE_MAX_PIXELS
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
+    """Image budget of training. Unset: the base's own, as the node would run it
+    (:func:`~.pixel_budget.model_pixel_budget`: a model fine-tuned by the project's tools keeps
+    its training budget, any other gets the node's default)."""
     cutoff_len: int = 2048
     """Samples longer than this many tokens are left out (a cut answer teaches broken JSON)."""
     seed: int = 42
@@ -200,6 +203,8 @@ def train_lora(base: PathLike, dataset, out_dir: PathLike,
     """
     config = config or LoraTrainingConfig()
     _check_config(config)
+    low, high = model_pixel_budget(base, config.min_pixels, config.max_pixels)
+    config = replace(config, min_pixels=low, max_pixels=high)
     torch = require_torch()
     transformers = require('transformers', 'to fine-tune Qwen3-VL')
     peft = require('peft', 'to train LoRA adapters')
@@ -293,7 +298,6 @@ def _check_config(config: LoraTrainingConfig) -> None:
         (config.lora_rank >= 1, 'lora_rank must be at least 1'),
         (config.resolved_alpha() > 0, 'lora_alpha must be positive'),
         (0.0 <= config.lora_dropout < 1.0, 'lora_dropout must be in [0, 1)'),
-        (0 < config.min_pixels <= config.max_pixels, 'need 0 < min_pixels <= max_pixels'),
         (config.cutoff_len >= 1, 'cutoff_len must be at least 1'),
         (config.warmup >= 0, 'warmup must not be negative'),
         (config.logging_steps >= 1, 'logging_steps must be at least 1'),

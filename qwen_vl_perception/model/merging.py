@@ -3,9 +3,12 @@
 The result is a plain checkpoint (``AutoModelForImageTextToText`` loads it) with the base's
 tokenizer, processor configs and chat template. The check runs one real image and
 instruction through :class:`~qwen_vl_perception.model.processor.InputBuilder` and compares
-the logits of base+adapter (unmerged PEFT model) with those of the merged checkpoint reloaded
-from disk: the largest absolute difference must stay within a tolerance, and the adapter's
-own effect (base vs base+adapter) is reported so a check that cannot fail is visible.
+the logits of base+adapter (unmerged PEFT model) with those of the merged model, all in
+float32 whatever dtype the result is saved in: the largest absolute difference must stay
+within a tolerance far below the adapter's own effect (base vs base+adapter, reported), so
+the check tells a merged model from its base; then the checkpoint is reloaded from disk and
+must give the logits of the merged weights rounded to the saved dtype. What that rounding
+costs is reported too.
 
 Only unquantized bases can take a merge (as ``llamafactory-cli export``): merging into 4-bit
 weights would dequantize, add and re-quantize, losing the adapter in rounding. Merge into the
@@ -32,18 +35,17 @@ PathLike = Union[str, Path]
 
 MERGE_DTYPES = ('bfloat16', 'float16', 'float32')
 MERGE_LOG = 'merge_log.json'
-RELATIVE_TOLERANCE = {'float32': 1e-4, 'bfloat16': 0.1, 'float16': 0.02}
+RELATIVE_TOLERANCE = 1e-4
 """Default tolerance of the logit check, as a share of the largest |logit| of base+adapter.
 
-Merged and unmerged models round differently: ``W + BA`` is rounded once to the storage
-dtype, while PEFT adds ``x A B`` to ``x W`` at run time. In float32 that is ~1e-6 of the
-logit scale. bfloat16 keeps 8 mantissa bits and the differences compound over the layers:
-measured on the Qwen3-VL-4B architecture (36 layers, random weights, random rank-8 LoRA on
-an H200), merged vs unmerged differed by 4.7-4.9 % of the largest |logit| (top-1 agreement
-90-95 %); on the 2-layer test model by 0.5 %. float16 has 3 more mantissa bits. A broken
-merge (adapter lost or scaled wrongly, layers missed, tie broken on save) moves the logits by
-the adapter's whole effect or, for a broken tie, by far more; whether the adapter's effect
-exceeds the tolerance is reported (``LogitCheck.conclusive``)."""
+The check compares in float32: ``W + BA`` merged once against PEFT adding ``x A B`` to
+``x W`` at run time differ by ~1e-6 of the logit scale there (2e-5 against a tolerance of
+3.3e-3 on the default model). Compared in bfloat16 instead, rounding alone moved the logits
+by 4.7-4.9 % of the largest |logit| on the Qwen3-VL-4B architecture (36 layers), more than
+many a trained adapter changes them, so such a check could not tell merged from base. A
+broken merge (adapter lost or scaled wrongly, layers missed, tie broken on save) moves the
+logits by the adapter's whole effect or, for a broken tie, by far more; whether the adapter's
+effect exceeds the tolerance is reported (``LogitCheck.conclusive``)."""
 
 
 class MergeError(RuntimeError):
@@ -59,11 +61,13 @@ class LogitCheck:
     """Probe-input comparison of base+adapter against the merged checkpoint."""
 
     max_abs_diff: float
-    """merged checkpoint reloaded from disk vs base+adapter (unmerged)."""
-    in_memory_diff: float
-    """merged model before saving vs base+adapter."""
+    """merged model vs base+adapter (unmerged), both float32."""
     reload_diff: float
-    """reloaded vs the merged model before saving (should be ~0: saving loses nothing)."""
+    """checkpoint reloaded from disk vs the merged weights rounded to the saved dtype (should
+    be ~0: saving loses nothing)."""
+    rounding_diff: float
+    """checkpoint reloaded from disk vs base+adapter: what saving in the dtype costs
+    (information; 0 up to float32 noise for a float32 result)."""
     adapter_effect: float
     """base vs base+adapter: how much the adapter changes the logits at all."""
     logit_scale: float
@@ -97,9 +101,9 @@ class MergeResult:
     seconds: float = 0.0
 
 
-def default_tolerance(dtype: str, logit_scale: float) -> float:
-    """The check's tolerance for ``dtype`` at a given logit scale (see RELATIVE_TOLERANCE)."""
-    return RELATIVE_TOLERANCE[dtype] * max(1.0, float(logit_scale))
+def default_tolerance(logit_scale: float) -> float:
+    """The check's tolerance at a given logit scale (see RELATIVE_TOLERANCE)."""
+    return RELATIVE_TOLERANCE * max(1.0, float(logit_scale))
 
 
 def check_mergeable_base(base: PathLike) -> dict:
@@ -149,8 +153,8 @@ def merge_lora(base: PathLike, adapter: PathLike, out_dir: PathLike, dtype: str 
     log(f'probe: {image.shape[1]}x{image.shape[0]} image, {inputs.prompt_length} tokens '
         f'(tokenizer and processor from {processor_source})')
 
-    log(f'loading the base {base} ({dtype}, {device})')
-    model = load_model(base, device=device, quantization='none', compute_dtype=dtype)
+    log(f'loading the base {base} (float32 for merging and the check, {device})')
+    model = load_model(base, device=device, quantization='none', compute_dtype='float32')
     tied = bool(getattr(model.config.get_text_config(), 'tie_word_embeddings', False)
                 or getattr(model.config, 'tie_word_embeddings', False))
     peft_model = apply_adapter(model, info)
@@ -162,6 +166,15 @@ def merge_lora(base: PathLike, adapter: PathLike, out_dir: PathLike, dtype: str 
         log('merging')
         merged = peft_model.merge_and_unload()
         merged_logits = _logits(merged, device_inputs)
+        # The weights as they are saved, rounded to ``dtype``, computed in float32 as they
+        # reload (parameters only: buffers such as rotary frequencies are not saved).
+        rounded_logits = merged_logits
+        if dtype != 'float32':
+            for parameter in merged.parameters():
+                parameter.data = parameter.data.to(getattr(torch, dtype)).float()
+            rounded_logits = _logits(merged, device_inputs)
+    merged = merged.to(getattr(torch, dtype))
+    merged.config.dtype = getattr(torch, dtype)
     merged.save_pretrained(str(out_dir))
     del merged, peft_model, model
     copied = copy_processor_files(processor_source, out_dir)
@@ -171,7 +184,7 @@ def merge_lora(base: PathLike, adapter: PathLike, out_dir: PathLike, dtype: str 
     _free(torch)
 
     log(f'reloading the merged checkpoint from {out_dir}')
-    reloaded = load_model(out_dir, device=device, quantization='none', compute_dtype=dtype)
+    reloaded = load_model(out_dir, device=device, quantization='none', compute_dtype='float32')
     tied_kept = None
     if tied:
         tied_kept = (reloaded.get_output_embeddings().weight.data_ptr()
@@ -183,12 +196,12 @@ def merge_lora(base: PathLike, adapter: PathLike, out_dir: PathLike, dtype: str 
 
     scale = float(adapted.abs().max())
     check = LogitCheck(
-        max_abs_diff=_max_diff(reloaded_logits, adapted),
-        in_memory_diff=_max_diff(merged_logits, adapted),
-        reload_diff=_max_diff(reloaded_logits, merged_logits),
+        max_abs_diff=_max_diff(merged_logits, adapted),
+        reload_diff=_max_diff(reloaded_logits, rounded_logits),
+        rounding_diff=_max_diff(reloaded_logits, adapted),
         adapter_effect=_max_diff(base_logits, adapted),
         logit_scale=scale,
-        tolerance=float(tolerance) if tolerance is not None else default_tolerance(dtype, scale),
+        tolerance=float(tolerance) if tolerance is not None else default_tolerance(scale),
         top1_agreement=float((reloaded_logits.argmax(-1) == adapted.argmax(-1)).float().mean()),
         positions=int(adapted.shape[0]))
     files = weight_files(out_dir)
@@ -206,9 +219,10 @@ def merge_lora(base: PathLike, adapter: PathLike, out_dir: PathLike, dtype: str 
     if not check.passed:
         raise MergeCheckError(
             f'the merged checkpoint in {out_dir} does not reproduce base+adapter on the probe: '
-            f'max |logit difference| {check.max_abs_diff:.4g} (reload vs in-memory '
+            f'max |logit difference| {check.max_abs_diff:.4g} (reloaded from disk vs as saved '
             f'{check.reload_diff:.4g}) exceeds the tolerance {check.tolerance:.4g}; do not '
             'use it')
+
     return result
 
 

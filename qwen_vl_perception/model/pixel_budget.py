@@ -5,10 +5,16 @@ Qwen3-VL's image processor resizes every image into ``[min_pixels, max_pixels]``
 resolution it was fine-tuned at, so the fine-tune tool writes the budget it trained with into
 the adapter folder and the merge and quantize tools carry it on; loading the checkpoint
 (``InputBuilder.from_pretrained`` without overrides) then uses it.
+
+:func:`model_pixel_budget` is the one rule for an unset budget, used by the node and the
+fine-tune tool alike: a model fine-tuned by the project's tools keeps the budget it was
+trained at; any other model gets the node's default.
 """
 import json
 from pathlib import Path
 from typing import Optional, Tuple, Union
+
+from ..trained_prompt import PROMPT_FILE
 
 PathLike = Union[str, Path]
 
@@ -45,3 +51,27 @@ def write_pixel_budget(checkpoint_dir: PathLike, min_pixels: int, max_pixels: in
         if key in config:
             config[key] = int(value)
     path.write_text(json.dumps(config, indent=2) + '\n')
+
+
+def trained_pixel_budget(checkpoint_dir: PathLike) -> Optional[Tuple[int, int]]:
+    """The budget a model fine-tuned by the project's tools was trained at (it has a
+    ``detection_prompt.json``; the budget is its processor's), else None: a stock checkpoint's
+    processor budget (up to 16 M pixels for Qwen3-VL) is nobody's default."""
+    if not checkpoint_dir or not (Path(checkpoint_dir) / PROMPT_FILE).is_file():
+        return None
+    return read_pixel_budget(checkpoint_dir)
+
+
+def model_pixel_budget(checkpoint_dir: PathLike, min_pixels: Optional[int] = None,
+                       max_pixels: Optional[int] = None) -> Tuple[int, int]:
+    """``(min_pixels, max_pixels)`` to run or train ``checkpoint_dir`` at: the values given,
+    the unset ones completed from :func:`trained_pixel_budget`, else from the node's defaults
+    (:data:`NODE_MIN_PIXELS`, :data:`NODE_MAX_PIXELS`). ValueError unless 0 < min <= max."""
+    low, high = trained_pixel_budget(checkpoint_dir) or (NODE_MIN_PIXELS, NODE_MAX_PIXELS)
+    low = low if min_pixels is None else int(min_pixels)
+    high = high if max_pixels is None else int(max_pixels)
+    if not 0 < low <= high:
+        raise ValueError(f'need 0 < min_pixels <= max_pixels, got {low} and {high}'
+                         + ('' if min_pixels is not None and max_pixels is not None else
+                            ' (the unset one is the model\'s own; give both)'))
+    return low, high

@@ -65,6 +65,8 @@ class Counters:
     largest_batch: int = 0
     last_latency_s: float = 0.0
     last_inference_s: float = 0.0
+    last_inference_start: float = 0.0
+    """When the last inference began (``time.monotonic``): the rate limit's decision."""
 
 
 class PerceptionNode(Node):
@@ -141,8 +143,10 @@ class PerceptionNode(Node):
         self._worker = threading.Thread(target=self._work, name='qwen_vl_inference',
                                         daemon=True)
         self._worker.start()
+        count = len(settings.categories)
         self.get_logger().info(
-            f"ready: {len(settings.categories)} categories, model on {engine.device}, "
+            f"ready: {count} {'category' if count == 1 else 'categories'}, model on "
+            f"{engine.device}, "
             f"subscribed to {', '.join(self.resolve_topic_name(t) for t in self._image_topics)}"
             f"{' (compressed)' if compressed else ''}")
 
@@ -253,8 +257,9 @@ class PerceptionNode(Node):
             frames = self._slots.take_all(timeout=0.5)
             if not frames:
                 continue
+            self.counters.last_inference_start = time.monotonic()
             if self._max_rate_hz > 0.0:
-                next_start = time.monotonic() + 1.0 / self._max_rate_hz
+                next_start = self.counters.last_inference_start + 1.0 / self._max_rate_hz
             try:
                 results = self._detector.detect([frame.rgb for frame in frames])
             except Exception as error:  # noqa: BLE001 - the node must survive any model error
@@ -341,9 +346,16 @@ class PerceptionNode(Node):
     def shutdown(self) -> None:
         """Stop the worker (it finishes the frame in flight) and join it."""
         self._slots.close()
-        self._worker.join(timeout=60.0)
+        if self._worker.is_alive():
+            self._worker.join(timeout=60.0)
         if self._worker.is_alive():
             self.get_logger().warning('the inference in flight did not finish within 60 s')
+
+    def destroy_node(self):
+        """Stop the worker first: it must not publish through handles being destroyed."""
+        if getattr(self, '_worker', None) is not None:
+            self.shutdown()
+        return super().destroy_node()
 
 
 def _qos_fields(profile: QoSProfile) -> dict:

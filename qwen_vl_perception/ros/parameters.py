@@ -4,7 +4,6 @@ README's parameter table is written from this table (keep them in step). Read-on
 are fixed at start-up (rclpy refuses changes); the others change detection from the next frame.
 """
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
@@ -13,8 +12,8 @@ from rclpy.parameter import Parameter
 
 from ..detector import DEFAULT_ATTRIBUTES, DetectionSettings
 from ..geometry import CONVENTIONS, GRID_1000
-from ..model.pixel_budget import read_pixel_budget
-from ..trained_prompt import PROMPT_FILE, read_prompt_file
+from ..model import pixel_budget
+from ..trained_prompt import read_prompt_file
 
 ARTICLE_CATEGORIES = ('table', 'cup', 'bottle', 'chair', 'robot', 'garbage can', 'shelf',
                       'tissue box', 'potted plant')
@@ -75,11 +74,11 @@ PARAMETERS = (
                   "Generation loop: 'auto' (CUDA-graphed static-cache decoder on a GPU, "
                   "transformers' generate on the CPU), 'fast' or 'hf'", read_only=True,
                   choices=DECODERS),
-    ParameterSpec('min_pixels', 65536, _INT,
+    ParameterSpec('min_pixels', pixel_budget.NODE_MIN_PIXELS, _INT,
                   'Smallest image area fed to the model, in pixels (visual-token budget: '
                   '1 token per 32x32 pixels). Unset: what a model fine-tuned by the tools was '
                   'trained at, else the default', read_only=True, int_range=(1024, 16777216)),
-    ParameterSpec('max_pixels', 409600, _INT,
+    ParameterSpec('max_pixels', pixel_budget.NODE_MAX_PIXELS, _INT,
                   'Largest image area fed to the model, in pixels (640x480 = 300 tokens). '
                   'Unset: as min_pixels', read_only=True, int_range=(1024, 16777216)),
     ParameterSpec('categories', list(ARTICLE_CATEGORIES), _STRINGS,
@@ -139,9 +138,7 @@ def trained_pixel_budget(model_path: str) -> Dict[str, int]:
     """``{'min_pixels', 'max_pixels'}`` a model fine-tuned by the project's tools was trained
     at (it has a detection_prompt.json; the budget is in its preprocessor_config.json), else
     empty: a stock checkpoint's processor budget (up to 16 M pixels) is no node default."""
-    if not model_path or not (Path(model_path) / PROMPT_FILE).is_file():
-        return {}
-    budget = read_pixel_budget(model_path)
+    budget = pixel_budget.trained_pixel_budget(model_path)
     if not budget:
         return {}
     values = dict(zip(('min_pixels', 'max_pixels'), budget))
