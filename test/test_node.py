@@ -447,6 +447,8 @@ def test_ctrl_c_shuts_the_node_down_cleanly(answering_checkpoint, busy):
         assert process.wait(timeout=90) == 0
         reader.join(5)
         assert not any('Traceback' in line for line in lines), ''.join(lines)
+        # Quiet under `ros2 launch`: no progress bars of the model loading.
+        assert not any('Loading weights' in line or '%|' in line for line in lines), lines
     finally:
         process.kill()
         rclpy.try_shutdown(context=context)
