@@ -227,9 +227,9 @@ class FastGreedyDecoder:
 
     def fuses_elementwise(self, graphs: bool) -> bool:
         """Whether a session's elementwise pieces go through ``torch.compile``: as
-        ``fuse_elementwise`` says, else with CUDA graphs where Triton imports (without it, as
-        on a JetPack torch that lacks it, torch.compile would fail on CUDA at the first
-        token; the captured graph then replays the eager pieces)."""
+        ``fuse_elementwise`` says, else with CUDA graphs where Triton imports. Without it (a
+        JetPack torch may lack it) torch.compile cannot build CUDA code: every new session
+        would try, warn and fall back; the graph replays the eager pieces instead."""
         if self.fuse_elementwise is not None:
             return bool(self.fuse_elementwise)
         return graphs and triton_missing_reason() is None
