@@ -83,3 +83,14 @@ def test_bitsandbytes_without_its_cuda_library_is_named_for_cuda_devices():
     assert bitsandbytes_problem('cpu') is None
     problem = bitsandbytes_problem('cuda')
     assert 'has no CUDA library loaded' in problem and 'build it from source' in problem
+
+
+def test_the_4bit_kernel_probe_runs_where_bitsandbytes_works():
+    """The call start-up makes on a CUDA device, here on the CPU (the same bitsandbytes
+    functions; a GPU runs it in bitsandbytes_problem('cuda'))."""
+    pytest.importorskip('bitsandbytes')
+    from qwen_vl_perception.model.loading import probe_4bit_kernels
+    probe_4bit_kernels('cpu')
+    if torch.cuda.is_available():
+        from qwen_vl_perception.model.loading import bitsandbytes_problem
+        assert bitsandbytes_problem('cuda') is None

@@ -201,9 +201,11 @@ def load_model(path: PathLike, device: str = 'auto', quantization: str = 'auto',
 
 def bitsandbytes_problem(device: str) -> Optional[str]:
     """Why bitsandbytes cannot run 4-bit layers on ``device`` ('cpu', 'cuda', 'cuda:N'), in
-    one line, or None. Catches what start-up would otherwise only meet at the first frame:
-    bitsandbytes missing, or installed without a CUDA library that loads (PyPI's wheels have
-    none for Jetson; bitsandbytes then logs a long error at import and fails later)."""
+    one line, or None. Catches at start-up what would otherwise fail later: bitsandbytes
+    missing; installed without a CUDA library that loads (it logs a long error at import and
+    fails at the first call); or with one whose kernels were not built for this GPU (PyPI's
+    aarch64 wheels have no sm_87, Jetson Orin's: they load, then fail at the first launch),
+    which one small NF4 quantization on ``device`` finds out."""
     try:
         import bitsandbytes
     except Exception as error:  # ImportError, or a native library failing at import
@@ -214,14 +216,41 @@ def bitsandbytes_problem(device: str) -> Optional[str]:
         return None
     from bitsandbytes import cextension
     library = getattr(cextension, 'lib', None)
-    if getattr(library, 'compiled_with_cuda', None) is not False:  # loaded, or unknown API
-        return None
-    error = str(getattr(library, 'error_msg', '') or '').strip().splitlines()
+    version = getattr(bitsandbytes, '__version__', '?')
     torch = require_torch()
-    return (f'bitsandbytes {getattr(bitsandbytes, "__version__", "?")} has no CUDA library '
-            f'loaded{f" ({error[0]})" if error else ""}: 4-bit layers on {device} need one '
-            f'built for CUDA {torch.version.cuda or "?"} (Jetson: build it from source, '
-            f'{JETSON_HELP})')
+    if getattr(library, 'compiled_with_cuda', None) is False:  # None: another API, go on
+        error = _first_line(getattr(library, 'error_msg', ''))
+        return (f'bitsandbytes {version} has no CUDA library loaded'
+                f'{f" ({error})" if error else ""}: 4-bit layers on {device} need one built '
+                f'for CUDA {torch.version.cuda or "?"} (Jetson: build it from source, '
+                f'{JETSON_HELP})')
+    try:
+        probe_4bit_kernels(device)
+    except Exception as error:  # noqa: BLE001 - any failure here is the answer
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f'bitsandbytes {version} cannot run its 4-bit kernels on {device} (compute '
+                f'capability {major}.{minor}): {type(error).__name__}: '
+                f'{_first_line(str(error))}; build it from source for this GPU (Jetson Orin: '
+                f'-DCOMPUTE_CAPABILITY=87, {JETSON_HELP})')
+    return None
+
+
+def probe_4bit_kernels(device: str) -> None:
+    """Quantize and dequantize one small NF4 block on ``device`` with bitsandbytes; raises
+    what bitsandbytes raises."""
+    torch = require_torch()
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    values = torch.linspace(-1.0, 1.0, 64 * 64, device=device, dtype=torch.float16)
+    packed, state = quantize_4bit(values.view(64, 64), quant_type='nf4')
+    restored = dequantize_4bit(packed, state)
+    if str(device).startswith('cuda'):
+        torch.cuda.synchronize(device)
+    if not bool(torch.isfinite(restored).all()):
+        raise RuntimeError('NF4 round trip gave non-finite values')
+
+
+def _first_line(text) -> str:
+    return next((line.strip() for line in str(text or '').splitlines() if line.strip()), '')
 
 
 def _require_bitsandbytes(device: str, purpose: str) -> None:
