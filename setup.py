@@ -24,7 +24,6 @@ setup(
     maintainer_email='maintainers@qwen-vl-perception.org',
     description='Open-vocabulary ROS 2 detection with a 4-bit quantized Qwen3-VL.',
     license='Apache-2.0',
-    tests_require=['pytest'],
     entry_points={
         'console_scripts': [
             'perception_node = qwen_vl_perception.ros.node:main',

@@ -209,6 +209,13 @@ def test_categories_change_at_runtime_and_label_info_follows(harness):
 
 @pytest.mark.parametrize('parameter, reason_part', [
     (Parameter('categories', Parameter.Type.STRING_ARRAY, []), 'categor'),
+    # `ros2 param set ... categories "[]"` sends an empty bool array: the node's own reason,
+    # not rclpy's "Wrong parameter type, expected '9' got '6'".
+    (Parameter('categories', Parameter.Type.BOOL_ARRAY, []), 'categories must not be empty'),
+    (Parameter('categories', Parameter.Type.BYTE_ARRAY, []), 'categories must not be empty'),
+    (Parameter('categories', Parameter.Type.INTEGER_ARRAY, [1, 2]), 'list of strings'),
+    (Parameter('categories', Parameter.Type.STRING, 'cup'), 'list of strings'),
+    (Parameter('attributes', Parameter.Type.BOOL_ARRAY, []), 'attribute'),  # describe is on
     (Parameter('categories', Parameter.Type.STRING_ARRAY, ['cup, bottle']), ','),
     (Parameter('coordinate_convention', Parameter.Type.STRING, 'pixels'), 'qwen3_grid'),
     (Parameter('score_threshold', Parameter.Type.DOUBLE, 1.5), 'range'),
@@ -221,6 +228,16 @@ def test_bad_parameters_are_refused_with_a_reason(harness, parameter, reason_par
     assert not result.successful
     assert reason_part in result.reason
     assert harness.node._detector.settings.categories == tuple(CATEGORIES)
+
+
+def test_an_empty_list_of_any_type_is_an_empty_list_and_not_set_is_refused(harness):
+    assert harness.set_parameters(Parameter('describe', Parameter.Type.BOOL, False))[0].successful
+    (result,) = harness.set_parameters(Parameter('attributes', Parameter.Type.BYTE_ARRAY, []))
+    assert result.successful, result.reason
+    assert harness.node._detector.settings.attributes == ()
+    (result,) = harness.set_parameters(Parameter('categories', Parameter.Type.NOT_SET))
+    assert not result.successful and 'categories must be set' in result.reason
+    assert harness.node.get_parameter('categories').value == CATEGORIES
 
 
 def test_malformed_images_are_skipped_and_the_next_good_frame_is_processed(harness):
@@ -373,6 +390,7 @@ def test_start_up_refuses_invalid_parameters(tiny_checkpoint):
     try:
         for overrides, message in [({'min_pixels': 50000, 'max_pixels': 40000}, 'min_pixels'),
                                    ({'categories': ['']}, 'categor'),
+                                   ({'categories': []}, 'categories must not be empty'),
                                    ({'model_path': ''}, 'model_path is required'),
                                    ({'max_rate_hz': 2}, 'decimal point'),
                                    ({'input_transport': 'compresed'}, 'raw, compressed'),
@@ -450,6 +468,8 @@ def test_ctrl_c_shuts_the_node_down_cleanly(answering_checkpoint, busy):
         assert process.wait(timeout=90) == 0
         reader.join(5)
         assert not any('Traceback' in line for line in lines), ''.join(lines)
+        # Quiet under `ros2 launch`: no progress bars of the model loading.
+        assert not any('Loading weights' in line or '%|' in line for line in lines), lines
     finally:
         process.kill()
         if spinner is not None:  # stopped before its node goes (see Harness.close)

@@ -15,8 +15,9 @@ same tokens; in bf16/fp16 its kernels round differently, so near-tied logits can
 3. On CUDA the step is captured once in a CUDA graph per (batch size, cache length bucket,
    model) and replayed for every token of every later frame: launching ~1000 small kernels
    one by one is what makes eager decoding slow. Elementwise work (RMSNorm, rotary, SiLU,
-   sampling bookkeeping) is fused with ``torch.compile`` first when ``fuse_elementwise``.
-   On CPU the same step runs eagerly.
+   sampling bookkeeping) is fused with ``torch.compile`` first when ``fuse_elementwise``
+   (by default where Triton is there: torch.compile's CUDA code is Triton). On CPU the same
+   step runs eagerly.
 4. On CUDA, for batches of three or more, bitsandbytes NF4 linears of the step run through
    one fused Triton kernel (:mod:`~qwen_vl_perception.model.nf4_matmul`) that reads the 4-bit
    weight once for every sequence of the batch, where bitsandbytes dequantizes whole weights
@@ -39,7 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .configs import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from .generation import trim_at_stop
-from .torch_support import require, require_torch
+from .torch_support import require, require_torch, triton_missing_reason
 
 MAX_STOP_IDS = 8
 """Stop ids live in a fixed-size device buffer so that one captured graph serves any set."""
@@ -79,7 +80,8 @@ class _TextModelParts:
 class FastGreedyDecoder:
     """Greedy decoder with a static KV cache and, on CUDA, CUDA-graph replay.
 
-    ``use_cuda_graphs`` / ``fuse_elementwise``: ``None`` means "on CUDA, yes". The cache
+    ``use_cuda_graphs``: ``None`` means "on CUDA, yes"; ``fuse_elementwise``: ``None``
+    means "with CUDA graphs, when Triton imports" (:meth:`fuses_elementwise`). The cache
     length is the prompt plus ``max_new_tokens`` rounded up to ``cache_bucket`` tokens so that
     frames of slightly different prompt lengths share one captured graph. On CUDA the loop
     checks whether every sequence has stopped once per ``sync_interval`` tokens (each check
@@ -209,7 +211,7 @@ class FastGreedyDecoder:
         if session is not None and session.model_ref is model:
             self._sessions.move_to_end(key)
             return session, False
-        fuse = graphs if self.fuse_elementwise is None else bool(self.fuse_elementwise)
+        fuse = self.fuses_elementwise(graphs)
         nf4 = self._nf4_for(device)
         linears = {module: linear for module, linear, _ in self._nf4_linears_for(model, nf4)}
         session = _DecodeSession(torch, model, parts, batch, cache_len, dtype, device,
@@ -222,6 +224,15 @@ class FastGreedyDecoder:
         while len(self._sessions) > self.max_sessions:
             self._sessions.popitem(last=False)[1].release()
         return session, graphs
+
+    def fuses_elementwise(self, graphs: bool) -> bool:
+        """Whether a session's elementwise pieces go through ``torch.compile``: as
+        ``fuse_elementwise`` says, else with CUDA graphs where Triton imports. Without it (a
+        JetPack torch may lack it) torch.compile cannot build CUDA code: every new session
+        would try, warn and fall back; the graph replays the eager pieces instead."""
+        if self.fuse_elementwise is not None:
+            return bool(self.fuse_elementwise)
+        return graphs and triton_missing_reason() is None
 
     def _nf4_for(self, device):
         """The fused NF4 matmul for ``device``, or None (bitsandbytes' own path). Whether

@@ -29,6 +29,7 @@ SUPPORTED_MODEL_TYPES = ('qwen3_vl', 'qwen3_vl_moe')
 # path ('model.visual'); older releases matched substrings ('visual').
 DEFAULT_SKIP_MODULES = ('model.visual', 'visual', 'lm_head')
 WEIGHT_PATTERNS = ('*.safetensors', 'pytorch_model*.bin')
+JETSON_HELP = 'README, "Jetson Orin"'
 
 
 class ModelLoadError(RuntimeError):
@@ -135,9 +136,13 @@ def resolve_device(device: str = 'auto') -> str:
     if kind != 'cuda' or (index and not index.isdigit()):
         raise ModelLoadError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {device!r}")
     if not torch.cuda.is_available():
-        raise ModelLoadError(f'device {device!r} was asked for but CUDA is not available '
-                             f'(torch {torch.__version__}, built for CUDA '
-                             f'{torch.version.cuda or "none"})')
+        if not torch.version.cuda:
+            why = (f'torch {torch.__version__} is a CPU-only build: install a CUDA build of '
+                   f'torch first (Jetson: {JETSON_HELP})')
+        else:
+            why = (f'torch {torch.__version__} is built for CUDA {torch.version.cuda} but sees '
+                   'no GPU (driver, CUDA_VISIBLE_DEVICES, or a container without the GPU)')
+        raise ModelLoadError(f'device {device!r} was asked for but CUDA is not available: {why}')
     if index and int(index) >= torch.cuda.device_count():
         raise ModelLoadError(f'device {device!r} does not exist: '
                              f'{torch.cuda.device_count()} CUDA device(s)')
@@ -174,14 +179,14 @@ def load_model(path: PathLike, device: str = 'auto', quantization: str = 'auto',
         dtype = _pick_dtype(torch, device, compute_dtype, _stored_dtype(config))
         load_kwargs['dtype'] = dtype
         if stored in ('nf4', 'fp4', 'int8'):
-            require('bitsandbytes', 'to load a bitsandbytes-quantized checkpoint')
+            _require_bitsandbytes(device, f'to load a bitsandbytes {stored} checkpoint')
     else:
         if quantization == 'auto':
             quantization = 'nf4' if device != 'cpu' else 'none'
         dtype = _pick_dtype(torch, device, compute_dtype, None)
         load_kwargs['dtype'] = dtype
         if quantization != 'none':
-            require('bitsandbytes', f'to quantize the model to {quantization} on load')
+            _require_bitsandbytes(device, f'to quantize the model to {quantization} on load')
             load_kwargs['quantization_config'] = transformers.BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=quantization,
                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
@@ -192,6 +197,66 @@ def load_model(path: PathLike, device: str = 'auto', quantization: str = 'auto',
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as error:
         raise ModelLoadError(f'loading model checkpoint {path} failed: {error}') from error
     return model.eval()
+
+
+def bitsandbytes_problem(device: str) -> Optional[str]:
+    """Why bitsandbytes cannot run 4-bit layers on ``device`` ('cpu', 'cuda', 'cuda:N'), in
+    one line, or None. Catches at start-up what would otherwise fail later: bitsandbytes
+    missing; installed without a CUDA library that loads (it logs a long error at import and
+    fails at the first call); or with one whose kernels were not built for this GPU (PyPI's
+    aarch64 wheels have no sm_87, Jetson Orin's: they load, then fail at the first launch),
+    which one small NF4 quantization on ``device`` finds out."""
+    try:
+        import bitsandbytes
+    except Exception as error:  # ImportError, or a native library failing at import
+        return (f'bitsandbytes is not importable ({type(error).__name__}: {error}); '
+                'pip install -r tools/env/requirements.txt (Jetson: build it from source, '
+                f'{JETSON_HELP})')
+    if not str(device).startswith('cuda'):
+        return None
+    from bitsandbytes import cextension
+    library = getattr(cextension, 'lib', None)
+    version = getattr(bitsandbytes, '__version__', '?')
+    torch = require_torch()
+    if getattr(library, 'compiled_with_cuda', None) is False:  # None: another API, go on
+        error = _first_line(getattr(library, 'error_msg', ''))
+        return (f'bitsandbytes {version} has no CUDA library loaded'
+                f'{f" ({error})" if error else ""}: 4-bit layers on {device} need one built '
+                f'for CUDA {torch.version.cuda or "?"} (Jetson: build it from source, '
+                f'{JETSON_HELP})')
+    try:
+        probe_4bit_kernels(device)
+    except Exception as error:  # noqa: BLE001 - any failure here is the answer
+        major, minor = torch.cuda.get_device_capability(device)
+        return (f'bitsandbytes {version} cannot run its 4-bit kernels on {device} (compute '
+                f'capability {major}.{minor}): {type(error).__name__}: '
+                f'{_first_line(str(error))}; build it from source for this GPU (Jetson Orin: '
+                f'-DCOMPUTE_CAPABILITY=87, {JETSON_HELP})')
+    return None
+
+
+def probe_4bit_kernels(device: str) -> None:
+    """Quantize and dequantize one small NF4 block on ``device`` with bitsandbytes; raises
+    what bitsandbytes raises."""
+    torch = require_torch()
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    values = torch.linspace(-1.0, 1.0, 64 * 64, device=device, dtype=torch.float16)
+    packed, state = quantize_4bit(values.view(64, 64), quant_type='nf4')
+    restored = dequantize_4bit(packed, state)
+    if str(device).startswith('cuda'):
+        torch.cuda.synchronize(device)
+    if not bool(torch.isfinite(restored).all()):
+        raise RuntimeError('NF4 round trip gave non-finite values')
+
+
+def _first_line(text) -> str:
+    return next((line.strip() for line in str(text or '').splitlines() if line.strip()), '')
+
+
+def _require_bitsandbytes(device: str, purpose: str) -> None:
+    problem = bitsandbytes_problem(device)
+    if problem:
+        raise ModelLoadError(f'{purpose}: {problem}')
 
 
 def _stored_dtype(config: dict) -> Optional[str]:

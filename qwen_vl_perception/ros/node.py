@@ -196,6 +196,8 @@ class PerceptionNode(Node):
         if not path:
             raise StartupError("model_path is required (a Qwen3-VL checkpoint directory, or "
                                "'default' for the project's synthetic-scenes model)")
+        self.get_logger().info(f"loading the model {path} (device {self._value('device')}, "
+                               f"quantization {self._value('quantization')})")
         try:
             return VisionLanguageEngine(path, device=self._value('device'),
                                         quantization=self._value('quantization'),
@@ -363,8 +365,20 @@ def _qos_fields(profile: QoSProfile) -> dict:
             'reliability': profile.reliability, 'durability': profile.durability}
 
 
+def _quiet_progress_bars() -> None:
+    """No tqdm bars from transformers or huggingface_hub ("Loading weights"): under
+    ``ros2 launch`` they come out as empty ``[perception_node-1]`` lines. The node logs what it
+    loads instead."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:  # loading the model says what is missing
+        return
+    transformers_logging.disable_progress_bar()  # huggingface_hub's bars too
+
+
 def main(args: Optional[list] = None) -> int:
     quiet_library_logs()
+    _quiet_progress_bars()
     rclpy.init(args=args)
     node: Optional[PerceptionNode] = None
     try:

@@ -39,12 +39,20 @@ class ParameterSpec:
     """Left unset, it takes the value the model was fine-tuned with (detection_prompt.json
     beside the weights), else ``default``."""
 
+    @property
+    def dynamic_typing(self) -> bool:
+        """String lists are typed by the node, not by rclpy: ``ros2 param set ... "[]"``
+        sends an empty list as a bool array, which rclpy would refuse with a type number
+        instead of the node's reason (:func:`check_value`)."""
+        return self.type == ParameterType.PARAMETER_STRING_ARRAY
+
     def descriptor(self) -> ParameterDescriptor:
         text = self.description
         if self.choices:
             text += f" (one of: {', '.join(self.choices)})"
         descriptor = ParameterDescriptor(name=self.name, type=self.type, description=text,
-                                         read_only=self.read_only)
+                                         read_only=self.read_only,
+                                         dynamic_typing=self.dynamic_typing)
         if self.int_range:
             descriptor.integer_range = [IntegerRange(from_value=self.int_range[0],
                                                      to_value=self.int_range[1], step=1)]
@@ -150,13 +158,16 @@ def trained_pixel_budget(model_path: str) -> Dict[str, int]:
 
 def declare_parameters(node, names=None, defaults: Optional[Dict[str, Any]] = None) -> None:
     """Declare the parameters named in ``names`` (default: all) that are not declared yet;
-    ``from_model`` ones by type only, so that they read as unset until
-    :func:`unset_model_values` fills them. ``defaults`` replace the specs' defaults."""
+    ``from_model`` ones without a value (by type, or dynamically typed and unset), so that
+    they read as unset until :func:`unset_model_values` fills them. ``defaults`` replace the
+    specs' defaults."""
     defaults = defaults or {}
     for spec in PARAMETERS:
         if (names is not None and spec.name not in names) or node.has_parameter(spec.name):
             continue
-        default = Parameter.Type(spec.type) if spec.from_model else spec.default
+        default = spec.default
+        if spec.from_model:
+            default = None if spec.dynamic_typing else Parameter.Type(spec.type)
         node.declare_parameter(spec.name, defaults.get(spec.name, default), spec.descriptor())
 
 
@@ -193,10 +204,35 @@ def unset_model_values(model_path: str, unset) -> Tuple[Dict[str, Any], bool]:
 
 
 def check_value(name: str, value: Any) -> Optional[str]:
-    """Rules beyond rclpy's type/range checks; returns the reason a value is refused."""
+    """Rules beyond rclpy's type/range checks, and the type of the dynamically typed string
+    lists; returns the reason a value is refused."""
     spec = SPECS.get(name)
-    if spec is not None and spec.choices and value not in spec.choices:
+    if spec is None:
+        return None
+    if spec.dynamic_typing:
+        return _string_list_problem(name, value)
+    if spec.choices and value not in spec.choices:
         return f"{name} must be one of {', '.join(spec.choices)}, not {value!r}"
+    return None
+
+
+# String lists that must not be empty, and what to do instead; attributes may be empty
+# (with describe false: the prompt builder says so otherwise).
+_NON_EMPTY = {'categories': 'give at least one category name',
+              'image_topics': 'give at least one camera topic'}
+
+
+def _string_list_problem(name: str, value: Any) -> Optional[str]:
+    """An empty array of any element type stands for the empty list (that is what "[]" on a
+    command line becomes); anything else must be a list of strings."""
+    if value is None:
+        return f'{name} must be set (a list of strings)'
+    if isinstance(value, (str, bytes)) or not hasattr(value, '__len__'):
+        return f'{name} must be a list of strings, not {type(value).__name__} {value!r}'
+    if len(value) == 0:
+        return f'{name} must not be empty: {_NON_EMPTY[name]}' if name in _NON_EMPTY else None
+    if not all(isinstance(item, str) for item in value):
+        return f'{name} must be a list of strings, not {list(value)!r}'
     return None
 
 
