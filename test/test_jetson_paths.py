@@ -94,3 +94,14 @@ def test_the_4bit_kernel_probe_runs_where_bitsandbytes_works():
     if torch.cuda.is_available():
         from qwen_vl_perception.model.loading import bitsandbytes_problem
         assert bitsandbytes_problem('cuda') is None
+
+
+@pytest.mark.parametrize('version,refused', [
+    ('2.5.0a0+872d972e41.nv24.08', True), ('2.4.1', True), ('1.13.0', True),
+    ('2.6.0', False), ('2.8.0a0+nv25.6', False), ('2.13.0+cpu', False), ('3.0.0', False)])
+def test_a_torch_older_than_transformers_accepts_is_named(version, refused):
+    from qwen_vl_perception.model.torch_support import torch_version_problem
+    problem = torch_version_problem(version)
+    assert (problem is not None) == refused
+    if refused:
+        assert version in problem and '2.6' in problem

