@@ -191,7 +191,7 @@ class PerceptionNode(Node):
     def _load_engine(self):
         from ..model.engine import VisionLanguageEngine
         from ..model.loading import ModelLoadError
-        from ..model.torch_support import MissingDependencyError
+        from ..model.torch_support import MissingDependencyError, triton_missing_reason
         path = self._model_dir()
         if not path:
             raise StartupError("model_path is required (a Qwen3-VL checkpoint directory, or "
@@ -199,13 +199,18 @@ class PerceptionNode(Node):
         self.get_logger().info(f"loading the model {path} (device {self._value('device')}, "
                                f"quantization {self._value('quantization')})")
         try:
-            return VisionLanguageEngine(path, device=self._value('device'),
-                                        quantization=self._value('quantization'),
-                                        decoder=self._value('decoder'),
-                                        min_pixels=self._value('min_pixels'),
-                                        max_pixels=self._value('max_pixels'))
+            engine = VisionLanguageEngine(path, device=self._value('device'),
+                                          quantization=self._value('quantization'),
+                                          decoder=self._value('decoder'),
+                                          min_pixels=self._value('min_pixels'),
+                                          max_pixels=self._value('max_pixels'))
         except (ModelLoadError, MissingDependencyError, OSError, ValueError) as error:
             raise StartupError(str(error)) from error
+        missing = triton_missing_reason() if engine.device.type == 'cuda' else None
+        if missing:  # e.g. a JetPack torch: everything runs, the fused kernels stay off
+            self.get_logger().info(f'{missing}: decoding without the fused kernels '
+                                   "(torch.compile, NF4 for 3+ frames); bitsandbytes' path")
+        return engine
 
     # ---------------------------------------------------------------------------- callbacks
     def _accept(self, message, convert, source: str) -> None:

@@ -223,8 +223,8 @@ _NON_EMPTY = {'categories': 'give at least one category name',
 
 
 def _string_list_problem(name: str, value: Any) -> Optional[str]:
-    """An empty array of any element type stands for the empty list (that is what "[]" on a
-    command line becomes); anything else must be a list of strings."""
+    """An empty array of any element type stands for the empty list (``ros2 param set ...
+    "[]"`` sends a bool array); anything else must be a list of strings."""
     if value is None:
         return f'{name} must be set (a list of strings)'
     if isinstance(value, (str, bytes)) or not hasattr(value, '__len__'):
