@@ -133,6 +133,11 @@ class Detector:
         self._lock = threading.Lock()
 
     @property
+    def engine(self):
+        """The engine the detector runs (read-only)."""
+        return self._engine
+
+    @property
     def prepared(self) -> PreparedSettings:
         return self._prepared
 
