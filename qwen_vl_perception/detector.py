@@ -11,13 +11,11 @@ from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence, Tuple
 
 from .categories import LabelMatcher
-from .detection import Detection
+from .detection import DEFAULT_ATTRIBUTES, Detection
 from .geometry import CONVENTIONS, GRID_1000, deduplicate, is_degenerate, to_pixels
 from .parsing import parse_objects
 from .prompt import PromptBuilder
 from .scoring import object_score
-
-DEFAULT_ATTRIBUTES = ('color', 'shape', 'appearance')
 
 
 @dataclass(frozen=True)
