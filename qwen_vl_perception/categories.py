@@ -2,6 +2,11 @@
 import unicodedata
 from typing import Dict, Iterable, List, Optional, Tuple
 
+ARTICLE_CATEGORIES = ('table', 'cup', 'bottle', 'chair', 'robot', 'garbage can', 'shelf',
+                      'tissue box', 'potted plant')
+"""The office categories of the blog post the project grew from ("Qwen3-VL + LoRA SFT + 4-bit
+quantization", see README.md): its inference script's list, the node's default."""
+
 MAX_CATEGORY_LENGTH = 64
 """Longest accepted category name, in characters (after whitespace is collapsed)."""
 

@@ -2,6 +2,10 @@
 from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
+DEFAULT_ATTRIBUTES = ('color', 'shape', 'appearance')
+"""The attributes asked for each object by default: those of the inference script in the blog
+post the project grew from ("Qwen3-VL + LoRA SFT + 4-bit quantization", see README.md)."""
+
 Box = Tuple[float, float, float, float]
 """An axis-aligned box ``(x1, y1, x2, y2)`` with ``x1 <= x2`` and ``y1 <= y2``."""
 

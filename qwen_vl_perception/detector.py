@@ -11,13 +11,11 @@ from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence, Tuple
 
 from .categories import LabelMatcher
-from .detection import Detection
+from .detection import DEFAULT_ATTRIBUTES, Detection
 from .geometry import CONVENTIONS, GRID_1000, deduplicate, is_degenerate, to_pixels
 from .parsing import parse_objects
 from .prompt import PromptBuilder
 from .scoring import object_score
-
-DEFAULT_ATTRIBUTES = ('color', 'shape', 'appearance')
 
 
 @dataclass(frozen=True)
@@ -131,6 +129,11 @@ class Detector:
         self._engine = engine
         self._prepared = prepare_settings(settings)
         self._lock = threading.Lock()
+
+    @property
+    def engine(self):
+        """The engine the detector runs (read-only)."""
+        return self._engine
 
     @property
     def prepared(self) -> PreparedSettings:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .categories import LabelMatcher
-from .detection import ParsedObject
+from .detection import DEFAULT_ATTRIBUTES, ParsedObject
 
-DEFAULT_ATTRIBUTE_KEYS = ('color', 'shape', 'appearance')
+DEFAULT_ATTRIBUTE_KEYS = DEFAULT_ATTRIBUTES
 BOX_KEYS = ('bbox_2d', 'bbox', 'box', 'box_2d', 'bounding_box', 'bbox2d')
 LABEL_KEYS = ('label', 'category', 'name', 'class')
 CORNER_KEYS = ('x1', 'y1', 'x2', 'y2')

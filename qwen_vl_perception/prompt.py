@@ -9,11 +9,10 @@ import string
 from typing import Dict, Iterable, List, Sequence
 
 from .categories import normalize_categories
-from .detection import ParsedObject
+from .detection import DEFAULT_ATTRIBUTES, ParsedObject
 from .geometry import GRID_MAX
-from .parsing import BOX_KEYS, CORNER_KEYS, DEFAULT_ATTRIBUTE_KEYS, LABEL_KEYS
+from .parsing import BOX_KEYS, CORNER_KEYS, LABEL_KEYS
 
-DEFAULT_ATTRIBUTES = DEFAULT_ATTRIBUTE_KEYS
 IMAGE_PLACEHOLDER = '<image>'
 """The image tag of LLaMA-Factory's sharegpt data (one per image)."""
 

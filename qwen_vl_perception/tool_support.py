@@ -14,8 +14,11 @@ PathLike = Union[str, os.PathLike]
 USAGE_ERROR = 2
 """Exit code of a tool for a usage or input error (argparse uses the same)."""
 
-MODEL_WEIGHT_PATTERNS = ('*.safetensors', '*.safetensors.index.json', 'pytorch_model*.bin',
-                         'pytorch_model*.bin.index.json')
+WEIGHT_PATTERNS = ('*.safetensors', 'pytorch_model*.bin')
+"""A checkpoint's weight files (safetensors or PyTorch pickles, one file or shards)."""
+
+MODEL_WEIGHT_PATTERNS = tuple(name for pattern in WEIGHT_PATTERNS
+                              for name in (pattern, pattern + '.index.json'))
 """Files of an old checkpoint that must go before new weights are written into its folder:
 a stale shard or index would otherwise be loaded together with the new weights."""
 
@@ -180,13 +183,6 @@ def category_names(values: Optional[Iterable[str]],
         return normalize_categories(names)
     except ValueError as error:
         raise ToolError(f'invalid {option}: {error}') from None
-
-
-def folder_bytes(path: PathLike, patterns: Sequence[str] = ('*',)) -> int:
-    """Total size of the files in ``path`` (not recursive) matching any of ``patterns``."""
-    path = Path(path)
-    files = {file for pattern in patterns for file in path.glob(pattern) if file.is_file()}
-    return sum(file.stat().st_size for file in files)
 
 
 def format_bytes(count: float) -> str:

@@ -120,6 +120,19 @@ def test_one_session_serves_every_frame_of_a_shape(model):
     assert_same(hf_decode(model, second, 10, STOPS), results[1])
 
 
+def test_what_the_last_call_ran_is_public_and_eager_steps_change_no_later_call(model):
+    decoder = FastGreedyDecoder()
+    assert not decoder.last_session_fused and decoder.last_session_nf4_layers == 0
+    with pytest.raises(ValueError, match='no decode session'):
+        decoder.step_eagerly()
+    inputs = make_inputs([(5, 7, (1, 4, 6))], seed=5)
+    first = decoder(model, inputs, 6, STOPS)
+    assert not decoder.last_session_fused  # the CPU: no graph, nothing compiled
+    assert decoder.last_session_nf4_layers == 0  # no NF4 layers in this model
+    decoder.step_eagerly(3)
+    assert decoder(model, inputs, 6, STOPS) == first
+
+
 def test_nf4_model_matches_generate():
     bnb = pytest.importorskip('bitsandbytes')
     model = tiny_model(seed=2)

@@ -200,7 +200,7 @@ def test_categories_change_at_runtime_and_label_info_follows(harness):
     wait_for(lambda: len(harness.label_infos) >= 2, 10, 'label_info not republished')
     assert [(c.class_id, c.class_name) for c in harness.label_infos[-1].class_map] == \
         [(0, 'cup'), (1, 'chair')]
-    assert harness.node._detector.settings.categories == ('cup', 'chair')
+    assert harness.node.detector.settings.categories == ('cup', 'chair')
     late = []
     harness.peer.create_subscription(LabelInfo, 'label_info', late.append, LATCHED)
     wait_for(lambda: late, 10, 'a late subscriber did not get the latched label_info')
@@ -227,14 +227,14 @@ def test_bad_parameters_are_refused_with_a_reason(harness, parameter, reason_par
     (result,) = harness.set_parameters(parameter)
     assert not result.successful
     assert reason_part in result.reason
-    assert harness.node._detector.settings.categories == tuple(CATEGORIES)
+    assert harness.node.detector.settings.categories == tuple(CATEGORIES)
 
 
 def test_an_empty_list_of_any_type_is_an_empty_list_and_not_set_is_refused(harness):
     assert harness.set_parameters(Parameter('describe', Parameter.Type.BOOL, False))[0].successful
     (result,) = harness.set_parameters(Parameter('attributes', Parameter.Type.BYTE_ARRAY, []))
     assert result.successful, result.reason
-    assert harness.node._detector.settings.attributes == ()
+    assert harness.node.detector.settings.attributes == ()
     (result,) = harness.set_parameters(Parameter('categories', Parameter.Type.NOT_SET))
     assert not result.successful and 'categories must be set' in result.reason
     assert harness.node.get_parameter('categories').value == CATEGORIES
@@ -347,7 +347,7 @@ def test_unset_pixel_budget_is_a_tool_trained_models_own(answering_checkpoint, t
             node = harness.node
             assert (node.get_parameter('min_pixels').value,
                     node.get_parameter('max_pixels').value) == expected
-            inputs = node._detector._engine.inputs
+            inputs = node.detector.engine.inputs
             assert (inputs.min_pixels, inputs.max_pixels) == expected
         finally:
             harness.close()

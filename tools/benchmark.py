@@ -35,19 +35,30 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from qwen_vl_perception.categories import ARTICLE_CATEGORIES
+from qwen_vl_perception.model.configs import qwen3_vl_4b_config, tiny_config
+from qwen_vl_perception.model.default_model import DEFAULT_MODEL_NAME, resolve_model_path
+from qwen_vl_perception.model.fast_decode import FastGreedyDecoder
+from qwen_vl_perception.model.torch_support import require, require_torch
+from qwen_vl_perception.prompt import PromptBuilder
 
-from qwen_vl_perception.model.configs import qwen3_vl_4b_config, tiny_config  # noqa: E402
-from qwen_vl_perception.model.default_model import (DEFAULT_MODEL_NAME,  # noqa: E402
-                                                    resolve_model_path)
-from qwen_vl_perception.model.torch_support import require, require_torch  # noqa: E402
-
-ARTICLE_CATEGORIES = ['table', 'cup', 'bottle', 'chair', 'robot', 'garbage can', 'shelf',
-                      'tissue box', 'potted plant']
 VARIANTS = ('bf16', 'nf4', 'nf4-all', 'article')
+"""What ``--variants`` can time; "article" is the model of the blog post the project grew from
+("Qwen3-VL + LoRA SFT + 4-bit quantization", see README.md): NF4 with float16 compute."""
+TRISTATE = {'auto': None, 'on': True, 'off': False}
+"""``--fuse`` and ``--nf4-kernel`` as FastGreedyDecoder takes them."""
 GB = 1e9
+
+
+def parse_pair(text):
+    """``'640x480'`` -> ``(640, 480)``; also ``BATCHxTOKENS`` (``'8x80'``)."""
+    first, second = (int(value) for value in text.lower().split('x'))
+    return first, second
+
+
+def dtype_name(dtype) -> str:
+    """``torch.bfloat16`` -> ``'bfloat16'``."""
+    return str(dtype).replace('torch.', '')
 
 
 def parse_args(argv=None):
@@ -239,22 +250,8 @@ def time_ours(torch, timer, decoder, model, tensors, batch, new_tokens, repeats,
         'prefill_ms': 1000 * prefill_s, 'decode_ms_per_token': decode_ms,
         'frame_s': frame, 'frames_per_s': batch / frame, 'frame_s_runs': frames,
         'first_call_s': first_s, 'first_call_captured_graph': captured,
-        'peak_gb': timer.peak_gb(), 'fused': decoder_fused(decoder),
-        'nf4_kernel_layers': nf4_kernel_layers(decoder)}
-
-
-def decoder_fused(decoder):
-    sessions = list(decoder._sessions.values())
-    return bool(sessions and sessions[-1].kernels.fused)
-
-
-def nf4_kernel_layers(decoder):
-    """How many NF4 layers the last session routes through NF4Matmul (fused kernel from 3
-    rows, bitsandbytes' GEMV below)."""
-    sessions = list(decoder._sessions.values())
-    if not sessions:
-        return 0
-    return sum(linear is not module for module, linear in sessions[-1].linears.items())
+        'peak_gb': timer.peak_gb(), 'fused': decoder.last_session_fused,
+        'nf4_kernel_layers': decoder.last_session_nf4_layers}
 
 
 def time_generate(torch, timer, model, tensors, batch, new_tokens, repeats, label):
@@ -314,11 +311,9 @@ def agreement(model, decoders, tensors, new_tokens, label):
 def profile_step(torch, decoder, model, tensors, path, steps=3):
     """Kernel times of eager decode steps (no graph): where a step's GPU time goes."""
     decoder(model, tensors, 8, [])
-    session = next(reversed(decoder._sessions.values()))
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            session.step()
+        decoder.step_eagerly(steps)
         torch.cuda.synchronize()
     events = prof.key_averages()
     # Kernel rows only: operator rows repeat their kernels' time.
@@ -410,10 +405,8 @@ def memory_only(args):
     batch-1 frame (tuning, capture) and of a steady one. Prints one JSON line."""
     torch = require_torch()
     transformers = require('transformers', 'to build Qwen3-VL')
-    from qwen_vl_perception.model.fast_decode import FastGreedyDecoder
-    from qwen_vl_perception.prompt import PromptBuilder
     device, dtype = torch.device('cuda'), torch.bfloat16
-    width, height = (int(value) for value in args.image.lower().split('x'))
+    width, height = parse_pair(args.image)
     new_tokens = args.new_tokens[0]
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
         builder = make_input_builder(args, Path(workdir))
@@ -426,9 +419,8 @@ def memory_only(args):
         torch.cuda.empty_cache()
         weights = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        choice = {'auto': None, 'on': True, 'off': False}
-        decoder = FastGreedyDecoder(fuse_elementwise=choice[args.fuse],
-                                    nf4_kernel=choice[args.nf4_kernel])
+        decoder = FastGreedyDecoder(fuse_elementwise=TRISTATE[args.fuse],
+                                    nf4_kernel=TRISTATE[args.nf4_kernel])
         decoder(model, tensors, new_tokens, [])
         first = torch.cuda.max_memory_allocated(device)
         first_reserved = torch.cuda.max_memory_reserved(device)
@@ -440,7 +432,7 @@ def memory_only(args):
                   'first_frame_peak_reserved_gb': first_reserved / GB,
                   'steady_frame_peak_gb': steady / GB,
                   'steady_frame_peak_reserved_gb': torch.cuda.max_memory_reserved(device) / GB,
-                  'nf4_kernel_layers': nf4_kernel_layers(decoder)}
+                  'nf4_kernel_layers': decoder.last_session_nf4_layers}
     print(json.dumps(result), flush=True)
     return result
 
@@ -468,6 +460,264 @@ def memory_processes(args, variants):
 
 # -- the benchmark ---------------------------------------------------------------------------
 
+class Benchmark:
+    """One process's benchmark: the inputs, the model (quantized in place phase by phase), one
+    decoder, and the ``results`` written to ``--out`` after every step (partial results count).
+    Each check records an error and goes on rather than losing the runs before it."""
+
+    def __init__(self, args, torch, device, results):
+        self.args, self.torch, self.device, self.results = args, torch, device, results
+        self.on_cuda = device.type == 'cuda'
+        self.dtype = torch.bfloat16 if self.on_cuda else torch.float32
+        self.dtype_name = dtype_name(self.dtype)
+        self.fuse = TRISTATE[args.fuse]
+        self.nf4_kernel = TRISTATE[args.nf4_kernel]
+        self.width, self.height = parse_pair(args.image)
+        self.timer = Timer(torch, device, cpu_time=args.cpu_time)
+        self.builder = self.instruction = self.model = self.decoder = None
+        self.batches, self.mixed = {}, None
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def save(self):
+        if self.args.out is not None:
+            self.args.out.parent.mkdir(parents=True, exist_ok=True)
+            self.args.out.write_text(json.dumps(self.results, indent=2) + '\n')
+
+    def error(self, what, error):
+        self.results['errors'].append(f'{what}: {type(error).__name__}: {error}')
+        print(self.results['errors'][-1], flush=True)
+
+    def add_run(self, run, save=True):
+        self.results['runs'].append(run)
+        print(row_text(run), flush=True)
+        if save:
+            self.save()
+
+    def new_decoder(self, fuse=None, nf4_kernel=None):
+        """A decoder with the command line's choices, unless told otherwise."""
+        return FastGreedyDecoder(fuse_elementwise=self.fuse if fuse is None else fuse,
+                                 nf4_kernel=self.nf4_kernel if nf4_kernel is None else nf4_kernel)
+
+    # -- setting up ----------------------------------------------------------------------
+
+    def build_inputs(self, workdir: Path):
+        """The node's prompt on test images: batch 1 (timed), every ``--batch-sizes`` batch
+        and the mixed-size batch of the agreement check, on the device."""
+        self.builder = make_input_builder(self.args, workdir)
+        self.instruction = PromptBuilder(ARTICLE_CATEGORIES, describe=True).instruction
+        started = time.perf_counter()
+        one = self.builder.build([test_image(self.width, self.height, 0)], self.instruction)
+        self.results['input_build_ms_batch1'] = 1000 * (time.perf_counter() - started)
+        self.results['prompt_tokens'] = one.prompt_length
+        self.results['visual_tokens'] = int(
+            (one.tensors['input_ids'] == self.builder.image_token_id).sum())
+        self.results['instruction'] = self.instruction
+        for size in sorted(set(self.args.batch_sizes) | {1}):
+            self.batch_inputs(size)
+        small = (max(32, self.width * 3 // 4 // 32 * 32),
+                 max(32, self.height * 3 // 4 // 32 * 32))
+        images = [test_image(self.width, self.height, 10), test_image(*small, 11),
+                  test_image(self.width, self.height, 12)]
+        self.mixed = self.builder.build(images, self.instruction).to(self.device).tensors
+
+    def batch_inputs(self, batch):
+        """The device tensors of ``batch`` test images (seeds 0 to batch - 1), built once."""
+        if batch not in self.batches:
+            images = [test_image(self.width, self.height, seed) for seed in range(batch)]
+            self.batches[batch] = self.builder.build(images, self.instruction).to(
+                self.device).tensors
+        return self.batches[batch]
+
+    def build_model(self, transformers):
+        self.results['clock'] = 'process CPU time, 1 thread' if self.args.cpu_time else 'wall'
+        self.timer.reset_peak()
+        self.model = build_model(self.torch, transformers, self.args, self.device, self.dtype)
+        self.results['parameters'] = sum(p.numel() for p in self.model.parameters())
+        self.results['model_gb'] = {self.dtype_name: self.timer.allocated_gb()}
+        self.decoder = self.new_decoder()
+
+    # -- the checks, each recorded in results ---------------------------------------------
+
+    def our_runs(self, label):
+        """Our engine at every ``--batch-sizes`` x ``--new-tokens``."""
+        for batch in self.args.batch_sizes:
+            for new_tokens in self.args.new_tokens:
+                try:
+                    run = time_ours(self.torch, self.timer, self.decoder, self.model,
+                                    self.batches[batch], batch, new_tokens, self.args.repeats,
+                                    label)
+                except Exception as error:  # record and go on: partial results count
+                    self.error(f'ours {label} b{batch} n{new_tokens}', error)
+                    continue
+                self.add_run(run)
+            self.decoder.clear()  # peak memory per batch size, not all sizes' caches at once
+
+    def check_agreement(self, label):
+        if self.args.agreement_tokens <= 0:
+            return
+        decoders = {'default': self.decoder}
+        if self.on_cuda and self.fuse is not False:
+            decoders['unfused'] = self.new_decoder(fuse=False)
+        try:
+            entry = agreement(self.model, decoders, self.mixed, self.args.agreement_tokens,
+                              label)
+        except Exception as error:
+            self.error(f'agreement {label}', error)
+            return
+        self.results['agreement'].append(entry)
+        for name in decoders:
+            print(f"agreement {label} ({name}): per token (teacher forced) "
+                  f"{entry[name]['per_token']:.1%}, sequences identical "
+                  f"{entry[name]['sequences_identical']:.0%}, tokens before first "
+                  f"difference {entry[name]['tokens_before_first_difference']:.0%}",
+                  flush=True)
+        self.save()
+
+    def profile(self, label):
+        if not (self.args.profile and self.on_cuda):
+            return
+        name = 'profile_' + ''.join(c if c.isalnum() else '_' for c in label)[:40] + '.txt'
+        path = (self.args.out.parent if self.args.out else Path('.')) / name
+        try:
+            self.results['profile_ms_per_step'][label] = profile_step(
+                self.torch, self.decoder, self.model, self.batches[1], path)
+        except Exception as error:
+            self.results['errors'].append(f'profile {label}: {type(error).__name__}: {error}')
+        print(f"profile {label}: {self.results['profile_ms_per_step'].get(label)} ms of "
+              'kernels per step', flush=True)
+
+    def memory_check(self, where):
+        """What stays allocated once the decoder has dropped its sessions."""
+        self.decoder.clear()
+        self.timer.reset_peak()
+        self.results['allocated_gb'][where] = self.timer.allocated_gb()
+
+    def unfused_check(self, label):
+        if not self.args.unfused_check:
+            return
+        plain = self.new_decoder(fuse=False)
+        self.add_run(time_ours(self.torch, self.timer, plain, self.model, self.batches[1], 1,
+                               self.args.new_tokens[0], self.args.repeats, label + ' unfused'),
+                     save=False)
+        plain.clear()
+        self.save()
+
+    def bnb_check(self, label):
+        if not self.args.bnb_check:
+            return
+        plain = self.new_decoder(nf4_kernel=False)
+        for spec in self.args.bnb_check:
+            batch, new_tokens = parse_pair(spec)
+            run = time_ours(self.torch, self.timer, plain, self.model, self.batch_inputs(batch),
+                            batch, new_tokens, self.args.repeats,
+                            label + ', bitsandbytes decode linears')
+            plain.clear()
+            self.add_run(run)
+
+    def linear_check(self):
+        if not (self.args.linear_rows and self.on_cuda):
+            return
+        try:
+            self.results['decode_linears'] = linear_step(self.torch, self.model,
+                                                         self.args.linear_rows, self.dtype)
+        except Exception as error:
+            self.error('linears', error)
+        self.save()
+
+    def prefix_check(self):
+        self.results['instruction_prefill'] = instruction_prefill(
+            self.torch, self.timer, self.model, self.batches[1], self.args.repeats)
+        print(f"instruction prefix alone: {self.results['instruction_prefill']}", flush=True)
+        self.save()
+
+    def article_runs(self, label):
+        """Our engine, then ``model.generate``, at every ``--article-runs`` configuration."""
+        for spec in self.args.article_runs:
+            batch, new_tokens = parse_pair(spec)
+            tensors = self.batch_inputs(batch)
+            run = time_ours(self.torch, self.timer, self.decoder, self.model, tensors, batch,
+                            new_tokens, self.args.repeats, label)
+            self.decoder.clear()
+            self.add_run(run, save=False)
+            self.add_run(time_generate(self.torch, self.timer, self.model, tensors, batch,
+                                       new_tokens, self.args.article_repeats, label))
+
+    # -- the phases: one model, quantized further in each -----------------------------------
+
+    def quantize(self, skip, model_gb_key):
+        """Quantize the model's remaining linears outside ``skip`` in place; record its size."""
+        count = quantize_linears(self.torch, self.model, self.dtype, skip=skip)
+        self.timer.reset_peak()
+        self.results['model_gb'][model_gb_key] = self.timer.allocated_gb()
+        self.results['nf4_layers'] = self.results.get('nf4_layers', 0) + count
+
+    def run_unquantized(self):
+        label = self.dtype_name
+        self.check_agreement(label)
+        self.our_runs(label)
+        self.unfused_check(label)
+        self.profile(label)
+        self.memory_check(f'after {label} runs')
+
+    def run_nf4(self):
+        """The language model NF4, vision tower unquantized (the node's on-load quantization)."""
+        label = f'nf4, {self.dtype_name} compute, vision {self.dtype_name}'
+        self.check_agreement(label)
+        self.our_runs(label)
+        self.unfused_check(label)
+        self.bnb_check(label)
+        self.linear_check()
+        self.prefix_check()
+        self.profile(label)
+        self.memory_check(f'after {label} runs')
+
+    def run_nf4_all(self):
+        self.our_runs(f'nf4 all, {self.dtype_name} compute')
+
+    def run_article(self):
+        """nf4-all with the article's float16 compute (float32 on the CPU)."""
+        compute = self.torch.float16 if self.on_cuda else self.torch.float32
+        set_compute_dtype(self.model, compute)
+        label = f'article model (nf4 all, {dtype_name(compute)} compute)'
+        self.check_agreement(label)
+        self.article_runs(label)
+
+    def run_variants(self):
+        variants = set(self.args.variants)
+        if 'bf16' in variants:
+            self.run_unquantized()
+        if variants & {'nf4', 'nf4-all', 'article'}:
+            self.quantize(('lm_head', 'visual'), 'nf4 (vision unquantized)')
+            if 'nf4' in variants:
+                self.run_nf4()
+        if variants & {'nf4-all', 'article'}:
+            self.decoder.clear()
+            self.quantize(('lm_head',), 'nf4 (all but lm_head)')
+            if 'nf4-all' in variants:
+                self.run_nf4_all()
+            if 'article' in variants:
+                self.run_article()
+
+
+def pick_device(torch, args):
+    """The device to run on; with ``--cpu-time``, one torch thread (CPU only)."""
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if args.cpu_time:
+        if device.type == 'cuda':
+            raise SystemExit('--cpu-time is for --device cpu')
+        torch.set_num_threads(1)
+    return device
+
+
+def new_results(args, torch, device):
+    return {'command': ' '.join(sys.argv), 'environment': environment(torch, device),
+            'architecture': 'tiny' if args.tiny else ('checkpoint' if args.model
+                                                      else 'Qwen3-VL-4B (random weights)'),
+            'image': 'x'.join(str(value) for value in parse_pair(args.image)), 'runs': [],
+            'agreement': [], 'errors': [], 'allocated_gb': {}, 'profile_ms_per_step': {}}
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.model is not None:
@@ -476,217 +726,20 @@ def main(argv=None):
         return memory_only(args)
     torch = require_torch()
     transformers = require('transformers', 'to build Qwen3-VL')
-    from qwen_vl_perception.model.fast_decode import FastGreedyDecoder
-    from qwen_vl_perception.prompt import PromptBuilder
-
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    on_cuda = device.type == 'cuda'
-    if args.cpu_time:
-        if on_cuda:
-            raise SystemExit('--cpu-time is for --device cpu')
-        torch.set_num_threads(1)
-    dtype = torch.bfloat16 if on_cuda else torch.float32
-    article_compute = torch.float16 if on_cuda else torch.float32
-    dtype_name = str(dtype).replace('torch.', '')
-    width, height = (int(value) for value in args.image.lower().split('x'))
-    fuse = {'auto': None, 'on': True, 'off': False}[args.fuse]
-    nf4_kernel = {'auto': None, 'on': True, 'off': False}[args.nf4_kernel]
-    results = {'command': ' '.join(sys.argv), 'environment': environment(torch, device),
-               'architecture': 'tiny' if args.tiny else ('checkpoint' if args.model
-                                                         else 'Qwen3-VL-4B (random weights)'),
-               'image': f'{width}x{height}', 'runs': [], 'agreement': [], 'errors': [],
-               'allocated_gb': {}, 'profile_ms_per_step': {}}
-
-    def save():
-        if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=2) + '\n')
-
-    if args.memory_processes and on_cuda:  # first, while this process holds no GPU memory
-        results['memory_processes'] = memory_processes(
+    device = pick_device(torch, args)
+    bench = Benchmark(args, torch, device, new_results(args, torch, device))
+    if args.memory_processes and bench.on_cuda:  # first, while this process holds no GPU memory
+        bench.results['memory_processes'] = memory_processes(
             args, [variant for variant in ('nf4', 'nf4-all') if variant in args.variants])
-        save()
+        bench.save()
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
-        builder = make_input_builder(args, Path(workdir))
-        instruction = PromptBuilder(ARTICLE_CATEGORIES, describe=True).instruction
-        started = time.perf_counter()
-        one = builder.build([test_image(width, height, 0)], instruction)
-        results['input_build_ms_batch1'] = 1000 * (time.perf_counter() - started)
-        visual = int((one.tensors['input_ids'] == builder.image_token_id).sum())
-        results['prompt_tokens'] = one.prompt_length
-        results['visual_tokens'] = visual
-        results['instruction'] = instruction
-        batches = {size: builder.build([test_image(width, height, seed) for seed in range(size)],
-                                       instruction).to(device).tensors
-                   for size in sorted(set(args.batch_sizes) | {1})}
-        small = (max(32, width * 3 // 4 // 32 * 32), max(32, height * 3 // 4 // 32 * 32))
-        mixed = builder.build([test_image(width, height, 10), test_image(*small, 11),
-                               test_image(width, height, 12)], instruction).to(device).tensors
-
-        timer = Timer(torch, device, cpu_time=args.cpu_time)
-        results['clock'] = 'process CPU time, 1 thread' if args.cpu_time else 'wall'
-        timer.reset_peak()
-        model = build_model(torch, transformers, args, device, dtype)
-        results['parameters'] = sum(p.numel() for p in model.parameters())
-        results['model_gb'] = {dtype_name: timer.allocated_gb()}
-        decoder = FastGreedyDecoder(fuse_elementwise=fuse, nf4_kernel=nf4_kernel)
-
-        def our_runs(label):
-            for batch in args.batch_sizes:
-                for new_tokens in args.new_tokens:
-                    try:
-                        run = time_ours(torch, timer, decoder, model, batches[batch], batch,
-                                        new_tokens, args.repeats, label)
-                    except Exception as error:  # record and go on: partial results count
-                        results['errors'].append(f'ours {label} b{batch} n{new_tokens}: '
-                                                 f'{type(error).__name__}: {error}')
-                        print(results['errors'][-1], flush=True)
-                        continue
-                    results['runs'].append(run)
-                    print(row_text(run), flush=True)
-                    save()
-                decoder.clear()  # peak memory per batch size, not all sizes' caches at once
-
-        def check_agreement(label):
-            if args.agreement_tokens <= 0:
-                return
-            decoders = {'default': decoder}
-            if on_cuda and fuse is not False:
-                decoders['unfused'] = FastGreedyDecoder(fuse_elementwise=False,
-                                                        nf4_kernel=nf4_kernel)
-            try:
-                entry = agreement(model, decoders, mixed, args.agreement_tokens, label)
-            except Exception as error:
-                results['errors'].append(f'agreement {label}: {type(error).__name__}: {error}')
-                print(results['errors'][-1], flush=True)
-                return
-            results['agreement'].append(entry)
-            for name in decoders:
-                print(f"agreement {label} ({name}): per token (teacher forced) "
-                      f"{entry[name]['per_token']:.1%}, sequences identical "
-                      f"{entry[name]['sequences_identical']:.0%}, tokens before first "
-                      f"difference {entry[name]['tokens_before_first_difference']:.0%}",
-                      flush=True)
-            save()
-
-        def profile(label):
-            if not (args.profile and on_cuda):
-                return
-            name = 'profile_' + ''.join(c if c.isalnum() else '_' for c in label)[:40] + '.txt'
-            path = (args.out.parent if args.out else Path('.')) / name
-            try:
-                results['profile_ms_per_step'][label] = profile_step(
-                    torch, decoder, model, batches[1], path)
-            except Exception as error:
-                results['errors'].append(f'profile {label}: {type(error).__name__}: {error}')
-            print(f"profile {label}: {results['profile_ms_per_step'].get(label)} ms of kernels"
-                  ' per step', flush=True)
-
-        def memory_check(where):
-            decoder.clear()
-            timer.reset_peak()
-            results['allocated_gb'][where] = timer.allocated_gb()
-
-        def unfused_check(label):
-            if not args.unfused_check:
-                return
-            plain = FastGreedyDecoder(fuse_elementwise=False, nf4_kernel=nf4_kernel)
-            run = time_ours(torch, timer, plain, model, batches[1], 1, args.new_tokens[0],
-                            args.repeats, label + ' unfused')
-            results['runs'].append(run)
-            print(row_text(run), flush=True)
-            plain.clear()
-            save()
-
-        def batch_inputs(batch):
-            if batch not in batches:
-                batches[batch] = builder.build(
-                    [test_image(width, height, seed) for seed in range(batch)],
-                    instruction).to(device).tensors
-            return batches[batch]
-
-        def bnb_check(label):
-            if not args.bnb_check:
-                return
-            plain = FastGreedyDecoder(fuse_elementwise=fuse, nf4_kernel=False)
-            for spec in args.bnb_check:
-                batch, new_tokens = (int(value) for value in spec.lower().split('x'))
-                run = time_ours(torch, timer, plain, model, batch_inputs(batch), batch,
-                                new_tokens, args.repeats, label + ', bitsandbytes decode linears')
-                plain.clear()
-                results['runs'].append(run)
-                print(row_text(run), flush=True)
-                save()
-
-        def linear_check():
-            if not (args.linear_rows and on_cuda):
-                return
-            try:
-                results['decode_linears'] = linear_step(torch, model, args.linear_rows, dtype)
-            except Exception as error:
-                results['errors'].append(f'linears: {type(error).__name__}: {error}')
-                print(results['errors'][-1], flush=True)
-            save()
-
-        def prefix_check():
-            results['instruction_prefill'] = instruction_prefill(
-                torch, timer, model, batches[1], args.repeats)
-            print(f"instruction prefix alone: {results['instruction_prefill']}", flush=True)
-            save()
-
-        if 'bf16' in args.variants:
-            label = dtype_name
-            check_agreement(label)
-            our_runs(label)
-            unfused_check(label)
-            profile(label)
-            memory_check(f'after {label} runs')
-
-        quantized = set(args.variants) & {'nf4', 'nf4-all', 'article'}
-        if quantized:
-            count = quantize_linears(torch, model, dtype, skip=('lm_head', 'visual'))
-            timer.reset_peak()
-            results['model_gb']['nf4 (vision unquantized)'] = timer.allocated_gb()
-            results['nf4_layers'] = count
-            if 'nf4' in args.variants:
-                label = f'nf4, {dtype_name} compute, vision {dtype_name}'
-                check_agreement(label)
-                our_runs(label)
-                unfused_check(label)
-                bnb_check(label)
-                linear_check()
-                prefix_check()
-                profile(label)
-                memory_check(f'after {label} runs')
-        if set(args.variants) & {'nf4-all', 'article'}:
-            decoder.clear()
-            results['nf4_layers'] += quantize_linears(torch, model, dtype, skip=('lm_head',))
-            timer.reset_peak()
-            results['model_gb']['nf4 (all but lm_head)'] = timer.allocated_gb()
-            if 'nf4-all' in args.variants:
-                label = f'nf4 all, {dtype_name} compute'
-                our_runs(label)
-            if 'article' in args.variants:
-                set_compute_dtype(model, article_compute)
-                label = f"article model (nf4 all, {str(article_compute).replace('torch.', '')}" \
-                        " compute)"
-                check_agreement(label)
-                for spec in args.article_runs:
-                    batch, new_tokens = (int(value) for value in spec.lower().split('x'))
-                    run = time_ours(torch, timer, decoder, model, batch_inputs(batch), batch,
-                                    new_tokens, args.repeats, label)
-                    decoder.clear()
-                    results['runs'].append(run)
-                    print(row_text(run), flush=True)
-                    run = time_generate(torch, timer, model, batch_inputs(batch), batch,
-                                        new_tokens, args.article_repeats, label)
-                    results['runs'].append(run)
-                    print(row_text(run), flush=True)
-                    save()
-    save()
+        bench.build_inputs(Path(workdir))
+        bench.build_model(transformers)
+        bench.run_variants()
+    bench.save()
     print()
-    print(table(results))
-    return results
+    print(table(bench.results))
+    return bench.results
 
 
 def environment(torch, device):

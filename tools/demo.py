@@ -196,7 +196,7 @@ def run(args) -> int:
                 raise ToolError('the camera did not connect to the perception node')
             time.sleep(0.05)
 
-        describe = perception._detector.settings.describe
+        describe = perception.detector.settings.describe
         rows, skipped, started, count = [], [], time.monotonic(), 0
         for index, (name, rgb) in enumerate(frames_from(args, skipped), start=1):
             if args.max_frames and index > args.max_frames:

@@ -159,6 +159,40 @@ class FastGreedyDecoder:
             self._sessions.popitem()[1].release()
         self._nf4_linears = weakref.WeakKeyDictionary()
 
+    # -- what the last call ran (for tools that report it) --------------------------------
+
+    @property
+    def last_session_fused(self) -> bool:
+        """Whether the session of the last call runs its elementwise pieces fused by
+        ``torch.compile`` (False before any call, after :meth:`clear`, or after a fallback)."""
+        session = self._last_session()
+        return bool(session is not None and session.kernels.fused)
+
+    @property
+    def last_session_nf4_layers(self) -> int:
+        """How many NF4 layers the session of the last call routes through
+        :class:`~qwen_vl_perception.model.nf4_matmul.NF4Matmul` (its fused kernel from 3 rows,
+        bitsandbytes' GEMV below); 0 before any call or after :meth:`clear`."""
+        session = self._last_session()
+        if session is None:
+            return 0
+        return sum(linear is not module for module, linear in session.linears.items())
+
+    def step_eagerly(self, steps: int = 1) -> None:
+        """Run the last call's decode step ``steps`` times without its CUDA graph (to profile
+        where a step's device time goes). It advances that session's state: the next call
+        loads its frame afresh, so later results are unaffected."""
+        session = self._last_session()
+        if session is None:
+            raise ValueError('no decode session yet: call the decoder first')
+        with require_torch().inference_mode():
+            for _ in range(steps):
+                session.step()
+
+    def _last_session(self) -> Optional['_DecodeSession']:
+        """The session used most recently (sessions move to the end when used)."""
+        return next(reversed(self._sessions.values()), None)
+
     # -- the call ------------------------------------------------------------------------
 
     def _decode(self, torch, model, tensors, max_new_tokens, stop_token_ids):

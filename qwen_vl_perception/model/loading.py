@@ -18,17 +18,16 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from .torch_support import require, require_torch
-from ..tool_support import quiet_library_logs
+from ..tool_support import WEIGHT_PATTERNS, quiet_library_logs
 
 PathLike = Union[str, Path]
 
-QUANTIZATIONS = ('auto', 'none', 'nf4', 'fp4')
+QUANTIZATIONS = ('auto', 'nf4', 'fp4', 'none')
 COMPUTE_DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 SUPPORTED_MODEL_TYPES = ('qwen3_vl', 'qwen3_vl_moe')
 # Modules kept unquantized. transformers 5 matches these names from the start of the module
 # path ('model.visual'); older releases matched substrings ('visual').
 DEFAULT_SKIP_MODULES = ('model.visual', 'visual', 'lm_head')
-WEIGHT_PATTERNS = ('*.safetensors', 'pytorch_model*.bin')
 JETSON_HELP = 'README, "Jetson Orin"'
 
 

@@ -1,11 +1,12 @@
 """LoRA supervised fine-tuning of Qwen3-VL on a sharegpt detection dataset.
 
-The defaults are the article's LLaMA-Factory run: LoRA on the language model's linear layers
-(rank 8, alpha 16, no dropout), QLoRA (NF4 base) on CUDA, bf16, learning rate 3e-5, 3 epochs,
-batch 2 x gradient accumulation 2, cosine schedule, cutoff 2048 tokens. Batches come from
-:func:`~qwen_vl_perception.model.training.training_batch`, so the model is trained on exactly
-the tokens the node sends (chat template, instruction-first order, image resizing); only the
-answer and its ``<|im_end|>`` carry a loss.
+The defaults are the article's LLaMA-Factory run (the article: the blog post the project grew
+from, "Qwen3-VL + LoRA SFT + 4-bit quantization", see README.md): LoRA on the language model's
+linear layers (rank 8, alpha 16, no dropout), QLoRA (NF4 base) on CUDA, bf16, learning rate
+3e-5, 3 epochs, batch 2 x gradient accumulation 2, cosine schedule, cutoff 2048 tokens. Batches
+come from :func:`~qwen_vl_perception.model.training.training_batch`, so the model is trained on
+exactly the tokens the node sends (chat template, instruction-first order, image resizing);
+only the answer and its ``<|im_end|>`` carry a loss.
 
 transformers' ``Trainer`` runs the loop (schedule, accumulation with token-count loss
 normalisation, gradient clipping, mixed precision, checkpoints); the multimodal collator is

@@ -1,12 +1,14 @@
 """Quantize a merged Qwen3-VL checkpoint to bitsandbytes 4-bit and save it pre-quantized.
 
-Defaults are the article's: ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4',
-bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=float16)``. ``lm_head`` always stays in
-full precision (it is tied to the embeddings; transformers keeps it too); other modules can be
-kept with ``keep_full_precision`` (e.g. ``visual``: the vision tower, ~0.4 B parameters of the
-4B). The saved folder is checked by reloading it through the node's own engine
-(:class:`~qwen_vl_perception.model.engine.VisionLanguageEngine`), counting its ``Linear4bit``
-layers and generating one answer. Works on CUDA and on the CPU (bitsandbytes >= 0.48).
+Defaults are the article's (the blog post the project grew from, "Qwen3-VL + LoRA SFT + 4-bit
+quantization", see README.md): ``BitsAndBytesConfig(load_in_4bit=True,
+bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=float16)``.
+``lm_head`` always stays in full precision (it is tied to the embeddings; transformers keeps it
+too); other modules can be kept with ``keep_full_precision`` (e.g. ``visual``: the vision
+tower, ~0.4 B parameters of the 4B). The saved folder is checked by reloading it through the
+node's own engine (:class:`~qwen_vl_perception.model.engine.VisionLanguageEngine`), counting
+its ``Linear4bit`` layers and generating one answer. Works on CUDA and on the CPU (bitsandbytes
+>= 0.48).
 """
 import gc
 import json

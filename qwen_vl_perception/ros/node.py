@@ -347,6 +347,11 @@ class PerceptionNode(Node):
             header=Header(stamp=self.get_clock().now().to_msg()), status=[status]))
 
     @property
+    def detector(self) -> Detector:
+        """The node's :class:`Detector` (its current settings, its engine); read-only."""
+        return self._detector
+
+    @property
     def frames_dropped(self) -> int:
         return self._slots.dropped
 

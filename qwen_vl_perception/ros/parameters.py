@@ -10,16 +10,14 @@ from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescr
                                 ParameterType)
 from rclpy.parameter import Parameter
 
+from ..categories import ARTICLE_CATEGORIES
 from ..detector import DEFAULT_ATTRIBUTES, DetectionSettings
 from ..geometry import CONVENTIONS, GRID_1000
 from ..model import pixel_budget
+from ..model.loading import QUANTIZATIONS
 from ..trained_prompt import read_prompt_file
 
-ARTICLE_CATEGORIES = ('table', 'cup', 'bottle', 'chair', 'robot', 'garbage can', 'shelf',
-                      'tissue box', 'potted plant')
-
 DEVICES_HELP = "'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'"
-QUANTIZATIONS = ('auto', 'nf4', 'fp4', 'none')
 DECODERS = ('auto', 'fast', 'hf')
 TRANSPORTS = ('raw', 'compressed')
 RELIABILITIES = ('best_effort', 'reliable')
