@@ -37,6 +37,7 @@ def test_elementwise_fusion_follows_triton():
 def _start_node(arguments, blocked=()):
     """perception_node in its own process, with the ``blocked`` modules made unimportable (as
     if not installed); returns its exit code and output."""
+    pytest.importorskip('rclpy')
     code = ('import sys\n'
             f'for name in {list(blocked)!r}:\n'
             '    sys.modules[name] = None\n'
