@@ -58,6 +58,7 @@ class Counters:
     invalid_images: int = 0
     unknown_labels: int = 0
     invalid_objects: int = 0
+    excess_objects: int = 0
     truncated_answers: int = 0
     inference_errors: int = 0
     publish_errors: int = 0
@@ -288,6 +289,7 @@ class PerceptionNode(Node):
         counters.processed += 1
         counters.unknown_labels += len(result.unknown_labels)
         counters.invalid_objects += result.invalid
+        counters.excess_objects += result.excess
         counters.truncated_answers += int(result.truncated)
         counters.last_inference_s = result.seconds
         counters.last_latency_s = time.monotonic() - frame.received
@@ -318,6 +320,7 @@ class PerceptionNode(Node):
             'invalid_images': counters.invalid_images,
             'unknown_labels': counters.unknown_labels,
             'invalid_objects': counters.invalid_objects,
+            'excess_objects': counters.excess_objects,
             'truncated_answers': counters.truncated_answers,
             'inference_errors': counters.inference_errors,
             'publish_errors': counters.publish_errors,
