@@ -418,6 +418,22 @@ def test_missing_model_stops_start_up_with_one_clear_message(tmp_path):
     assert 'Traceback' not in output
 
 
+def test_a_pickle_checkpoint_stops_start_up_with_one_line(tiny_checkpoint, tmp_path):
+    import pickle
+    import shutil
+    model = tmp_path / 'pickled'
+    shutil.copytree(tiny_checkpoint, model, ignore=shutil.ignore_patterns('*.safetensors'))
+    # A pickle that would run a command when loaded by an unsafe loader; none may load it.
+    (model / 'pytorch_model.bin').write_bytes(
+        pickle.dumps(subprocess.Popen, protocol=2) + b'not even a complete pickle')
+    process = _run_node(['-p', f'model_path:={model}', '-p', 'device:=cpu',
+                         '-p', 'quantization:=none'])
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1, output
+    assert 'cannot start' in output and 'only safetensors checkpoints' in output, output
+    assert 'Traceback' not in output, output
+
+
 def test_default_model_that_cannot_be_prepared_stops_start_up_cleanly(tmp_path):
     not_a_folder = tmp_path / 'cache-is-a-file'
     not_a_folder.write_text('')
