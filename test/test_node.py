@@ -33,6 +33,7 @@ from qwen_vl_perception.ros.node import LATCHED, PerceptionNode, StartupError  #
 from qwen_vl_perception.trained_prompt import write_prompt_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from image_bombs import lossless_webp  # noqa: E402
 from trained_models import memorize_answer  # noqa: E402
 
 # A thread that fails (e.g. InvalidHandle from a node destroyed under a spinning executor)
@@ -506,3 +507,88 @@ def test_disabled_node_ignores_frames_until_enabled(harness):
     harness.publish_when_connected(rgb_image(21))
     wait_for(lambda: harness.detections, 30, 'no detections after enabling')
     assert [a.header.stamp.sec for a in harness.detections] == [21]
+
+
+def _node_process_arguments(checkpoint, **overrides):
+    params = node_parameters(checkpoint, **overrides)
+    arguments = []
+    for name in ('model_path', 'device', 'quantization', 'min_pixels', 'max_pixels',
+                 *overrides):
+        arguments += ['-p', f'{name}:={params[name]}']
+    return arguments
+
+
+def _peak_memory_mb(pid):
+    for line in Path(f'/proc/{pid}/status').read_text().splitlines():
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) // 1024
+    raise AssertionError(f'no VmHWM for process {pid}')
+
+
+def test_compressed_images_are_refused_by_their_declared_size_before_decoding(
+        answering_checkpoint):
+    import cv2
+    domain_id = random.randint(1, 200)
+    process = _run_node(_node_process_arguments(
+        answering_checkpoint, input_transport='compressed', input_reliability='reliable'),
+        domain_id=domain_id)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain_id)
+    peer = executor = spinner = None
+    try:
+        wait_for(lambda: any('ready' in line for line in lines), 120, f'not ready: {lines}')
+        peer = rclpy.create_node('bomb_camera', context=context)
+        detections, diagnostics = [], []
+        peer.create_subscription(Detection2DArray, 'detections', detections.append, 10)
+        peer.create_subscription(DiagnosticArray, '/diagnostics', diagnostics.append, 10)
+        camera = peer.create_publisher(CompressedImage, 'image/compressed',
+                                       QoSProfile(depth=10,
+                                                  reliability=ReliabilityPolicy.RELIABLE))
+        executor = MultiThreadedExecutor(context=context)
+        executor.add_node(peer)
+        spinner = threading.Thread(target=executor.spin, daemon=True)
+        spinner.start()
+        wait_for(lambda: camera.get_subscription_count() > 0, 10, 'not connected')
+        before = _peak_memory_mb(process.pid)
+        # 52 bytes that decode to 16383 x 16383 pixels (1.8 GB), then a valid 4096 x 1 line
+        # (the model refuses aspect ratios above 200), then a good frame.
+        line = cv2.imencode('.png', np.zeros((1, 4096, 3), np.uint8))[1].tobytes()
+        good = cv2.imencode('.jpg', np.zeros((48, 64, 3), np.uint8))[1].tobytes()
+        for stamp, data in ((1, lossless_webp(16383, 16383)), (2, line), (3, good)):
+            message = CompressedImage(format='webp' if stamp == 1 else 'png', data=data)
+            message.header.stamp.sec = stamp
+            camera.publish(message)
+        wait_for(lambda: detections, 120, 'the good frame was not answered')
+        assert [a.header.stamp.sec for a in detections] == [3]
+        wait_for(lambda: any(_diagnostic(d, 'invalid_images') == '2' for d in diagnostics), 10,
+                 'the two images are not counted as invalid')
+        assert all(_diagnostic(d, 'inference_errors') == '0' for d in diagnostics)
+        log = ''.join(lines)
+        assert 'exceeds the limit of 16777216 pixels (declared in the WebP header)' in log, log
+        assert _peak_memory_mb(process.pid) - before < 400  # the bomb was never decoded
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=90) == 0
+    finally:
+        process.kill()
+        if spinner is not None:
+            executor.shutdown()
+            spinner.join(30)
+        if peer is not None:
+            peer.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+
+def test_raw_images_of_an_aspect_the_model_cannot_take_are_invalid_not_errors(harness):
+    line = Image(height=1, width=4096, encoding='rgb8', step=4096 * 3, data=bytes(4096 * 3))
+    line.header.stamp.sec = 40
+    harness.publish_when_connected(line)
+    widest = Image(height=1, width=200, encoding='rgb8', step=600, data=bytes(600))
+    widest.header.stamp.sec = 41  # the most the model takes: answered
+    harness.publish_when_connected(widest)
+    wait_for(lambda: harness.detections, 60, 'the 200 x 1 frame was not answered')
+    assert [a.header.stamp.sec for a in harness.detections] == [41]
+    assert harness.node.counters.invalid_images == 1
+    assert harness.node.counters.inference_errors == 0

@@ -2,14 +2,15 @@
 
 A thin rclpy shell over the core (:mod:`qwen_vl_perception.detector`). Camera callbacks only
 validate and convert the image and hand it to a worker thread (newest frame wins); the worker
-runs the model and publishes. Parameter services stay responsive during inference.
+decodes compressed images, runs the model and publishes. Parameter services stay responsive
+during decoding and inference.
 """
 import functools
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import rclpy
@@ -28,7 +29,7 @@ from vision_msgs.msg import Detection2DArray, LabelInfo
 from ..detector import Detector, FrameDetections, prepare_settings
 from ..drawing import draw_detections
 from ..frame_slot import LatestFrameSlots
-from ..image_conversion import ImageFormatError, compressed_msg_to_rgb, image_msg_to_rgb
+from ..image_conversion import ImageFormatError, compressed_msg_decoder, image_msg_to_rgb
 from ..tool_support import quiet_library_logs
 from ..model.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 from . import messages
@@ -47,8 +48,10 @@ class StartupError(RuntimeError):
 @dataclass
 class Frame:
     header: Header
-    rgb: np.ndarray
+    rgb: Optional[np.ndarray]
     received: float
+    decode: Optional[Callable[[], np.ndarray]] = None
+    """Set for a compressed image, checked but not decoded yet: the worker decodes it."""
 
 
 @dataclass
@@ -111,6 +114,7 @@ class PerceptionNode(Node):
         self.counters = Counters()
         self._slots = LatestFrameSlots()
         self._last_inference_failed = False
+        self._count_lock = threading.Lock()  # invalid images are counted by two threads
 
         self._detections_pub = self.create_publisher(Detection2DArray, 'detections',
                                                      qos_profile_system_default)
@@ -133,7 +137,7 @@ class PerceptionNode(Node):
             if compressed:
                 self.create_subscription(
                     CompressedImage, topic + '/compressed',
-                    lambda m, t=topic: self._accept(m, compressed_msg_to_rgb, t), camera_qos)
+                    lambda m, t=topic: self._accept(m, compressed_msg_decoder, t), camera_qos)
             else:
                 self.create_subscription(Image, topic,
                                          lambda m, t=topic: self._accept(m, convert_raw, t),
@@ -210,17 +214,37 @@ class PerceptionNode(Node):
 
     # ---------------------------------------------------------------------------- callbacks
     def _accept(self, message, convert, source: str) -> None:
+        """``convert`` gives the RGB array, or (compressed images) a function decoding it."""
         self.counters.received += 1
         if not self._enabled:
             return
         try:
-            rgb = convert(message, max_pixels=self._max_image_pixels)
+            converted = convert(message, max_pixels=self._max_image_pixels)
         except ImageFormatError as error:
-            self.counters.invalid_images += 1
-            self.get_logger().warning(f'skipped an image: {error}', throttle_duration_sec=5.0)
+            self._skip_image(error)
             return
-        self._slots.put(Frame(header=message.header, rgb=rgb, received=time.monotonic()),
-                        source)
+        frame = Frame(header=message.header, rgb=None, received=time.monotonic())
+        if callable(converted):
+            frame.decode = converted
+        else:
+            frame.rgb = converted
+        self._slots.put(frame, source)
+
+    def _skip_image(self, error: ImageFormatError) -> None:
+        with self._count_lock:
+            self.counters.invalid_images += 1
+        self.get_logger().warning(f'skipped an image: {error}', throttle_duration_sec=5.0)
+
+    def _decoded(self, frame: Frame) -> bool:
+        """Decode a compressed frame (in the worker); False, counted and logged, if it fails."""
+        if frame.decode is not None:
+            try:
+                frame.rgb = frame.decode()
+            except ImageFormatError as error:
+                self._skip_image(error)
+                return False
+            frame.decode = None
+        return True
 
     def _on_set_parameters(self, parameters) -> SetParametersResult:
         changes = {p.name: p.value for p in parameters}
@@ -257,7 +281,8 @@ class PerceptionNode(Node):
                 if wait <= 0.0:
                     break
                 time.sleep(min(wait, 0.1))
-            frames = self._slots.take_all(timeout=0.5)
+            frames = [frame for frame in self._slots.take_all(timeout=0.5)
+                      if self._decoded(frame)]
             if not frames:
                 continue
             self.counters.last_inference_start = time.monotonic()
