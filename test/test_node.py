@@ -592,3 +592,60 @@ def test_raw_images_of_an_aspect_the_model_cannot_take_are_invalid_not_errors(ha
     assert [a.header.stamp.sec for a in harness.detections] == [41]
     assert harness.node.counters.invalid_images == 1
     assert harness.node.counters.inference_errors == 0
+
+
+@pytest.fixture(scope='module')
+def default_model_cache(tmp_path_factory):
+    """The default model's float32 form, built once into a cache of its own."""
+    from qwen_vl_perception.model.default_model import ensure_default_model
+    cache = tmp_path_factory.mktemp('default-model-cache')
+    return cache, ensure_default_model('none', cache=cache, log=lambda message: None)
+
+
+def test_the_default_model_cache_is_readable_by_every_user(default_model_cache):
+    _, folder = default_model_cache
+    assert (folder / 'model.safetensors').is_file()
+    assert {oct(path.stat().st_mode & 0o777) for path in folder.iterdir()} == {oct(0o644)}
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o755)
+    assert oct(folder.parent.stat().st_mode & 0o777) == oct(0o755)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='planting a folder of another user needs root')
+def test_a_planted_or_changed_default_model_cache_stops_start_up(default_model_cache, tmp_path):
+    import shutil
+    cache, built = default_model_cache
+    home = tmp_path / 'cache' / built.parent.name
+    planted = home / built.name
+    shutil.copytree(built, planted)
+    home.chmod(0o755)
+    prompt = planted / 'detection_prompt.json'
+    record = json.loads(prompt.read_text())
+
+    def refusal():
+        process = _run_node(['-p', 'model_path:=default', '-p', 'quantization:=none',
+                             '-p', 'device:=cpu'],
+                            env=dict(os.environ, QWEN_VL_PERCEPTION_CACHE=str(tmp_path / 'cache')))
+        try:
+            output, _ = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # it started with what was planted
+            process.kill()
+            output, _ = process.communicate()
+        assert process.returncode == 1 and 'cannot start: default model' in output, output
+        assert 'Traceback' not in output, output
+        return output
+
+    prompt.write_text(json.dumps(dict(record, categories=['attacker_chosen'])))
+    assert 'detection_prompt.json does not match its hash' in refusal()
+    shutil.copy(built / prompt.name, prompt)
+    for path in (home, planted, *planted.iterdir()):  # another user's copy, content intact
+        os.chown(path, 65534, 65534)
+    assert 'uid 65534' in refusal()
+    os.chown(home, 0, 0)  # the folder above trusted, the model folder not
+    assert 'belongs to uid 65534' in refusal()
+    for path in (home, planted, *planted.iterdir()):
+        os.chown(path, 0, 0)
+    planted.chmod(0o777)
+    assert 'writable by group or others' in refusal()
+    planted.chmod(0o755)
+    (planted / 'extra.py').write_text('')
+    assert "extra: ['extra.py']" in refusal()
