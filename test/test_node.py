@@ -649,3 +649,35 @@ def test_a_planted_or_changed_default_model_cache_stops_start_up(default_model_c
     planted.chmod(0o755)
     (planted / 'extra.py').write_text('')
     assert "extra: ['extra.py']" in refusal()
+
+
+def test_sigterm_while_publishing_publishes_before_the_context_goes(answering_checkpoint):
+    domain_id = random.randint(1, 200)
+    env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id))
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / 'shutdown_race_node.py'), '--ros-args',
+         *_node_process_arguments(answering_checkpoint, input_reliability='reliable')],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain_id)
+    peer = None
+    try:
+        wait_for(lambda: any('ready' in line for line in lines), 120, f'not ready: {lines}')
+        peer = rclpy.create_node('race_camera', context=context)
+        camera = peer.create_publisher(Image, 'image', QoSProfile(
+            depth=5, reliability=ReliabilityPolicy.RELIABLE))
+        wait_for(lambda: camera.get_subscription_count() > 0, 10, 'not connected')
+        camera.publish(rgb_image(1, width=64, height=48))
+        assert process.wait(timeout=120) == 0, ''.join(lines)
+        reader.join(5)
+        log = ''.join(lines)
+        assert 'published after SIGTERM' in log and 'publishing failed' not in log, log
+        assert 'Traceback' not in log, log
+    finally:
+        process.kill()
+        if peer is not None:
+            peer.destroy_node()
+        rclpy.try_shutdown(context=context)

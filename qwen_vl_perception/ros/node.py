@@ -6,6 +6,7 @@ decodes compressed images, runs the model and publishes. Parameter services stay
 during decoding and inference.
 """
 import functools
+import signal
 import sys
 import threading
 import time
@@ -22,6 +23,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import (DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data,
                        qos_profile_system_default)
+from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 from vision_msgs.msg import Detection2DArray, LabelInfo
@@ -145,6 +147,8 @@ class PerceptionNode(Node):
 
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.create_timer(1.0, self._publish_diagnostics)
+        # Nothing is published once the context shuts down: the slots close first.
+        self.context.on_shutdown(self._slots.close)
         self._worker = threading.Thread(target=self._work, name='qwen_vl_inference',
                                         daemon=True)
         self._worker.start()
@@ -300,14 +304,17 @@ class PerceptionNode(Node):
             self.counters.batches += 1
             self.counters.largest_batch = max(self.counters.largest_batch, len(frames))
             for frame, result in zip(frames, results):
-                if self._slots.closed:
-                    return  # shutting down: the publishers may be gone
-                try:
-                    self._publish(frame, result)
-                except Exception as error:  # noqa: BLE001 - one bad frame must not stop the rest
-                    self.counters.publish_errors += 1
-                    self.get_logger().error(f'publishing failed: {error!r}',
-                                            throttle_duration_sec=5.0)
+                with self._slots.held_open() as still_open:  # shutdown waits for this frame
+                    if not still_open:
+                        return  # shutting down: the publishers may be gone
+                    try:
+                        self._publish(frame, result)
+                    except Exception as error:  # noqa: BLE001 - one bad frame must not stop
+                        if not self.context.ok():  # shut down under the node by its host
+                            return
+                        self.counters.publish_errors += 1
+                        self.get_logger().error(f'publishing failed: {error!r}',
+                                                throttle_duration_sec=5.0)
 
     def _publish(self, frame: Frame, result: FrameDetections) -> None:
         counters = self.counters
@@ -404,22 +411,36 @@ def _quiet_progress_bars() -> None:
     transformers_logging.disable_progress_bar()  # huggingface_hub's bars too
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(args: Optional[list] = None) -> int:
     quiet_library_logs()
     _quiet_progress_bars()
-    rclpy.init(args=args)
+    # rclpy's own SIGINT/SIGTERM handlers shut the context down from a thread of theirs, at
+    # once, while the worker may be publishing (and run no on_shutdown callback). Here a
+    # signal stops the spin in this thread instead, and shutdown goes in order: the frame
+    # slots close (after a publish in progress), the worker stops, the node goes, then the
+    # context. A second signal during that ends the process the default way.
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     node: Optional[PerceptionNode] = None
     try:
         node = PerceptionNode()
         executor = SingleThreadedExecutor()
         executor.add_node(node)
-        executor.spin()
+        while rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)  # a signal is handled within 0.1 s
     except StartupError as error:
         rclpy.logging.get_logger('qwen_vl_perception').fatal(f'cannot start: {error}')
         return 1
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
         if node is not None:
             node.shutdown()
             node.destroy_node()
