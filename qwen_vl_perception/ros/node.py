@@ -147,7 +147,8 @@ class PerceptionNode(Node):
 
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.create_timer(1.0, self._publish_diagnostics)
-        # Nothing is published once the context shuts down: the slots close first.
+        # The slots close when the context shuts down (rclpy destroys the node first where it
+        # tracks nodes, which closes them too); a publish already failing then is not counted.
         self.context.on_shutdown(self._slots.close)
         self._worker = threading.Thread(target=self._work, name='qwen_vl_inference',
                                         daemon=True)
