@@ -80,6 +80,8 @@ class FrameDetections:
     below_threshold: int = 0
     degenerate: int = 0
     duplicates: int = 0
+    excess: int = 0
+    """Objects beyond the parser's cap per answer (:data:`~.parsing.MAX_OBJECTS`), dropped."""
     seconds: float = 0.0
     describe: bool = False
     """Whether this frame was asked for attributes (settings may change while in flight)."""
@@ -100,7 +102,7 @@ def detections_from_text(text: str, prepared: PreparedSettings,
     result = FrameDetections(detections=[], raw_text=text,
                              unknown_labels=list(parsed.unknown_labels),
                              invalid=parsed.invalid, truncated=parsed.truncated,
-                             describe=settings.describe)
+                             excess=parsed.excess, describe=settings.describe)
     candidates = []
     for obj in parsed.objects:
         box = to_pixels(obj.box, settings.coordinate_convention, source_size, model_input_size)

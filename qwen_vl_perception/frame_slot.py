@@ -5,6 +5,7 @@ new frame replaces the one still waiting there, and the replaced frame is counte
 The worker takes every waiting frame at once (one per source), so frames from several cameras
 that are ready together can be decoded as one batch.
 """
+import contextlib
 import threading
 from typing import Any, Dict, Hashable, List, Optional
 
@@ -16,6 +17,7 @@ class LatestFrameSlots:
         self._condition = threading.Condition()
         self._waiting: Dict[Hashable, Any] = {}
         self._closed = False
+        self._in_use = threading.Lock()
         self.dropped = 0
         self.accepted = 0
 
@@ -45,10 +47,18 @@ class LatestFrameSlots:
             return frames
 
     def close(self) -> None:
-        """Wake the worker for shutdown; later takes return nothing."""
-        with self._condition:
+        """Wake the worker for shutdown; later takes return nothing, and no :meth:`held_open`
+        block runs after this returns (it waits for one that is running)."""
+        with self._in_use, self._condition:
             self._closed = True
             self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def held_open(self):
+        """``with slots.held_open() as still_open:`` keeps :meth:`close` waiting until the
+        block ends; ``still_open`` tells whether it was closed before (then do nothing)."""
+        with self._in_use:
+            yield not self._closed
 
     @property
     def waiting(self) -> int:

@@ -25,7 +25,7 @@ frames):
 import functools
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -112,13 +112,22 @@ def _require_positive_int(name: str, value) -> int:
     return int(value)
 
 
-def _check_max_pixels(width: int, height: int, max_pixels: Optional[int]) -> None:
-    if max_pixels is None:
-        return
-    if width * height > max_pixels:
+MAX_ASPECT_RATIO = 200
+"""Longest side over shortest side of an image the model takes: Qwen-VL's image processor
+(transformers' ``smart_resize``) refuses more. Conversion refuses such images first."""
+
+
+def _check_shape(width: int, height: int, max_pixels: Optional[int], where: str = '') -> None:
+    """Refuse a size above ``max_pixels`` or of a more extreme aspect than the model takes."""
+    if max_pixels is not None and width * height > max_pixels:
         raise ImageFormatError(
             f'image of {width}x{height} = {width * height} pixels exceeds the limit of '
-            f'{max_pixels} pixels')
+            f'{max_pixels} pixels{where}')
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageFormatError(
+            f'image of {width}x{height} is more than {MAX_ASPECT_RATIO} times as '
+            f'{"wide as high" if width > height else "high as wide"}, which the model '
+            f'cannot take{where}')
 
 
 def _as_byte_array(data) -> np.ndarray:
@@ -193,7 +202,7 @@ def image_msg_to_rgb(msg, max_pixels: Optional[int] = None,
         raise ImageFormatError(
             f'unsupported image encoding {encoding!r}; supported: '
             f'{", ".join(sorted(SUPPORTED_ENCODINGS))}')
-    _check_max_pixels(width, height, max_pixels)
+    _check_shape(width, height, max_pixels)
     if spec.even_width and width % 2:
         raise ImageFormatError(f'{encoding} images need an even width, got {width}')
     step = getattr(msg, 'step', None)
@@ -277,23 +286,27 @@ def _decoded_to_rgb(decoded: np.ndarray) -> np.ndarray:
     raise ImageFormatError(f'decoded image has unsupported channel count {channels}')
 
 
-def _png_size(data: bytes):
-    if data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) >= 24 and data[12:16] == b'IHDR':
-        return int.from_bytes(data[16:20], 'big'), int.from_bytes(data[20:24], 'big')
-    return None
+def _uint(data: bytes, start: int, size: int, order: str = 'little') -> int:
+    if start + size > len(data):
+        raise ImageFormatError('header cut off')
+    return int.from_bytes(data[start:start + size], order)
+
+
+def _png_size(data: bytes) -> Tuple[int, int]:
+    if data[12:16] != b'IHDR':
+        raise ImageFormatError('no IHDR chunk first')
+    return _uint(data, 16, 4, 'big'), _uint(data, 20, 4, 'big')
 
 
 _JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-def _jpeg_size(data: bytes):
-    """(width, height) from a JPEG's frame header, or None when it cannot be found."""
-    if data[:2] != b'\xff\xd8':
-        return None
+def _jpeg_size(data: bytes) -> Tuple[int, int]:
+    """(width, height) from a JPEG's frame header (the segments before it are skipped)."""
     position = 2
     while position + 4 <= len(data):
         if data[position] != 0xFF:
-            return None
+            break
         marker = data[position + 1]
         if marker == 0xFF:  # fill byte
             position += 1
@@ -301,39 +314,127 @@ def _jpeg_size(data: bytes):
         if marker in (0x01, 0xD0, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6, 0xD7):
             position += 2
             continue
-        length = int.from_bytes(data[position + 2:position + 4], 'big')
-        if marker in _JPEG_SOF_MARKERS and position + 9 <= len(data):
-            height = int.from_bytes(data[position + 5:position + 7], 'big')
-            width = int.from_bytes(data[position + 7:position + 9], 'big')
-            return width, height
-        position += 2 + length
-    return None
+        if marker in _JPEG_SOF_MARKERS:
+            return _uint(data, position + 7, 2, 'big'), _uint(data, position + 5, 2, 'big')
+        position += 2 + _uint(data, position + 2, 2, 'big')
+    raise ImageFormatError('no frame header (SOF) before the image data')
+
+
+def _webp_size(data: bytes) -> Tuple[int, int]:
+    """The canvas of an extended WebP (every frame lies inside it), else the one frame's."""
+    chunk = data[12:16]
+    if chunk == b'VP8X':
+        return _uint(data, 24, 3) + 1, _uint(data, 27, 3) + 1
+    if chunk == b'VP8L':
+        if _uint(data, 20, 1) != 0x2F:
+            raise ImageFormatError('bad lossless signature')
+        bits = _uint(data, 21, 4)
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b'VP8 ':
+        if data[23:26] != b'\x9d\x01\x2a':
+            raise ImageFormatError('bad lossy start code')
+        return _uint(data, 26, 2) & 0x3FFF, _uint(data, 28, 2) & 0x3FFF
+    raise ImageFormatError(f'unknown first chunk {chunk!r}')
+
+
+def _bmp_size(data: bytes) -> Tuple[int, int]:
+    if _uint(data, 14, 4) == 12:  # OS/2 core header: 16-bit sizes
+        return _uint(data, 18, 2), _uint(data, 20, 2)
+    _uint(data, 22, 4)  # the header is long enough
+    width = int.from_bytes(data[18:22], 'little', signed=True)
+    height = int.from_bytes(data[22:26], 'little', signed=True)  # negative: top-down rows
+    return abs(width), abs(height)
+
+
+def _gif_size(data: bytes) -> Tuple[int, int]:
+    """The logical screen (OpenCV refuses frames outside it)."""
+    return _uint(data, 6, 2), _uint(data, 8, 2)
+
+
+def _tiff_size(data: bytes) -> Tuple[int, int]:
+    """From the first directory (the page OpenCV reads): the image, and its tiles or strips
+    must not be larger than ``max_pixels`` either (the decoder allocates one)."""
+    order = 'little' if data[:2] == b'II' else 'big'
+    directory = _uint(data, 4, 4, order)
+    tags = {}
+    for index in range(_uint(data, directory, 2, order)):
+        entry = directory + 2 + 12 * index
+        tag, kind = _uint(data, entry, 2, order), _uint(data, entry + 2, 2, order)
+        if tag in (256, 257, 278, 322, 323):  # width, length, rows per strip, tile w/h
+            tags[tag] = _uint(data, entry + 8, 2 if kind == 3 else 4, order)
+    if 256 not in tags or 257 not in tags:
+        raise ImageFormatError('no ImageWidth/ImageLength in the first directory')
+    width, height = tags[256], tags[257]
+    tile = (tags.get(322, 0), tags.get(323, 0))
+    if tile[0] * tile[1] > width * height:
+        width, height = tile  # checked as the larger allocation
+    return width, height
+
+
+_HEADERS = (
+    ('PNG', (b'\x89PNG\r\n\x1a\n',), _png_size),
+    ('JPEG', (b'\xff\xd8',), _jpeg_size),
+    ('WebP', (b'RIFF',), _webp_size),
+    ('BMP', (b'BM',), _bmp_size),
+    ('GIF', (b'GIF87a', b'GIF89a'), _gif_size),
+    ('TIFF', (b'II*\x00', b'MM\x00*'), _tiff_size),
+)
+COMPRESSED_FORMATS = tuple(name for name, _, _ in _HEADERS)
+"""Compressed formats accepted: those whose declared size is read before decoding. Others
+(JPEG 2000, AVIF, OpenEXR, HDR, PNM, BigTIFF, ...) are refused without decoding."""
+
+
+def declared_size(data: bytes) -> Tuple[str, int, int]:
+    """``(format, width, height)`` as a compressed image's header declares them, read
+    without decoding; :class:`ImageFormatError` for data of any other format."""
+    for name, magics, read in _HEADERS:
+        if data.startswith(magics) and (name != 'WebP' or data[8:12] == b'WEBP'):
+            try:
+                width, height = read(data)
+            except ImageFormatError as error:
+                raise ImageFormatError(f'its {name} header cannot be read ({error})') from None
+            return name, width, height
+    raise ImageFormatError(f'not {", ".join(COMPRESSED_FORMATS[:-1])} or '
+                           f'{COMPRESSED_FORMATS[-1]}, the formats whose size is checked before '
+                           'decoding')
+
+
+def check_compressed(encoded: np.ndarray, max_pixels: Optional[int], what: str) -> None:
+    """Refuse, before any decoding, compressed data whose header declares a size that
+    :func:`_check_shape` refuses, or whose size cannot be read (see :data:`COMPRESSED_FORMATS`).
+    """
+    if encoded.size == 0:
+        raise ImageFormatError(f'{what} is empty')
+    data = encoded.tobytes()
+    try:
+        name, width, height = declared_size(data)
+    except ImageFormatError as error:
+        raise ImageFormatError(f'{what} is not an image to decode: {error} '
+                               f'({encoded.size} bytes, starting {data[:8]!r})') from None
+    if width <= 0 or height <= 0:
+        raise ImageFormatError(f'{what} is not an image: its {name} header declares '
+                               f'{width}x{height}')
+    _check_shape(width, height, max_pixels, f' (declared in the {name} header)')
 
 
 def _decode(encoded: np.ndarray, max_pixels: Optional[int], what: str) -> np.ndarray:
-    if encoded.size == 0:
-        raise ImageFormatError(f'{what} is empty')
-    if max_pixels is not None:
-        head = encoded[:65536].tobytes()
-        size = _png_size(head) or _jpeg_size(head)
-        if size is not None:  # refuse before spending memory on decoding
-            _check_max_pixels(size[0], size[1], max_pixels)
+    check_compressed(encoded, max_pixels, what)
     decoded = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
     if decoded is None or decoded.size == 0:
         raise ImageFormatError(f'{what} is not an image OpenCV can decode '
                                f'({encoded.size} bytes, starting {encoded[:8].tobytes()!r})')
-    _check_max_pixels(decoded.shape[1], decoded.shape[0], max_pixels)
+    _check_shape(decoded.shape[1], decoded.shape[0], max_pixels)
     return _fresh_rgb(_decoded_to_rgb(decoded))
 
 
-def compressed_msg_to_rgb(msg, max_pixels: Optional[int] = None) -> np.ndarray:
-    """A ``sensor_msgs/CompressedImage`` (or look-alike) -> ``(H, W, 3)`` uint8 RGB array.
-
-    ``msg.format`` is informative ("jpeg", "png", "rgb8; jpeg compressed bgr8", ...): OpenCV
-    recognises the data itself. The colours of a JPEG/PNG are stored in the usual way whatever
-    the source encoding was, so no channel swap depends on the format. 16-bit PNGs keep their
-    high byte. ``compressedDepth`` messages (depth maps with a private header) are rejected.
-    """
+def compressed_msg_decoder(msg, max_pixels: Optional[int] = None
+                           ) -> Callable[[], np.ndarray]:
+    """Check a ``sensor_msgs/CompressedImage`` (or look-alike) now, decode it later: returns a
+    function that decodes it (what :func:`compressed_msg_to_rgb` returns). Everything that
+    needs no decoding is checked here, the size its header declares included, so that a
+    camera callback can refuse a bad or oversized image at once and leave the decoding, which
+    can take a while, to another thread. The function raises :class:`ImageFormatError` for
+    data that does not decode (or decodes to another size than declared)."""
     image_format = getattr(msg, 'format', '') or ''
     if not isinstance(image_format, str):
         raise ImageFormatError(f'compressed image format must be a string, got '
@@ -342,7 +443,22 @@ def compressed_msg_to_rgb(msg, max_pixels: Optional[int] = None) -> np.ndarray:
         raise ImageFormatError(f'compressedDepth images ({image_format!r}) are depth maps, '
                                'not camera images; subscribe to the colour image instead')
     encoded = _as_byte_array(getattr(msg, 'data', None))
-    return _decode(encoded, max_pixels, f'compressed image data (format {image_format!r})')
+    what = f'compressed image data (format {image_format!r})'
+    check_compressed(encoded, max_pixels, what)
+    return functools.partial(_decode, encoded, max_pixels, what)
+
+
+def compressed_msg_to_rgb(msg, max_pixels: Optional[int] = None) -> np.ndarray:
+    """A ``sensor_msgs/CompressedImage`` (or look-alike) -> ``(H, W, 3)`` uint8 RGB array.
+
+    ``msg.format`` is informative ("jpeg", "png", "rgb8; jpeg compressed bgr8", ...): OpenCV
+    recognises the data itself. The colours of a JPEG/PNG are stored in the usual way whatever
+    the source encoding was, so no channel swap depends on the format. 16-bit PNGs keep their
+    high byte. ``compressedDepth`` messages (depth maps with a private header) are rejected,
+    and so is any format whose size cannot be read before decoding
+    (:data:`COMPRESSED_FORMATS`).
+    """
+    return compressed_msg_decoder(msg, max_pixels)()
 
 
 # ------------------------------------------------------------------------------ files

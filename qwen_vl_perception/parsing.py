@@ -5,6 +5,12 @@ inside JSON strings do not count), decodes it as JSON (or, failing that, as JSON
 quotes, trailing commas or Python literals), and keeps those with a usable box and a label that
 names an allowed category. Code fences, prose around the JSON, a missing list, and an answer cut
 off mid-object (the incomplete object is dropped) are all fine.
+
+What it returns can always be published: text is valid Unicode (a lone surrogate, which JSON's
+``\\ud83d`` can write and UTF-8 cannot encode, becomes U+FFFD), an attribute nested deeper
+than :data:`MAX_ATTRIBUTE_DEPTH` makes its object invalid (counted), and at most
+:data:`MAX_OBJECTS` objects are kept per answer (the rest are counted as ``excess``), so that
+de-duplicating them stays cheap.
 """
 import json
 import math
@@ -22,6 +28,12 @@ CORNER_KEYS = ('x1', 'y1', 'x2', 'y2')
 NESTED_ATTRIBUTE_KEYS = ('attributes', 'attrs', 'properties', 'description')
 
 _MAX_NESTING = 3
+MAX_ATTRIBUTE_DEPTH = 8
+"""Deepest list nesting read in an attribute value; deeper makes the object invalid."""
+MAX_OBJECTS = 256
+"""Most objects kept from one answer; an answer of the longest ``max_new_tokens`` (8192)
+holds fewer. The rest are counted in :attr:`ParseResult.excess`."""
+_SURROGATE = re.compile('[\ud800-\udfff]')
 _NUMBER = re.compile(r'[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?')
 _OUTSIDE = re.compile(r'[{\[\]]')
 _INSIDE = re.compile(r'[{}"\']')
@@ -37,13 +49,15 @@ class ParseResult:
     ``objects``: the usable objects, in answer order. ``unknown_labels``: label text of objects
     dropped because the label is not an allowed category. ``invalid``: objects dropped for a
     missing or malformed box or label (or undecodable text). ``truncated``: the answer stops
-    inside an object, an open list or an open code fence.
+    inside an object, an open list or an open code fence. ``excess``: usable objects dropped
+    because the answer already gave :data:`MAX_OBJECTS`.
     """
 
     objects: List[ParsedObject] = field(default_factory=list)
     unknown_labels: List[str] = field(default_factory=list)
     invalid: int = 0
     truncated: bool = False
+    excess: int = 0
 
 
 def parse_objects(text: str, matcher: LabelMatcher,
@@ -232,7 +246,7 @@ def _add_object(found: dict, span: Tuple[int, int], matcher: LabelMatcher, attri
     for key in LABEL_KEYS:
         value = fields.get(key)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            label = str(value).strip()
+            label = _valid_text(str(value)).strip()
             if label:
                 break
     if box is None or not label:
@@ -241,11 +255,18 @@ def _add_object(found: dict, span: Tuple[int, int], matcher: LabelMatcher, attri
     if category is None:
         result.unknown_labels.append(label)
         return True
+    try:
+        attributes = _read_attributes(fields, attribute_keys)
+    except _TooDeep:
+        return False
+    if len(result.objects) >= MAX_OBJECTS:
+        result.excess += 1
+        return True
     x1, y1, x2, y2 = box
     result.objects.append(ParsedObject(
         label=category,
         box=(min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)),
-        attributes=_read_attributes(fields, attribute_keys),
+        attributes=attributes,
         span=span))
     return True
 
@@ -304,13 +325,28 @@ def _read_attributes(fields: Dict[str, object], attribute_keys) -> Dict[str, str
     return attributes
 
 
-def _attribute_text(value) -> str:
+class _TooDeep(ValueError):
+    """An attribute value nested deeper than :data:`MAX_ATTRIBUTE_DEPTH`."""
+
+
+def _attribute_text(value, depth: int = 0) -> str:
+    if depth > MAX_ATTRIBUTE_DEPTH:
+        raise _TooDeep()
     if value is None:
         return ''
     if isinstance(value, str):
-        return value.strip()
+        return _valid_text(value).strip()
     if isinstance(value, (list, tuple)):
-        return ', '.join(_attribute_text(item) for item in value if item is not None).strip()
+        return ', '.join(_attribute_text(item, depth + 1) for item in value
+                         if item is not None).strip()
     if isinstance(value, bool):
         return 'true' if value else 'false'
-    return str(value).strip()
+    if isinstance(value, dict):  # written as it is, once its depth is known to be bounded
+        for item in value.values():
+            _attribute_text(item, depth + 1)
+    return _valid_text(str(value)).strip()
+
+
+def _valid_text(text: str) -> str:
+    """``text`` with every lone surrogate replaced by U+FFFD, so that it encodes as UTF-8."""
+    return _SURROGATE.sub('\ufffd', text)

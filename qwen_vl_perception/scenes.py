@@ -19,6 +19,7 @@ import numpy as np
 
 from qwen_vl_perception.labels import (FORMATS, GroundTruthObject, LabeledImage,
                                        write_coco, write_labelme, write_yolo)
+from qwen_vl_perception.tool_support import unlink_links
 
 CATEGORIES = ('ball', 'box', 'cone', 'ring')
 """Category names; each is drawn as one shape (see ``SHAPES``)."""
@@ -253,6 +254,7 @@ def write_dataset(out_dir, count: int, seed: int,
         if not overwrite:
             raise FileExistsError(f'{out_dir} exists and is not empty (overwrite=True replaces '
                                   'the dataset there)')
+        unlink_links(out_dir)  # never write through a link to something elsewhere
         for path in _dataset_files(out_dir):
             path.unlink()
         labels_dir = out_dir / 'labels'

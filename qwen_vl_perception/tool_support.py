@@ -68,6 +68,7 @@ def run_tool(run, args, expected=(), check_failures=()) -> int:
     quiet_library_logs()
     quiet_progress_bars()
     _created.clear()
+    _removed_links.clear()
     try:
         return run(args)
     except tuple(check_failures) as error:
@@ -81,17 +82,22 @@ def run_tool(run, args, expected=(), check_failures=()) -> int:
         raise
     finally:
         _created.clear()
+        _removed_links.clear()
 
 
 _created: List[Tuple[Path, Optional[set]]] = []
 """Output folders :func:`prepare_output_dir` prepared in this run, each with the names of
 the entries it held then (None: the folder, or the outermost folder above it, was made)."""
+_removed_links: List[Tuple[Path, str]] = []
+"""Symbolic links :func:`prepare_output_dir` took out of an output folder in this run, with
+their targets, so that a failed run puts them back."""
 
 
 def remove_created_outputs() -> None:
     """Undo :func:`prepare_output_dir` after a failed run: remove the folders it created and,
     in a folder that existed, only the entries that were not there before. A folder the user
-    had keeps everything it held. :func:`run_tool` calls it when a tool fails."""
+    had keeps everything it held, the symbolic links taken out of it included.
+    :func:`run_tool` calls it when a tool fails."""
     while _created:
         folder, before = _created.pop()
         if not folder.is_dir():
@@ -102,10 +108,40 @@ def remove_created_outputs() -> None:
         for entry in folder.iterdir():
             if entry.name in before:
                 continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+            _remove(entry)
+    while _removed_links:
+        link, target = _removed_links.pop()
+        if link.is_symlink() or link.exists():
+            _remove(link)
+        if link.parent.is_dir():
+            link.symlink_to(target)
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def unlink_links(folder: PathLike) -> List[Tuple[Path, str]]:
+    """Make every entry under ``folder`` the folder's own, so that writing there never goes
+    through a link to something elsewhere: symbolic links are removed (what they point to is
+    not touched) and a file with other hard links becomes a copy of its own. Returns the
+    removed links with their targets. The one rule for every tool that overwrites."""
+    removed = []
+    for parent, folders, files in os.walk(folder):
+        for name in folders + files:
+            entry = Path(parent) / name
+            if entry.is_symlink():
+                removed.append((entry, os.readlink(entry)))
+                entry.unlink()
+            elif name in files and entry.stat().st_nlink > 1:
+                copy = entry.with_name(f'.{name}.unlinked')
+                shutil.copy2(entry, copy)
+                os.replace(copy, entry)
+        folders[:] = [name for name in folders if (Path(parent) / name).is_dir()]
+    return removed
 
 
 def prepare_output_dir(path: PathLike, overwrite: bool,
@@ -116,9 +152,12 @@ def prepare_output_dir(path: PathLike, overwrite: bool,
     A folder that exists and is not empty is refused unless ``overwrite``; with it, the files
     and folders matching ``stale_patterns`` (e.g. :data:`MODEL_WEIGHT_PATTERNS`, or a tool's
     own output folders) are deleted first and the others are replaced as the tool writes them.
-    The output may not be, contain or lie inside any of ``inputs`` (a tool must not write over
-    what it reads). What the folder held is recorded, so that a failed run under
-    :func:`run_tool` removes only what it created (:func:`remove_created_outputs`).
+    Nothing is written through a link: symbolic links inside the folder are removed first
+    (their targets stay as they are) and hard-linked files become files of their own
+    (:func:`unlink_links`). The output may not be, contain or lie inside any of ``inputs``
+    (a tool must not write over what it reads). What the folder held is recorded, so that a
+    failed run under :func:`run_tool` removes only what it created
+    (:func:`remove_created_outputs`).
     """
     out = Path(path)
     resolved = out.resolve()
@@ -135,6 +174,7 @@ def prepare_output_dir(path: PathLike, overwrite: bool,
     if existed and any(out.iterdir()):
         if not overwrite:
             raise ToolError(f'{out} exists and is not empty (pass --overwrite to write into it)')
+        _removed_links.extend(unlink_links(out))  # put back if the run fails
         for pattern in stale_patterns:
             for stale in out.glob(pattern):
                 if stale.is_dir():

@@ -1,6 +1,7 @@
 """Tests for qwen_vl_perception.image_conversion (no ROS needed; one test uses sensor_msgs
 when it is importable)."""
 import array
+from pathlib import Path
 import sys
 import types
 from types import SimpleNamespace
@@ -394,3 +395,68 @@ def test_save_errors(tmp_path, rgb):
         save_rgb(tmp_path / 'image.xyz', rgb)
     with pytest.raises(ImageFormatError, match=r'\(H, W, 3\)'):
         save_rgb(tmp_path / 'image.png', rgb[:, :, :2])
+
+
+def _encoded(extension, image, *params):
+    ok, encoded = cv2.imencode(extension, image, list(params))
+    assert ok
+    return encoded.tobytes()
+
+
+@pytest.mark.parametrize('name,data', [
+    ('PNG', lambda image: _encoded('.png', image)),
+    ('JPEG', lambda image: _encoded('.jpg', image)),
+    ('JPEG', lambda image: _encoded('.jpg', image, cv2.IMWRITE_JPEG_PROGRESSIVE, 1)),
+    ('WebP', lambda image: _encoded('.webp', image, cv2.IMWRITE_WEBP_QUALITY, 80)),  # VP8
+    ('WebP', lambda image: _encoded('.webp', image, cv2.IMWRITE_WEBP_QUALITY, 101)),  # VP8L
+    ('WebP', lambda image: _encoded('.webp', np.dstack([image, image[:, :, :1]]),
+                                    cv2.IMWRITE_WEBP_QUALITY, 80)),  # VP8X (alpha)
+    ('BMP', lambda image: _encoded('.bmp', image)),
+    ('GIF', lambda image: _encoded('.gif', image)),
+    ('TIFF', lambda image: _encoded('.tiff', image)),
+    ('TIFF', lambda image: _encoded('.tiff', image, cv2.IMWRITE_TIFF_COMPRESSION, 1)),
+])
+def test_every_accepted_format_is_size_checked_before_decoding(name, data, rgb):
+    image = np.ascontiguousarray(np.tile(rgb, (5, 7, 1))[:23, :37])
+    encoded = data(image)
+    assert image_conversion.declared_size(encoded) == (name, 37, 23)
+    msg = SimpleNamespace(format=name.lower(), data=encoded)
+    assert compressed_msg_to_rgb(msg, max_pixels=37 * 23).shape == (23, 37, 3)
+    with pytest.raises(ImageFormatError,
+                       match=f'exceeds the limit of 850 pixels \\(declared in the {name} header'):
+        compressed_msg_to_rgb(msg, max_pixels=850)
+
+
+def test_a_decompression_bomb_is_refused_from_its_header():
+    sys.path.insert(0, str(Path(__file__).parent))
+    from image_bombs import lossless_webp
+    small = lossless_webp(64, 48)  # the same construction decodes
+    assert compressed_msg_to_rgb(SimpleNamespace(format='webp', data=small)).shape == \
+        (48, 64, 3)
+    bomb = SimpleNamespace(format='webp', data=lossless_webp(16383, 16383))
+    with pytest.raises(ImageFormatError, match='16383x16383 = 268402689 pixels exceeds'):
+        image_conversion.compressed_msg_decoder(bomb, max_pixels=4096 * 4096)
+
+
+@pytest.mark.parametrize('extension', ['.jp2', '.ppm', '.pfm', '.hdr', '.sr'])
+def test_formats_whose_size_is_not_read_first_are_refused(extension):
+    image = np.full((32, 32, 3), 100, np.uint8)
+    encoded = _encoded(extension, image.astype(np.float32) if extension in ('.pfm', '.hdr')
+                       else image)
+    assert cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_UNCHANGED) is not None
+    with pytest.raises(ImageFormatError, match='the formats whose size is checked before'):
+        compressed_msg_to_rgb(SimpleNamespace(format='x', data=encoded))
+
+
+@pytest.mark.parametrize('width,height,refused', [
+    (4096, 1, True), (1, 201, True), (200, 1, False), (3, 600, False), (3, 601, True)])
+def test_aspect_ratios_the_model_cannot_take_are_refused(width, height, refused):
+    raw = valid_msg(width=width, height=height, step=width * 3, data=bytes(width * height * 3))
+    png = SimpleNamespace(format='png',
+                          data=_encoded('.png', np.zeros((height, width, 3), np.uint8)))
+    for convert, message in ((image_msg_to_rgb, raw), (compressed_msg_to_rgb, png)):
+        if refused:
+            with pytest.raises(ImageFormatError, match='more than 200 times as'):
+                convert(message)
+        else:
+            assert convert(message).shape == (height, width, 3)

@@ -33,6 +33,7 @@ from qwen_vl_perception.ros.node import LATCHED, PerceptionNode, StartupError  #
 from qwen_vl_perception.trained_prompt import write_prompt_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from image_bombs import lossless_webp  # noqa: E402
 from trained_models import memorize_answer  # noqa: E402
 
 # A thread that fails (e.g. InvalidHandle from a node destroyed under a spinning executor)
@@ -418,6 +419,22 @@ def test_missing_model_stops_start_up_with_one_clear_message(tmp_path):
     assert 'Traceback' not in output
 
 
+def test_a_pickle_checkpoint_stops_start_up_with_one_line(tiny_checkpoint, tmp_path):
+    import pickle
+    import shutil
+    model = tmp_path / 'pickled'
+    shutil.copytree(tiny_checkpoint, model, ignore=shutil.ignore_patterns('*.safetensors'))
+    # A pickle that would run a command when loaded by an unsafe loader; none may load it.
+    (model / 'pytorch_model.bin').write_bytes(
+        pickle.dumps(subprocess.Popen, protocol=2) + b'not even a complete pickle')
+    process = _run_node(['-p', f'model_path:={model}', '-p', 'device:=cpu',
+                         '-p', 'quantization:=none'])
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1, output
+    assert 'cannot start' in output and 'only safetensors checkpoints' in output, output
+    assert 'Traceback' not in output, output
+
+
 def test_default_model_that_cannot_be_prepared_stops_start_up_cleanly(tmp_path):
     not_a_folder = tmp_path / 'cache-is-a-file'
     not_a_folder.write_text('')
@@ -490,3 +507,177 @@ def test_disabled_node_ignores_frames_until_enabled(harness):
     harness.publish_when_connected(rgb_image(21))
     wait_for(lambda: harness.detections, 30, 'no detections after enabling')
     assert [a.header.stamp.sec for a in harness.detections] == [21]
+
+
+def _node_process_arguments(checkpoint, **overrides):
+    params = node_parameters(checkpoint, **overrides)
+    arguments = []
+    for name in ('model_path', 'device', 'quantization', 'min_pixels', 'max_pixels',
+                 *overrides):
+        arguments += ['-p', f'{name}:={params[name]}']
+    return arguments
+
+
+def _peak_memory_mb(pid):
+    for line in Path(f'/proc/{pid}/status').read_text().splitlines():
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) // 1024
+    raise AssertionError(f'no VmHWM for process {pid}')
+
+
+def test_compressed_images_are_refused_by_their_declared_size_before_decoding(
+        answering_checkpoint):
+    import cv2
+    domain_id = random.randint(1, 200)
+    process = _run_node(_node_process_arguments(
+        answering_checkpoint, input_transport='compressed', input_reliability='reliable'),
+        domain_id=domain_id)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain_id)
+    peer = executor = spinner = None
+    try:
+        wait_for(lambda: any('ready' in line for line in lines), 120, f'not ready: {lines}')
+        peer = rclpy.create_node('bomb_camera', context=context)
+        detections, diagnostics = [], []
+        peer.create_subscription(Detection2DArray, 'detections', detections.append, 10)
+        peer.create_subscription(DiagnosticArray, '/diagnostics', diagnostics.append, 10)
+        camera = peer.create_publisher(CompressedImage, 'image/compressed',
+                                       QoSProfile(depth=10,
+                                                  reliability=ReliabilityPolicy.RELIABLE))
+        executor = MultiThreadedExecutor(context=context)
+        executor.add_node(peer)
+        spinner = threading.Thread(target=executor.spin, daemon=True)
+        spinner.start()
+        wait_for(lambda: camera.get_subscription_count() > 0, 10, 'not connected')
+        before = _peak_memory_mb(process.pid)
+        # 52 bytes that decode to 16383 x 16383 pixels (1.8 GB), then a valid 4096 x 1 line
+        # (the model refuses aspect ratios above 200), then a good frame.
+        line = cv2.imencode('.png', np.zeros((1, 4096, 3), np.uint8))[1].tobytes()
+        good = cv2.imencode('.jpg', np.zeros((48, 64, 3), np.uint8))[1].tobytes()
+        for stamp, data in ((1, lossless_webp(16383, 16383)), (2, line), (3, good)):
+            message = CompressedImage(format='webp' if stamp == 1 else 'png', data=data)
+            message.header.stamp.sec = stamp
+            camera.publish(message)
+        wait_for(lambda: detections, 120, 'the good frame was not answered')
+        assert [a.header.stamp.sec for a in detections] == [3]
+        wait_for(lambda: any(_diagnostic(d, 'invalid_images') == '2' for d in diagnostics), 10,
+                 'the two images are not counted as invalid')
+        assert all(_diagnostic(d, 'inference_errors') == '0' for d in diagnostics)
+        log = ''.join(lines)
+        assert 'exceeds the limit of 16777216 pixels (declared in the WebP header)' in log, log
+        assert _peak_memory_mb(process.pid) - before < 400  # the bomb was never decoded
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=90) == 0
+    finally:
+        process.kill()
+        if spinner is not None:
+            executor.shutdown()
+            spinner.join(30)
+        if peer is not None:
+            peer.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+
+def test_raw_images_of_an_aspect_the_model_cannot_take_are_invalid_not_errors(harness):
+    line = Image(height=1, width=4096, encoding='rgb8', step=4096 * 3, data=bytes(4096 * 3))
+    line.header.stamp.sec = 40
+    harness.publish_when_connected(line)
+    widest = Image(height=1, width=200, encoding='rgb8', step=600, data=bytes(600))
+    widest.header.stamp.sec = 41  # the most the model takes: answered
+    harness.publish_when_connected(widest)
+    wait_for(lambda: harness.detections, 60, 'the 200 x 1 frame was not answered')
+    assert [a.header.stamp.sec for a in harness.detections] == [41]
+    assert harness.node.counters.invalid_images == 1
+    assert harness.node.counters.inference_errors == 0
+
+
+@pytest.fixture(scope='module')
+def default_model_cache(tmp_path_factory):
+    """The default model's float32 form, built once into a cache of its own."""
+    from qwen_vl_perception.model.default_model import ensure_default_model
+    cache = tmp_path_factory.mktemp('default-model-cache')
+    return cache, ensure_default_model('none', cache=cache, log=lambda message: None)
+
+
+def test_the_default_model_cache_is_readable_by_every_user(default_model_cache):
+    _, folder = default_model_cache
+    assert (folder / 'model.safetensors').is_file()
+    assert {oct(path.stat().st_mode & 0o777) for path in folder.iterdir()} == {oct(0o644)}
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o755)
+    assert oct(folder.parent.stat().st_mode & 0o777) == oct(0o755)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='planting a folder of another user needs root')
+def test_a_planted_or_changed_default_model_cache_stops_start_up(default_model_cache, tmp_path):
+    import shutil
+    cache, built = default_model_cache
+    home = tmp_path / 'cache' / built.parent.name
+    planted = home / built.name
+    shutil.copytree(built, planted)
+    home.chmod(0o755)
+    prompt = planted / 'detection_prompt.json'
+    record = json.loads(prompt.read_text())
+
+    def refusal():
+        process = _run_node(['-p', 'model_path:=default', '-p', 'quantization:=none',
+                             '-p', 'device:=cpu'],
+                            env=dict(os.environ, QWEN_VL_PERCEPTION_CACHE=str(tmp_path / 'cache')))
+        try:
+            output, _ = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # it started with what was planted
+            process.kill()
+            output, _ = process.communicate()
+        assert process.returncode == 1 and 'cannot start: default model' in output, output
+        assert 'Traceback' not in output, output
+        return output
+
+    prompt.write_text(json.dumps(dict(record, categories=['attacker_chosen'])))
+    assert 'detection_prompt.json does not match its hash' in refusal()
+    shutil.copy(built / prompt.name, prompt)
+    for path in (home, planted, *planted.iterdir()):  # another user's copy, content intact
+        os.chown(path, 65534, 65534)
+    assert 'uid 65534' in refusal()
+    os.chown(home, 0, 0)  # the folder above trusted, the model folder not
+    assert 'belongs to uid 65534' in refusal()
+    for path in (home, planted, *planted.iterdir()):
+        os.chown(path, 0, 0)
+    planted.chmod(0o777)
+    assert 'writable by group or others' in refusal()
+    planted.chmod(0o755)
+    (planted / 'extra.py').write_text('')
+    assert "extra: ['extra.py']" in refusal()
+
+
+def test_sigterm_while_publishing_publishes_before_the_context_goes(answering_checkpoint):
+    domain_id = random.randint(1, 200)
+    env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id))
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / 'shutdown_race_node.py'), '--ros-args',
+         *_node_process_arguments(answering_checkpoint, input_reliability='reliable')],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain_id)
+    peer = None
+    try:
+        wait_for(lambda: any('ready' in line for line in lines), 120, f'not ready: {lines}')
+        peer = rclpy.create_node('race_camera', context=context)
+        camera = peer.create_publisher(Image, 'image', QoSProfile(
+            depth=5, reliability=ReliabilityPolicy.RELIABLE))
+        wait_for(lambda: camera.get_subscription_count() > 0, 10, 'not connected')
+        camera.publish(rgb_image(1, width=64, height=48))
+        assert process.wait(timeout=120) == 0, ''.join(lines)
+        reader.join(5)
+        log = ''.join(lines)
+        assert 'published after SIGTERM' in log and 'publishing failed' not in log, log
+        assert 'Traceback' not in log, log
+    finally:
+        process.kill()
+        if peer is not None:
+            peer.destroy_node()
+        rclpy.try_shutdown(context=context)

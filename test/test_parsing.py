@@ -269,3 +269,52 @@ def test_text_core_imports_without_heavy_dependencies():
             'heavy = {"torch", "rclpy", "cv2", "transformers"} & set(sys.modules)\n'
             'assert not heavy, heavy\n')
     subprocess.run([sys.executable, '-c', code], check=True, timeout=60)
+
+
+def test_a_lone_surrogate_becomes_a_replacement_character_that_can_be_published():
+    text = ('[{"bbox_2d": [1, 2, 3, 4], "label": "cup\\udc00", "color": "\\ud83d"}, '
+            '{"bbox_2d": [1, 2, 3, 4], "label": "cup", "color": ["\\ud83d\\ude00", "red"]}]')
+    result = parse_objects(text, MATCHER)
+    assert result.unknown_labels == ['cup\ufffd']
+    assert [obj.attributes for obj in result.objects] == [{'color': '\U0001f600, red'}]
+    text = ('{"bbox_2d": [1, 2, 3, 4], "label": "cup", "color": "\\ud83d", '
+            '"shape": {"a": "\\udfff"}}')
+    (obj,) = parse_objects(text, MATCHER).objects
+    assert obj.attributes['color'] == '\ufffd'
+    assert all(value.encode('utf-8') for value in obj.attributes.values())
+    # What failed before: publishing the descriptions (rclpy encodes strings as UTF-8).
+    pytest.importorskip('rclpy')
+    from rclpy.serialization import serialize_message
+    from std_msgs.msg import Header
+    from qwen_vl_perception.detection import Detection
+    from qwen_vl_perception.ros.messages import descriptions_msg
+    detection = Detection(label=obj.label, box=(1, 2, 3, 4), score=1.0, id='0',
+                          attributes=obj.attributes)
+    assert serialize_message(descriptions_msg(Header(), [detection]))
+
+
+def test_an_attribute_nested_too_deep_invalidates_its_object_and_parsing_goes_on():
+    deep = '[' * 900 + '"red"' + ']' * 900
+    deep_dict = '{"a": ' * 900 + '1' + '}' * 900
+    text = (f'[{{"bbox_2d": [1, 2, 3, 4], "label": "cup", "color": {deep}}}, '
+            f'{{"bbox_2d": [1, 2, 3, 4], "label": "cup", "color": {deep_dict}}}, '
+            '{"bbox_2d": [5, 6, 7, 8], "label": "bottle", "color": [[["red"]], "blue"]}]')
+    result = parse_objects(text, MATCHER)
+    assert summary(result) == [('bottle', (5, 6, 7, 8), {'color': 'red, blue'})]
+    assert result.invalid == 2
+
+
+def test_objects_beyond_the_cap_are_counted_not_kept():
+    from qwen_vl_perception.detector import (DetectionSettings, detections_from_text,
+                                             prepare_settings)
+    from qwen_vl_perception.parsing import MAX_OBJECTS
+    count = 10_000  # distinct boxes: de-duplicating all of them took minutes (quadratic)
+    text = '[' + ','.join(f'{{"bbox_2d": [{i % 100 * 10}, {i // 100 * 10}, '
+                          f'{i % 100 * 10 + 5}, {i // 100 * 10 + 5}], "label": "cup"}}'
+                          for i in range(count)) + ']'
+    result = parse_objects(text, MATCHER)
+    assert (len(result.objects), result.excess, result.invalid) == \
+        (MAX_OBJECTS, count - MAX_OBJECTS, 0)
+    prepared = prepare_settings(DetectionSettings(categories=('cup',)))
+    frame = detections_from_text(text, prepared, (10_000, 10_000))
+    assert (len(frame.detections), frame.excess) == (MAX_OBJECTS, count - MAX_OBJECTS)

@@ -9,6 +9,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -726,3 +727,38 @@ def test_benchmark_times_both_engines_on_the_cpu_and_writes_its_json(tmp_path):
     assert [run['fused'] for run in results['runs'] if run['engine'] == 'ours'] == [False] * 2
     # float32 on the CPU: our tokens are generate's, unquantized and NF4.
     assert [entry['default']['per_token'] for entry in results['agreement']] == [1.0, 1.0]
+
+
+def test_overwrite_replaces_links_instead_of_writing_through_them(scenes, tmp_path):
+    out = tmp_path / 'sft2'
+    labels = ['--labels', scenes / 'annotations.json', '--out', out]
+    assert run_tool('prepare_data', labels)[0] == 0
+    elsewhere = tmp_path / 'elsewhere'
+    (elsewhere / 'images').mkdir(parents=True)
+    for name in ('dataset.json', 'dataset_info.json'):
+        (elsewhere / name).write_text('precious\n')
+    (out / 'dataset.json').unlink()
+    (out / 'dataset.json').symlink_to(elsewhere / 'dataset.json')
+    (out / 'dataset_info.json').unlink()
+    os.link(elsewhere / 'dataset_info.json', out / 'dataset_info.json')
+    shutil.rmtree(out / 'images')
+    (out / 'images').symlink_to(elsewhere / 'images', target_is_directory=True)
+    # A run that fails puts the links back ...
+    broken = json.loads((scenes / 'annotations.json').read_text())
+    for image in broken['images']:
+        image['file_name'] = 'nowhere/' + image['file_name']
+    (tmp_path / 'broken.json').write_text(json.dumps(broken))
+    code, _, stderr = run_tool('prepare_data', ['--labels', tmp_path / 'broken.json',
+                                                '--out', out, '--overwrite'])
+    assert code == 2 and 'no sample left' in stderr
+    assert os.readlink(out / 'dataset.json') == str(elsewhere / 'dataset.json')
+    assert (out / 'images').is_symlink()
+    # ... and one that succeeds writes files of its own, not through them.
+    code, _, stderr = run_tool('prepare_data', labels + ['--overwrite'])
+    assert code == 0, stderr
+    for name in ('dataset.json', 'dataset_info.json'):
+        assert (elsewhere / name).read_text() == 'precious\n'
+        assert not (out / name).is_symlink() and (out / name).stat().st_nlink == 1
+    assert list((elsewhere / 'images').iterdir()) == []
+    assert not (out / 'images').is_symlink() and len(list((out / 'images').iterdir())) == 4
+    assert len(read_sft_dataset(out)) == 4

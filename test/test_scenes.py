@@ -125,6 +125,23 @@ def test_overwrite_rules(tmp_path):
     assert len(load_labels(tmp_path)) == 1
 
 
+def test_overwrite_never_writes_through_a_link(tmp_path):
+    out, elsewhere = tmp_path / 'out', tmp_path / 'elsewhere'
+    write_dataset(out, count=1, seed=1, format='coco')
+    elsewhere.mkdir()
+    (elsewhere / 'annotations.json').write_text('precious')
+    (out / 'annotations.json').unlink()
+    (out / 'annotations.json').symlink_to(elsewhere / 'annotations.json')
+    for image in (out / 'images').iterdir():
+        image.unlink()
+    (out / 'images').rmdir()
+    (out / 'images').symlink_to(elsewhere, target_is_directory=True)
+    write_dataset(out, count=1, seed=1, format='coco', overwrite=True)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ['annotations.json']
+    assert (elsewhere / 'annotations.json').read_text() == 'precious'
+    assert not (out / 'images').is_symlink() and len(load_labels(out)) == 1
+
+
 def test_parse_sizes():
     assert parse_sizes('320x240, 256X256') == [(320, 240), (256, 256)]
     with pytest.raises(ValueError, match='WIDTHxHEIGHT'):

@@ -230,7 +230,7 @@ def _write_outputs(out: Path, name: str, path: Path, rgb, frame, settings) -> di
             'raw_answer': frame.raw_text, 'truncated': frame.truncated,
             'unknown_labels': frame.unknown_labels, 'invalid': frame.invalid,
             'below_threshold': frame.below_threshold, 'degenerate': frame.degenerate,
-            'duplicates': frame.duplicates}
+            'duplicates': frame.duplicates, 'excess': frame.excess}
 
 
 def _describe(path: Path, frame, batch_size: int) -> str:

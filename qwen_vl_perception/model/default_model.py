@@ -9,6 +9,13 @@ into a normal checkpoint (real Qwen3 tokenizer and Qwen3-VL processor files writ
 and caches both under ``$QWEN_VL_PERCEPTION_CACHE`` (default ``~/.cache/qwen_vl_perception``),
 keyed by the packed file's hash. The node's ``model_path: default`` and the demo use it.
 
+A cached folder is used only if it can be trusted (:func:`verify_cached`): it and everything
+in it belong to the current user or root, nothing there or in the folders above it is
+writable by group or others (sticky folders such as /tmp excepted), nothing is a symbolic
+link, and its files are exactly those listed, with their SHA-256, in ``content.sha256``,
+which the build writes last. Anything else stops with :class:`DefaultModelError`. Files are
+written 0644 in 0755 folders, so that a cache built by root is readable by every user.
+
 The default model only knows the synthetic scenes' categories (ball, box, cone, ring) and
 colours; it is a demonstration and test model, not a general detector.
 """
@@ -16,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -36,12 +44,14 @@ EMBEDDING_KEY = 'model.language_model.embed_tokens.weight'
 _ROWS_KEY = 'embedding_rows'
 _IDS_KEY = 'embedding_token_ids'
 CACHE_ENV = 'QWEN_VL_PERCEPTION_CACHE'
-_FORMAT_VERSION = '1'
+_FORMAT_VERSION = '2'
 """Part of the cache key: bump it when unpacking or quantizing changes what is built."""
 _STALE_BUILD_SECONDS = 3600
 """A temporary build folder older than this belongs to no running build."""
 DEFAULT_MODEL_NAME = 'default'
 """The ``model_path`` value that selects the default model."""
+CONTENT_FILE = 'content.sha256'
+"""In a cached folder: ``<sha256>  <name>`` of every other file (``sha256sum -c`` reads it)."""
 
 
 class DefaultModelError(RuntimeError):
@@ -156,6 +166,8 @@ def ensure_default_model(quantization: str = 'nf4', packed_dir: PathLike = PACKE
                             + _FORMAT_VERSION.encode()).hexdigest()[:16]
     root = Path(cache) if cache is not None else cache_root()
     home = root / f'default-model-{digest}'
+    if quantization == 'nf4' and (home / 'nf4').exists():
+        return verify_cached(home / 'nf4')  # the float32 form is not needed then
     merged = _build_once(home / 'float32', lambda tmp: unpack_checkpoint(packed_dir, tmp), log)
     if quantization == 'none':
         return merged
@@ -165,6 +177,91 @@ def ensure_default_model(quantization: str = 'nf4', packed_dir: PathLike = PACKE
         quantize_checkpoint(merged, tmp, quant_type='nf4', compute_dtype='float32',
                             device='cpu', max_new_tokens=8, log=lambda message: None)
     return _build_once(home / 'nf4', quantize, log)
+
+
+def verify_cached(folder: PathLike) -> Path:
+    """``folder`` if it is a cached default model that can be trusted (module docstring);
+    :class:`DefaultModelError` saying why not otherwise."""
+    folder = Path(folder)
+    _check_trusted_above(folder.parent)
+    record = folder / CONTENT_FILE
+    listed = {}
+    for entry in [folder, *sorted(folder.iterdir())]:
+        _check_trusted(entry, stat.S_ISDIR if entry == folder else stat.S_ISREG)
+    try:
+        for line in record.read_text().splitlines():
+            digest, name = line.split('  ', 1)
+            listed[name] = digest
+    except (OSError, ValueError) as error:
+        raise DefaultModelError(f'{folder}: no readable {CONTENT_FILE} ({error}); remove the '
+                                'folder to rebuild it') from None
+    present = {entry.name for entry in folder.iterdir()} - {CONTENT_FILE}
+    if present != set(listed):
+        raise DefaultModelError(
+            f'{folder}: its files differ from those {CONTENT_FILE} lists (extra: '
+            f'{sorted(present - set(listed))}, missing: {sorted(set(listed) - present)}); '
+            'remove the folder to rebuild it')
+    for name, digest in listed.items():
+        if _sha256(folder / name) != digest:
+            raise DefaultModelError(f'{folder / name} does not match its hash in '
+                                    f'{CONTENT_FILE} (changed after it was built); remove the '
+                                    'folder to rebuild it')
+    return folder
+
+
+def _trusted_owner(uid: int) -> bool:
+    return uid in (0, os.geteuid())
+
+
+def _check_trusted(path: Path, kind) -> None:
+    """``path`` (not followed if a link) is a ``kind`` file of a trusted owner, not writable
+    by group or others."""
+    info = os.lstat(path)
+    if not kind(info.st_mode):
+        what = 'folder' if kind is stat.S_ISDIR else 'file'
+        raise DefaultModelError(f'{path}: not a plain {what} (a link or other entry); '
+                                'refusing the cached default model')
+    if not _trusted_owner(info.st_uid):
+        raise DefaultModelError(f'{path} belongs to uid {info.st_uid}, neither this user '
+                                f'({os.geteuid()}) nor root; refusing the cached default model')
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise DefaultModelError(f'{path} is writable by group or others '
+                                f'({stat.filemode(info.st_mode)}); refusing the cached '
+                                'default model')
+
+
+def _check_trusted_above(folder: Path) -> None:
+    """No one but the owner or root can swap ``folder`` or a folder above it."""
+    for path in [folder.resolve(), *folder.resolve().parents]:
+        info = os.stat(path)
+        writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if not _trusted_owner(info.st_uid) or (writable and not info.st_mode & stat.S_ISVTX):
+            raise DefaultModelError(
+                f'{path} ({stat.filemode(info.st_mode)}, uid {info.st_uid}) can be changed by '
+                'other users; refusing the cached default model below it (README, '
+                '"Reliability and security")')
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as stream:
+        for block in iter(lambda: stream.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _seal(folder: Path) -> None:
+    """Make a finished build shareable (0644 files in a 0755 folder) and record its hashes."""
+    lines = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink() or not entry.is_file():
+            raise DefaultModelError(f'{entry}: the build left something that is not a file')
+        entry.chmod(0o644)
+        lines.append(f'{_sha256(entry)}  {entry.name}\n')
+    record = folder / CONTENT_FILE
+    record.write_text(''.join(lines))
+    record.chmod(0o644)
+    folder.chmod(0o755)
 
 
 def resolve_model_path(path: PathLike, form: str = 'nf4',
@@ -180,9 +277,11 @@ def resolve_model_path(path: PathLike, form: str = 'nf4',
 
 def _build_once(target: Path, build: Callable[[Path], object],
                 log: Callable[[str], None]) -> Path:
-    if (target / 'config.json').is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() or target.is_symlink():
+        return verify_cached(target)
+    if not target.parent.exists():
+        target.parent.mkdir(parents=True)
+        target.parent.chmod(0o755)  # readable by all, writable by its owner only
     for stale in target.parent.glob(target.name + '.*'):  # left by a build that was killed
         if time.time() - stale.stat().st_mtime > _STALE_BUILD_SECONDS:
             shutil.rmtree(stale, ignore_errors=True)
@@ -190,16 +289,16 @@ def _build_once(target: Path, build: Callable[[Path], object],
     tmp = Path(tempfile.mkdtemp(prefix=target.name + '.', dir=target.parent))
     try:
         build(tmp)
-        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        _seal(tmp)  # mkdtemp's 0700 would hide a shared cache from other users
         try:
             tmp.rename(target)
         except OSError:
-            if not (target / 'config.json').is_file():  # not a concurrent builder's result
+            if not target.exists():  # not a concurrent builder's result
                 raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return verify_cached(target)
 
 
 def _read_json(path: Path):
@@ -208,3 +307,8 @@ def _read_json(path: Path):
 
 def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + '\n')
+
+
+if __name__ == '__main__':  # python -m qwen_vl_perception.model.default_model: fill a cache
+    for form in ('none', 'nf4'):
+        print(ensure_default_model(form))

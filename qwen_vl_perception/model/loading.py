@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from .torch_support import require, require_torch
-from ..tool_support import WEIGHT_PATTERNS, quiet_library_logs
+from ..tool_support import quiet_library_logs
 
 PathLike = Union[str, Path]
 
@@ -28,6 +28,11 @@ SUPPORTED_MODEL_TYPES = ('qwen3_vl', 'qwen3_vl_moe')
 # Modules kept unquantized. transformers 5 matches these names from the start of the module
 # path ('model.visual'); older releases matched substrings ('visual').
 DEFAULT_SKIP_MODULES = ('model.visual', 'visual', 'lm_head')
+WEIGHT_PATTERNS = ('*.safetensors',)
+"""Only safetensors weights are loaded: a pickle checkpoint (``pytorch_model*.bin``) can run
+code while it is read, and is refused. (``tool_support.WEIGHT_PATTERNS`` names the pickles too:
+the files a tool clears before it writes a checkpoint.)"""
+PICKLE_WEIGHT_PATTERNS = ('pytorch_model*.bin', '*.pt', '*.pth', '*.ckpt')
 JETSON_HELP = 'README, "Jetson Orin"'
 
 
@@ -61,8 +66,14 @@ def read_checkpoint_config(path: PathLike) -> dict:
         raise ModelLoadError(f'model checkpoint {path} is a {model_type!r} model, not Qwen3-VL '
                              f'(model_type must be one of {", ".join(SUPPORTED_MODEL_TYPES)})')
     if not weight_files(path):
-        raise ModelLoadError(f'model checkpoint {path} has no weights (*.safetensors or '
-                             'pytorch_model*.bin)')
+        pickles = sorted(file.name for pattern in PICKLE_WEIGHT_PATTERNS
+                         for file in path.glob(pattern))
+        if pickles:
+            raise ModelLoadError(
+                f'model checkpoint {path} has pickle weights ({", ".join(pickles)}): only '
+                'safetensors checkpoints are supported (re-save it with '
+                'save_pretrained(..., safe_serialization=True) where it came from)')
+        raise ModelLoadError(f'model checkpoint {path} has no weights (*.safetensors)')
     return config
 
 
@@ -192,9 +203,10 @@ def load_model(path: PathLike, device: str = 'auto', quantization: str = 'auto',
                 llm_int8_skip_modules=list(skip_modules))
     try:
         model = transformers.AutoModelForImageTextToText.from_pretrained(
-            str(path), **load_kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as error:
-        raise ModelLoadError(f'loading model checkpoint {path} failed: {error}') from error
+            str(path), use_safetensors=True, **load_kwargs)
+    except Exception as error:  # noqa: BLE001 - any failure to read a checkpoint is one line
+        raise ModelLoadError(f'loading model checkpoint {path} failed: '
+                             f'{type(error).__name__}: {error}') from error
     return model.eval()
 
 

@@ -153,7 +153,8 @@ def quantize_checkpoint(model_dir: PathLike, out_dir: PathLike, quant_type: str 
         f'{"on" if double_quant else "off"}, {compute_dtype} compute; kept in {storage_dtype}: '
         f'{", ".join(kept)})')
     model = transformers.AutoModelForImageTextToText.from_pretrained(
-        str(model_dir), quantization_config=bnb_config, dtype=getattr(torch, storage_dtype),
+        str(model_dir), use_safetensors=True, quantization_config=bnb_config,
+        dtype=getattr(torch, storage_dtype),
         device_map='cpu' if device == 'cpu' else {'': device})
     four_bit, other = count_layers(model)
     _check_kept(model, kept)

@@ -2,14 +2,16 @@
 
 A thin rclpy shell over the core (:mod:`qwen_vl_perception.detector`). Camera callbacks only
 validate and convert the image and hand it to a worker thread (newest frame wins); the worker
-runs the model and publishes. Parameter services stay responsive during inference.
+decodes compressed images, runs the model and publishes. Parameter services stay responsive
+during decoding and inference.
 """
 import functools
+import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import rclpy
@@ -21,6 +23,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import (DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data,
                        qos_profile_system_default)
+from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 from vision_msgs.msg import Detection2DArray, LabelInfo
@@ -28,7 +31,7 @@ from vision_msgs.msg import Detection2DArray, LabelInfo
 from ..detector import Detector, FrameDetections, prepare_settings
 from ..drawing import draw_detections
 from ..frame_slot import LatestFrameSlots
-from ..image_conversion import ImageFormatError, compressed_msg_to_rgb, image_msg_to_rgb
+from ..image_conversion import ImageFormatError, compressed_msg_decoder, image_msg_to_rgb
 from ..tool_support import quiet_library_logs
 from ..model.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 from . import messages
@@ -47,8 +50,10 @@ class StartupError(RuntimeError):
 @dataclass
 class Frame:
     header: Header
-    rgb: np.ndarray
+    rgb: Optional[np.ndarray]
     received: float
+    decode: Optional[Callable[[], np.ndarray]] = None
+    """Set for a compressed image, checked but not decoded yet: the worker decodes it."""
 
 
 @dataclass
@@ -58,6 +63,7 @@ class Counters:
     invalid_images: int = 0
     unknown_labels: int = 0
     invalid_objects: int = 0
+    excess_objects: int = 0
     truncated_answers: int = 0
     inference_errors: int = 0
     publish_errors: int = 0
@@ -110,6 +116,7 @@ class PerceptionNode(Node):
         self.counters = Counters()
         self._slots = LatestFrameSlots()
         self._last_inference_failed = False
+        self._count_lock = threading.Lock()  # invalid images are counted by two threads
 
         self._detections_pub = self.create_publisher(Detection2DArray, 'detections',
                                                      qos_profile_system_default)
@@ -132,7 +139,7 @@ class PerceptionNode(Node):
             if compressed:
                 self.create_subscription(
                     CompressedImage, topic + '/compressed',
-                    lambda m, t=topic: self._accept(m, compressed_msg_to_rgb, t), camera_qos)
+                    lambda m, t=topic: self._accept(m, compressed_msg_decoder, t), camera_qos)
             else:
                 self.create_subscription(Image, topic,
                                          lambda m, t=topic: self._accept(m, convert_raw, t),
@@ -140,6 +147,9 @@ class PerceptionNode(Node):
 
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.create_timer(1.0, self._publish_diagnostics)
+        # The slots close when the context shuts down (rclpy destroys the node first where it
+        # tracks nodes, which closes them too); a publish already failing then is not counted.
+        self.context.on_shutdown(self._slots.close)
         self._worker = threading.Thread(target=self._work, name='qwen_vl_inference',
                                         daemon=True)
         self._worker.start()
@@ -214,17 +224,37 @@ class PerceptionNode(Node):
 
     # ---------------------------------------------------------------------------- callbacks
     def _accept(self, message, convert, source: str) -> None:
+        """``convert`` gives the RGB array, or (compressed images) a function decoding it."""
         self.counters.received += 1
         if not self._enabled:
             return
         try:
-            rgb = convert(message, max_pixels=self._max_image_pixels)
+            converted = convert(message, max_pixels=self._max_image_pixels)
         except ImageFormatError as error:
-            self.counters.invalid_images += 1
-            self.get_logger().warning(f'skipped an image: {error}', throttle_duration_sec=5.0)
+            self._skip_image(error)
             return
-        self._slots.put(Frame(header=message.header, rgb=rgb, received=time.monotonic()),
-                        source)
+        frame = Frame(header=message.header, rgb=None, received=time.monotonic())
+        if callable(converted):
+            frame.decode = converted
+        else:
+            frame.rgb = converted
+        self._slots.put(frame, source)
+
+    def _skip_image(self, error: ImageFormatError) -> None:
+        with self._count_lock:
+            self.counters.invalid_images += 1
+        self.get_logger().warning(f'skipped an image: {error}', throttle_duration_sec=5.0)
+
+    def _decoded(self, frame: Frame) -> bool:
+        """Decode a compressed frame (in the worker); False, counted and logged, if it fails."""
+        if frame.decode is not None:
+            try:
+                frame.rgb = frame.decode()
+            except ImageFormatError as error:
+                self._skip_image(error)
+                return False
+            frame.decode = None
+        return True
 
     def _on_set_parameters(self, parameters) -> SetParametersResult:
         changes = {p.name: p.value for p in parameters}
@@ -261,7 +291,8 @@ class PerceptionNode(Node):
                 if wait <= 0.0:
                     break
                 time.sleep(min(wait, 0.1))
-            frames = self._slots.take_all(timeout=0.5)
+            frames = [frame for frame in self._slots.take_all(timeout=0.5)
+                      if self._decoded(frame)]
             if not frames:
                 continue
             self.counters.last_inference_start = time.monotonic()
@@ -279,20 +310,24 @@ class PerceptionNode(Node):
             self.counters.batches += 1
             self.counters.largest_batch = max(self.counters.largest_batch, len(frames))
             for frame, result in zip(frames, results):
-                if self._slots.closed:
-                    return  # shutting down: the publishers may be gone
-                try:
-                    self._publish(frame, result)
-                except Exception as error:  # noqa: BLE001 - one bad frame must not stop the rest
-                    self.counters.publish_errors += 1
-                    self.get_logger().error(f'publishing failed: {error!r}',
-                                            throttle_duration_sec=5.0)
+                with self._slots.held_open() as still_open:  # shutdown waits for this frame
+                    if not still_open:
+                        return  # shutting down: the publishers may be gone
+                    try:
+                        self._publish(frame, result)
+                    except Exception as error:  # noqa: BLE001 - one bad frame must not stop
+                        if not self.context.ok():  # shut down under the node by its host
+                            return
+                        self.counters.publish_errors += 1
+                        self.get_logger().error(f'publishing failed: {error!r}',
+                                                throttle_duration_sec=5.0)
 
     def _publish(self, frame: Frame, result: FrameDetections) -> None:
         counters = self.counters
         counters.processed += 1
         counters.unknown_labels += len(result.unknown_labels)
         counters.invalid_objects += result.invalid
+        counters.excess_objects += result.excess
         counters.truncated_answers += int(result.truncated)
         counters.last_inference_s = result.seconds
         counters.last_latency_s = time.monotonic() - frame.received
@@ -323,6 +358,7 @@ class PerceptionNode(Node):
             'invalid_images': counters.invalid_images,
             'unknown_labels': counters.unknown_labels,
             'invalid_objects': counters.invalid_objects,
+            'excess_objects': counters.excess_objects,
             'truncated_answers': counters.truncated_answers,
             'inference_errors': counters.inference_errors,
             'publish_errors': counters.publish_errors,
@@ -386,22 +422,36 @@ def _quiet_progress_bars() -> None:
     transformers_logging.disable_progress_bar()  # huggingface_hub's bars too
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(args: Optional[list] = None) -> int:
     quiet_library_logs()
     _quiet_progress_bars()
-    rclpy.init(args=args)
+    # rclpy's own SIGINT/SIGTERM handlers shut the context down from a thread of theirs, at
+    # once, while the worker may be publishing (and run no on_shutdown callback). Here a
+    # signal stops the spin in this thread instead, and shutdown goes in order: the frame
+    # slots close (after a publish in progress), the worker stops, the node goes, then the
+    # context. A second signal during that ends the process the default way.
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
     node: Optional[PerceptionNode] = None
     try:
         node = PerceptionNode()
         executor = SingleThreadedExecutor()
         executor.add_node(node)
-        executor.spin()
+        while rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)  # a signal is handled within 0.1 s
     except StartupError as error:
         rclpy.logging.get_logger('qwen_vl_perception').fatal(f'cannot start: {error}')
         return 1
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
         if node is not None:
             node.shutdown()
             node.destroy_node()
