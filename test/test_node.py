@@ -20,7 +20,6 @@ import pytest
 rclpy = pytest.importorskip('rclpy')
 pytest.importorskip('torch')
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.parameter_client import AsyncParameterClient  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
@@ -34,6 +33,7 @@ from qwen_vl_perception.trained_prompt import write_prompt_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from image_bombs import lossless_webp  # noqa: E402
+from spinning import Spinner  # noqa: E402
 from trained_models import memorize_answer  # noqa: E402
 
 # A thread that fails (e.g. InvalidHandle from a node destroyed under a spinning executor)
@@ -96,11 +96,7 @@ class Harness:
         self.peer.create_subscription(DiagnosticArray, '/diagnostics', self.diagnostics.append,
                                       10)
         self.cameras = {}
-        self.executor = MultiThreadedExecutor(num_threads=3, context=self.context)
-        self.executor.add_node(self.node)
-        self.executor.add_node(self.peer)
-        self.spinner = threading.Thread(target=self.executor.spin, daemon=True)
-        self.spinner.start()
+        self.spinner = Spinner(self.context, self.node, self.peer)
 
     def camera(self, reliability=ReliabilityPolicy.BEST_EFFORT):
         if reliability not in self.cameras:
@@ -121,13 +117,9 @@ class Harness:
         return future.result().results
 
     def close(self):
-        # The spinning thread must have stopped before the nodes go: rclpy's executor
-        # shutdown does not wait for it, and a wait set still holding a node being destroyed
-        # raises InvalidHandle in that thread.
+        # The spinning thread must have stopped before the nodes go (spinning.py says why).
         self.node.shutdown()
-        self.executor.shutdown()
-        self.spinner.join(30)
-        assert not self.spinner.is_alive(), 'the executor thread did not stop'
+        self.spinner.stop()
         self.node.destroy_node()
         self.peer.destroy_node()
         rclpy.try_shutdown(context=self.context)
@@ -324,8 +316,7 @@ def test_ready_line_counts_one_category_and_destroying_stops_the_worker(
         answering_checkpoint, capfd):
     harness = Harness(node_parameters(answering_checkpoint, categories=['cup']))
     assert 'ready: 1 category, model on cpu' in capfd.readouterr().err
-    harness.executor.shutdown()
-    harness.spinner.join(30)
+    harness.spinner.stop()
     harness.node.destroy_node()  # without shutdown() first: the worker must stop all the same
     assert not harness.node._worker.is_alive()
     harness.peer.destroy_node()
@@ -467,10 +458,7 @@ def test_ctrl_c_shuts_the_node_down_cleanly(answering_checkpoint, busy):
             received = []
             peer.create_subscription(Detection2DArray, 'detections', received.append, 10)
             camera = peer.create_publisher(Image, 'image', 5)
-            executor = MultiThreadedExecutor(context=context)
-            executor.add_node(peer)
-            spinner = threading.Thread(target=executor.spin, daemon=True)
-            spinner.start()
+            spinner = Spinner(context, peer)
             wait_for(lambda: camera.get_subscription_count() > 0, 10, 'not connected')
             # Small frames: large best-effort messages between processes may be lost under load.
             for stamp in range(600):
@@ -490,8 +478,7 @@ def test_ctrl_c_shuts_the_node_down_cleanly(answering_checkpoint, busy):
     finally:
         process.kill()
         if spinner is not None:  # stopped before its node goes (see Harness.close)
-            executor.shutdown()
-            spinner.join(30)
+            spinner.stop()
             peer.destroy_node()
         rclpy.try_shutdown(context=context)
 
@@ -537,7 +524,7 @@ def test_compressed_images_are_refused_by_their_declared_size_before_decoding(
     reader.start()
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=domain_id)
-    peer = executor = spinner = None
+    peer = spinner = None
     try:
         wait_for(lambda: any('ready' in line for line in lines), 120, f'not ready: {lines}')
         peer = rclpy.create_node('bomb_camera', context=context)
@@ -547,10 +534,7 @@ def test_compressed_images_are_refused_by_their_declared_size_before_decoding(
         camera = peer.create_publisher(CompressedImage, 'image/compressed',
                                        QoSProfile(depth=10,
                                                   reliability=ReliabilityPolicy.RELIABLE))
-        executor = MultiThreadedExecutor(context=context)
-        executor.add_node(peer)
-        spinner = threading.Thread(target=executor.spin, daemon=True)
-        spinner.start()
+        spinner = Spinner(context, peer)
         wait_for(lambda: camera.get_subscription_count() > 0, 10, 'not connected')
         before = _peak_memory_mb(process.pid)
         # 52 bytes that decode to 16383 x 16383 pixels (1.8 GB), then a valid 4096 x 1 line
@@ -574,8 +558,7 @@ def test_compressed_images_are_refused_by_their_declared_size_before_decoding(
     finally:
         process.kill()
         if spinner is not None:
-            executor.shutdown()
-            spinner.join(30)
+            spinner.stop()
         if peer is not None:
             peer.destroy_node()
         rclpy.try_shutdown(context=context)

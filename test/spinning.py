@@ -1,0 +1,32 @@
+"""Spin an executor in a background thread and stop it without racing rclpy's shutdown.
+
+``Executor.shutdown()`` destroys the executor's guard condition while a spinning thread (or a
+multi-threaded executor's worker) may still trigger it, which raises ``InvalidHandle ...
+destruction was requested`` in that thread. Here one thread calls ``spin_once`` on a
+single-threaded executor until told to stop; ``stop()`` joins it first and only then shuts the
+executor down, so no callback can still be running.
+"""
+import threading
+
+from rclpy.executors import SingleThreadedExecutor
+
+
+class Spinner:
+    def __init__(self, context, *nodes):
+        self.executor = SingleThreadedExecutor(context=context)
+        for node in nodes:
+            self.executor.add_node(node)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self):
+        while not self._stop.is_set() and self.executor.context.ok():
+            self.executor.spin_once(timeout_sec=0.05)
+
+    def stop(self, timeout=30.0):
+        """Stop spinning and shut the executor down; the nodes stay (destroy them after)."""
+        self._stop.set()
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), 'the executor thread did not stop'
+        self.executor.shutdown()
