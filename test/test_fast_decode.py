@@ -1,6 +1,8 @@
 """FastGreedyDecoder gives exactly model.generate's greedy tokens (tiny Qwen3-VL, CPU; the
 CUDA tests run where a GPU is present)."""
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,9 @@ from qwen_vl_perception.model.configs import (  # noqa: E402
     VISION_START_TOKEN_ID, tiny_config)
 from qwen_vl_perception.model.fast_decode import FastGreedyDecoder  # noqa: E402
 from qwen_vl_perception.model.generation import hf_decode  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from trained_models import linears_to_nf4  # noqa: E402
 
 STOPS = [IM_END_TOKEN_ID, ENDOFTEXT_TOKEN_ID]
 
@@ -137,17 +142,7 @@ def test_nf4_model_matches_generate():
     bnb = pytest.importorskip('bitsandbytes')
     model = tiny_model(seed=2)
     language_model = model.model.language_model
-    for layer in language_model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    quantized = bnb.nn.Linear4bit(
-                        child.in_features, child.out_features, bias=child.bias is not None,
-                        compute_dtype=torch.float32, compress_statistics=True, quant_type='nf4')
-                    quantized.weight = bnb.nn.Params4bit(
-                        child.weight.data.clone(), requires_grad=False, compress_statistics=True,
-                        quant_type='nf4', module=quantized).to('cpu')
-                    setattr(parent, name, quantized)
+    assert linears_to_nf4(model) > 0
     assert isinstance(language_model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
     inputs = make_inputs([(5, 7, (1, 4, 6)), (3, 2, (1, 4, 4))])
     assert_same(hf_decode(model, inputs, 8, STOPS),

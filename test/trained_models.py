@@ -66,3 +66,25 @@ def _answers(model, builder, rng, instruction):
     model.train()
     return builder.tokenizer.decode(output[0, inputs['input_ids'].shape[1]:],
                                     skip_special_tokens=True)
+
+
+def linears_to_nf4(model) -> int:
+    """Replace the language model's attention and MLP ``nn.Linear`` layers by bitsandbytes NF4
+    ``Linear4bit`` ones on the CPU (float32 compute), as loading with NF4 would; returns how many
+    were replaced."""
+    import bitsandbytes as bnb
+    import torch
+    count = 0
+    for layer in model.model.language_model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    quantized = bnb.nn.Linear4bit(
+                        child.in_features, child.out_features, bias=child.bias is not None,
+                        compute_dtype=torch.float32, compress_statistics=True, quant_type='nf4')
+                    quantized.weight = bnb.nn.Params4bit(
+                        child.weight.data.clone(), requires_grad=False, compress_statistics=True,
+                        quant_type='nf4', module=quantized).to('cpu')
+                    setattr(parent, name, quantized)
+                    count += 1
+    return count

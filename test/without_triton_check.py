@@ -26,6 +26,7 @@ from qwen_vl_perception.model.nf4_matmul import kernel_unavailable_reason  # noq
 from qwen_vl_perception.model.torch_support import triton_missing_reason  # noqa: E402
 from qwen_vl_perception.scenes import render_scene  # noqa: E402
 from qwen_vl_perception.trained_prompt import prompt_from_record, read_prompt_file  # noqa: E402
+from trained_models import linears_to_nf4  # noqa: E402 (this folder is sys.path[0])
 
 STOPS = [IM_END_TOKEN_ID, ENDOFTEXT_TOKEN_ID]
 
@@ -57,24 +58,6 @@ def inputs():
             'image_grid_thw': torch.tensor([[1, 4, 6]])}
 
 
-def to_nf4(model):
-    import bitsandbytes as bnb
-    count = 0
-    for layer in model.model.language_model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    quantized = bnb.nn.Linear4bit(
-                        child.in_features, child.out_features, bias=child.bias is not None,
-                        compute_dtype=torch.float32, compress_statistics=True, quant_type='nf4')
-                    quantized.weight = bnb.nn.Params4bit(
-                        child.weight.data.clone(), requires_grad=False, compress_statistics=True,
-                        quant_type='nf4', module=quantized).to('cpu')
-                    setattr(parent, name, quantized)
-                    count += 1
-    return count
-
-
 def main(cache):
     reason = triton_missing_reason()
     check(reason is not None and 'Triton' in reason, f'Triton absent: {reason}')
@@ -92,7 +75,7 @@ def main(cache):
           f'fast decoder = generate, float32: {fast[0][0]}')
 
     model = tiny_model(seed=2)
-    check(to_nf4(model) > 0, 'language-model linears are bitsandbytes NF4')
+    check(linears_to_nf4(model) > 0, 'language-model linears are bitsandbytes NF4')
     reference, fast = hf_decode(model, inputs(), 8, STOPS), decoder(model, inputs(), 8, STOPS)
     check(fast[0] == reference[0], f'fast decoder = generate, NF4 layers: {fast[0][0]}')
 
