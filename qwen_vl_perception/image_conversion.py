@@ -384,11 +384,12 @@ COMPRESSED_FORMATS = tuple(name for name, _, _ in _HEADERS)
 (JPEG 2000, AVIF, OpenEXR, HDR, PNM, BigTIFF, ...) are refused without decoding."""
 
 
-def declared_size(data: bytes) -> Tuple[str, int, int]:
+def declared_size(data) -> Tuple[str, int, int]:
     """``(format, width, height)`` as a compressed image's header declares them, read
-    without decoding; :class:`ImageFormatError` for data of any other format."""
+    without decoding (``data``: bytes or a memoryview of them); :class:`ImageFormatError` for
+    data of any other format."""
     for name, magics, read in _HEADERS:
-        if data.startswith(magics) and (name != 'WebP' or data[8:12] == b'WEBP'):
+        if bytes(data[:8]).startswith(magics) and (name != 'WebP' or data[8:12] == b'WEBP'):
             try:
                 width, height = read(data)
             except ImageFormatError as error:
@@ -405,12 +406,12 @@ def check_compressed(encoded: np.ndarray, max_pixels: Optional[int], what: str) 
     """
     if encoded.size == 0:
         raise ImageFormatError(f'{what} is empty')
-    data = encoded.tobytes()
+    data = memoryview(np.ascontiguousarray(encoded))  # the header is read in place, uncopied
     try:
         name, width, height = declared_size(data)
     except ImageFormatError as error:
         raise ImageFormatError(f'{what} is not an image to decode: {error} '
-                               f'({encoded.size} bytes, starting {data[:8]!r})') from None
+                               f'({encoded.size} bytes, starting {bytes(data[:8])!r})') from None
     if width <= 0 or height <= 0:
         raise ImageFormatError(f'{what} is not an image: its {name} header declares '
                                f'{width}x{height}')
@@ -419,6 +420,11 @@ def check_compressed(encoded: np.ndarray, max_pixels: Optional[int], what: str) 
 
 def _decode(encoded: np.ndarray, max_pixels: Optional[int], what: str) -> np.ndarray:
     check_compressed(encoded, max_pixels, what)
+    return _decode_checked(encoded, max_pixels, what)
+
+
+def _decode_checked(encoded: np.ndarray, max_pixels: Optional[int], what: str) -> np.ndarray:
+    """Decode data whose header :func:`check_compressed` has passed."""
     decoded = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
     if decoded is None or decoded.size == 0:
         raise ImageFormatError(f'{what} is not an image OpenCV can decode '
@@ -445,7 +451,7 @@ def compressed_msg_decoder(msg, max_pixels: Optional[int] = None
     encoded = _as_byte_array(getattr(msg, 'data', None))
     what = f'compressed image data (format {image_format!r})'
     check_compressed(encoded, max_pixels, what)
-    return functools.partial(_decode, encoded, max_pixels, what)
+    return functools.partial(_decode_checked, encoded, max_pixels, what)
 
 
 def compressed_msg_to_rgb(msg, max_pixels: Optional[int] = None) -> np.ndarray:

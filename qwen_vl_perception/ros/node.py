@@ -32,7 +32,7 @@ from ..detector import Detector, FrameDetections, prepare_settings
 from ..drawing import draw_detections
 from ..frame_slot import LatestFrameSlots
 from ..image_conversion import ImageFormatError, compressed_msg_decoder, image_msg_to_rgb
-from ..tool_support import quiet_library_logs
+from ..tool_support import quiet_library_logs, quiet_progress_bars
 from ..model.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 from . import messages
 from .parameters import (PARAMETERS, SETTINGS_PARAMETERS, check_value, declare_parameters,
@@ -411,24 +411,15 @@ def _qos_fields(profile: QoSProfile) -> dict:
             'reliability': profile.reliability, 'durability': profile.durability}
 
 
-def _quiet_progress_bars() -> None:
-    """No tqdm bars from transformers or huggingface_hub ("Loading weights"): under
-    ``ros2 launch`` they come out as empty ``[perception_node-1]`` lines. The node logs what it
-    loads instead."""
-    try:
-        from transformers.utils import logging as transformers_logging
-    except ImportError:  # loading the model says what is missing
-        return
-    transformers_logging.disable_progress_bar()  # huggingface_hub's bars too
-
-
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(args: Optional[list] = None) -> int:
     quiet_library_logs()
-    _quiet_progress_bars()
+    # No "Loading weights" bars: under ros2 launch they come out as empty
+    # '[perception_node-1]' lines; the node logs what it loads instead.
+    quiet_progress_bars()
     # rclpy's own SIGINT/SIGTERM handlers shut the context down from a thread of theirs, at
     # once, while the worker may be publishing (and run no on_shutdown callback). Here a
     # signal stops the spin in this thread instead, and shutdown goes in order: the frame
