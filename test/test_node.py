@@ -402,6 +402,17 @@ def _run_node(arguments, domain_id=None, env=None, **kwargs):
                             text=True, **kwargs)
 
 
+def _follow_with_peer_context(process, domain_id):
+    """For a node process: its output lines (collected by the returned reader thread as they
+    come) and a started rclpy context on its domain for the test's own peer node."""
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain_id)
+    return lines, reader, context
+
+
 def test_missing_model_stops_start_up_with_one_clear_message(tmp_path):
     process = _run_node(['-p', f'model_path:={tmp_path / "no-such-model"}'])
     output, _ = process.communicate(timeout=120)
@@ -444,11 +455,7 @@ def test_ctrl_c_shuts_the_node_down_cleanly(answering_checkpoint, busy):
         arguments += ['-p', f'{name}:={params[name]}']
     domain_id = random.randint(1, 200)
     process = _run_node(arguments, domain_id=domain_id)
-    lines = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
-    reader.start()
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=domain_id)
+    lines, reader, context = _follow_with_peer_context(process, domain_id)
     spinner = None
     try:
         wait_for(lambda: any('ready' in line for line in lines), 120, f'not ready: {lines}')
@@ -519,11 +526,7 @@ def test_compressed_images_are_refused_by_their_declared_size_before_decoding(
     process = _run_node(_node_process_arguments(
         answering_checkpoint, input_transport='compressed', input_reliability='reliable'),
         domain_id=domain_id)
-    lines = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
-    reader.start()
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=domain_id)
+    lines, reader, context = _follow_with_peer_context(process, domain_id)
     peer = spinner = None
     try:
         wait_for(lambda: any('ready' in line for line in lines), 120, f'not ready: {lines}')
@@ -659,11 +662,7 @@ def test_sigterm_while_publishing_publishes_before_the_context_goes(answering_ch
         [sys.executable, str(Path(__file__).parent / 'shutdown_race_node.py'), '--ros-args',
          *_node_process_arguments(answering_checkpoint, input_reliability='reliable')],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
-    reader.start()
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=domain_id)
+    lines, reader, context = _follow_with_peer_context(process, domain_id)
     peer = None
     try:
         wait_for(lambda: any('ready' in line for line in lines), 120, f'not ready: {lines}')
