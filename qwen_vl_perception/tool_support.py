@@ -1,6 +1,5 @@
 """Small helpers shared by the command-line tools in ``tools/``: output folders, name lists,
 byte sizes and the one-line error convention (exit code 2, no traceback)."""
-import logging
 import os
 import shutil
 import sys
@@ -8,6 +7,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 from .categories import normalize_categories
+from .library_logs import quiet_library_logs, quiet_progress_bars
 
 PathLike = Union[str, os.PathLike]
 
@@ -28,31 +28,6 @@ class ToolError(Exception):
 
     Tools print it as one ``error: ...`` line and exit with :data:`USAGE_ERROR`.
     """
-
-
-def quiet_library_logs() -> None:
-    """Hide a bitsandbytes start-up warning that is noise for these tools.
-
-    On CPUs with AVX512-BF16, bitsandbytes 0.50 looks for an optional kernel that the
-    ``kernels`` package would download from a model hub, and logs a warning asking to install
-    it; the built-in CPU kernel works without it.
-    """
-    logging.getLogger('bitsandbytes.backends.cpu.ops').setLevel(logging.ERROR)
-
-
-def quiet_progress_bars() -> None:
-    """No "Loading weights" progress bar each time a tool loads a model.
-
-    transformers reads the switch when it is imported (``HF_HUB_DISABLE_PROGRESS_BARS``);
-    when it is imported already, its own switch is turned off. A user's explicit setting of
-    the variable is kept. Training and detection progress are the tools' own bars.
-    """
-    os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
-    if os.environ['HF_HUB_DISABLE_PROGRESS_BARS'] != '1':
-        return
-    hf_logging = sys.modules.get('transformers.utils.logging')
-    if hf_logging is not None:
-        hf_logging.disable_progress_bar()
 
 
 def fail(message: str) -> int:

@@ -1,5 +1,10 @@
-"""Fixtures shared by the test files."""
+"""Fixtures shared by the test files; the helpers in ``support/`` import by name."""
+import sys
+from pathlib import Path
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / 'support'))
 
 
 @pytest.fixture(scope='session')
@@ -8,5 +13,5 @@ def tiny_checkpoint(tmp_path_factory):
     configs, chat template), written once per test session. Treat it as read-only."""
     pytest.importorskip('torch', reason='the tiny checkpoint needs torch')
     pytest.importorskip('transformers', reason='the tiny checkpoint needs transformers')
-    from qwen_vl_perception.model.tiny import make_tiny_checkpoint
+    from qwen_vl_perception.pipeline.tiny import make_tiny_checkpoint
     return make_tiny_checkpoint(tmp_path_factory.mktemp('tiny-qwen3-vl') / 'checkpoint')

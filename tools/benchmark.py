@@ -169,7 +169,7 @@ def make_input_builder(args, workdir: Path):
     from qwen_vl_perception.model.processor import InputBuilder
     if args.model is not None:
         return InputBuilder.from_pretrained(args.model)
-    from qwen_vl_perception.model.tiny import make_tiny_checkpoint
+    from qwen_vl_perception.pipeline.tiny import make_tiny_checkpoint
     # The tiny checkpoint carries the real tokenizer, image processor and chat template.
     return InputBuilder.from_pretrained(make_tiny_checkpoint(workdir / 'processor'))
 

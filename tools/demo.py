@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from qwen_vl_perception.image_conversion import ImageFormatError, save_rgb
-from qwen_vl_perception.image_folder import FOLDER_IMAGE_EXTENSIONS, list_images
+from qwen_vl_perception.data.image_folder import FOLDER_IMAGE_EXTENSIONS, list_images
 from qwen_vl_perception.model.default_model import DEFAULT_MODEL_NAME
 from qwen_vl_perception.model.loading import ModelLoadError, read_checkpoint_config
 from qwen_vl_perception.tool_support import (ToolError, category_names, prepare_output_dir,
@@ -248,7 +248,7 @@ def run(args) -> int:
 
 def _write_scenes(folder, count):
     """Held-out synthetic scenes (a seed the default model was not trained on)."""
-    from qwen_vl_perception.scenes import write_dataset
+    from qwen_vl_perception.data.scenes import write_dataset
     write_dataset(folder, count, seed=20_000, overwrite=True)
     print(f'camera: {count} synthetic scenes written to {folder}/images')
     return folder / 'images'

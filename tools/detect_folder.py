@@ -22,8 +22,8 @@ from qwen_vl_perception.detector import (DEFAULT_ATTRIBUTES, DetectionSettings, 
                                          prepare_settings)
 from qwen_vl_perception.drawing import draw_detections
 from qwen_vl_perception.image_conversion import ImageFormatError, load_image_file, save_rgb
-from qwen_vl_perception.image_folder import FOLDER_IMAGE_EXTENSIONS, list_images
-from qwen_vl_perception.labels import PREDICTIONS_DIR, write_prediction_file
+from qwen_vl_perception.data.image_folder import FOLDER_IMAGE_EXTENSIONS, list_images
+from qwen_vl_perception.data.labels import PREDICTIONS_DIR, write_prediction_file
 from qwen_vl_perception.model.default_model import (DEFAULT_MODEL_NAME, DefaultModelError,
                                                     resolve_model_path)
 from qwen_vl_perception.model.loading import QUANTIZATIONS, ModelLoadError, read_checkpoint_config
@@ -190,7 +190,7 @@ def run(args) -> int:
             records.append(_write_outputs(out, names[path], path, rgb, frame, settings))
             counts.update(detection.label for detection in frame.detections)
             if not args.quiet:
-                tqdm.write(_describe(path, frame, len(batch)))
+                tqdm.write(describe_frame(path, frame, len(batch)))
             bar.update(1)
     bar.close()
 
@@ -233,7 +233,7 @@ def _write_outputs(out: Path, name: str, path: Path, rgb, frame, settings) -> di
             'duplicates': frame.duplicates, 'excess': frame.excess}
 
 
-def _describe(path: Path, frame, batch_size: int) -> str:
+def describe_frame(path: Path, frame, batch_size: int) -> str:
     per_image = frame.seconds / batch_size
     lines = [f'{path.name}: {len(frame.detections)} object(s) in {per_image:.2f} s'
              + (' (answer cut at --max-new-tokens)' if frame.truncated else '')]

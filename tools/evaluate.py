@@ -8,9 +8,9 @@ import json
 import sys
 import warnings
 
-from qwen_vl_perception.evaluation import evaluate, format_table, plot_report
-from qwen_vl_perception.labels import (FORMATS, PREDICTIONS_DIR, load_labels, load_predictions,
-                                       predictions_folder)
+from qwen_vl_perception.data.evaluation import evaluate, format_table, plot_report
+from qwen_vl_perception.data.labels import (FORMATS, PREDICTIONS_DIR, load_labels,
+                                            load_predictions, predictions_folder)
 from qwen_vl_perception.tool_support import (ToolError, category_names, prepare_output_dir,
                                              run_tool)
 

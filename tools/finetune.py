@@ -20,12 +20,12 @@ from pathlib import Path
 from qwen_vl_perception.model.default_model import (DEFAULT_MODEL_NAME, DefaultModelError,
                                                     resolve_model_path)
 from qwen_vl_perception.model.loading import COMPUTE_DTYPES, QUANTIZATIONS, ModelLoadError
-from qwen_vl_perception.model.lora import AdapterError, TARGET_GROUPS
-from qwen_vl_perception.model.lora_training import LoraTrainingConfig, train_lora
+from qwen_vl_perception.pipeline.lora import AdapterError, TARGET_GROUPS
+from qwen_vl_perception.pipeline.lora_training import LoraTrainingConfig, train_lora
 from qwen_vl_perception.model.pixel_budget import (NODE_MAX_PIXELS, NODE_MIN_PIXELS,
                                                    model_pixel_budget)
 from qwen_vl_perception.model.torch_support import MissingDependencyError
-from qwen_vl_perception.sft_data import VAL_DATASET_FILE, resolve_dataset_file
+from qwen_vl_perception.data.sft_data import VAL_DATASET_FILE, resolve_dataset_file
 from qwen_vl_perception.tool_support import (MODEL_WEIGHT_PATTERNS, ToolError,
                                              prepare_output_dir, run_tool, split_names)
 

@@ -2,7 +2,7 @@
 """Make the project's default model with the project's own pipeline, and pack it.
 
 1. Train a tiny Qwen3-VL from random initialisation on synthetic scenes (all parameters;
-   qwen_vl_perception/model/scratch_training.py): the base.
+   qwen_vl_perception/pipeline/scratch_training.py): the base.
 2. Fine-tune it with the LoRA trainer (tools/finetune.py's train_lora) on other scenes.
 3. Merge the adapter (tools/merge_lora.py's merge_lora) into a float32 checkpoint.
 4. Evaluate base and merged model on held-out scenes through the node's Engine + Detector
@@ -21,12 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+from qwen_vl_perception.library_logs import quiet_library_logs
 from qwen_vl_perception.model.default_model import PACKED_DIR, pack_checkpoint, update_manifest
-from qwen_vl_perception.model.scratch_training import (ScratchTrainingConfig,
-                                                       detection_agreement,
-                                                       evaluate_on_scenes, scene_answer,
-                                                       scene_prompt, train_from_scratch)
-from qwen_vl_perception.tool_support import ToolError, quiet_library_logs, run_tool
+from qwen_vl_perception.pipeline.scene_evaluation import detection_agreement, evaluate_on_scenes
+from qwen_vl_perception.pipeline.scratch_training import (ScratchTrainingConfig, scene_answer,
+                                                          scene_prompt, train_from_scratch)
+from qwen_vl_perception.tool_support import ToolError, run_tool
 
 EXAMPLE = """example:
   python tools/make_default_model.py                     # the committed recipe, CPU
@@ -75,11 +75,11 @@ def main(argv=None) -> int:
 def run(args) -> int:
     quiet_library_logs()
     import torch
-    from qwen_vl_perception.model.lora_training import LoraTrainingConfig, train_lora
-    from qwen_vl_perception.model.merging import merge_lora
-    from qwen_vl_perception.model.quantization import quantize_checkpoint
-    from qwen_vl_perception.scenes import write_dataset
-    from qwen_vl_perception.sft_data import SftSample
+    from qwen_vl_perception.pipeline.lora_training import LoraTrainingConfig, train_lora
+    from qwen_vl_perception.pipeline.merging import merge_lora
+    from qwen_vl_perception.pipeline.quantization import quantize_checkpoint
+    from qwen_vl_perception.data.scenes import write_dataset
+    from qwen_vl_perception.data.sft_data import SftSample
     from qwen_vl_perception.trained_prompt import write_prompt_file
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise ToolError('--device cuda asked for, but torch sees no CUDA device')

@@ -9,8 +9,8 @@ import argparse
 import sys
 from collections import Counter
 
-from qwen_vl_perception.labels import FORMATS
-from qwen_vl_perception.scenes import DEFAULT_SIZES, parse_sizes, write_dataset
+from qwen_vl_perception.data.labels import FORMATS
+from qwen_vl_perception.data.scenes import DEFAULT_SIZES, parse_sizes, write_dataset
 from qwen_vl_perception.tool_support import fail
 
 EXAMPLE = """example:

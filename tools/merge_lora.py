@@ -17,10 +17,10 @@ import warnings
 from qwen_vl_perception.model.default_model import (DEFAULT_MODEL_NAME, DefaultModelError,
                                                     resolve_model_path)
 from qwen_vl_perception.model.loading import ModelLoadError
-from qwen_vl_perception.model.lora import AdapterError, read_adapter
-from qwen_vl_perception.model.merging import (MERGE_DTYPES, MERGE_LOG, RELATIVE_TOLERANCE,
-                                              MergeCheckError, MergeError,
-                                              check_mergeable_base, merge_lora)
+from qwen_vl_perception.pipeline.lora import AdapterError, read_adapter
+from qwen_vl_perception.pipeline.merging import (MERGE_DTYPES, MERGE_LOG, RELATIVE_TOLERANCE,
+                                                 MergeCheckError, MergeError, check_mergeable_base,
+                                                 merge_lora)
 from qwen_vl_perception.model.torch_support import MissingDependencyError
 from qwen_vl_perception.tool_support import (MODEL_WEIGHT_PATTERNS, format_bytes,
                                              prepare_output_dir, run_tool)

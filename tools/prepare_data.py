@@ -14,9 +14,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from qwen_vl_perception.labels import FORMATS, load_labels
+from qwen_vl_perception.data.labels import FORMATS, load_labels
 from qwen_vl_perception.prompt import DEFAULT_ATTRIBUTES, PromptBuilder
-from qwen_vl_perception.sft_data import category_coverage, write_sft_dataset
+from qwen_vl_perception.data.sft_data import category_coverage, write_sft_dataset
 from qwen_vl_perception.tool_support import (ToolError, category_names, prepare_output_dir,
                                              run_tool, split_names)
 from qwen_vl_perception.trained_prompt import write_prompt_file

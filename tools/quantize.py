@@ -14,13 +14,12 @@ import warnings
 from qwen_vl_perception.model.default_model import (DEFAULT_MODEL_NAME, DefaultModelError,
                                                     resolve_model_path)
 from qwen_vl_perception.model.loading import ModelLoadError, read_checkpoint_config
-from qwen_vl_perception.model.quantization import (COMPUTE_DTYPES, QUANT_TYPES, QUANTIZE_LOG,
-                                                   STORAGE_DTYPES, QuantizeCheckError,
-                                                   QuantizeError, quantize_checkpoint)
+from qwen_vl_perception.pipeline.quantization import (COMPUTE_DTYPES, QUANT_TYPES, QUANTIZE_LOG,
+                                                      STORAGE_DTYPES, QuantizeCheckError,
+                                                      QuantizeError, quantize_checkpoint)
 from qwen_vl_perception.model.torch_support import MissingDependencyError
-from qwen_vl_perception.tool_support import (MODEL_WEIGHT_PATTERNS, ToolError,
-                                             format_bytes, prepare_output_dir, run_tool,
-                                             split_names)
+from qwen_vl_perception.tool_support import (MODEL_WEIGHT_PATTERNS, ToolError, format_bytes,
+                                             prepare_output_dir, run_tool, split_names)
 
 EXAMPLE = """example (the article's step 3, on the merged Qwen3-VL-4B-Instruct):
   python tools/quantize.py --model models/qwen3-vl-4b-merged --out models/qwen3-vl-4b-nf4

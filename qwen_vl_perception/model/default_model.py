@@ -5,9 +5,10 @@ merged float32 checkpoint into ``qwen_vl_perception/default_model/``: every tens
 float16, except the 151,936-row embedding, of which only the non-zero rows are stored (with
 their token ids). That is a few MB instead of ~90. :func:`ensure_default_model` unpacks it
 into a normal checkpoint (real Qwen3 tokenizer and Qwen3-VL processor files written by
-:func:`~.tiny.write_input_files`), quantizes that to NF4 with the quantize tool's function,
-and caches both under ``$QWEN_VL_PERCEPTION_CACHE`` (default ``~/.cache/qwen_vl_perception``),
-keyed by the packed file's hash. The node's ``model_path: default`` and the demo use it.
+:func:`~.checkpoint_files.write_input_files`), quantizes that to NF4 with the quantize
+tool's function (``pipeline/quantization.py``, imported on first use), and caches both
+under ``$QWEN_VL_PERCEPTION_CACHE`` (default ``~/.cache/qwen_vl_perception``), keyed by
+the packed file's hash. The node's ``model_path: default`` and the demo use it.
 
 A cached folder is used only if it can be trusted (:func:`verify_cached`): it and everything
 in it belong to the current user or root, nothing there or in the folders above it is
@@ -31,7 +32,7 @@ from typing import Callable, Dict, Optional, Union
 
 from ..trained_prompt import PROMPT_FILE
 from .pixel_budget import write_pixel_budget
-from .tiny import write_input_files
+from .checkpoint_files import write_input_files
 from .torch_support import require, require_torch
 
 PathLike = Union[str, Path]
@@ -173,7 +174,7 @@ def ensure_default_model(quantization: str = 'nf4', packed_dir: PathLike = PACKE
         return merged
 
     def quantize(tmp: Path) -> None:
-        from .quantization import quantize_checkpoint
+        from ..pipeline.quantization import quantize_checkpoint
         quantize_checkpoint(merged, tmp, quant_type='nf4', compute_dtype='float32',
                             device='cpu', max_new_tokens=8, log=lambda message: None)
     return _build_once(home / 'nf4', quantize, log)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from .torch_support import require, require_torch
-from ..tool_support import quiet_library_logs
+from ..library_logs import quiet_library_logs
 
 PathLike = Union[str, Path]
 

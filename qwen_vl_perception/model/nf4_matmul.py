@@ -140,6 +140,11 @@ class NF4Matmul:
         self._shapes: Dict[Tuple, LaunchShape] = {}
         self._sm_count: Dict[int, int] = {}
 
+    @property
+    def tuned_rows(self) -> set:
+        """The row counts launch shapes were chosen for so far (the kernel ran at those)."""
+        return {key[0] for key in self._shapes}
+
     def linear_for(self, module) -> Optional[Callable]:
         """A function computing ``module(x)``: the fused kernel for ``min_rows`` to
         :data:`MAX_ROWS` rows, the dequantized weight for more, the module's own forward for

@@ -32,7 +32,7 @@ from ..detector import Detector, FrameDetections, prepare_settings
 from ..drawing import draw_detections
 from ..frame_slot import LatestFrameSlots
 from ..image_conversion import ImageFormatError, compressed_msg_decoder, image_msg_to_rgb
-from ..tool_support import quiet_library_logs, quiet_progress_bars
+from ..library_logs import quiet_library_logs, quiet_progress_bars
 from ..model.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 from . import messages
 from .parameters import (PARAMETERS, SETTINGS_PARAMETERS, check_value, declare_parameters,

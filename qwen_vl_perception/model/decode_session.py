@@ -1,0 +1,261 @@
+"""One decode session: the static KV cache and state buffers of one (batch size, cache
+length) shape, the hand-written decode step over the language model's own modules, and its
+CUDA graph.
+
+Each new token goes through :meth:`DecodeSession.step`: norms, projections, MLP, rotary
+embedding and ``lm_head`` of the model itself, so plain, bitsandbytes 4-bit and other
+``nn.Module`` linears all work (a linear found in ``linears`` runs through its fused NF4
+replacement instead). All three M-RoPE components of a text token after the prompt are
+``last prompt position + 1 + step``. Greedy argmax; each chosen token's softmax probability is
+kept. The elementwise pieces (:class:`StepKernels`) run eagerly or fused by ``torch.compile``.
+:meth:`DecodeSession.capture` raises when capturing fails; the decoder decides what to fall
+back to (``fast_decode.py``).
+"""
+from .qwen3_vl_prefill import TextModelParts
+
+MAX_STOP_IDS = 8
+"""Stop ids live in a fixed-size device buffer so that one captured graph serves any set."""
+_NO_TOKEN = -1
+
+
+def _rms_norm(torch, hidden, weight, eps: float):
+    """Qwen3's RMSNorm, computed exactly as transformers does (fp32 statistics)."""
+    dtype = hidden.dtype
+    hidden32 = hidden.to(torch.float32)
+    variance = hidden32.pow(2).mean(-1, keepdim=True)
+    hidden32 = hidden32 * torch.rsqrt(variance + eps)
+    return weight * hidden32.to(dtype)
+
+
+def _rotate_half(torch, x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class StepKernels:
+    """The step's elementwise functions; with ``fuse`` each is compiled (CUDA only)."""
+
+    def __init__(self, torch, fuse: bool):
+        self.torch = torch
+        self.fused = fuse
+
+        def rms_norm(hidden, weight, eps: float):
+            return _rms_norm(torch, hidden, weight, eps)
+
+        def add_rms_norm(hidden, delta, weight, eps: float):
+            hidden = hidden + delta
+            return hidden, _rms_norm(torch, hidden, weight, eps)
+
+        def qk_norm_rope(q, k, q_weight, k_weight, eps: float, cos, sin):
+            # q, k: (batch, 1, heads, head_dim) -> (batch, heads, 1, head_dim), normed, rotated
+            q = _rms_norm(torch, q, q_weight, eps).transpose(1, 2)
+            k = _rms_norm(torch, k, k_weight, eps).transpose(1, 2)
+            cos = cos.unsqueeze(1)
+            sin = sin.unsqueeze(1)
+            return (q * cos + _rotate_half(torch, q) * sin,
+                    k * cos + _rotate_half(torch, k) * sin)
+
+        def attention_mask(key_valid, key_index, cache_position, neg):
+            valid = key_valid & (key_index <= cache_position)
+            return torch.where(valid, torch.zeros_like(neg), neg)[:, None, None, :]
+
+        def pick(logits, finished, stop_ids, pad_id):
+            """Greedy token, its probability, and who has finished (fp32 logits)."""
+            logits = logits.float()
+            best = torch.argmax(logits, dim=-1)
+            prob = torch.exp(logits.amax(dim=-1) - torch.logsumexp(logits, dim=-1))
+            best = torch.where(finished, pad_id, best)
+            prob = torch.where(finished, torch.ones_like(prob), prob)
+            done = finished | (best.unsqueeze(-1) == stop_ids).any(-1)
+            return best, prob, done
+
+        self.rms_norm = rms_norm
+        self.add_rms_norm = add_rms_norm
+        self.qk_norm_rope = qk_norm_rope
+        self.attention_mask = attention_mask
+        self.pick = pick
+        self.pick_eager = pick
+        if fuse:
+            compile_options = dict(fullgraph=True, dynamic=False)
+            self.rms_norm = torch.compile(rms_norm, **compile_options)
+            self.add_rms_norm = torch.compile(add_rms_norm, **compile_options)
+            self.qk_norm_rope = torch.compile(qk_norm_rope, **compile_options)
+            self.attention_mask = torch.compile(attention_mask, **compile_options)
+            self.pick = torch.compile(pick, **compile_options)
+
+    def act_mul(self, mlp, gate, up):
+        """``act(gate) * up``, fused for SiLU."""
+        fn = getattr(self, '_act_mul', None)
+        if fn is None:
+            act = mlp.act_fn
+            torch = self.torch
+
+            def act_mul(gate, up):
+                return act(gate) * up
+
+            fn = torch.compile(act_mul, fullgraph=True, dynamic=False) if self.fused else act_mul
+            self._act_mul = fn
+        return fn(gate, up)
+
+
+class DecodeSession:
+    """Static KV cache, state buffers and the (optionally graph-captured) decode step."""
+
+    def __init__(self, torch, model, parts: TextModelParts, batch: int, cache_len: int, dtype,
+                 device, kernels: StepKernels, nf4_matmul=None, linears=None):
+        self.torch = torch
+        self.model_ref = model
+        self.parts = parts
+        self.kernels = kernels
+        self.nf4_matmul = nf4_matmul
+        self.linears = dict(linears or {})  # module -> its NF4Matmul linear
+        self.batch = batch
+        self.cache_len = cache_len
+        self.device = device
+        self.dtype = dtype
+        shape = (batch, parts.num_kv_heads, cache_len, parts.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in parts.layers]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in parts.layers]
+        long = dict(dtype=torch.long, device=device)
+        self.token = torch.zeros(batch, **long)
+        self.position = torch.zeros(3, batch, **long)
+        self.cache_position = torch.zeros(1, **long)
+        self.step_index = torch.zeros(1, **long)
+        self.key_index = torch.arange(cache_len, **long)
+        self.key_valid = torch.ones(batch, cache_len, dtype=torch.bool, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.stop_ids = torch.full((MAX_STOP_IDS,), _NO_TOKEN, **long)
+        self.pad_id = torch.zeros((), **long)
+        self.neg = torch.full((batch, cache_len), torch.finfo(dtype).min, dtype=dtype,
+                              device=device)
+        self.out_tokens = torch.zeros(batch, cache_len + 1, **long)
+        self.out_probs = torch.zeros(batch, cache_len + 1, dtype=torch.float32, device=device)
+        self.graph = None
+
+    def load(self, cache, attention_mask, position_ids, first_logits, stop_token_ids):
+        """Put a prefilled frame (batch) into the static buffers."""
+        torch = self.torch
+        length = attention_mask.shape[1]
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
+            keys[:, :, :length].copy_(cache.layers[layer].keys)
+            values[:, :, :length].copy_(cache.layers[layer].values)
+        self.key_valid.fill_(True)
+        self.key_valid[:, :length].copy_(attention_mask.bool())
+        self.cache_position.fill_(length)
+        self.position.copy_(position_ids[:, :, -1] + 1)
+        stops = stop_token_ids + [_NO_TOKEN] * (MAX_STOP_IDS - len(stop_token_ids))
+        self.stop_ids.copy_(torch.tensor(stops, dtype=torch.long))
+        self.pad_id.fill_(stop_token_ids[0] if stop_token_ids else 0)
+        self.finished.fill_(False)
+        best, prob, done = self.kernels.pick_eager(first_logits, self.finished, self.stop_ids,
+                                                   self.pad_id)
+        self.token.copy_(best)
+        self.out_tokens[:, 0].copy_(best)
+        self.out_probs[:, 0].copy_(prob)
+        self.finished.copy_(done)
+        self.step_index.fill_(1)
+
+    def project(self, module, x):
+        """``module(x)``, through the fused NF4 kernel where it applies."""
+        return self.linears.get(module, module)(x)
+
+    def step(self):
+        """Feed ``token`` at ``cache_position``; record the next token; advance the state."""
+        torch = self.torch
+        parts, kernels, project = self.parts, self.kernels, self.project
+        batch, head_dim = self.batch, parts.head_dim
+        groups = parts.num_heads // parts.num_kv_heads
+        hidden = parts.embed_tokens(self.token).unsqueeze(1)
+        cos, sin = parts.rotary_emb(hidden, self.position.unsqueeze(-1))
+        mask = kernels.attention_mask(self.key_valid, self.key_index, self.cache_position,
+                                      self.neg)
+        first_norm = parts.layers[0].input_layernorm
+        normed = kernels.rms_norm(hidden, first_norm.weight, first_norm.variance_epsilon)
+        # Each residual add is fused with the RMSNorm that follows it (the next layer's
+        # input norm, or the final norm after the last layer).
+        next_norms = [layer.input_layernorm for layer in parts.layers[1:]] + [parts.norm]
+        for layer, next_norm, keys, values in zip(parts.layers, next_norms, self.keys,
+                                                  self.values):
+            attn = layer.self_attn
+            q = project(attn.q_proj, normed).view(batch, 1, -1, head_dim)
+            k = project(attn.k_proj, normed).view(batch, 1, -1, head_dim)
+            v = project(attn.v_proj, normed).view(batch, 1, -1, head_dim)
+            q, k = kernels.qk_norm_rope(q, k, attn.q_norm.weight, attn.k_norm.weight,
+                                        attn.q_norm.variance_epsilon, cos, sin)
+            keys.index_copy_(2, self.cache_position, k)
+            values.index_copy_(2, self.cache_position, v.transpose(1, 2))
+            # Grouped-query attention without copying the cache: the query heads that share
+            # a key/value head become that head's "query positions".
+            grouped = q.reshape(batch, parts.num_kv_heads, groups, head_dim)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                grouped, keys, values, attn_mask=mask, scale=attn.scaling)
+            norm = layer.post_attention_layernorm
+            hidden, normed = kernels.add_rms_norm(
+                hidden, project(attn.o_proj, out.reshape(batch, 1, -1)), norm.weight,
+                norm.variance_epsilon)
+            mlp = layer.mlp
+            gated = kernels.act_mul(mlp, project(mlp.gate_proj, normed),
+                                    project(mlp.up_proj, normed))
+            hidden, normed = kernels.add_rms_norm(
+                hidden, project(mlp.down_proj, gated), next_norm.weight,
+                next_norm.variance_epsilon)
+        logits = parts.lm_head(normed[:, 0])
+        best, prob, done = kernels.pick(logits, self.finished, self.stop_ids, self.pad_id)
+        self.out_tokens.index_copy_(1, self.step_index, best.unsqueeze(1))
+        self.out_probs.index_copy_(1, self.step_index, prob.unsqueeze(1))
+        self.finished.copy_(done)
+        self.token.copy_(best)
+        self.position.add_(1)
+        self.cache_position.add_(1)
+        self.step_index.add_(1)
+
+    def capture(self, stream):
+        """Warm up (compiles fused kernels, tunes the NF4 kernel, loads libraries) and
+        capture ``step`` once on ``stream``. A failure is raised as is."""
+        torch = self.torch
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step()
+        self.graph = graph
+        for buffer in self.keys + self.values:
+            buffer.zero_()
+
+    def without_nf4(self) -> None:
+        """Route every linear through its own module from now on (after a failed capture)."""
+        self.nf4_matmul, self.linears = None, {}
+
+    @property
+    def nf4_layers(self) -> int:
+        """How many linears of the step run through the fused NF4 replacement."""
+        return sum(linear is not module for module, linear in self.linears.items())
+
+    def run(self, max_steps: int, sync_interval: int) -> int:
+        """Decode up to ``max_steps`` tokens after the first; returns the steps taken."""
+        if max_steps <= 0 or bool(self.finished.all()):
+            return 0
+        advance = self.graph.replay if self.graph is not None else self.step
+        for taken in range(1, max_steps + 1):
+            advance()
+            if taken % sync_interval == 0 and bool(self.finished.all()):
+                return taken
+        return max_steps
+
+    def release(self) -> None:
+        """Free the graph and every buffer now (not when the last reference goes)."""
+        if self.graph is not None:
+            self.graph.reset()
+            self.graph = None
+        self.keys, self.values = [], []
+        self.linears = {}
+        self.out_tokens = self.out_probs = self.neg = self.key_valid = None
+        self.model_ref = None
+
+    def results(self, count: int):
+        tokens = self.out_tokens[:, :count].tolist()
+        probs = self.out_probs[:, :count].tolist()
+        return tokens, probs

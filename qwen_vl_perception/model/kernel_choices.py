@@ -1,0 +1,150 @@
+"""Which optional kernels the fast decoder uses, and what it has learnt about them.
+
+Two kernels are optional: the fused NF4 matmul (:mod:`~qwen_vl_perception.model.nf4_matmul`,
+CUDA with Triton) for bitsandbytes 4-bit linears, and ``torch.compile``'s fusion of the decode
+step's elementwise pieces. :class:`KernelChoices` is the one place that decides whether each
+is used and remembers a fallback: a kernel that fails is warned about once and not tried
+again. Where the NF4 kernel was asked for (``nf4_kernel=True``), a device that cannot run it
+and a prefill that fails through it are errors instead.
+"""
+import contextlib
+import warnings
+import weakref
+from typing import Dict, Optional
+
+from .torch_support import triton_missing_reason
+
+
+class KernelChoices:
+    """``nf4_kernel``: ``None`` means "on CUDA when Triton is there, until it fails once";
+    ``fuse_elementwise``: ``None`` means "with CUDA graphs, when Triton imports"."""
+
+    def __init__(self, nf4_kernel: Optional[bool] = None,
+                 fuse_elementwise: Optional[bool] = None):
+        self.nf4_kernel = nf4_kernel
+        self.fuse_elementwise = fuse_elementwise
+        self.nf4_failed = False
+        """True once the NF4 kernel failed: bitsandbytes' own path from then on."""
+        self.fusion_failed = False
+        """True once fused elementwise kernels failed to compile or capture."""
+        self.nf4_matmul = None
+        """The :class:`~qwen_vl_perception.model.nf4_matmul.NF4Matmul` in use, once made."""
+        self._devices: Dict[str, object] = {}
+        # model -> [(module, its NF4Matmul linear, the compute dtype it was made for)]
+        self._linears = weakref.WeakKeyDictionary()
+
+    # -- NF4 ------------------------------------------------------------------------------
+
+    def nf4_for(self, device):
+        """The fused NF4 matmul for ``device``, or None (bitsandbytes' own path). Whether the
+        kernels can run on a device is found out once."""
+        if self.nf4_kernel is False or self.nf4_failed:
+            return None
+        key = str(device)
+        if key not in self._devices:
+            from .nf4_matmul import NF4Matmul, kernel_unavailable_reason
+            reason = kernel_unavailable_reason(device)
+            if reason is not None and self.nf4_kernel:
+                raise ValueError(reason)
+            if reason is None and self.nf4_matmul is None:
+                self.nf4_matmul = NF4Matmul()
+            self._devices[key] = None if reason else self.nf4_matmul
+        return self._devices[key]
+
+    def nf4_linears(self, model, nf4) -> dict:
+        """``{module: its NF4Matmul linear}`` for ``model``'s NF4 layers, made once per model
+        (again when a layer's compute dtype changed); empty without ``nf4``. Prefill and
+        every decode session share them."""
+        if nf4 is None:
+            return {}
+        cached = self._linears.get(model)
+        if cached is None or any(getattr(module, 'compute_dtype', None) != dtype
+                                 for module, _, dtype in cached):
+            cached = []
+            for module in model.modules():
+                linear = nf4.linear_for(module)
+                if linear is not None:
+                    cached.append((module, linear, getattr(module, 'compute_dtype', None)))
+            self._linears[model] = cached
+        return {module: linear for module, linear, _ in cached}
+
+    def nf4_layer_count(self, model) -> int:
+        """How many of ``model``'s layers have an NF4 replacement made (0 if none yet)."""
+        return len(self._linears.get(model) or ())
+
+    def prefill(self, prefill, model, tensors, device):
+        """``prefill(model, tensors)`` with the NF4 linears through the fused kernel. If that
+        fails but bitsandbytes' own path works, and the kernel was only on by default, warn
+        and stay on bitsandbytes from then on."""
+        if self.nf4_for(device) is None:
+            return prefill(model, tensors)
+        try:
+            with self._lean_nf4_linears(model, device):
+                return prefill(model, tensors)
+        except Exception as error:
+            if self.nf4_kernel:
+                raise
+            result = prefill(model, tensors)  # a failure here is the model's own: raised
+            self._give_up_nf4('prefill through the fused NF4 kernels failed', error,
+                              "using bitsandbytes' own path")
+            return result
+
+    @contextlib.contextmanager
+    def _lean_nf4_linears(self, model, device):
+        """While active, the model's NF4 linears run through the fused kernel. Modules that
+        already have a forward of their own (hooks) are left alone."""
+        swapped = []
+        try:
+            for module, linear in self.nf4_linears(model, self.nf4_for(device)).items():
+                if 'forward' not in module.__dict__:
+                    module.forward = linear
+                    swapped.append(module)
+            yield
+        finally:
+            for module in swapped:
+                module.__dict__.pop('forward', None)
+
+    def _give_up_nf4(self, what: str, error: Exception, instead: str) -> None:
+        warnings.warn(f'{what} ({type(error).__name__}: {error}); {instead}', RuntimeWarning)
+        self.nf4_failed = True
+
+    # -- elementwise fusion ---------------------------------------------------------------
+
+    def fuses_elementwise(self, graphs: bool) -> bool:
+        """As ``fuse_elementwise`` says, else with CUDA graphs where Triton imports; never
+        after fusion failed once. Without Triton (a JetPack torch may lack it) torch.compile
+        cannot build CUDA code: every new session would try, warn and fall back."""
+        if self.fusion_failed:
+            return False
+        if self.fuse_elementwise is not None:
+            return bool(self.fuse_elementwise)
+        return graphs and triton_missing_reason() is None
+
+    # -- capturing a decode session -------------------------------------------------------
+
+    def capture(self, session, stream, unfused_kernels) -> None:
+        """Capture ``session``'s step in a CUDA graph, falling back on failure: first without
+        the NF4 kernel, then without fused elementwise kernels (``unfused_kernels()`` gives
+        those). Each fallback is warned about and remembered; a failure with neither left is
+        raised."""
+        while True:
+            try:
+                session.capture(stream)
+                return
+            except Exception as error:
+                if session.nf4_matmul is not None:
+                    self._give_up_nf4('capturing the decode step failed', error,
+                                      'trying again without the fused NF4 kernel')
+                    session.without_nf4()
+                elif session.kernels.fused:
+                    warnings.warn('fused decode kernels failed to compile or capture '
+                                  f'({type(error).__name__}: {error}); falling back to '
+                                  'unfused ones', RuntimeWarning)
+                    self.fusion_failed = True
+                    session.kernels = unfused_kernels()
+                else:
+                    raise
+
+    def forget_models(self) -> None:
+        """Drop what was learnt about models' layers (after a model changed in place)."""
+        self._linears = weakref.WeakKeyDictionary()

@@ -1,0 +1,194 @@
+"""FastGreedyDecoder gives exactly model.generate's greedy tokens (tiny Qwen3-VL, CPU; the
+CUDA tests run where a GPU is present)."""
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+from qwen_vl_perception.model.fast_decode import FastGreedyDecoder  # noqa: E402
+from qwen_vl_perception.model.generation import hf_decode  # noqa: E402
+
+from decoding import STOPS, assert_same, make_inputs, tiny_model  # noqa: E402
+from trained_models import linears_to_nf4  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def model():
+    return tiny_model()
+
+
+def test_batch_of_one_matches_generate(model):
+    inputs = make_inputs([(5, 7, (1, 4, 6))])
+    reference = hf_decode(model, inputs, 24, STOPS)
+    fast = FastGreedyDecoder()(model, inputs, 24, STOPS)
+    assert len(set(reference[0][0])) > 5, 'the tiny model should not repeat one token'
+    assert_same(reference, fast)
+
+
+def test_left_padded_batch_with_a_stop_mid_way_matches_generate(model):
+    inputs = make_inputs([(5, 7, (1, 4, 6)), (2, 3, (1, 6, 8)), (9, 1, (1, 4, 4))])
+    assert inputs['attention_mask'].sum(1).unique().numel() == 3  # three prompt lengths
+    free = hf_decode(model, inputs, 14, [])
+    # A stop token that row 0 first produces mid-way and that row 1 never produces.
+    row, other = free[0][0], free[0][1]
+    first = next(index for index in range(3, 12)
+                 if row[index] not in row[:index] and row[index] not in other)
+    stop = row[first]
+    reference = hf_decode(model, inputs, 14, [stop])
+    fast = FastGreedyDecoder()(model, inputs, 14, [stop])
+    assert_same(reference, fast)
+    assert fast[0][0] == row[:first + 1]  # stopped, the stop token kept
+    assert len(fast[0][1]) == 14  # the other row ran on
+
+
+def test_all_rows_stopping_ends_the_loop(model):
+    inputs = make_inputs([(4, 4, (1, 4, 4))])
+    free = hf_decode(model, inputs, 12, [])
+    stop = free[0][0][3]
+    decoder = FastGreedyDecoder()
+    ids, probs = decoder(model, inputs, 50, [stop])
+    first = free[0][0].index(stop)
+    assert ids[0] == free[0][0][:first + 1]
+    assert decoder.last_timing.decode_steps == first  # no step after every row stopped
+
+
+def test_text_only_prompt_matches_generate(model):
+    inputs = make_inputs([(11, 0, None), (6, 0, None)])
+    assert_same(hf_decode(model, inputs, 16, STOPS), FastGreedyDecoder()(model, inputs, 16, STOPS))
+
+
+def test_one_session_serves_every_frame_of_a_shape(model):
+    decoder = FastGreedyDecoder(cache_bucket=64)
+    first = make_inputs([(5, 7, (1, 4, 6))], seed=3)
+    second = make_inputs([(6, 6, (1, 4, 6))], seed=4)  # same length, other tokens and pixels
+    results = [decoder(model, inputs, 10, STOPS) for inputs in (first, second, first)]
+    assert decoder.session_count == 1
+    assert results[0] == results[2]
+    assert results[0][0] != results[1][0]
+    assert_same(hf_decode(model, second, 10, STOPS), results[1])
+
+
+def test_what_the_last_call_ran_is_public_and_eager_steps_change_no_later_call(model):
+    decoder = FastGreedyDecoder()
+    assert not decoder.last_session_fused and decoder.last_session_nf4_layers == 0
+    with pytest.raises(ValueError, match='no decode session'):
+        decoder.step_eagerly()
+    inputs = make_inputs([(5, 7, (1, 4, 6))], seed=5)
+    first = decoder(model, inputs, 6, STOPS)
+    assert not decoder.last_session_fused  # the CPU: no graph, nothing compiled
+    assert decoder.last_session_nf4_layers == 0  # no NF4 layers in this model
+    decoder.step_eagerly(3)
+    assert decoder(model, inputs, 6, STOPS) == first
+
+
+def test_nf4_model_matches_generate():
+    bnb = pytest.importorskip('bitsandbytes')
+    model = tiny_model(seed=2)
+    language_model = model.model.language_model
+    assert linears_to_nf4(model) > 0
+    assert isinstance(language_model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    inputs = make_inputs([(5, 7, (1, 4, 6)), (3, 2, (1, 4, 4))])
+    assert_same(hf_decode(model, inputs, 8, STOPS),
+                FastGreedyDecoder()(model, inputs, 8, STOPS), prob_tolerance=1e-4)
+
+
+def test_not_slower_than_generate_on_cpu(model):
+    """CPU work (process time, one thread), so other jobs on the machine do not decide it."""
+    inputs = make_inputs([(5, 7, (1, 4, 6)), (2, 3, (1, 6, 8))])
+    decoder = FastGreedyDecoder()
+
+    def best_of(function, repeats=2):
+        times = []
+        for _ in range(repeats):
+            started = time.process_time()
+            function(model, inputs, 16, [])
+            times.append(time.process_time() - started)
+        return min(times)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        decoder(model, inputs, 16, [])
+        assert best_of(decoder) <= best_of(hf_decode)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_rejects_bad_arguments(model):
+    inputs = make_inputs([(3, 3, (1, 4, 4))])
+    with pytest.raises(ValueError):
+        FastGreedyDecoder()(model, inputs, 0, STOPS)
+    with pytest.raises(ValueError):
+        FastGreedyDecoder()(model, inputs, 4, list(range(9)))
+    with pytest.raises(ValueError):
+        FastGreedyDecoder(use_cuda_graphs=True)(model, inputs, 4, STOPS)
+
+
+def test_engine_with_fast_decoder_gives_generate_answers(tmp_path):
+    """End to end on a real tiny checkpoint: real tokenizer, image processor, chat template."""
+    from qwen_vl_perception.model.engine import VisionLanguageEngine
+    from qwen_vl_perception.pipeline.tiny import make_tiny_checkpoint
+    from qwen_vl_perception.prompt import PromptBuilder
+
+    checkpoint = make_tiny_checkpoint(tmp_path / 'tiny', seed=5)
+    engine = VisionLanguageEngine(checkpoint, device='cpu', quantization='none')
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (96, 128, 3), dtype=np.uint8),
+              rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)]
+    instruction = PromptBuilder(['cup', 'table'], describe=True).instruction
+    reference = engine.generate(images, instruction, max_new_tokens=12)
+    engine.decoder = FastGreedyDecoder()
+    fast = engine.generate(images, instruction, max_new_tokens=12)
+    assert [g.token_ids for g in fast] == [g.token_ids for g in reference]
+    assert [g.text for g in fast] == [g.text for g in reference]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+
+@cuda
+@pytest.mark.parametrize('fuse', [False, True])
+def test_cuda_graphs_match_generate_in_float32(fuse):
+    model = tiny_model(device='cuda')
+    inputs = {k: v.cuda() for k, v in make_inputs(
+        [(5, 7, (1, 4, 6)), (2, 3, (1, 6, 8))]).items()}
+    reference = hf_decode(model, inputs, 24, STOPS)
+    decoder = FastGreedyDecoder(fuse_elementwise=fuse)
+    fast = decoder(model, inputs, 24, STOPS)
+    assert decoder.last_timing.graph_captured
+    assert_same(reference, fast, prob_tolerance=1e-3)
+    again = decoder(model, inputs, 24, STOPS)  # replayed graph, no new capture
+    assert not decoder.last_timing.graph_captured
+    assert again[0] == fast[0]
+    free, _ = hf_decode(model, inputs, 16, [])
+    assert decoder.choices_given(model, inputs, free) == free
+
+
+def test_teacher_forced_choices_reproduce_generate(model):
+    inputs = make_inputs([(5, 7, (1, 4, 6)), (2, 3, (1, 6, 8))])
+    reference, _ = hf_decode(model, inputs, 8, [])
+    decoder = FastGreedyDecoder()
+    assert decoder.choices_given(model, inputs, reference) == reference
+    # A forced token that differs changes the choices after it, not before.
+    forced = [list(row) for row in reference]
+    forced[0][4] = (forced[0][4] + 1) % 1000
+    choices = decoder.choices_given(model, inputs, forced)
+    assert choices[0][:5] == reference[0][:5]
+    assert choices[1] == reference[1]
+    with pytest.raises(ValueError):
+        decoder.choices_given(model, inputs, [[1, 2], [3]])
+
+
+def test_engine_picks_its_decoder_by_name(tiny_checkpoint):
+    from qwen_vl_perception.model.engine import VisionLanguageEngine
+    from qwen_vl_perception.model.fast_decode import FastGreedyDecoder
+    from qwen_vl_perception.model.generation import hf_decode
+
+    assert VisionLanguageEngine(tiny_checkpoint, device='cpu').decoder is hf_decode
+    fast = VisionLanguageEngine(tiny_checkpoint, device='cpu', decoder='fast')
+    assert isinstance(fast.decoder, FastGreedyDecoder)
+    with pytest.raises(ValueError, match='decoder must be'):
+        VisionLanguageEngine(tiny_checkpoint, device='cpu', decoder='turbo')

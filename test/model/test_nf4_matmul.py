@@ -1,0 +1,300 @@
+"""The fused NF4 matmul: Triton's CPU interpreter here, the real kernel where a GPU is."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from locations import REPO_ROOT, SUPPORT_DIR
+
+torch = pytest.importorskip('torch')
+bnb = pytest.importorskip('bitsandbytes')
+
+from qwen_vl_perception.model.fast_decode import FastGreedyDecoder  # noqa: E402
+from qwen_vl_perception.model.nf4_matmul import (  # noqa: E402
+    MAX_ROWS, LaunchShape, NF4Matmul, kernel_unavailable_reason, nf4_weight)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+triton_missing = importlib.util.find_spec('triton') is None
+
+
+def _interpreter_cannot_loop():
+    """Triton's interpreter before 3.9 cannot run a loop over a runtime bound (our tile loop)
+    with numpy >= 2.3 (it turns a one-element array into an int)."""
+    if triton_missing:
+        return False
+    import numpy
+    import triton
+
+    def version(text):
+        return tuple(int(part) for part in text.split('.')[:2] if part.isdigit())
+    return version(triton.__version__) < (3, 9) and version(numpy.__version__) >= (2, 3)
+
+
+def nf4_linear(out_features, in_features, compute_dtype, nested=True, bias=True,
+               device='cuda', seed=0):
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    module = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
+                               compress_statistics=nested, quant_type='nf4', device='meta')
+    module.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False,
+                                      compress_statistics=nested, quant_type='nf4',
+                                      module=module).to(device)
+    if bias:
+        module.bias = torch.nn.Parameter(linear.bias.data.to(device, compute_dtype),
+                                         requires_grad=False)
+    return module
+
+
+def dequantized_reference(module, x):
+    """fp32 product with the weight bitsandbytes' dequantization gives in compute dtype."""
+    weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    weight = weight.to(module.compute_dtype).float()
+    out = x.to(module.compute_dtype).float() @ weight.T
+    if module.bias is not None:
+        out = out + module.bias.float()
+    return out
+
+
+@pytest.mark.skipif(triton_missing, reason='needs Triton (its CPU interpreter)')
+@pytest.mark.skipif(_interpreter_cannot_loop(),
+                    reason="this Triton's interpreter cannot loop with numpy >= 2.3")
+def test_kernel_matches_bitsandbytes_dequantization_in_the_interpreter():
+    """Every launch shape the tuner may pick, nested and plain absmax, 1-16 rows."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO_ROOT)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+    result = subprocess.run([sys.executable, str(SUPPORT_DIR / 'nf4_interpreter_check.py')],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checked = int(result.stdout.strip().splitlines()[-1].split()[0])
+    assert checked >= 40, result.stdout[-3000:]
+    for lookup in (0, 1):
+        for unroll in (1, 2):
+            assert f'lookup={lookup}, unroll={unroll}' in result.stdout
+
+
+def test_launch_shapes_split_the_reduction_evenly():
+    for out_features, in_features in [(4096, 2560), (2560, 9728), (1024, 2560), (72, 64)]:
+        shapes = NF4Matmul.candidates(out_features, in_features, 264)
+        assert shapes and len(set(shapes)) == len(shapes)
+        assert {shape.lookup for shape in shapes} == {0, 1}
+        blocks = in_features // 64
+        for shape in shapes:
+            assert blocks % shape.splits == 0
+            assert (blocks // shape.splits) % shape.unroll == 0
+    # 2560 x 4096: 20 column tiles of 128 and 64 blocks; 16 splits (2 x 2 blocks each) come
+    # nearest to 264 programs.
+    default = NF4Matmul.candidates(2560, 4096, 264)[0]
+    assert (default.block_n, default.splits, default.lookup, default.unroll) == (128, 16, 0, 2)
+    # A table other than bitsandbytes' NF4 one: only the gather lookup reads it.
+    assert {shape.lookup for shape in NF4Matmul.candidates(2560, 4096, 264, False)} == {1}
+
+
+def test_the_kernel_applies_only_to_nf4_weights_on_cuda():
+    assert 'CUDA' in kernel_unavailable_reason('cpu')
+    assert nf4_weight(torch.nn.Linear(128, 64)) is None
+    assert nf4_weight(nf4_linear(64, 128, torch.bfloat16, device='cpu')) is None
+    fp4 = bnb.nn.Linear4bit(128, 64, quant_type='fp4', device='meta')
+    assert nf4_weight(fp4) is None
+
+
+def test_only_plain_nf4_layers_qualify():
+    """A PEFT LoRA layer around an NF4 one shows its base weight; the kernels would drop the
+    adapter, so it must not qualify."""
+    peft = pytest.importorskip('peft')
+    plain = nf4_linear(64, 128, torch.bfloat16, device='cpu')
+    assert nf4_weight(plain, require_cuda=False) is not None
+    assert nf4_weight(plain) is None  # on the CPU
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nf4_linear(64, 128, torch.bfloat16, device='cpu')
+
+    wrapped = peft.get_peft_model(Holder(), peft.LoraConfig(r=4, target_modules=['proj']))
+    lora_layer = wrapped.base_model.model.proj
+    assert getattr(lora_layer.weight, 'quant_state', None) is not None
+    assert nf4_weight(lora_layer, require_cuda=False) is None
+
+
+def test_bad_inputs_and_launch_shapes_are_refused_before_launching():
+    weight = nf4_weight(nf4_linear(64, 128, torch.bfloat16, device='cpu'), require_cuda=False)
+    matmul = NF4Matmul(tune=False)
+    with pytest.raises(ValueError, match='features'):
+        matmul.dequantized_linear(torch.randn(4, 96, dtype=torch.bfloat16), weight)
+    with pytest.raises(ValueError, match='features'):
+        matmul(torch.randn(4, 96, dtype=torch.bfloat16), weight)
+    with pytest.raises(ValueError, match='evenly'):  # 128 features = 2 blocks of 64
+        matmul(torch.randn(4, 128, dtype=torch.bfloat16), weight, LaunchShape(64, 3))
+    with pytest.raises(ValueError, match='min_rows'):
+        NF4Matmul(min_rows=0)
+
+
+def test_decoder_refuses_the_kernel_where_it_cannot_run():
+    from decoding import STOPS, make_inputs, tiny_model
+    with pytest.raises(ValueError, match='CUDA'):
+        FastGreedyDecoder(nf4_kernel=True)(tiny_model(), make_inputs([(3, 2, None)]), 2, STOPS)
+
+
+@cuda
+@pytest.mark.parametrize('compute_dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('nested', [True, False])
+@pytest.mark.parametrize('shape', [(200, 320), (1024, 2560)])
+def test_cuda_kernel_matches_the_dequantized_product(compute_dtype, nested, shape):
+    module = nf4_linear(*shape, compute_dtype, nested=nested)
+    linear = NF4Matmul(min_rows=1).linear_for(module)
+    assert linear is not None
+    for rows in (1, 3, 8, MAX_ROWS):
+        x = torch.randn(rows, 1, shape[1], device='cuda', dtype=torch.bfloat16)
+        expected = dequantized_reference(module, x)
+        out = linear(x)
+        assert out.shape == (rows, 1, shape[0]) and out.dtype == x.dtype
+        scale = expected.abs().max().item()
+        assert (out.float() - expected).abs().max().item() <= 1e-2 * scale
+        # bitsandbytes' own result is as far from the reference as ours, or farther.
+        theirs = (module(x).float() - expected).abs().max().item()
+        assert (out.float() - expected).abs().max().item() <= max(theirs, 1e-3 * scale) * 2
+
+
+@cuda
+@pytest.mark.parametrize('compute_dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('nested', [True, False])
+def test_cuda_prefill_path_dequantizes_to_bitsandbytes_values(compute_dtype, nested):
+    module = nf4_linear(1024, 2560, compute_dtype, nested=nested)
+    matmul = NF4Matmul()
+    expected = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    expected = expected.to(compute_dtype)
+    out = matmul.dequantize(nf4_weight(module))
+    assert out.shape == expected.shape and out.dtype == compute_dtype
+    assert (out == expected).float().mean().item() >= 0.999
+    x = torch.randn(2, 20, 2560, device='cuda', dtype=torch.bfloat16)  # 40 rows: prefill
+    ours, theirs = matmul.linear_for(module)(x), module(x)
+    assert ours.shape == theirs.shape == (2, 20, 1024)
+    assert (ours.float() - theirs.float()).abs().max() <= 1e-2 * theirs.float().abs().max()
+
+
+@cuda
+def test_cuda_kernel_leaves_one_or_two_rows_to_bitsandbytes_and_replays_in_a_graph():
+    module = nf4_linear(256, 512, torch.bfloat16)
+    linear = NF4Matmul().linear_for(module)
+    for rows in (1, 2):  # below min_rows: bitsandbytes' own forward
+        x = torch.randn(rows, 512, device='cuda', dtype=torch.bfloat16)
+        assert torch.equal(linear(x), module(x))
+    x = torch.randn(4, 512, device='cuda', dtype=torch.bfloat16)
+    eager = linear(x)  # tunes outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = linear(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(captured, linear(x))
+    assert not torch.equal(captured, eager)
+
+
+@cuda
+def test_decoder_with_the_kernel_agrees_with_bitsandbytes_path():
+    from decoding import STOPS, make_inputs, tiny_model
+    model = tiny_model(seed=3).to('cuda', torch.bfloat16)
+    language_model = model.model.language_model
+    for layer in language_model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    setattr(parent, name, _quantized_copy(child))
+    inputs = {k: v.cuda() for k, v in make_inputs(  # four rows: the kernel's range
+        [(5, 7, (1, 4, 6)), (2, 3, (1, 6, 8)), (4, 4, (1, 4, 4)), (6, 1, None)]).items()}
+    plain = FastGreedyDecoder(nf4_kernel=False)
+    reference, _ = plain(model, inputs, 32, [])
+    fused = FastGreedyDecoder(nf4_kernel=True)
+    tokens, probs = fused(model, inputs, 32, STOPS)
+    assert fused.last_session_nf4_layers == 7 * len(language_model.layers)
+    assert fused.kernel_choices.nf4_matmul.tuned_rows == {4}  # tuned, so it ran at 4 rows
+    # Prefill ran through the kernels too, and every module has its own forward back.
+    assert fused.kernel_choices.nf4_layer_count(model) == 7 * len(language_model.layers)
+    assert not any('forward' in module.__dict__ for module in model.modules())
+    choices = fused.choices_given(model, inputs, reference)
+    same = sum(a == b for row, ref in zip(choices, reference) for a, b in zip(row, ref))
+    assert same >= 0.9 * 32 * len(reference)
+
+
+def _quantized_copy(child):
+    module = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                               compute_dtype=torch.bfloat16, compress_statistics=True,
+                               quant_type='nf4', device='meta')
+    module.weight = bnb.nn.Params4bit(
+        child.weight.data.clone(), requires_grad=False, compress_statistics=True,
+        quant_type='nf4', module=module).to('cuda')
+    return module
+
+
+class _CountingMatmul:
+    """Stands in for NF4Matmul in the decoder's plumbing tests: it takes every plain linear of
+    the language model and computes exactly what the layer computes, counting calls (or
+    failing, to test the fallback)."""
+
+    def __init__(self, fail=False):
+        self.calls = 0
+        self.made = 0
+        self.fail = fail
+
+    def linear_for(self, module):
+        if type(module) is not torch.nn.Linear or module.out_features > 1000:
+            return None  # lm_head and the vision tower's merger stay as they are
+        self.made += 1
+        own_forward = type(module).forward
+
+        def linear(x):
+            self.calls += 1
+            if self.fail:
+                raise RuntimeError('kernel failed to compile')
+            return own_forward(module, x)
+        return linear
+
+
+def test_decoder_prefill_swaps_forwards_in_and_out_and_follows_compute_dtype():
+    from decoding import STOPS, assert_same, make_inputs, tiny_model
+    from qwen_vl_perception.model.generation import hf_decode
+    model = tiny_model(seed=4)
+    inputs = make_inputs([(5, 7, (1, 4, 6)), (2, 3, None)])
+    reference = hf_decode(model, inputs, 6, STOPS)
+    decoder = FastGreedyDecoder()
+    matmul = _CountingMatmul()
+    decoder.kernel_choices.nf4_for = lambda device: matmul
+    assert_same(reference, decoder(model, inputs, 6, STOPS))
+    assert matmul.calls > 0 and not any('forward' in m.__dict__ for m in model.modules())
+    made = matmul.made
+    decoder(model, inputs, 6, STOPS)
+    assert matmul.made == made  # the model's linears were found once...
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.compute_dtype = torch.float32
+    decoder(model, inputs, 6, STOPS)
+    assert matmul.made > made  # ...and again after their compute dtype changed
+    hooked = model.model.language_model.layers[0].mlp.up_proj
+    hooked.forward = hooked.forward  # a forward of its own (a hook): left alone
+    calls = matmul.calls
+    decoder(model, inputs, 6, STOPS)
+    assert matmul.calls > calls and 'forward' in hooked.__dict__
+
+
+def test_decoder_prefill_falls_back_to_the_layers_own_path_when_the_kernel_fails():
+    from decoding import STOPS, assert_same, make_inputs, tiny_model
+    from qwen_vl_perception.model.generation import hf_decode
+    model = tiny_model(seed=5)
+    inputs = make_inputs([(5, 7, (1, 4, 6))])
+    decoder = FastGreedyDecoder()
+    failing = _CountingMatmul(fail=True)
+    choices = decoder.kernel_choices
+    choices.nf4_for = lambda device: None if choices.nf4_failed else failing
+    with pytest.warns(RuntimeWarning, match='kernel failed to compile'):
+        result = decoder(model, inputs, 6, STOPS)
+    assert_same(hf_decode(model, inputs, 6, STOPS), result)
+    assert choices.nf4_failed and failing.calls == 1
+    assert not any('forward' in m.__dict__ for m in model.modules())
+    decoder(model, inputs, 6, STOPS)
+    assert failing.calls == 1  # not tried again
+    forced = FastGreedyDecoder(nf4_kernel=True)
+    forced.kernel_choices.nf4_for = lambda device: _CountingMatmul(fail=True)
+    with pytest.raises(RuntimeError, match='kernel failed'):
+        forced(model, inputs, 6, STOPS)

@@ -1,0 +1,684 @@
+"""perception_node end to end over real DDS, with a real (tiny, trained) Qwen3-VL on the CPU.
+
+The model is trained by ``trained_models.memorize_answer`` to answer one known text, so the
+expected pixel boxes, attributes and ids are known exactly; what is tested is the node: headers,
+coordinates, QoS, parameters, malformed input, frame dropping, start-up errors and shutdown.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from locations import SUPPORT_DIR
+
+rclpy = pytest.importorskip('rclpy')
+pytest.importorskip('torch')
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.parameter_client import AsyncParameterClient  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
+from vision_msgs.msg import Detection2DArray, LabelInfo  # noqa: E402
+
+from qwen_vl_perception.prompt import PromptBuilder  # noqa: E402
+from qwen_vl_perception.ros.node import LATCHED, PerceptionNode, StartupError  # noqa: E402
+from qwen_vl_perception.trained_prompt import write_prompt_file  # noqa: E402
+
+from image_bombs import lossless_webp  # noqa: E402
+from spinning import Spinner  # noqa: E402
+from trained_models import memorize_answer  # noqa: E402
+
+# A thread that fails (e.g. InvalidHandle from a node destroyed under a spinning executor)
+# fails the test instead of leaving a warning.
+pytestmark = pytest.mark.filterwarnings('error::pytest.PytestUnhandledThreadExceptionWarning')
+
+CATEGORIES = ['cup', 'bottle']
+ATTRIBUTES = ['color']
+ANSWER = ('```json\n[\n  {"bbox_2d": [100, 200, 300, 400], "label": "cup", "color": "red"},\n'
+          '  {"bbox_2d": [500, 500, 900, 800], "label": "bottles", "color": "green"}\n]\n```')
+# On a 640x480 image: x * 640 / 1000, y * 480 / 1000.
+EXPECTED = [('cup', (128.0, 144.0), (128.0, 96.0), 'red'),
+            ('bottle', (448.0, 312.0), (256.0, 144.0), 'green')]
+
+
+@pytest.fixture(scope='module')
+def answering_checkpoint(tiny_checkpoint, tmp_path_factory):
+    prompt = PromptBuilder(CATEGORIES, describe=True, attributes=ATTRIBUTES)
+    model = memorize_answer(tiny_checkpoint, tmp_path_factory.mktemp('answering') / 'model',
+                            prompt.instruction, ANSWER)
+    write_prompt_file(model, prompt)  # what prepare_data/finetune leave beside a model
+    return model
+
+
+def node_parameters(checkpoint, **overrides):
+    values = {
+        'model_path': str(checkpoint), 'device': 'cpu', 'quantization': 'none',
+        'min_pixels': 1024, 'max_pixels': 16384, 'categories': CATEGORIES,
+        'describe': True, 'attributes': ATTRIBUTES, 'score_threshold': 0.0,
+        'max_new_tokens': 96,
+    }
+    values.update(overrides)
+    return values
+
+
+def rgb_image(stamp_sec, frame_id='camera', width=640, height=480, seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    message = Image(height=height, width=width, encoding='rgb8', step=width * 3)
+    message.header.stamp.sec = stamp_sec
+    message.header.stamp.nanosec = 500
+    message.header.frame_id = frame_id
+    message.data = pixels.tobytes()
+    return message
+
+
+class Harness:
+    """The node under test plus a peer node (camera and listeners), spun in a thread."""
+
+    def __init__(self, parameters):
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context, domain_id=random.randint(1, 200))
+        overrides = [Parameter(name, value=value) for name, value in parameters.items()]
+        self.node = PerceptionNode(context=self.context, parameter_overrides=overrides)
+        self.peer = rclpy.create_node('test_peer', context=self.context)
+        self.detections, self.label_infos, self.descriptions = [], [], []
+        self.annotated, self.diagnostics = [], []
+        self.peer.create_subscription(Detection2DArray, 'detections', self.detections.append, 10)
+        self.peer.create_subscription(LabelInfo, 'label_info', self.label_infos.append, LATCHED)
+        self.peer.create_subscription(String, 'descriptions', self.descriptions.append, 10)
+        self.peer.create_subscription(DiagnosticArray, '/diagnostics', self.diagnostics.append,
+                                      10)
+        self.cameras = {}
+        self.spinner = Spinner(self.context, self.node, self.peer)
+
+    def camera(self, reliability=ReliabilityPolicy.BEST_EFFORT):
+        if reliability not in self.cameras:
+            qos = QoSProfile(depth=5, reliability=reliability)
+            self.cameras[reliability] = self.peer.create_publisher(Image, 'image', qos)
+        return self.cameras[reliability]
+
+    def publish_when_connected(self, message, reliability=ReliabilityPolicy.BEST_EFFORT):
+        publisher = self.camera(reliability)
+        wait_for(lambda: publisher.get_subscription_count() > 0, 10, 'camera not connected')
+        publisher.publish(message)
+
+    def set_parameters(self, *parameters):
+        client = AsyncParameterClient(self.peer, self.node.get_name())
+        assert client.wait_for_services(timeout_sec=10.0)
+        future = client.set_parameters(list(parameters))
+        wait_for(future.done, 10, 'set_parameters got no answer')
+        return future.result().results
+
+    def close(self):
+        # The spinning thread must have stopped before the nodes go (spinning.py says why).
+        self.node.shutdown()
+        self.spinner.stop()
+        self.node.destroy_node()
+        self.peer.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+
+def wait_for(predicate, timeout, message):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(message)
+
+
+@pytest.fixture
+def harness(answering_checkpoint):
+    instance = Harness(node_parameters(answering_checkpoint))
+    yield instance
+    instance.close()
+
+
+def test_detections_carry_the_source_header_and_pixel_boxes(harness):
+    image = rgb_image(stamp_sec=1764331200, frame_id='front_camera_optical')
+    harness.publish_when_connected(image)
+    wait_for(lambda: harness.detections, 30, 'no detections published')
+    array = harness.detections[0]
+    assert array.header == image.header
+    assert [d.header for d in array.detections] == [image.header] * 2
+    for detection, (label, center, size, _) in zip(array.detections, EXPECTED):
+        (hypothesis,) = detection.results
+        assert hypothesis.hypothesis.class_id == label
+        assert 0.5 < hypothesis.hypothesis.score <= 1.0
+        assert (detection.bbox.center.position.x, detection.bbox.center.position.y) == \
+            pytest.approx(center)
+        assert (detection.bbox.size_x, detection.bbox.size_y) == pytest.approx(size)
+    assert [d.id for d in array.detections] == ['0', '1']
+    wait_for(lambda: harness.descriptions, 10, 'no descriptions published')
+    description = json.loads(harness.descriptions[0].data)
+    assert description['frame_id'] == 'front_camera_optical'
+    assert description['stamp'] == {'sec': 1764331200, 'nanosec': 500}
+    assert {key: value['color'] for key, value in description['objects'].items()} == \
+        {'0': 'red', '1': 'green'}
+
+
+def test_best_effort_and_reliable_cameras_are_both_heard(harness):
+    harness.publish_when_connected(rgb_image(1), ReliabilityPolicy.BEST_EFFORT)
+    wait_for(lambda: len(harness.detections) == 1, 30, 'best-effort camera not heard')
+    harness.publish_when_connected(rgb_image(2), ReliabilityPolicy.RELIABLE)
+    wait_for(lambda: len(harness.detections) == 2, 30, 'reliable camera not heard')
+    assert [a.header.stamp.sec for a in harness.detections] == [1, 2]
+
+
+def test_annotated_image_is_published_to_subscribers(harness):
+    annotated = []
+    harness.peer.create_subscription(Image, 'annotated_image', annotated.append, 10)
+    wait_for(lambda: harness.node.count_subscribers('annotated_image') > 0, 10, 'no match')
+    image = rgb_image(7)
+    harness.publish_when_connected(image)
+    wait_for(lambda: annotated, 30, 'no annotated image')
+    out = annotated[0]
+    assert out.header == image.header and (out.width, out.height) == (640, 480)
+    assert bytes(out.data) != bytes(image.data)
+
+
+def test_categories_change_at_runtime_and_label_info_follows(harness):
+    wait_for(lambda: harness.label_infos, 10, 'no latched label_info')
+    assert [c.class_name for c in harness.label_infos[-1].class_map] == CATEGORIES
+    (result,) = harness.set_parameters(
+        Parameter('categories', Parameter.Type.STRING_ARRAY, ['cup', 'chair', 'cup ']))
+    assert result.successful, result.reason
+    wait_for(lambda: len(harness.label_infos) >= 2, 10, 'label_info not republished')
+    assert [(c.class_id, c.class_name) for c in harness.label_infos[-1].class_map] == \
+        [(0, 'cup'), (1, 'chair')]
+    assert harness.node.detector.settings.categories == ('cup', 'chair')
+    late = []
+    harness.peer.create_subscription(LabelInfo, 'label_info', late.append, LATCHED)
+    wait_for(lambda: late, 10, 'a late subscriber did not get the latched label_info')
+    assert [c.class_name for c in late[0].class_map] == ['cup', 'chair']
+
+
+@pytest.mark.parametrize('parameter, reason_part', [
+    (Parameter('categories', Parameter.Type.STRING_ARRAY, []), 'categor'),
+    # `ros2 param set ... categories "[]"` sends an empty bool array: the node's own reason,
+    # not rclpy's "Wrong parameter type, expected '9' got '6'".
+    (Parameter('categories', Parameter.Type.BOOL_ARRAY, []), 'categories must not be empty'),
+    (Parameter('categories', Parameter.Type.BYTE_ARRAY, []), 'categories must not be empty'),
+    (Parameter('categories', Parameter.Type.INTEGER_ARRAY, [1, 2]), 'list of strings'),
+    (Parameter('categories', Parameter.Type.STRING, 'cup'), 'list of strings'),
+    (Parameter('attributes', Parameter.Type.BOOL_ARRAY, []), 'attribute'),  # describe is on
+    (Parameter('categories', Parameter.Type.STRING_ARRAY, ['cup, bottle']), ','),
+    (Parameter('coordinate_convention', Parameter.Type.STRING, 'pixels'), 'qwen3_grid'),
+    (Parameter('score_threshold', Parameter.Type.DOUBLE, 1.5), 'range'),
+    (Parameter('max_rate_hz', Parameter.Type.INTEGER, 2), 'type'),
+    (Parameter('prompt_template', Parameter.Type.STRING, 'find {objects}'), 'categories'),
+    (Parameter('model_path', Parameter.Type.STRING, '/elsewhere'), 'read-only'),
+])
+def test_bad_parameters_are_refused_with_a_reason(harness, parameter, reason_part):
+    (result,) = harness.set_parameters(parameter)
+    assert not result.successful
+    assert reason_part in result.reason
+    assert harness.node.detector.settings.categories == tuple(CATEGORIES)
+
+
+def test_an_empty_list_of_any_type_is_an_empty_list_and_not_set_is_refused(harness):
+    assert harness.set_parameters(Parameter('describe', Parameter.Type.BOOL, False))[0].successful
+    (result,) = harness.set_parameters(Parameter('attributes', Parameter.Type.BYTE_ARRAY, []))
+    assert result.successful, result.reason
+    assert harness.node.detector.settings.attributes == ()
+    (result,) = harness.set_parameters(Parameter('categories', Parameter.Type.NOT_SET))
+    assert not result.successful and 'categories must be set' in result.reason
+    assert harness.node.get_parameter('categories').value == CATEGORIES
+
+
+def test_malformed_images_are_skipped_and_the_next_good_frame_is_processed(harness):
+    short = rgb_image(10)
+    short.data = bytes(short.data)[:-7]
+    bad_step = rgb_image(11)
+    bad_step.step = 100
+    unknown = rgb_image(12)
+    unknown.encoding = '32FC7'
+    for message in (short, bad_step, unknown):
+        harness.publish_when_connected(message)
+    harness.publish_when_connected(rgb_image(13))
+    wait_for(lambda: harness.detections, 30, 'the good frame was not processed')
+    assert [a.header.stamp.sec for a in harness.detections] == [13]
+    assert harness.node.counters.invalid_images == 3
+    wait_for(lambda: any(_diagnostic(d, 'invalid_images') == '3'
+                         for d in harness.diagnostics), 5, 'diagnostics do not count them')
+
+
+def test_frames_are_dropped_not_queued_when_the_model_is_slower(harness):
+    reliable = ReliabilityPolicy.RELIABLE  # no frame is lost in transport: drops are the node's
+    harness.publish_when_connected(rgb_image(100), reliable)
+    for stamp in range(101, 131):
+        harness.camera(reliable).publish(rgb_image(stamp))
+        time.sleep(0.002)
+    wait_for(lambda: harness.detections and harness.detections[-1].header.stamp.sec == 130, 60,
+             'the newest frame was never processed')
+    time.sleep(0.5)
+    processed = [a.header.stamp.sec for a in harness.detections]
+    assert processed == sorted(processed) and processed[-1] == 130
+    assert len(processed) < 31
+    # Every frame that reached the node was either answered or dropped, none queued.
+    assert harness.node.frames_dropped == harness.node.counters.received - len(processed)
+    assert harness.node.frames_dropped > 0
+
+
+def test_compressed_transport_and_rate_limit(answering_checkpoint):
+    import cv2
+    harness = Harness(node_parameters(answering_checkpoint, input_transport='compressed',
+                                      max_rate_hz=0.4))
+    try:
+        publisher = harness.peer.create_publisher(CompressedImage, 'image/compressed', 10)
+        wait_for(lambda: publisher.get_subscription_count() > 0, 10, 'not connected')
+        pixels = np.random.default_rng(1).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+        starts = []
+        for stamp in (1, 2, 3):
+            message = CompressedImage(format='jpeg',
+                                      data=cv2.imencode('.jpg', pixels)[1].tobytes())
+            message.header.stamp.sec = stamp
+            publisher.publish(message)
+            wait_for(lambda: len(harness.detections) == stamp, 60, f'frame {stamp} unanswered')
+            starts.append(harness.node.counters.last_inference_start)
+        assert [len(a.detections) for a in harness.detections] == [2, 2, 2]
+        # At most 0.4 inferences per second: the node began its inferences 2.5 s apart
+        # (its own clock), although each frame was published as soon as the previous result
+        # arrived. What the node decided, not when results arrived: load cannot shorten it.
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        assert min(gaps) >= 2.5, gaps
+        garbage = CompressedImage(format='jpeg', data=b'not a jpeg')
+        publisher.publish(garbage)
+        wait_for(lambda: harness.node.counters.invalid_images == 1, 10, 'garbage not counted')
+    finally:
+        harness.close()
+
+
+def test_unset_categories_are_what_the_model_was_trained_on(answering_checkpoint):
+    parameters = node_parameters(answering_checkpoint)
+    for name in ('categories', 'describe', 'attributes'):
+        del parameters[name]
+    harness = Harness(parameters)
+    try:
+        assert harness.node.get_parameter('categories').value == CATEGORIES
+        assert harness.node.get_parameter('attributes').value == ATTRIBUTES
+        harness.publish_when_connected(rgb_image(3))
+        wait_for(lambda: harness.detections, 30, 'no detections published')
+        assert [d.results[0].hypothesis.class_id for d in harness.detections[0].detections] == \
+            ['cup', 'bottle']
+    finally:
+        harness.close()
+
+
+def test_ready_line_counts_one_category_and_destroying_stops_the_worker(
+        answering_checkpoint, capfd):
+    harness = Harness(node_parameters(answering_checkpoint, categories=['cup']))
+    assert 'ready: 1 category, model on cpu' in capfd.readouterr().err
+    harness.spinner.stop()
+    harness.node.destroy_node()  # without shutdown() first: the worker must stop all the same
+    assert not harness.node._worker.is_alive()
+    harness.peer.destroy_node()
+    rclpy.try_shutdown(context=harness.context)
+
+
+def test_unset_pixel_budget_is_a_tool_trained_models_own(answering_checkpoint, tmp_path):
+    import shutil
+    from qwen_vl_perception.model.pixel_budget import write_pixel_budget
+    from qwen_vl_perception.trained_prompt import PROMPT_FILE
+    model = Path(shutil.copytree(answering_checkpoint, tmp_path / 'model'))
+    write_pixel_budget(model, 512, 12288)  # 512 is below the parameter's range: kept at 1024
+    for has_prompt_file, expected in ((True, (1024, 12288)), (False, (65536, 409600))):
+        if not has_prompt_file:  # a stock checkpoint: its processor budget is no default
+            (model / PROMPT_FILE).unlink()
+        parameters = node_parameters(model)
+        del parameters['min_pixels'], parameters['max_pixels']
+        harness = Harness(parameters)
+        try:
+            node = harness.node
+            assert (node.get_parameter('min_pixels').value,
+                    node.get_parameter('max_pixels').value) == expected
+            inputs = node.detector.engine.inputs
+            assert (inputs.min_pixels, inputs.max_pixels) == expected
+        finally:
+            harness.close()
+
+
+def test_frames_of_several_cameras_ready_together_are_decoded_as_one_batch(answering_checkpoint):
+    harness = Harness(node_parameters(answering_checkpoint,
+                                      image_topics=['front/image', 'rear/image']))
+    try:
+        qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+        front = harness.peer.create_publisher(Image, 'front/image', qos)
+        rear = harness.peer.create_publisher(Image, 'rear/image', qos)
+        wait_for(lambda: front.get_subscription_count() and rear.get_subscription_count(), 10,
+                 'cameras not connected')
+        front.publish(rgb_image(1, 'front'))  # keeps the model busy ...
+        slots = harness.node._slots
+        wait_for(lambda: slots.accepted == 1 and slots.waiting == 0, 30, 'frame 1 not taken')
+        front.publish(rgb_image(2, 'front'))  # ... while these two wait together
+        rear.publish(rgb_image(2, 'rear'))
+        wait_for(lambda: len(harness.detections) == 3, 60, 'not every frame was answered')
+        assert harness.node.counters.largest_batch == 2
+        frames = sorted((a.header.frame_id, a.header.stamp.sec) for a in harness.detections)
+        assert frames == [('front', 1), ('front', 2), ('rear', 2)]
+        assert all(len(a.detections) == 2 for a in harness.detections)
+    finally:
+        harness.close()
+
+
+def _diagnostic(array, key):
+    for status in array.status:
+        for value in status.values:
+            if value.key == key:
+                return value.value
+    return None
+
+
+def test_start_up_refuses_invalid_parameters(tiny_checkpoint):
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=random.randint(1, 200))
+    try:
+        for overrides, message in [({'min_pixels': 50000, 'max_pixels': 40000}, 'min_pixels'),
+                                   ({'categories': ['']}, 'categor'),
+                                   ({'categories': []}, 'categories must not be empty'),
+                                   ({'model_path': ''}, 'model_path is required'),
+                                   ({'max_rate_hz': 2}, 'decimal point'),
+                                   ({'input_transport': 'compresed'}, 'raw, compressed'),
+                                   ({'max_new_tokens': 0}, 'range')]:
+            params = node_parameters(tiny_checkpoint, **overrides)
+            with pytest.raises(StartupError, match=message):
+                PerceptionNode(context=context, parameter_overrides=[
+                    Parameter(k, value=v) for k, v in params.items()])
+    finally:
+        rclpy.try_shutdown(context=context)
+
+
+def _run_node(arguments, domain_id=None, env=None, **kwargs):
+    env = dict(env or os.environ, ROS_DOMAIN_ID=str(domain_id or random.randint(1, 200)))
+    command = [sys.executable, '-m', 'qwen_vl_perception.ros.node', '--ros-args'] + arguments
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kwargs)
+
+
+def _follow_with_peer_context(process, domain_id):
+    """For a node process: its output lines (collected by the returned reader thread as they
+    come) and a started rclpy context on its domain for the test's own peer node."""
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain_id)
+    return lines, reader, context
+
+
+def test_missing_model_stops_start_up_with_one_clear_message(tmp_path):
+    process = _run_node(['-p', f'model_path:={tmp_path / "no-such-model"}'])
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert 'cannot start' in output and 'no-such-model' in output
+    assert 'Traceback' not in output
+
+
+def test_a_pickle_checkpoint_stops_start_up_with_one_line(tiny_checkpoint, tmp_path):
+    import pickle
+    import shutil
+    model = tmp_path / 'pickled'
+    shutil.copytree(tiny_checkpoint, model, ignore=shutil.ignore_patterns('*.safetensors'))
+    # A pickle that would run a command when loaded by an unsafe loader; none may load it.
+    (model / 'pytorch_model.bin').write_bytes(
+        pickle.dumps(subprocess.Popen, protocol=2) + b'not even a complete pickle')
+    process = _run_node(['-p', f'model_path:={model}', '-p', 'device:=cpu',
+                         '-p', 'quantization:=none'])
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1, output
+    assert 'cannot start' in output and 'only safetensors checkpoints' in output, output
+    assert 'Traceback' not in output, output
+
+
+def test_default_model_that_cannot_be_prepared_stops_start_up_cleanly(tmp_path):
+    not_a_folder = tmp_path / 'cache-is-a-file'
+    not_a_folder.write_text('')
+    process = _run_node(['-p', 'model_path:=default'],
+                        env=dict(os.environ, QWEN_VL_PERCEPTION_CACHE=str(not_a_folder)))
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert 'cannot start: default model' in output and 'Traceback' not in output
+
+
+@pytest.mark.parametrize('busy', [False, True], ids=['idle', 'during-inference'])
+def test_ctrl_c_shuts_the_node_down_cleanly(answering_checkpoint, busy):
+    params = node_parameters(answering_checkpoint)
+    arguments = []
+    for name in ('model_path', 'device', 'quantization', 'min_pixels', 'max_pixels'):
+        arguments += ['-p', f'{name}:={params[name]}']
+    domain_id = random.randint(1, 200)
+    process = _run_node(arguments, domain_id=domain_id)
+    lines, reader, context = _follow_with_peer_context(process, domain_id)
+    spinner = None
+    try:
+        wait_for(lambda: any('ready' in line for line in lines), 120, f'not ready: {lines}')
+        assert any('ready: 2 categories,' in line for line in lines), lines
+        if busy:  # a camera keeps the model busy: Ctrl-C lands while a frame is in flight
+            peer = rclpy.create_node('ctrl_c_camera', context=context)
+            received = []
+            peer.create_subscription(Detection2DArray, 'detections', received.append, 10)
+            camera = peer.create_publisher(Image, 'image', 5)
+            spinner = Spinner(context, peer)
+            wait_for(lambda: camera.get_subscription_count() > 0, 10, 'not connected')
+            # Small frames: large best-effort messages between processes may be lost under load.
+            for stamp in range(600):
+                camera.publish(rgb_image(stamp, width=64, height=48))
+                if received:
+                    break
+                time.sleep(0.05)
+            assert received, 'the node answered no frame'
+            camera.publish(rgb_image(999, width=64, height=48))
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=90) == 0
+        reader.join(5)
+        assert not any('Traceback' in line for line in lines), ''.join(lines)
+        # Quiet under `ros2 launch`: no progress bars of the model loading.
+        assert not any('Loading weights' in line or '%|' in line for line in lines), lines
+    finally:
+        process.kill()
+        if spinner is not None:  # stopped before its node goes (see Harness.close)
+            spinner.stop()
+            peer.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+
+def test_disabled_node_ignores_frames_until_enabled(harness):
+    (result,) = harness.set_parameters(Parameter('enabled', Parameter.Type.BOOL, False))
+    assert result.successful
+    harness.publish_when_connected(rgb_image(20))
+    wait_for(lambda: harness.node.counters.received == 1, 10, 'frame not received')
+    time.sleep(1.0)
+    assert harness.detections == []
+    (result,) = harness.set_parameters(Parameter('enabled', Parameter.Type.BOOL, True))
+    harness.publish_when_connected(rgb_image(21))
+    wait_for(lambda: harness.detections, 30, 'no detections after enabling')
+    assert [a.header.stamp.sec for a in harness.detections] == [21]
+
+
+def _node_process_arguments(checkpoint, **overrides):
+    params = node_parameters(checkpoint, **overrides)
+    arguments = []
+    for name in ('model_path', 'device', 'quantization', 'min_pixels', 'max_pixels',
+                 *overrides):
+        arguments += ['-p', f'{name}:={params[name]}']
+    return arguments
+
+
+def _peak_memory_mb(pid):
+    for line in Path(f'/proc/{pid}/status').read_text().splitlines():
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) // 1024
+    raise AssertionError(f'no VmHWM for process {pid}')
+
+
+def test_compressed_images_are_refused_by_their_declared_size_before_decoding(
+        answering_checkpoint):
+    import cv2
+    domain_id = random.randint(1, 200)
+    process = _run_node(_node_process_arguments(
+        answering_checkpoint, input_transport='compressed', input_reliability='reliable'),
+        domain_id=domain_id)
+    lines, reader, context = _follow_with_peer_context(process, domain_id)
+    peer = spinner = None
+    try:
+        wait_for(lambda: any('ready' in line for line in lines), 120, f'not ready: {lines}')
+        peer = rclpy.create_node('bomb_camera', context=context)
+        detections, diagnostics = [], []
+        peer.create_subscription(Detection2DArray, 'detections', detections.append, 10)
+        peer.create_subscription(DiagnosticArray, '/diagnostics', diagnostics.append, 10)
+        camera = peer.create_publisher(CompressedImage, 'image/compressed',
+                                       QoSProfile(depth=10,
+                                                  reliability=ReliabilityPolicy.RELIABLE))
+        spinner = Spinner(context, peer)
+        wait_for(lambda: camera.get_subscription_count() > 0, 10, 'not connected')
+        line = cv2.imencode('.png', np.zeros((1, 4096, 3), np.uint8))[1].tobytes()
+        good = cv2.imencode('.jpg', np.zeros((48, 64, 3), np.uint8))[1].tobytes()
+
+        def send(stamp, data, image_format):
+            message = CompressedImage(format=image_format, data=data)
+            message.header.stamp.sec = stamp
+            camera.publish(message)
+        # Until one good frame is answered, both sides of the connection may not be matched
+        # yet (a loaded machine): warm up first, so that none of the frames below is lost.
+        deadline = time.monotonic() + 120
+        stamp = 100
+        while not detections and time.monotonic() < deadline:
+            send(stamp, good, 'jpeg')
+            stamp += 1
+            resend = time.monotonic() + 2
+            while not detections and time.monotonic() < resend:
+                time.sleep(0.02)
+        assert detections, 'no warm-up frame was answered:\n' + ''.join(lines)
+        answered_before = len(detections)
+        before = _peak_memory_mb(process.pid)
+        # 52 bytes that decode to 16383 x 16383 pixels (1.8 GB), then a valid 4096 x 1 line
+        # (the model refuses aspect ratios above 200), then a good frame.
+        send(1, lossless_webp(16383, 16383), 'webp')
+        send(2, line, 'png')
+        send(3, good, 'jpeg')
+        wait_for(lambda: any(a.header.stamp.sec == 3 for a in detections), 120,
+                 'the good frame was not answered:\n' + ''.join(lines))
+        assert [a.header.stamp.sec for a in detections[answered_before:]
+                if a.header.stamp.sec < 100] == [3]
+        wait_for(lambda: any(_diagnostic(d, 'invalid_images') == '2' for d in diagnostics), 10,
+                 'the two images are not counted as invalid')
+        assert all(_diagnostic(d, 'inference_errors') == '0' for d in diagnostics)
+        log = ''.join(lines)
+        assert 'exceeds the limit of 16777216 pixels (declared in the WebP header)' in log, log
+        assert _peak_memory_mb(process.pid) - before < 400  # the bomb was never decoded
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=90) == 0
+    finally:
+        process.kill()
+        if spinner is not None:
+            spinner.stop()
+        if peer is not None:
+            peer.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+
+def test_raw_images_of_an_aspect_the_model_cannot_take_are_invalid_not_errors(harness):
+    line = Image(height=1, width=4096, encoding='rgb8', step=4096 * 3, data=bytes(4096 * 3))
+    line.header.stamp.sec = 40
+    harness.publish_when_connected(line)
+    widest = Image(height=1, width=200, encoding='rgb8', step=600, data=bytes(600))
+    widest.header.stamp.sec = 41  # the most the model takes: answered
+    harness.publish_when_connected(widest)
+    wait_for(lambda: harness.detections, 60, 'the 200 x 1 frame was not answered')
+    assert [a.header.stamp.sec for a in harness.detections] == [41]
+    assert harness.node.counters.invalid_images == 1
+    assert harness.node.counters.inference_errors == 0
+
+
+@pytest.fixture(scope='module')
+def default_model_cache(tmp_path_factory):
+    """The default model's float32 form, built once into a cache of its own."""
+    from qwen_vl_perception.model.default_model import ensure_default_model
+    cache = tmp_path_factory.mktemp('default-model-cache')
+    return cache, ensure_default_model('none', cache=cache, log=lambda message: None)
+
+
+def test_the_default_model_cache_is_readable_by_every_user(default_model_cache):
+    _, folder = default_model_cache
+    assert (folder / 'model.safetensors').is_file()
+    assert {oct(path.stat().st_mode & 0o777) for path in folder.iterdir()} == {oct(0o644)}
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o755)
+    assert oct(folder.parent.stat().st_mode & 0o777) == oct(0o755)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='planting a folder of another user needs root')
+def test_a_planted_or_changed_default_model_cache_stops_start_up(default_model_cache, tmp_path):
+    import shutil
+    cache, built = default_model_cache
+    home = tmp_path / 'cache' / built.parent.name
+    planted = home / built.name
+    shutil.copytree(built, planted)
+    home.chmod(0o755)
+    prompt = planted / 'detection_prompt.json'
+    record = json.loads(prompt.read_text())
+
+    def refusal():
+        process = _run_node(['-p', 'model_path:=default', '-p', 'quantization:=none',
+                             '-p', 'device:=cpu'],
+                            env=dict(os.environ, QWEN_VL_PERCEPTION_CACHE=str(tmp_path / 'cache')))
+        try:
+            output, _ = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # it started with what was planted
+            process.kill()
+            output, _ = process.communicate()
+        assert process.returncode == 1 and 'cannot start: default model' in output, output
+        assert 'Traceback' not in output, output
+        return output
+
+    prompt.write_text(json.dumps(dict(record, categories=['attacker_chosen'])))
+    assert 'detection_prompt.json does not match its hash' in refusal()
+    shutil.copy(built / prompt.name, prompt)
+    for path in (home, planted, *planted.iterdir()):  # another user's copy, content intact
+        os.chown(path, 65534, 65534)
+    assert 'uid 65534' in refusal()
+    os.chown(home, 0, 0)  # the folder above trusted, the model folder not
+    assert 'belongs to uid 65534' in refusal()
+    for path in (home, planted, *planted.iterdir()):
+        os.chown(path, 0, 0)
+    planted.chmod(0o777)
+    assert 'writable by group or others' in refusal()
+    planted.chmod(0o755)
+    (planted / 'extra.py').write_text('')
+    assert "extra: ['extra.py']" in refusal()
+
+
+def test_sigterm_while_publishing_publishes_before_the_context_goes(answering_checkpoint):
+    domain_id = random.randint(1, 200)
+    env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id))
+    process = subprocess.Popen(
+        [sys.executable, str(SUPPORT_DIR / 'shutdown_race_node.py'), '--ros-args',
+         *_node_process_arguments(answering_checkpoint, input_reliability='reliable')],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, reader, context = _follow_with_peer_context(process, domain_id)
+    peer = None
+    try:
+        wait_for(lambda: any('ready' in line for line in lines), 120, f'not ready: {lines}')
+        peer = rclpy.create_node('race_camera', context=context)
+        camera = peer.create_publisher(Image, 'image', QoSProfile(
+            depth=5, reliability=ReliabilityPolicy.RELIABLE))
+        wait_for(lambda: camera.get_subscription_count() > 0, 10, 'not connected')
+        camera.publish(rgb_image(1, width=64, height=48))
+        assert process.wait(timeout=120) == 0, ''.join(lines)
+        reader.join(5)
+        log = ''.join(lines)
+        assert 'published after SIGTERM' in log and 'publishing failed' not in log, log
+        assert 'Traceback' not in log, log
+    finally:
+        process.kill()
+        if peer is not None:
+            peer.destroy_node()
+        rclpy.try_shutdown(context=context)
