@@ -1,5 +1,4 @@
 """Tests of qwen_vl_perception.data.evaluation and tools/evaluate.py."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -7,22 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from locations import REPO_ROOT
+from tool_runs import load_tool
 
 from qwen_vl_perception.detection import Detection
 from qwen_vl_perception.data.evaluation import (box_iou, evaluate, format_table, match_greedy,
                                                 plot_report)
 from qwen_vl_perception.data.labels import GroundTruthObject, LabeledImage, write_coco, \
     write_prediction_file
-
-TOOLS = REPO_ROOT / 'tools'
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f'tool_{name}', TOOLS / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def gt(label, box, **attributes):

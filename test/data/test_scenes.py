@@ -1,25 +1,15 @@
 """Tests of the synthetic scene generator and tools/make_scenes.py."""
-import importlib.util
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from locations import REPO_ROOT
+from tool_runs import load_tool
 
 from qwen_vl_perception.data.labels import load_labels
 from qwen_vl_perception.data.scenes import (CATEGORIES, COLORS, DEFAULT_SIZES, SHAPES,
                                             generate_scene, parse_sizes, render_scene,
                                             write_dataset)
-
-TOOLS = REPO_ROOT / 'tools'
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f'tool_{name}', TOOLS / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_same_seed_same_scene_different_seed_different_scene():
