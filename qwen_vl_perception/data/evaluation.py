@@ -31,6 +31,11 @@ COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 
 
+def _fraction(part: int, whole: int) -> Optional[float]:
+    """``part / whole``, or None when there is nothing to divide by (never a made-up 0)."""
+    return part / whole if whole else None
+
+
 @dataclass
 class AttributeAccuracy:
     """How many matched pairs got one attribute right (``missing``: prediction lacked it)."""
@@ -65,12 +70,11 @@ class CategoryMetrics:
 
     @property
     def precision(self) -> Optional[float]:
-        found = self.true_positives + self.false_positives
-        return self.true_positives / found if found else None
+        return _fraction(self.true_positives, self.true_positives + self.false_positives)
 
     @property
     def recall(self) -> Optional[float]:
-        return self.true_positives / self.num_ground_truth if self.num_ground_truth else None
+        return _fraction(self.true_positives, self.num_ground_truth)
 
     def to_dict(self) -> dict:
         data = {k: v for k, v in asdict(self).items() if k != 'attributes'}
@@ -123,14 +127,12 @@ class EvaluationReport:
     @property
     def precision(self) -> Optional[float]:
         """Micro-averaged precision over all categories."""
-        found = self.true_positives + self.false_positives
-        return self.true_positives / found if found else None
+        return _fraction(self.true_positives, self.true_positives + self.false_positives)
 
     @property
     def recall(self) -> Optional[float]:
         """Micro-averaged recall over all categories."""
-        total = self.true_positives + self.false_negatives
-        return self.true_positives / total if total else None
+        return _fraction(self.true_positives, self.true_positives + self.false_negatives)
 
     def category(self, name: str) -> CategoryMetrics:
         for metrics in self.categories:
