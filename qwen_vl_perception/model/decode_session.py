@@ -7,7 +7,9 @@ embedding and ``lm_head`` of the model itself, so plain, bitsandbytes 4-bit and 
 ``nn.Module`` linears all work (a linear found in ``linears`` runs through its fused NF4
 replacement instead). All three M-RoPE components of a text token after the prompt are
 ``last prompt position + 1 + step``. Greedy argmax; each chosen token's softmax probability is
-kept. The elementwise pieces (:class:`StepKernels`) run eagerly or fused by ``torch.compile``.
+kept (over the non-zero rows only, exactly, for a head whose rows are mostly zero:
+:mod:`~qwen_vl_perception.model.compact_head`). The elementwise pieces (:class:`StepKernels`)
+run eagerly or fused by ``torch.compile``.
 :meth:`DecodeSession.capture` raises when capturing fails; the decoder decides what to fall
 back to (``fast_decode.py``).
 """
@@ -64,6 +66,10 @@ class StepKernels:
             logits = logits.float()
             best = torch.argmax(logits, dim=-1)
             prob = torch.exp(logits.amax(dim=-1) - torch.logsumexp(logits, dim=-1))
+            return finish(best, prob, finished, stop_ids, pad_id)
+
+        def finish(best, prob, finished, stop_ids, pad_id):
+            """Pad finished rows; mark the rows whose token is a stop token as finished."""
             best = torch.where(finished, pad_id, best)
             prob = torch.where(finished, torch.ones_like(prob), prob)
             done = finished | (best.unsqueeze(-1) == stop_ids).any(-1)
@@ -75,6 +81,7 @@ class StepKernels:
         self.attention_mask = attention_mask
         self.pick = pick
         self.pick_eager = pick
+        self.finish = finish
         if fuse:
             compile_options = dict(fullgraph=True, dynamic=False)
             self.rms_norm = torch.compile(rms_norm, **compile_options)
@@ -82,6 +89,7 @@ class StepKernels:
             self.qk_norm_rope = torch.compile(qk_norm_rope, **compile_options)
             self.attention_mask = torch.compile(attention_mask, **compile_options)
             self.pick = torch.compile(pick, **compile_options)
+            self.finish = torch.compile(finish, **compile_options)
 
     def act_mul(self, mlp, gate, up):
         """``act(gate) * up``, fused for SiLU."""
@@ -102,13 +110,15 @@ class DecodeSession:
     """Static KV cache, state buffers and the (optionally graph-captured) decode step."""
 
     def __init__(self, torch, model, parts: TextModelParts, batch: int, cache_len: int, dtype,
-                 device, kernels: StepKernels, nf4_matmul=None, linears=None):
+                 device, kernels: StepKernels, nf4_matmul=None, linears=None,
+                 compact_head=None):
         self.torch = torch
         self.model_ref = model
         self.parts = parts
         self.kernels = kernels
         self.nf4_matmul = nf4_matmul
         self.linears = dict(linears or {})  # module -> its NF4Matmul linear
+        self.compact_head = compact_head  # a CompactHead for a mostly-zero vocabulary, or None
         self.batch = batch
         self.cache_len = cache_len
         self.device = device
@@ -199,8 +209,13 @@ class DecodeSession:
             hidden, normed = kernels.add_rms_norm(
                 hidden, project(mlp.down_proj, gated), next_norm.weight,
                 next_norm.variance_epsilon)
-        logits = parts.lm_head(normed[:, 0])
-        best, prob, done = kernels.pick(logits, self.finished, self.stop_ids, self.pad_id)
+        if self.compact_head is not None:
+            best, prob = self.compact_head.best(normed[:, 0])
+            best, prob, done = kernels.finish(best, prob, self.finished, self.stop_ids,
+                                              self.pad_id)
+        else:
+            logits = parts.lm_head(normed[:, 0])
+            best, prob, done = kernels.pick(logits, self.finished, self.stop_ids, self.pad_id)
         self.out_tokens.index_copy_(1, self.step_index, best.unsqueeze(1))
         self.out_probs.index_copy_(1, self.step_index, prob.unsqueeze(1))
         self.finished.copy_(done)
@@ -252,6 +267,7 @@ class DecodeSession:
             self.graph = None
         self.keys, self.values = [], []
         self.linears = {}
+        self.compact_head = None
         self.out_tokens = self.out_probs = self.neg = self.key_valid = None
         self.model_ref = None
 

@@ -36,9 +36,10 @@ class VisionLanguageEngine:
     """Loads a Qwen3-VL checkpoint once and decodes batches of images greedily.
 
     ``generate`` may be called from any thread; calls are serialised by a lock.
-    ``decoder``: a :class:`~qwen_vl_perception.model.generation.Decoder`, or ``'auto'``
-    (the CUDA-graphed :class:`~qwen_vl_perception.model.fast_decode.FastGreedyDecoder` on a
-    GPU, ``model.generate`` on the CPU), ``'fast'`` or ``'hf'``.
+    ``decoder``: a :class:`~qwen_vl_perception.model.generation.Decoder`, or ``'auto'`` and
+    ``'fast'`` (the static-cache
+    :class:`~qwen_vl_perception.model.fast_decode.FastGreedyDecoder`, CUDA-graphed on a GPU,
+    eager on the CPU) or ``'hf'`` (``model.generate``).
     """
 
     def __init__(self, checkpoint: PathLike, device: str = 'auto', quantization: str = 'auto',
@@ -58,10 +59,7 @@ class VisionLanguageEngine:
     def _pick_decoder(self, decoder) -> Decoder:
         if decoder is None or decoder == 'hf':
             return hf_decode
-        if decoder == 'auto':
-            decoder = 'fast' if self.device.type == 'cuda' else 'hf'
-            return self._pick_decoder(decoder)
-        if decoder == 'fast':
+        if decoder in ('auto', 'fast'):
             from .fast_decode import FastGreedyDecoder
             return FastGreedyDecoder()
         if isinstance(decoder, str):

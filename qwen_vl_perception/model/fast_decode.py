@@ -235,7 +235,8 @@ class FastGreedyDecoder:
         nf4 = choices.nf4_for(device)
         session = DecodeSession(torch, model, parts, batch, cache_len, dtype, device,
                                 self._kernels_for(torch, self.fuses_elementwise(graphs)), nf4,
-                                choices.nf4_linears(model, nf4))
+                                choices.nf4_linears(model, nf4),
+                                choices.compact_head(torch, model, parts.lm_head))
         if graphs:
             choices.capture(session, self._capture_stream(torch, device),
                             lambda: self._kernels_for(torch, False))

@@ -1,8 +1,9 @@
 """Which optional kernels the fast decoder uses, and what it has learnt about them.
 
-Two kernels are optional: the fused NF4 matmul (:mod:`~qwen_vl_perception.model.nf4_matmul`,
-CUDA with Triton) for bitsandbytes 4-bit linears, and ``torch.compile``'s fusion of the decode
-step's elementwise pieces. :class:`KernelChoices` is the one place that decides whether each
+Three kernels are optional: the fused NF4 matmul (``nf4_matmul.py``, CUDA with Triton) for
+bitsandbytes 4-bit linears, ``torch.compile``'s fusion of the decode step's elementwise pieces,
+and the exact compact output head (``compact_head.py``) for a vocabulary whose rows are mostly
+zero. :class:`KernelChoices` is the one place that decides whether each
 is used and remembers a fallback: a kernel that fails is warned about once and not tried
 again. Where the NF4 kernel was asked for (``nf4_kernel=True``), a device that cannot run it
 and a prefill that fails through it are errors instead.
@@ -32,6 +33,7 @@ class KernelChoices:
         self._devices: Dict[str, object] = {}
         # model -> [(module, its NF4Matmul linear, the compute dtype it was made for)]
         self._linears = weakref.WeakKeyDictionary()
+        self._heads = weakref.WeakKeyDictionary()  # model -> its CompactHead or None
 
     # -- NF4 ------------------------------------------------------------------------------
 
@@ -145,6 +147,17 @@ class KernelChoices:
                 else:
                     raise
 
+    # -- the output head -----------------------------------------------------------------
+
+    def compact_head(self, torch, model, lm_head):
+        """``model``'s :class:`~qwen_vl_perception.model.compact_head.CompactHead`, or None
+        when its head is not mostly zero rows; found out once per model."""
+        if model not in self._heads:
+            from .compact_head import CompactHead
+            self._heads[model] = CompactHead.for_head(torch, lm_head)
+        return self._heads[model]
+
     def forget_models(self) -> None:
         """Drop what was learnt about models' layers (after a model changed in place)."""
         self._linears = weakref.WeakKeyDictionary()
+        self._heads = weakref.WeakKeyDictionary()

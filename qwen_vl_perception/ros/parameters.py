@@ -77,8 +77,8 @@ PARAMETERS = (
                   "Quantization on load: 'auto' = NF4 on CUDA unless the checkpoint is already "
                   "4-bit, as is on CPU", read_only=True, choices=QUANTIZATIONS),
     ParameterSpec('decoder', 'auto', _STRING,
-                  "Generation loop: 'auto' (CUDA-graphed static-cache decoder on a GPU, "
-                  "transformers' generate on the CPU), 'fast' or 'hf'", read_only=True,
+                  "Generation loop: 'auto' = 'fast' (static-cache decoder, CUDA-graphed on a "
+                  "GPU, eager on the CPU) or 'hf' (transformers' generate)", read_only=True,
                   choices=DECODERS),
     ParameterSpec('min_pixels', pixel_budget.NODE_MIN_PIXELS, _INT,
                   'Smallest image area fed to the model, in pixels (visual-token budget: '
