@@ -103,6 +103,13 @@ def parse_args(argv=None):
                         help="CUDA: time one decode step's NF4 linears alone (CUDA graph of "
                              "every layer's seven) at these row counts, fused kernel against "
                              'bitsandbytes')
+    parser.add_argument('--linears-only', action='store_true',
+                        help='CUDA: quantize as the nf4 variant, run --linear-rows and '
+                             '--lm-head-check, nothing else')
+    parser.add_argument('--lm-head-check', action='store_true',
+                        help='CUDA: time lm_head in bf16 against an 8-bit (fp8, per-row '
+                             'scales) decode-only copy, and their top-1 agreement on the '
+                             "model's final hidden states of the agreement batch")
     parser.add_argument('--memory-processes', action='store_true',
                         help='CUDA: measure the batch-1 peak memory of nf4 and nf4-all each in '
                              'a fresh process (nothing left over from other runs)')
@@ -344,60 +351,179 @@ def instruction_prefill(torch, timer, model, tensors, repeats):
 
 DECODE_LINEARS = (('self_attn', ('q_proj', 'k_proj', 'v_proj', 'o_proj')),
                   ('mlp', ('gate_proj', 'up_proj', 'down_proj')))
+DECODE_GROUPS = (('self_attn', ('q_proj', 'k_proj', 'v_proj')), ('self_attn', ('o_proj',)),
+                 ('mlp', ('gate_proj', 'up_proj')), ('mlp', ('down_proj',)))
+"""A decode step's launches when the layers sharing an input go together (FastGreedyDecoder)."""
+SINGLE_TIMINGS = (('self_attn', 'q_proj'), ('self_attn', 'k_proj'), ('mlp', 'gate_proj'))
+
+
+def nf4_bytes(modules):
+    """Bytes a product reads of these NF4 layers: packed codes and first-level absmax."""
+    return sum(module.weight.data.numel() * module.weight.data.element_size()
+               + module.weight.quant_state.absmax.numel()
+               * module.weight.quant_state.absmax.element_size() for module in modules)
+
+
+def graph_ms(torch, calls, replays):
+    """Device milliseconds of one replay of a CUDA graph of ``calls`` (after a warm-up run,
+    which also tunes the NF4 kernel's launch shapes), and the calls' outputs."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = [call() for call in calls]
+    graph.replay()
+    torch.cuda.synchronize()
+    # Copies: the graph's outputs live in its memory pool, which the next graph reuses.
+    outputs = [[part.clone() for part in out] if isinstance(out, (list, tuple)) else out.clone()
+               for out in outputs]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    milliseconds = start.elapsed_time(end) / replays
+    graph.reset()
+    return milliseconds, outputs
 
 
 def linear_step(torch, model, rows_list, dtype, replays=20):
-    """Device time of one decode step's NF4 linears (every layer's seven, one CUDA graph),
-    bitsandbytes' ``Linear4bit.forward`` against the fused kernel, per row count."""
+    """Device time of one decode step's NF4 linears (every layer's seven, one CUDA graph):
+    bitsandbytes' ``Linear4bit.forward``, the NF4 kernel one layer per launch, and the kernel
+    with each layer's (q, k, v) and (gate, up) in one launch as the decoder runs them; then
+    each launch shape alone (a graph of its launches over all layers: the weights stream
+    from memory as in a step). Per row count."""
     from qwen_vl_perception.model.fast_decode import text_model_parts
     from qwen_vl_perception.model.nf4_matmul import NF4Matmul
-    modules = [getattr(getattr(layer, owner), name) for layer in text_model_parts(model).layers
+    layers = text_model_parts(model).layers
+    modules = [getattr(getattr(layer, owner), name) for layer in layers
                for owner, names in DECODE_LINEARS for name in names]
-    matmul = NF4Matmul(min_rows=1)  # the kernel at every row count, one row included
+    matmul = NF4Matmul()
     fused = [matmul.linear_for(module) for module in modules]
     if any(function is None for function in fused):
         raise ValueError('not every decode linear is NF4 on CUDA')
-    weight_bytes = sum(module.weight.data.numel() * module.weight.data.element_size()
-                       + module.weight.quant_state.absmax.numel()
-                       * module.weight.quant_state.absmax.element_size() for module in modules)
+    groups = []  # (name, modules, function returning a list of outputs)
+    for layer in layers:
+        for owner, names in DECODE_GROUPS:
+            members = [getattr(getattr(layer, owner), name) for name in names]
+            if len(members) > 1:
+                function = matmul.group_linear_for(members)
+                if function is None:
+                    raise ValueError(f'{names} cannot share a launch')
+            else:
+                single = matmul.linear_for(members[0])
+                function = (lambda single: lambda x: [single(x)])(single)
+            groups.append(('+'.join(names), members, function))
+    weight_bytes = nf4_bytes(modules)
     rows_results = []
     for rows in rows_list:
-        inputs = [torch.randn(rows, 1, module.in_features, device='cuda', dtype=dtype)
-                  for module in modules]
-        entry = {'rows': rows, 'layers': len(modules), 'weights_gb': weight_bytes / GB}
-        for name, functions in (('bitsandbytes', modules), ('fused', fused)):
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for function, x in zip(functions, inputs):
-                    function(x)  # warm-up; the fused kernel tunes its launch shapes here
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outputs = [function(x) for function, x in zip(functions, inputs)]
-            graph.replay()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(replays):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            milliseconds = start.elapsed_time(end) / replays
+        inputs = {module: torch.randn(rows, 1, module.in_features, device='cuda', dtype=dtype)
+                  for module in modules}
+        entry = {'rows': rows, 'layers': len(modules), 'launches_grouped': len(groups),
+                 'weights_gb': weight_bytes / GB}
+        outputs = {}
+        for name, calls in (
+                ('bitsandbytes', [(lambda m: lambda: m(inputs[m]))(m) for m in modules]),
+                ('fused', [(lambda f, m: lambda: f(inputs[m]))(f, m)
+                           for f, m in zip(fused, modules)]),
+                ('fused_grouped', [(lambda f, m: lambda: f(inputs[m[0]]))(f, m)
+                                   for _, m, f in groups])):
+            milliseconds, outputs[name] = graph_ms(torch, calls, replays)
             entry[f'{name}_ms'] = milliseconds
             entry[f'{name}_tb_per_s'] = weight_bytes / milliseconds / 1e9
-            entry[f'{name}_outputs'] = outputs  # compared below, then dropped
-            graph.reset()
-        difference = max(float((a.float() - b.float()).abs().max() / b.float().abs().max())
-                         for a, b in zip(entry.pop('fused_outputs'),
-                                         entry.pop('bitsandbytes_outputs')))
-        entry['max_relative_difference'] = difference
+        grouped_flat = [out for outs in outputs['fused_grouped'] for out in outs]
+        entry['max_relative_difference'] = max(
+            float((a.float() - b.float()).abs().max() / b.float().abs().max())
+            for a, b in zip(outputs['fused'] + grouped_flat,
+                            outputs['bitsandbytes'] + outputs['bitsandbytes']))
+        per_shape = []
+        for name in dict.fromkeys(name for name, _, _ in groups):  # as the decoder launches
+            chosen = [(members, function) for group, members, function in groups
+                      if group == name]
+            per_shape.append(shape_timing(torch, name, [members for members, _ in chosen], [
+                (lambda f, m: lambda: f(inputs[m[0]]))(function, members)
+                for members, function in chosen], replays))
+        for owner, name in SINGLE_TIMINGS:  # the grouped layers one per launch, for comparison
+            chosen = [getattr(getattr(layer, owner), name) for layer in layers]
+            per_shape.append(shape_timing(torch, name, [[module] for module in chosen], [
+                (lambda f, m: lambda: f(inputs[m]))(matmul.linear_for(module), module)
+                for module in chosen], replays))
+        entry['per_shape'] = per_shape
         rows_results.append(entry)
         print(f"linears of one decode step, {rows} rows: bitsandbytes "
               f"{entry['bitsandbytes_ms']:.3f} ms ({entry['bitsandbytes_tb_per_s']:.2f} TB/s), "
               f"fused {entry['fused_ms']:.3f} ms ({entry['fused_tb_per_s']:.2f} TB/s), "
-              f'max relative difference {difference:.2e}', flush=True)
-    return rows_results
+              f"grouped {entry['fused_grouped_ms']:.3f} ms "
+              f"({entry['fused_grouped_tb_per_s']:.2f} TB/s), max relative difference "
+              f"{entry['max_relative_difference']:.2e}", flush=True)
+        for shape in per_shape:
+            print(f"  {shape['layers']:28} {str(shape['out_features']):20} x "
+                  f"{shape['in_features']:5}: {shape['us_per_launch']:7.2f} us per launch, "
+                  f"{shape['tb_per_s']:.2f} TB/s", flush=True)
+    return {'rows': rows_results, 'launch_shapes': matmul.tuned_shapes()}
+
+
+def shape_timing(torch, name, member_lists, calls, replays):
+    """One launch shape over all layers (a CUDA graph of ``calls``): microseconds per launch
+    and the NF4 bytes read per second."""
+    milliseconds, _ = graph_ms(torch, calls, replays)
+    members = member_lists[0]
+    return {'layers': name, 'out_features': [module.out_features for module in members],
+            'in_features': members[0].in_features, 'launches': len(calls),
+            'us_per_launch': 1000 * milliseconds / len(calls),
+            'tb_per_s': nf4_bytes([m for ms in member_lists for m in ms]) / milliseconds / 1e9}
+
+
+def lm_head_check(torch, model, tensors, rows_list, replays=20):
+    """lm_head's decode-step time in bf16 against an 8-bit copy (fp8 e4m3 weights with
+    per-row scales, the input row-scaled to fp8 too: cuBLASLt's ``_scaled_mm``), and how often
+    their greedy choice agrees, each against float32 logits, over every position of
+    ``tensors``' prompts (the model's final hidden states)."""
+    head = model.get_output_embeddings().weight
+    fp8 = torch.float8_e4m3fn
+    limit = torch.finfo(fp8).max
+    weight_scale = head.float().abs().amax(1, keepdim=True).clamp_min(1e-12) / limit
+    weight8 = (head.float() / weight_scale).to(fp8)
+
+    def head8(x):
+        rows = x.shape[0]
+        padded = torch.zeros(-(-rows // 16) * 16, x.shape[1], dtype=x.dtype, device=x.device)
+        padded[:rows] = x
+        x_scale = padded.float().abs().amax(1, keepdim=True).clamp_min(1e-12) / limit
+        x8 = (padded.float() / x_scale).to(fp8)
+        out = torch._scaled_mm(x8, weight8.t(), scale_a=x_scale, scale_b=weight_scale.t(),
+                               out_dtype=torch.bfloat16)
+        return out[:rows]
+
+    result = {'vocab': head.shape[0], 'hidden': head.shape[1],
+              'bf16_gb': head.numel() * head.element_size() / GB,
+              'fp8_gb': (weight8.numel() + weight_scale.numel() * 4) / GB, 'rows': []}
+    for rows in rows_list:
+        x = torch.randn(rows, head.shape[1], device=head.device, dtype=head.dtype)
+        bf16_ms, _ = graph_ms(torch, [lambda: torch.nn.functional.linear(x, head)], replays)
+        fp8_ms, _ = graph_ms(torch, [lambda: head8(x)], replays)
+        result['rows'].append({'rows': rows, 'bf16_ms': bf16_ms, 'fp8_ms': fp8_ms,
+                               'bf16_tb_per_s': result['bf16_gb'] / bf16_ms,
+                               'fp8_tb_per_s': result['fp8_gb'] / fp8_ms})
+    inner = model.model
+    output = inner(**{name: value for name, value in tensors.items()
+                      if name in ('input_ids', 'attention_mask', 'pixel_values',
+                                  'image_grid_thw', 'mm_token_type_ids')})
+    hidden = output.last_hidden_state[tensors['attention_mask'].bool()]  # (positions, hidden)
+    exact = (hidden.float() @ head.float().T).argmax(-1)
+    bf16 = torch.nn.functional.linear(hidden, head).float().argmax(-1)
+    eight = torch.cat([head8(chunk) for chunk in hidden.split(256)]).float().argmax(-1)
+    result.update(positions=int(hidden.shape[0]),
+                  bf16_vs_fp32=float((bf16 == exact).float().mean()),
+                  fp8_vs_fp32=float((eight == exact).float().mean()),
+                  fp8_vs_bf16=float((eight == bf16).float().mean()))
+    print(f'lm_head: {result}', flush=True)
+    return result
 
 
 def memory_only(args):
@@ -625,6 +751,16 @@ class Benchmark:
             self.error('linears', error)
         self.save()
 
+    def lm_head_check(self):
+        if not (self.args.lm_head_check and self.on_cuda):
+            return
+        try:
+            self.results['lm_head'] = lm_head_check(self.torch, self.model, self.mixed,
+                                                    self.args.linear_rows or [1, 8])
+        except Exception as error:
+            self.error('lm_head', error)
+        self.save()
+
     def prefix_check(self):
         self.results['instruction_prefill'] = instruction_prefill(
             self.torch, self.timer, self.model, self.batches[1], self.args.repeats)
@@ -668,6 +804,7 @@ class Benchmark:
         self.unfused_check(label)
         self.bnb_check(label)
         self.linear_check()
+        self.lm_head_check()
         self.prefix_check()
         self.profile(label)
         self.memory_check(f'after {label} runs')
@@ -735,7 +872,12 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
         bench.build_inputs(Path(workdir))
         bench.build_model(transformers)
-        bench.run_variants()
+        if args.linears_only:
+            bench.quantize(('lm_head', 'visual'), 'nf4 (vision unquantized)')
+            bench.linear_check()
+            bench.lm_head_check()
+        else:
+            bench.run_variants()
     bench.save()
     print()
     print(table(bench.results))

@@ -5,7 +5,8 @@ CUDA graph.
 Each new token goes through :meth:`DecodeSession.step`: norms, projections, MLP, rotary
 embedding and ``lm_head`` of the model itself, so plain, bitsandbytes 4-bit and other
 ``nn.Module`` linears all work (a linear found in ``linears`` runs through its fused NF4
-replacement instead). All three M-RoPE components of a text token after the prompt are
+replacement instead, and a tuple of modules found in ``groups``, a layer's q, k and v or gate
+and up, through one launch). All three M-RoPE components of a text token after the prompt are
 ``last prompt position + 1 + step``. Greedy argmax; each chosen token's softmax probability is
 kept (over the non-zero rows only, exactly, for a head whose rows are mostly zero:
 :mod:`~qwen_vl_perception.model.compact_head`). The elementwise pieces (:class:`StepKernels`)
@@ -111,13 +112,14 @@ class DecodeSession:
 
     def __init__(self, torch, model, parts: TextModelParts, batch: int, cache_len: int, dtype,
                  device, kernels: StepKernels, nf4_matmul=None, linears=None,
-                 compact_head=None):
+                 compact_head=None, groups=None):
         self.torch = torch
         self.model_ref = model
         self.parts = parts
         self.kernels = kernels
         self.nf4_matmul = nf4_matmul
         self.linears = dict(linears or {})  # module -> its NF4Matmul linear
+        self.groups = dict(groups or {})  # (modules sharing an input) -> one NF4Matmul launch
         self.compact_head = compact_head  # a CompactHead for a mostly-zero vocabulary, or None
         self.batch = batch
         self.cache_len = cache_len
@@ -169,6 +171,13 @@ class DecodeSession:
         """``module(x)``, through the fused NF4 kernel where it applies."""
         return self.linears.get(module, module)(x)
 
+    def project_all(self, modules, x):
+        """``[module(x) for module in modules]``, one launch where they form an NF4 group."""
+        group = self.groups.get(modules)
+        if group is not None:
+            return group(x)
+        return [self.project(module, x) for module in modules]
+
     def step(self):
         """Feed ``token`` at ``cache_position``; record the next token; advance the state."""
         torch = self.torch
@@ -187,9 +196,8 @@ class DecodeSession:
         for layer, next_norm, keys, values in zip(parts.layers, next_norms, self.keys,
                                                   self.values):
             attn = layer.self_attn
-            q = project(attn.q_proj, normed).view(batch, 1, -1, head_dim)
-            k = project(attn.k_proj, normed).view(batch, 1, -1, head_dim)
-            v = project(attn.v_proj, normed).view(batch, 1, -1, head_dim)
+            q, k, v = (out.view(batch, 1, -1, head_dim) for out in self.project_all(
+                (attn.q_proj, attn.k_proj, attn.v_proj), normed))
             q, k = kernels.qk_norm_rope(q, k, attn.q_norm.weight, attn.k_norm.weight,
                                         attn.q_norm.variance_epsilon, cos, sin)
             keys.index_copy_(2, self.cache_position, k)
@@ -204,8 +212,7 @@ class DecodeSession:
                 hidden, project(attn.o_proj, out.reshape(batch, 1, -1)), norm.weight,
                 norm.variance_epsilon)
             mlp = layer.mlp
-            gated = kernels.act_mul(mlp, project(mlp.gate_proj, normed),
-                                    project(mlp.up_proj, normed))
+            gated = kernels.act_mul(mlp, *self.project_all((mlp.gate_proj, mlp.up_proj), normed))
             hidden, normed = kernels.add_rms_norm(
                 hidden, project(mlp.down_proj, gated), next_norm.weight,
                 next_norm.variance_epsilon)
@@ -242,12 +249,17 @@ class DecodeSession:
 
     def without_nf4(self) -> None:
         """Route every linear through its own module from now on (after a failed capture)."""
-        self.nf4_matmul, self.linears = None, {}
+        self.nf4_matmul, self.linears, self.groups = None, {}, {}
 
     @property
     def nf4_layers(self) -> int:
         """How many linears of the step run through the fused NF4 replacement."""
         return sum(linear is not module for module, linear in self.linears.items())
+
+    @property
+    def nf4_groups(self) -> int:
+        """How many groups of linears sharing an input run as one launch each."""
+        return len(self.groups)
 
     def run(self, max_steps: int, sync_interval: int) -> int:
         """Decode up to ``max_steps`` tokens after the first; returns the steps taken."""
@@ -266,7 +278,7 @@ class DecodeSession:
             self.graph.reset()
             self.graph = None
         self.keys, self.values = [], []
-        self.linears = {}
+        self.linears, self.groups = {}, {}
         self.compact_head = None
         self.out_tokens = self.out_probs = self.neg = self.key_valid = None
         self.model_ref = None

@@ -18,10 +18,11 @@ same tokens; in bf16/fp16 its kernels round differently, so near-tied logits can
    sampling bookkeeping) is fused with ``torch.compile`` first when ``fuse_elementwise``
    (by default where Triton is there: torch.compile's CUDA code is Triton). On CPU the same
    step runs eagerly.
-4. On CUDA, for batches of three or more, bitsandbytes NF4 linears of the step run through
-   one fused Triton kernel (:mod:`~qwen_vl_perception.model.nf4_matmul`) that reads the 4-bit
-   weight once for every sequence of the batch, where bitsandbytes dequantizes whole weights
-   to bf16 first. During prefill the NF4 linears of the whole model dequantize with one
+4. On CUDA the step's bitsandbytes NF4 linears run through one Triton kernel
+   (:mod:`~qwen_vl_perception.model.nf4_matmul`) that decodes the 4-bit weight in registers
+   once for every sequence of the batch (bitsandbytes dequantizes whole weights to bf16 first
+   for two or more); a layer's q, k and v projections share one launch, and so do gate and
+   up. During prefill the NF4 linears of the whole model dequantize with one
    kernel each and multiply with ``linear``, skipping bitsandbytes' Python layers (prefill is
    bound by host time). ``nf4_kernel=False`` keeps bitsandbytes' own path everywhere.
 
@@ -158,10 +159,17 @@ class FastGreedyDecoder:
     @property
     def last_session_nf4_layers(self) -> int:
         """How many NF4 layers the session of the last call routes through
-        :class:`~qwen_vl_perception.model.nf4_matmul.NF4Matmul` (its fused kernel from 3 rows,
-        bitsandbytes' GEMV below); 0 before any call or after :meth:`clear`."""
+        :class:`~qwen_vl_perception.model.nf4_matmul.NF4Matmul`; 0 before any call or after
+        :meth:`clear`."""
         session = self._last_session()
         return 0 if session is None else session.nf4_layers
+
+    @property
+    def last_session_nf4_groups(self) -> int:
+        """How many groups of NF4 layers sharing an input (a layer's q, k, v; gate, up) the
+        session of the last call runs as one launch each; 0 before any call."""
+        session = self._last_session()
+        return 0 if session is None else session.nf4_groups
 
     def step_eagerly(self, steps: int = 1) -> None:
         """Run the last call's decode step ``steps`` times without its CUDA graph (to profile
@@ -233,10 +241,11 @@ class FastGreedyDecoder:
             return session, False
         choices = self.kernel_choices
         nf4 = choices.nf4_for(device)
+        linears = choices.nf4_linears(model, nf4)
         session = DecodeSession(torch, model, parts, batch, cache_len, dtype, device,
                                 self._kernels_for(torch, self.fuses_elementwise(graphs)), nf4,
-                                choices.nf4_linears(model, nf4),
-                                choices.compact_head(torch, model, parts.lm_head))
+                                linears, choices.compact_head(torch, model, parts.lm_head),
+                                choices.nf4_groups(parts, nf4, linears))
         if graphs:
             choices.capture(session, self._capture_stream(torch, device),
                             lambda: self._kernels_for(torch, False))

@@ -70,6 +70,22 @@ class KernelChoices:
             self._linears[model] = cached
         return {module: linear for module, linear, _ in cached}
 
+    @staticmethod
+    def nf4_groups(parts, nf4, linears) -> dict:
+        """Each layer's (q, k, v) and (gate, up) projections -> one launch computing them,
+        where ``nf4`` can group them (all in ``linears``, same input size and quantization)."""
+        groups = {}
+        if nf4 is None:
+            return groups
+        for layer in parts.layers:
+            for modules in ((layer.self_attn.q_proj, layer.self_attn.k_proj,
+                             layer.self_attn.v_proj), (layer.mlp.gate_proj, layer.mlp.up_proj)):
+                if all(module in linears for module in modules):
+                    group = nf4.group_linear_for(modules)
+                    if group is not None:
+                        groups[modules] = group
+        return groups
+
     def nf4_layer_count(self, model) -> int:
         """How many of ``model``'s layers have an NF4 replacement made (0 if none yet)."""
         return len(self._linears.get(model) or ())

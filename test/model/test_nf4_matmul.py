@@ -1,4 +1,5 @@
-"""The fused NF4 matmul: Triton's CPU interpreter here, the real kernel where a GPU is."""
+"""The NF4 decode matmul: its PTX lookup run by a small PTX interpreter, the kernel in
+Triton's CPU interpreter here, the real kernel where a GPU is."""
 import importlib.util
 import os
 import subprocess
@@ -13,7 +14,8 @@ bnb = pytest.importorskip('bitsandbytes')
 
 from qwen_vl_perception.model.fast_decode import FastGreedyDecoder  # noqa: E402
 from qwen_vl_perception.model.nf4_matmul import (  # noqa: E402
-    MAX_ROWS, LaunchShape, NF4Matmul, kernel_unavailable_reason, nf4_weight)
+    MAX_ROWS, NF4_TABLE, LaunchShape, NF4Matmul, asm_constraints, kernel_unavailable_reason,
+    lookup_asm, nf4_weight)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 triton_missing = importlib.util.find_spec('triton') is None
@@ -68,27 +70,99 @@ def test_kernel_matches_bitsandbytes_dequantization_in_the_interpreter():
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     checked = int(result.stdout.strip().splitlines()[-1].split()[0])
-    assert checked >= 40, result.stdout[-3000:]
-    for lookup in (0, 1):
-        for unroll in (1, 2):
-            assert f'lookup={lookup}, unroll={unroll}' in result.stdout
+    assert checked >= 100, result.stdout[-3000:]
+    assert 'group (64, 32, 96)' in result.stdout and 'splits=4' in result.stdout
 
 
-def test_launch_shapes_split_the_reduction_evenly():
-    for out_features, in_features in [(4096, 2560), (2560, 9728), (1024, 2560), (72, 64)]:
-        shapes = NF4Matmul.candidates(out_features, in_features, 264)
+def test_launch_shapes_split_the_reduction_into_non_empty_parts():
+    for widths, in_features in [(4096, 2560), (2560, 9728), (1024, 2560), (72, 64),
+                                ((4096, 1024, 1024), 2560), ((9728, 9728), 2560)]:
+        shapes = NF4Matmul.candidates(widths, in_features, 132)
         assert shapes and len(set(shapes)) == len(shapes)
-        assert {shape.lookup for shape in shapes} == {0, 1}
         blocks = in_features // 64
         for shape in shapes:
-            assert blocks % shape.splits == 0
-            assert (blocks // shape.splits) % shape.unroll == 0
-    # 2560 x 4096: 20 column tiles of 128 and 64 blocks; 16 splits (2 x 2 blocks each) come
-    # nearest to 264 programs.
-    default = NF4Matmul.candidates(2560, 4096, 264)[0]
-    assert (default.block_n, default.splits, default.lookup, default.unroll) == (128, 16, 0, 2)
-    # A table other than bitsandbytes' NF4 one: only the gather lookup reads it.
-    assert {shape.lookup for shape in NF4Matmul.candidates(2560, 4096, 264, False)} == {1}
+            per_split = -(-blocks // shape.splits)
+            assert 1 <= shape.splits <= max(1, blocks // 2)
+            assert (shape.splits - 1) * per_split < blocks  # the last split has work
+    # 2560 x 9728: 20 tiles of 128 rows; 132 programs want 7 splits of 22 blocks each.
+    default = NF4Matmul.candidates(2560, 9728, 132)[0]
+    assert (default.block_n, default.splits, default.num_warps) == (128, 7, 4)
+
+
+class _PTX:
+    """Runs the few PTX instructions :func:`lookup_asm` emits (a check of the program, not of
+    the GPU: the CUDA tests run it there)."""
+
+    MASK = 0xFFFFFFFF
+
+    def __init__(self, operands):
+        self.registers = {f'${index}': value for index, value in enumerate(operands)}
+
+    def value(self, token):
+        token = token.strip()
+        if token in self.registers:
+            return self.registers[token]
+        return int(token, 0)
+
+    @staticmethod
+    def prmt(a, b, selector):
+        pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF
+                                                            for i in range(4)]
+        out = 0
+        for position in range(4):
+            nibble = (selector >> (4 * position)) & 0xF
+            byte = pool[nibble & 7]
+            if nibble & 8:  # sign-replicate mode
+                byte = 0xFF if byte & 0x80 else 0
+            out |= byte << (8 * position)
+        return out
+
+    def run(self, program):
+        for line in program.splitlines():
+            line = line.strip().rstrip(';')
+            if line in ('{', '}') or line.startswith('.reg'):
+                continue
+            opcode, rest = line.split(None, 1)
+            target, *sources = [part.strip() for part in rest.split(',')]
+            a, *more = [self.value(source) for source in sources]
+            if opcode == 'and.b32':
+                result = a & more[0]
+            elif opcode == 'mul.hi.u32':
+                result = (a * more[0]) >> 32
+            elif opcode == 'mad.hi.u32':
+                result = ((a * more[0]) >> 32) + more[1]
+            elif opcode == 'lop3.b32':
+                b, c, table = more
+                result = 0
+                for bit in range(32):
+                    index = ((a >> bit & 1) << 2) | ((b >> bit & 1) << 1) | (c >> bit & 1)
+                    result |= ((table >> index) & 1) << bit
+            elif opcode == 'prmt.b32':
+                result = self.prmt(a, *more)
+            else:
+                raise AssertionError(f'unexpected instruction {line}')
+            self.registers[target] = result & self.MASK
+        return self.registers
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('table', ['nf4', 'other'])
+def test_lookup_asm_decodes_every_byte_to_its_two_table_values(dtype, table):
+    values = NF4_TABLE if table == 'nf4' else [(-1) ** i * (i + 0.25) / 7 for i in range(16)]
+    bits = torch.tensor(values).to(dtype).view(torch.int16).tolist()
+    bits = [value & 0xFFFF for value in bits]
+    program = lookup_asm(values, dtype)
+    pack = 16
+    assert asm_constraints(pack).count('=r') == pack and asm_constraints(pack).count(',r') == 4
+    for first in range(0, 256, pack):  # every byte value once, 16 per program run
+        packed = list(range(first, first + pack))
+        words = [sum(packed[4 * w + i] << (8 * i) for i in range(4)) for w in range(4)]
+        registers = _PTX([0] * pack + words).run(program)
+        outputs = [registers[f'${index}'] for index in range(pack)]
+        halves = [(register >> (16 * half)) & 0xFFFF for register in outputs for half in (0, 1)]
+        even, odd = halves[:pack], halves[pack:]
+        assert even == [bits[byte >> 4] for byte in packed]
+        assert odd == [bits[byte & 15] for byte in packed]
 
 
 def test_the_kernel_applies_only_to_nf4_weights_on_cuda():
@@ -125,8 +199,15 @@ def test_bad_inputs_and_launch_shapes_are_refused_before_launching():
         matmul.dequantized_linear(torch.randn(4, 96, dtype=torch.bfloat16), weight)
     with pytest.raises(ValueError, match='features'):
         matmul(torch.randn(4, 96, dtype=torch.bfloat16), weight)
-    with pytest.raises(ValueError, match='evenly'):  # 128 features = 2 blocks of 64
+    with pytest.raises(ValueError, match='too many'):  # 128 features = 2 blocks of 64
         matmul(torch.randn(4, 128, dtype=torch.bfloat16), weight, LaunchShape(64, 3))
+    with pytest.raises(ValueError, match='at most'):
+        matmul(torch.randn(MAX_ROWS + 1, 128, dtype=torch.bfloat16), weight)
+    other = nf4_weight(nf4_linear(64, 128, torch.float16, device='cpu'), require_cuda=False)
+    with pytest.raises(ValueError, match='share'):
+        matmul.grouped(torch.randn(2, 128, dtype=torch.bfloat16), [weight, other])
+    with pytest.raises(ValueError, match='1 to 3'):
+        matmul.grouped(torch.randn(2, 128, dtype=torch.bfloat16), [weight] * 4)
     with pytest.raises(ValueError, match='min_rows'):
         NF4Matmul(min_rows=0)
 
@@ -143,7 +224,8 @@ def test_decoder_refuses_the_kernel_where_it_cannot_run():
 @pytest.mark.parametrize('shape', [(200, 320), (1024, 2560)])
 def test_cuda_kernel_matches_the_dequantized_product(compute_dtype, nested, shape):
     module = nf4_linear(*shape, compute_dtype, nested=nested)
-    linear = NF4Matmul(min_rows=1).linear_for(module)
+    matmul = NF4Matmul()
+    linear = matmul.linear_for(module)
     assert linear is not None
     for rows in (1, 3, 8, MAX_ROWS):
         x = torch.randn(rows, 1, shape[1], device='cuda', dtype=torch.bfloat16)
@@ -155,6 +237,46 @@ def test_cuda_kernel_matches_the_dequantized_product(compute_dtype, nested, shap
         # bitsandbytes' own result is as far from the reference as ours, or farther.
         theirs = (module(x).float() - expected).abs().max().item()
         assert (out.float() - expected).abs().max().item() <= max(theirs, 1e-3 * scale) * 2
+    weight = nf4_weight(module)
+    for shape_choice in matmul.candidates(shape[0], shape[1], 132):  # every one the tuner has
+        x = torch.randn(5, shape[1], device='cuda', dtype=torch.bfloat16)
+        expected = dequantized_reference(module, x)
+        out = matmul(x, weight, shape_choice)
+        assert torch.isfinite(out).all()
+        error = (out.float() - expected).abs().max().item()
+        assert error <= 1e-2 * expected.abs().max().item(), shape_choice
+
+
+@cuda
+@pytest.mark.parametrize('compute_dtype', [torch.bfloat16, torch.float16])
+def test_cuda_grouped_launch_matches_each_layer(compute_dtype):
+    modules = [nf4_linear(width, 640, compute_dtype, bias=False, seed=seed)
+               for seed, width in enumerate((384, 128, 128))]
+    matmul = NF4Matmul()
+    group = matmul.group_linear_for(modules)
+    assert group is not None
+    assert matmul.group_linear_for([modules[0], nf4_linear(64, 320, compute_dtype)]) is None
+    for rows in (1, 4, MAX_ROWS, MAX_ROWS + 3):  # the last: each layer its own way
+        x = torch.randn(rows, 640, device='cuda', dtype=torch.bfloat16)
+        outs = group(x)
+        assert [tuple(out.shape) for out in outs] == [(rows, 384), (rows, 128), (rows, 128)]
+        for out, module in zip(outs, modules):
+            expected = dequantized_reference(module, x)
+            assert (out.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
+@cuda
+def test_cuda_split_reduction_is_deterministic_and_leaves_its_counters_reset():
+    module = nf4_linear(512, 4096, torch.bfloat16, bias=False)
+    matmul = NF4Matmul()
+    weight = nf4_weight(module)
+    shape = LaunchShape(64, 8)
+    x = torch.randn(3, 4096, device='cuda', dtype=torch.bfloat16)
+    first = matmul(x, weight, shape)
+    for _ in range(20):  # a counter left non-zero would make a later launch skip its output
+        assert torch.equal(matmul(x, weight, shape), first)
+    expected = dequantized_reference(module, x)
+    assert (first.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
 
 
 @cuda
@@ -175,9 +297,9 @@ def test_cuda_prefill_path_dequantizes_to_bitsandbytes_values(compute_dtype, nes
 
 
 @cuda
-def test_cuda_kernel_leaves_one_or_two_rows_to_bitsandbytes_and_replays_in_a_graph():
+def test_cuda_kernel_leaves_rows_below_min_rows_to_bitsandbytes_and_replays_in_a_graph():
     module = nf4_linear(256, 512, torch.bfloat16)
-    linear = NF4Matmul().linear_for(module)
+    linear = NF4Matmul(min_rows=3).linear_for(module)
     for rows in (1, 2):  # below min_rows: bitsandbytes' own forward
         x = torch.randn(rows, 512, device='cuda', dtype=torch.bfloat16)
         assert torch.equal(linear(x), module(x))
@@ -202,20 +324,23 @@ def test_decoder_with_the_kernel_agrees_with_bitsandbytes_path():
             for name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear):
                     setattr(parent, name, _quantized_copy(child))
-    inputs = {k: v.cuda() for k, v in make_inputs(  # four rows: the kernel's range
-        [(5, 7, (1, 4, 6)), (2, 3, (1, 6, 8)), (4, 4, (1, 4, 4)), (6, 1, None)]).items()}
-    plain = FastGreedyDecoder(nf4_kernel=False)
-    reference, _ = plain(model, inputs, 32, [])
-    fused = FastGreedyDecoder(nf4_kernel=True)
-    tokens, probs = fused(model, inputs, 32, STOPS)
-    assert fused.last_session_nf4_layers == 7 * len(language_model.layers)
-    assert fused.kernel_choices.nf4_matmul.tuned_rows == {4}  # tuned, so it ran at 4 rows
-    # Prefill ran through the kernels too, and every module has its own forward back.
-    assert fused.kernel_choices.nf4_layer_count(model) == 7 * len(language_model.layers)
-    assert not any('forward' in module.__dict__ for module in model.modules())
-    choices = fused.choices_given(model, inputs, reference)
-    same = sum(a == b for row, ref in zip(choices, reference) for a, b in zip(row, ref))
-    assert same >= 0.9 * 32 * len(reference)
+    layers = len(language_model.layers)
+    for prompts in ([(5, 7, (1, 4, 6)), (2, 3, (1, 6, 8)), (4, 4, (1, 4, 4)), (6, 1, None)],
+                    [(3, 5, (1, 4, 6))]):  # four rows, then one
+        inputs = {k: v.cuda() for k, v in make_inputs(prompts).items()}
+        plain = FastGreedyDecoder(nf4_kernel=False)
+        reference, _ = plain(model, inputs, 32, [])
+        fused = FastGreedyDecoder(nf4_kernel=True)
+        fused(model, inputs, 32, STOPS)
+        assert fused.last_session_nf4_layers == 7 * layers
+        assert fused.last_session_nf4_groups == 2 * layers  # (q, k, v) and (gate, up)
+        assert fused.kernel_choices.nf4_matmul.tuned_rows == {len(prompts)}
+        # Prefill ran through the kernels too, and every module has its own forward back.
+        assert fused.kernel_choices.nf4_layer_count(model) == 7 * layers
+        assert not any('forward' in module.__dict__ for module in model.modules())
+        choices = fused.choices_given(model, inputs, reference)
+        same = sum(a == b for row, ref in zip(choices, reference) for a, b in zip(row, ref))
+        assert same >= 0.9 * 32 * len(reference)
 
 
 def _quantized_copy(child):
@@ -250,6 +375,9 @@ class _CountingMatmul:
                 raise RuntimeError('kernel failed to compile')
             return own_forward(module, x)
         return linear
+
+    def group_linear_for(self, modules):
+        return None  # each layer on its own
 
 
 def test_decoder_prefill_swaps_forwards_in_and_out_and_follows_compute_dtype():

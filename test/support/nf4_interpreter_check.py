@@ -1,9 +1,10 @@
-"""Run the fused NF4 kernel in Triton's CPU interpreter against bitsandbytes' dequantization.
+"""Run the NF4 decode kernel in Triton's CPU interpreter against bitsandbytes' dequantization.
 
 Started by ``test_nf4_matmul.py`` in its own process (``TRITON_INTERPRET`` must be set before
-Triton is imported). Every launch shape the tuner may pick (select tree and gather lookups,
-unrolled or not, split or not), nested and plain absmax. float16 only: the interpreter's
-``tl.dot`` mishandles bfloat16 (the CUDA tests cover it). Then the prefill path's
+Triton is imported). Every launch shape the tuner may pick (rows per program, split or not),
+nested and plain absmax, single weights and groups of two and three. The interpreter cannot
+run inline PTX, so the table lookup is its gather form here (the CUDA tests run the PTX one).
+float16 only: the interpreter's ``tl.dot`` mishandles bfloat16. Then the prefill path's
 dequantization in bfloat16 and float16. Prints one line per check and exits non-zero on the
 first mismatch.
 """
@@ -19,6 +20,7 @@ from qwen_vl_perception.model.nf4_matmul import NF4Matmul, NF4Weight  # noqa: E4
 
 CASES = [  # out features, in features, rows; 72 x 512: the last row tile is partly padding
     (96, 256, 3), (64, 512, 1), (40, 128, 16), (72, 64, 5), (72, 512, 2)]
+GROUPS = [((64, 32, 96), 256, 4), ((40, 72), 192, 1)]
 
 
 def weight_view(packed, state, nested, bias, dtype):
@@ -33,30 +35,55 @@ def weight_view(packed, state, nested, bias, dtype):
                      nested, nested_block, out_features, in_features, bias, dtype)
 
 
+def quantized(out_features, in_features, nested, dtype, bias=True):
+    weight = torch.randn(out_features, in_features)
+    packed, state = bnb_functional.quantize_4bit(
+        weight, blocksize=64, compress_statistics=nested, quant_type='nf4')
+    dequantized = bnb_functional.dequantize_4bit(packed, state).to(dtype).float()
+    bias = torch.randn(out_features).to(dtype) if bias else None
+    return weight_view(packed, state, nested, bias, dtype), dequantized
+
+
+def compare(name, outs, expected, rows):
+    for out, reference in zip(outs, expected):
+        if out.shape != (rows, 1, reference.shape[-1]):
+            print(f'{name}: shape {tuple(out.shape)}', file=sys.stderr)
+            return False
+        error = (out[:, 0].float() - reference).abs().max().item()
+        limit = 2e-3 * reference.abs().max().item()
+        line = f'{name}: max error {error:.4g} (limit {limit:.4g})'
+        print(line)
+        if not error <= limit:
+            print('MISMATCH', file=sys.stderr)
+            return False
+    return True
+
+
 def main():
     torch.manual_seed(0)
     dtype = torch.float16
     checked = 0
     for nested in (True, False):
         for out_features, in_features, rows in CASES:
-            weight = torch.randn(out_features, in_features)
-            packed, state = bnb_functional.quantize_4bit(
-                weight, blocksize=64, compress_statistics=nested, quant_type='nf4')
-            dequantized = bnb_functional.dequantize_4bit(packed, state).to(dtype).float()
-            bias = torch.randn(out_features).to(dtype)
-            view = weight_view(packed, state, nested, bias, dtype)
+            view, dequantized = quantized(out_features, in_features, nested, dtype)
             x = torch.randn(rows, 1, in_features).to(dtype)
-            expected = x.float() @ dequantized.T + bias.float()
+            expected = x[:, 0].float() @ dequantized.T + view.bias.float()
             matmul = NF4Matmul(tune=False)
-            for shape in matmul.candidates(out_features, in_features, 8):
+            for shape in matmul.candidates(out_features, in_features, 4):
                 out = matmul(x, view, shape)
-                error = (out.float() - expected).abs().max().item()
-                limit = 2e-3 * expected.abs().max().item()
-                line = (f'nested={nested} {out_features}x{in_features} rows={rows} {shape}: '
-                        f'max error {error:.4g} (limit {limit:.4g})')
-                print(line)
-                if out.shape != (rows, 1, out_features) or not error <= limit:
-                    print('MISMATCH', file=sys.stderr)
+                if not compare(f'nested={nested} {out_features}x{in_features} rows={rows} '
+                               f'{shape}', [out], [expected], rows):
+                    return 1
+                checked += 1
+        for widths, in_features, rows in GROUPS:
+            made = [quantized(width, in_features, nested, dtype, bias=False) for width in widths]
+            x = torch.randn(rows, 1, in_features).to(dtype)
+            expected = [x[:, 0].float() @ dequantized.T for _, dequantized in made]
+            matmul = NF4Matmul(tune=False)
+            for shape in matmul.candidates(widths, in_features, 4):
+                outs = matmul.grouped(x, [view for view, _ in made], shape)
+                if not compare(f'nested={nested} group {widths}x{in_features} rows={rows} '
+                               f'{shape}', outs, expected, rows):
                     return 1
                 checked += 1
     for dtype in (torch.bfloat16, torch.float16):  # the prefill path's dequantization
