@@ -422,8 +422,10 @@ def linear_step(torch, model, rows_list, dtype, replays=20):
     weight_bytes = nf4_bytes(modules)
     rows_results = []
     for rows in rows_list:
-        inputs = {module: torch.randn(rows, 1, module.in_features, device='cuda', dtype=dtype)
-                  for module in modules}
+        inputs = {}  # the layers of a group get one input, as in a decode step
+        for _, members, _ in groups:
+            x = torch.randn(rows, 1, members[0].in_features, device='cuda', dtype=dtype)
+            inputs.update((member, x) for member in members)
         entry = {'rows': rows, 'layers': len(modules), 'launches_grouped': len(groups),
                  'weights_gb': weight_bytes / GB}
         outputs = {}
