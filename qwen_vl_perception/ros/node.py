@@ -219,7 +219,7 @@ class PerceptionNode(Node):
         missing = triton_missing_reason() if engine.device.type == 'cuda' else None
         if missing:  # e.g. a JetPack torch: everything runs, the fused kernels stay off
             self.get_logger().info(f'{missing}: decoding without the fused kernels '
-                                   "(torch.compile, NF4 for 3+ frames); bitsandbytes' path")
+                                   "(torch.compile, the NF4 decode kernel); bitsandbytes' path")
         return engine
 
     # ---------------------------------------------------------------------------- callbacks
