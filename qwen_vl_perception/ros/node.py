@@ -4,12 +4,21 @@ A thin rclpy shell over the core (:mod:`qwen_vl_perception.detector`). Camera ca
 validate and convert the image and hand it to a worker thread (newest frame wins); the worker
 decodes compressed images, runs the model and publishes. Parameter services stay responsive
 during decoding and inference.
+
+With ``backend: openai`` the model is served elsewhere (:mod:`qwen_vl_perception.backends`):
+the worker hands each camera's newest frame to a request thread as soon as that camera has
+none in flight and fewer than ``server_max_in_flight`` are; a request thread decodes, asks the
+server and publishes, so each camera's results leave in the order of its frames. While the
+server is unreachable no frame is sent (the engine asks again with a back-off) and
+/diagnostics says WARN; a failed request drops its frame, is counted and logged once per run
+of failures.
 """
 import functools
 import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -28,6 +37,9 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 from vision_msgs.msg import Detection2DArray, LabelInfo
 
+from ..backends.http_client import (AuthenticationError, BadAnswer, HttpStatusError,
+                                    RequestTimedOut, ServerError)
+from ..backends.openai_engine import OpenAIEngine, ServerModelError
 from ..detector import Detector, FrameDetections, prepare_settings
 from ..drawing import draw_detections
 from ..frame_slot import LatestFrameSlots
@@ -69,6 +81,9 @@ class Counters:
     publish_errors: int = 0
     batches: int = 0
     largest_batch: int = 0
+    requests_timed_out: int = 0
+    """backend openai: failed requests (in ``inference_errors``) that got no answer in time."""
+    largest_in_flight: int = 0
     last_latency_s: float = 0.0
     last_inference_s: float = 0.0
     last_inference_start: float = 0.0
@@ -83,7 +98,7 @@ class PerceptionNode(Node):
         from its ``model_path``/``device``/``quantization`` parameters."""
         super().__init__('qwen_vl_perception', **node_kwargs)
         try:
-            declare_parameters(self, names=('model_path', 'quantization'))
+            declare_parameters(self, names=('model_path', 'quantization', 'backend'))
             budget = trained_pixel_budget(self._model_dir())
             declare_parameters(self, defaults=budget)
         except ParameterException as error:  # a wrong type or range in a params file
@@ -107,8 +122,11 @@ class PerceptionNode(Node):
             prepare_settings(settings)
         except ValueError as error:
             raise StartupError(f'invalid parameters: {error}') from error
+        self._owns_engine = engine is None
         if engine is None:
-            engine = self._load_engine()
+            engine = (self._connect_server() if value('backend') == 'openai'
+                      else self._load_engine())
+        self._remote = isinstance(engine, OpenAIEngine)
         self._detector = Detector(engine, settings)
         self._enabled = bool(value('enabled'))
         self._max_rate_hz = float(value('max_rate_hz'))
@@ -116,7 +134,9 @@ class PerceptionNode(Node):
         self.counters = Counters()
         self._slots = LatestFrameSlots()
         self._last_inference_failed = False
-        self._count_lock = threading.Lock()  # invalid images are counted by two threads
+        self._count_lock = threading.Lock()  # counters written by several threads
+        self._failure_burst = 0  # failed requests since the last answer (backend openai)
+        self._last_failure = ''
 
         self._detections_pub = self.create_publisher(Detection2DArray, 'detections',
                                                      qos_profile_system_default)
@@ -150,13 +170,22 @@ class PerceptionNode(Node):
         # The slots close when the context shuts down (rclpy destroys the node first where it
         # tracks nodes, which closes them too); a publish already failing then is not counted.
         self.context.on_shutdown(self._slots.close)
-        self._worker = threading.Thread(target=self._work, name='qwen_vl_inference',
-                                        daemon=True)
+        self._requests = None
+        if self._remote:
+            self._max_in_flight = int(value('server_max_in_flight'))
+            self._requests = ThreadPoolExecutor(self._max_in_flight,
+                                                thread_name_prefix='qwen_vl_request')
+            self._worker = threading.Thread(target=self._dispatch, name='qwen_vl_dispatch',
+                                            daemon=True)
+            where = f'{engine.description}, up to {self._max_in_flight} requests in flight'
+        else:
+            self._worker = threading.Thread(target=self._work, name='qwen_vl_inference',
+                                            daemon=True)
+            where = f'model on {engine.device}'
         self._worker.start()
         count = len(settings.categories)
         self.get_logger().info(
-            f"ready: {count} {'category' if count == 1 else 'categories'}, model on "
-            f"{engine.device}, "
+            f"ready: {count} {'category' if count == 1 else 'categories'}, {where}, "
             f"subscribed to {', '.join(self.resolve_topic_name(t) for t in self._image_topics)}"
             f"{' (compressed)' if compressed else ''}")
 
@@ -189,7 +218,9 @@ class PerceptionNode(Node):
         if getattr(self, '_resolved_model_dir', None) is None:
             path = self._value('model_path')
             if path == DEFAULT_MODEL_NAME:
-                form = 'none' if self._value('quantization') == 'none' else 'nf4'
+                # a served model's folder is only read (prompt, pixel budget): no NF4 needed
+                form = ('none' if self._value('quantization') == 'none'
+                        or self._value('backend') == 'openai' else 'nf4')
                 try:
                     path = str(ensure_default_model(form, log=self.get_logger().info))
                 except Exception as error:  # any failure to unpack/quantize stops start-up
@@ -221,6 +252,46 @@ class PerceptionNode(Node):
             self.get_logger().info(f'{missing}: decoding without the fused kernels '
                                    "(torch.compile, the NF4 decode kernel); bitsandbytes' path")
         return engine
+
+    def _connect_server(self) -> OpenAIEngine:
+        """The served model's engine. A server that answers but refuses the key, does not
+        serve ``server_model`` or is no OpenAI API stops start-up; one that cannot be reached
+        (or answers 5xx) does not: the node starts and retries."""
+        value = self._value
+        try:
+            engine = OpenAIEngine.for_model(
+                value('server_url'), self._model_dir() or None,
+                min_pixels=value('min_pixels'), max_pixels=value('max_pixels'),
+                model=value('server_model'), api_key_env=value('server_api_key_env'),
+                timeout_s=value('server_timeout_s'),
+                max_in_flight=value('server_max_in_flight'))
+        except ValueError as error:
+            raise StartupError(str(error)) from error
+        try:
+            served = engine.connect()
+        except (AuthenticationError, ServerModelError, BadAnswer) as error:
+            hint = ''
+            if isinstance(error, AuthenticationError):
+                key_env = value('server_api_key_env')
+                hint = (f' (the key comes from the environment variable {key_env})' if key_env
+                        else ' (no key sent: set server_api_key_env to the name of an '
+                        'environment variable holding it)')
+            raise StartupError(f'{error}{hint}') from error
+        except HttpStatusError as error:
+            if error.status < 500:
+                raise StartupError(str(error)) from error
+            self._warn_unreachable(engine, error)
+        except ServerError as error:
+            self._warn_unreachable(engine, error)
+        else:
+            self.get_logger().info(f"{engine.server_url} serves {', '.join(served)}; using "
+                                   f'{engine.model_name!r}')
+        return engine
+
+    def _warn_unreachable(self, engine: OpenAIEngine, error: ServerError) -> None:
+        self.get_logger().warning(
+            f'the server is not answering yet: {error}; starting anyway, retrying every '
+            f'{engine.status.retry_in_s:.0f}-10 s (/diagnostics: WARN until it answers)')
 
     # ---------------------------------------------------------------------------- callbacks
     def _accept(self, message, convert, source: str) -> None:
@@ -310,27 +381,103 @@ class PerceptionNode(Node):
             self.counters.batches += 1
             self.counters.largest_batch = max(self.counters.largest_batch, len(frames))
             for frame, result in zip(frames, results):
-                with self._slots.held_open() as still_open:  # shutdown waits for this frame
-                    if not still_open:
-                        return  # shutting down: the publishers may be gone
-                    try:
-                        self._publish(frame, result)
-                    except Exception as error:  # noqa: BLE001 - one bad frame must not stop
-                        if not self.context.ok():  # shut down under the node by its host
-                            return
-                        self.counters.publish_errors += 1
-                        self.get_logger().error(f'publishing failed: {error!r}',
-                                                throttle_duration_sec=5.0)
+                if not self._publish_safely(frame, result):
+                    return
+
+    def _dispatch(self) -> None:
+        """backend openai: hand each camera's newest frame to a request thread while the
+        server is reachable (module docstring)."""
+        engine = self._detector.engine
+        next_start = 0.0
+        while not self._slots.closed:
+            while self._max_rate_hz > 0.0 and not self._slots.closed:
+                wait = next_start - time.monotonic()
+                if wait <= 0.0:
+                    break
+                time.sleep(min(wait, 0.1))
+            if not engine.ready():  # frames wait in their slots (the newest wins)
+                time.sleep(min(0.1, max(engine.status.retry_in_s, 0.01)))
+                continue
+            taken = self._slots.take_free(self._max_in_flight, timeout=0.5)
+            if not taken:
+                continue
+            now = time.monotonic()
+            self.counters.last_inference_start = now
+            if self._max_rate_hz > 0.0:
+                next_start = now + len(taken) / self._max_rate_hz
+            with self._count_lock:
+                self.counters.largest_in_flight = max(self.counters.largest_in_flight,
+                                                      self._slots.out)
+            for source, frame in taken:
+                self._requests.submit(self._serve_frame, source, frame)
+
+    def _serve_frame(self, source, frame: Frame) -> None:
+        """One frame through the server, published; its camera may then send the next."""
+        try:
+            if not self._decoded(frame):
+                return
+            try:
+                result = self._detector.detect([frame.rgb])[0]
+            except Exception as error:  # noqa: BLE001 - the node must survive any failure
+                self._request_failed(error)
+                return
+            self._request_answered()
+            self._publish_safely(frame, result)
+        finally:
+            self._slots.release(source)
+
+    def _request_failed(self, error: Exception) -> None:
+        if self._slots.closed:
+            return  # shutting down: requests in flight are cut off, no failure of the server
+        reason = str(error) if isinstance(error, ServerError) else repr(error)
+        with self._count_lock:
+            self.counters.inference_errors += 1
+            self.counters.requests_timed_out += int(isinstance(error, RequestTimedOut))
+            self._failure_burst += 1
+            first = self._failure_burst == 1
+            self._last_failure = reason
+            self._last_inference_failed = True
+        if first:
+            self.get_logger().error(f'a request failed, its frame is dropped: {reason} (further '
+                                    'failures are counted in inference_errors, not logged, '
+                                    'until the server answers again)')
+
+    def _request_answered(self) -> None:
+        with self._count_lock:
+            failed, self._failure_burst = self._failure_burst, 0
+            self._last_inference_failed = False
+            self.counters.batches += 1
+            self.counters.largest_batch = 1
+        if failed:
+            self.get_logger().info(f'the server answers again ({failed} request'
+                                   f"{'s' if failed != 1 else ''} failed before)")
+
+    def _publish_safely(self, frame: Frame, result: FrameDetections) -> bool:
+        """Publish one frame's results unless shutting down; False once shutting down."""
+        with self._slots.held_open() as still_open:  # shutdown waits for this frame
+            if not still_open:
+                return False  # shutting down: the publishers may be gone
+            try:
+                self._publish(frame, result)
+            except Exception as error:  # noqa: BLE001 - one bad frame must not stop
+                if not self.context.ok():  # shut down under the node by its host
+                    return False
+                with self._count_lock:
+                    self.counters.publish_errors += 1
+                self.get_logger().error(f'publishing failed: {error!r}',
+                                        throttle_duration_sec=5.0)
+        return True
 
     def _publish(self, frame: Frame, result: FrameDetections) -> None:
         counters = self.counters
-        counters.processed += 1
-        counters.unknown_labels += len(result.unknown_labels)
-        counters.invalid_objects += result.invalid
-        counters.excess_objects += result.excess
-        counters.truncated_answers += int(result.truncated)
-        counters.last_inference_s = result.seconds
-        counters.last_latency_s = time.monotonic() - frame.received
+        with self._count_lock:
+            counters.processed += 1
+            counters.unknown_labels += len(result.unknown_labels)
+            counters.invalid_objects += result.invalid
+            counters.excess_objects += result.excess
+            counters.truncated_answers += int(result.truncated)
+            counters.last_inference_s = result.seconds
+            counters.last_latency_s = time.monotonic() - frame.received
         if result.unknown_labels:
             self.get_logger().debug(f'labels outside the categories: {result.unknown_labels}')
         self._detections_pub.publish(messages.detection_array_msg(frame.header,
@@ -367,8 +514,29 @@ class PerceptionNode(Node):
             'last_inference_ms': round(counters.last_inference_s * 1000.0, 1),
             'last_latency_ms': round(counters.last_latency_s * 1000.0, 1),
         }
+        server = self._detector.engine.status if self._remote else None
+        if self._remote:
+            engine = self._detector.engine
+            values.update({
+                'backend': 'openai', 'server_url': engine.server_url,
+                'server_model': engine.model_name or '', 'server_reachable': server.reachable,
+                'requests_in_flight': self._slots.out,
+                'largest_in_flight': counters.largest_in_flight,
+                'requests_timed_out': counters.requests_timed_out,
+                'answers_without_logprobs': engine.answers_without_logprobs,
+            })
         if not self._worker.is_alive():
             level, message = DiagnosticStatus.ERROR, 'inference worker stopped'
+        elif server is not None and not server.reachable:
+            level = DiagnosticStatus.WARN
+            message = (f'server unreachable: {server.reason} (next try in '
+                       f'{server.retry_in_s:.0f} s)')
+        elif self._remote and self._last_inference_failed:
+            level, message = DiagnosticStatus.WARN, f'the last request failed: ' \
+                f'{self._last_failure}'
+        elif self._remote and self._detector.engine.last_logprob_problem:
+            level = DiagnosticStatus.WARN
+            message = f'{self._detector.engine.last_logprob_problem}: every score is 1.0'
         elif self._last_inference_failed:
             level, message = DiagnosticStatus.WARN, 'the last inference failed'
         elif not self._enabled:
@@ -392,12 +560,18 @@ class PerceptionNode(Node):
         return self._slots.dropped
 
     def shutdown(self) -> None:
-        """Stop the worker (it finishes the frame in flight) and join it."""
+        """Stop the worker (it finishes the frame in flight) and join it; backend openai:
+        requests in flight are cut off (an engine the node was given is left open and its
+        requests finish)."""
         self._slots.close()
         if self._worker.is_alive():
             self._worker.join(timeout=60.0)
         if self._worker.is_alive():
             self.get_logger().warning('the inference in flight did not finish within 60 s')
+        if self._requests is not None:
+            if self._owns_engine:
+                self._detector.engine.close()
+            self._requests.shutdown(wait=True)
 
     def destroy_node(self):
         """Stop the worker first: it must not publish through handles being destroyed."""
