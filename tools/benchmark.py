@@ -923,12 +923,12 @@ def served_images(args):
     """``--frames`` images: the first of ``--images`` (natural order), else synthetic scenes."""
     if args.images is not None:
         from qwen_vl_perception.image_conversion import load_image_file
-        from qwen_vl_perception.image_folder import list_images
+        from qwen_vl_perception.data.image_folder import list_images
         paths = list_images(args.images)[:args.frames]
         if not paths:
             raise SystemExit(f'error: no images in {args.images}')
         return [load_image_file(path) for path in paths], f'{len(paths)} of {args.images}'
-    from qwen_vl_perception.scenes import generate_scene
+    from qwen_vl_perception.data.scenes import generate_scene
     width, height = parse_pair(args.image)
     return ([generate_scene(50_000 + index, width, height)[0] for index in range(args.frames)],
             f'{args.frames} synthetic scenes {width}x{height} (seeds 50000+)')

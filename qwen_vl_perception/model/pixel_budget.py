@@ -104,8 +104,8 @@ def resized_size(width: int, height: int, min_pixels: int, max_pixels: int,
     Each side is rounded to a multiple of ``factor``; an area above ``max_pixels`` is scaled
     down (sides rounded down), one below ``min_pixels`` up (sides rounded up), keeping the
     aspect ratio as closely as the rounding allows. The same rule as transformers'
-    ``smart_resize`` (``test/test_remote_backend.py`` compares them), so that an image resized
-    here is left as it is by the model's processor.
+    ``smart_resize`` (``test/backends/test_remote_backend.py`` compares them), so that an
+    image resized here is left as it is by the model's processor.
     """
     if width < 1 or height < 1:
         raise ValueError(f'an image needs a positive size, not {width}x{height}')
