@@ -14,13 +14,14 @@ The server runs from its own venv (``tools/setup_vllm.sh``, built on first use: 
   detects again once the server is restarted;
 - a wrong ``server_model`` stops start-up, naming what the server serves.
 
-When the venv cannot be built here (no network, say), every test is SKIPPED with the reason;
-they never pass without a server. Alone (about 10 minutes on 2 idle cores, plus the venv's
-first build)::
+When the venv cannot be built here (no network, say), or ``QVP_NO_VLLM`` is set, every test
+is SKIPPED with the reason; they never pass without a server. Alone (4-6 minutes on 2 shared
+cores, plus 3-6 for the venv's first build)::
 
     .venv/bin/python -m pytest test/backends/test_vllm_backend.py -ra -s
 """
 import json
+import os
 import random
 import subprocess
 import sys
@@ -76,6 +77,8 @@ def model_dir(model_cache):
 
 @pytest.fixture(scope='module')
 def server(model_dir, tmp_path_factory):
+    if os.environ.get('QVP_NO_VLLM'):
+        pytest.skip('NO vLLM TEST RAN: QVP_NO_VLLM is set')
     ok, seconds, tail = build_venv()
     if not ok:
         pytest.skip(f'NO vLLM TEST RAN: the vLLM venv could not be built ({seconds:.0f} s; '
