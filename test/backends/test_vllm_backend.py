@@ -16,7 +16,7 @@ The server runs from its own venv (``tools/setup_vllm.sh``, built on first use: 
 
 When the venv cannot be built here (no network, say), or ``QVP_NO_VLLM`` is set, every test
 is SKIPPED with the reason; they never pass without a server. Alone (4-6 minutes on 2 shared
-cores, plus 3-6 for the venv's first build)::
+cores with the servers' starts, plus 3-6 for the venv's first build)::
 
     .venv/bin/python -m pytest test/backends/test_vllm_backend.py -ra -s
 """
