@@ -8,10 +8,9 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import Transition, TransitionEvent
 from lifecycle_msgs.srv import ChangeState, GetState
-from rcl_interfaces.msg import Log
 from rclpy.parameter import Parameter
 from rclpy.parameter_client import AsyncParameterClient
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 from vision_msgs.msg import Detection2DArray, LabelInfo
@@ -104,13 +103,9 @@ class Lifecycle:
         peer, name = harness.peer, harness.node.get_name()
         self.change = peer.create_client(ChangeState, f'/{name}/change_state')
         self.get = peer.create_client(GetState, f'/{name}/get_state')
-        self.events, self.logs, self.diagnostics = [], [], []
+        self.events, self.diagnostics = [], []
         peer.create_subscription(TransitionEvent, f'/{name}/transition_event',
                                  self.events.append, 50)
-        # As rcl publishes /rosout: reliable and transient-local (recent lines come late too).
-        peer.create_subscription(Log, '/rosout', self.logs.append, QoSProfile(
-            depth=1000, reliability=ReliabilityPolicy.RELIABLE,
-            durability=DurabilityPolicy.TRANSIENT_LOCAL))
         peer.create_subscription(DiagnosticArray, '/diagnostics', self.diagnostics.append, 10)
 
     def _call(self, client, request):
@@ -125,6 +120,16 @@ class Lifecycle:
 
     def state(self) -> str:
         return self._call(self.get, GetState.Request()).current_state.label
+
+    def reported(self, level, *parts) -> bool:
+        """Whether a /diagnostics status of ``level`` has every one of ``parts`` in its
+        message or in one of its values."""
+        for array in self.diagnostics:
+            for status in array.status:
+                texts = [status.message] + [item.value for item in status.values]
+                if status.level == level and any(all(p in t for p in parts) for t in texts):
+                    return True
+        return False
 
     def deactivate(self) -> bool:
         return self.transition(Transition.TRANSITION_DEACTIVATE)

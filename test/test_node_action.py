@@ -13,6 +13,7 @@ rclpy = pytest.importorskip('rclpy')
 pytest.importorskip('torch')
 Detect = pytest.importorskip('qwen_vl_perception_interfaces.action').Detect
 from action_msgs.msg import GoalStatus  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
 from rclpy.action import ActionClient  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
@@ -57,11 +58,13 @@ class Client:
         wait_for(future.done, timeout, 'no result')
         return future.result()
 
-    def rejected_with(self, goal, reason_part, logs):
+    def rejected_with(self, goal, reason_part, lifecycle):
+        """The goal is rejected, and the reason (also logged) is in /diagnostics."""
         handle = self.send(goal)
         assert not handle.accepted
-        wait_for(lambda: any('detect goal rejected' in log.msg and reason_part in log.msg
-                             for log in logs), 30, f'no logged reason with {reason_part!r}')
+        wait_for(lambda: lifecycle.reported(DiagnosticStatus.OK, 'detect goal rejected: ',
+                                            reason_part), 30,
+                 f'the reason {reason_part!r} is not in /diagnostics')
 
 
 @pytest.fixture
@@ -136,13 +139,12 @@ def test_a_goal_goes_before_the_next_stream_frame(served):
 
 def test_goals_the_node_would_refuse_are_rejected_with_the_reason_logged(served):
     harness, client, lifecycle = served
-    logs = lifecycle.logs
-    client.rejected_with(Detect.Goal(categories=['cup, bottle']), ',', logs)
-    client.rejected_with(Detect.Goal(categories=['']), 'categor', logs)
-    client.rejected_with(Detect.Goal(describe=7), 'describe must be', logs)
+    client.rejected_with(Detect.Goal(categories=['cup, bottle']), ',', lifecycle)
+    client.rejected_with(Detect.Goal(categories=['']), 'categor', lifecycle)
+    client.rejected_with(Detect.Goal(describe=7), 'describe must be', lifecycle)
     bad = rgb_image(5, width=64, height=48)
     bad.step = 10
-    client.rejected_with(Detect.Goal(image=bad), 'image: image step 10', logs)
+    client.rejected_with(Detect.Goal(image=bad), 'image: image step 10', lifecycle)
     assert harness.node.counters.goals_rejected == 4
     assert harness.node.counters.goals_accepted == 0
 
@@ -163,7 +165,7 @@ def test_cancel_and_deactivation_end_goals_that_wait_for_a_frame(served):
     response = client.result(waiting, timeout=30)
     assert response.status == GoalStatus.STATUS_ABORTED
     assert response.result.message == 'the node was deactivated'
-    client.rejected_with(Detect.Goal(), 'the node is not active', lifecycle.logs)
+    client.rejected_with(Detect.Goal(), 'the node is not active', lifecycle)
     assert lifecycle.activate()
     assert client.send(Detect.Goal(image=scene_image(6, stamp_sec=9))).accepted
 

@@ -8,9 +8,10 @@ readable from them; a cancel request stops decoding after the next token.
 
 A goal is rejected while the node is not active, and for categories, a describe value or an
 image that the node would refuse; ROS 2 actions carry no reason for a rejection, so the reason
-is logged (``/rosout``) with the goal's id. rclpy resumes a waiting coroutine by busy-polling
-it, so no execute callback waits here: the inference thread runs the goal and then hands the
-finished result to the executor (``execute`` with a callback that only reports it).
+is logged and shown in ``/diagnostics`` (``last_goal_rejection``). rclpy resumes a waiting
+coroutine by busy-polling it, so no execute callback waits here: the inference thread runs
+the goal and then hands the finished result to the executor (``execute`` with a callback
+that only reports it).
 """
 import threading
 import uuid
@@ -73,6 +74,8 @@ class DetectAction:
         self._lock = threading.Lock()
         self._jobs: List[GoalJob] = []  # accepted, not finished
         self._done: List[GoalJob] = []  # finished, outcome not reported yet
+        self.last_rejection = ''
+        """Why the last goal was rejected ('detect goal rejected: <reason>'), for /diagnostics."""
         self._server = ActionServer(
             node, Detect, 'detect', execute_callback=self._report,
             goal_callback=self._on_goal, handle_accepted_callback=self._on_accepted,
@@ -112,7 +115,8 @@ class DetectAction:
         if problem is None:
             return GoalResponse.ACCEPT
         self._counters.add('goals_rejected')
-        self._node.get_logger().warning(f'detect goal rejected: {problem}')
+        self.last_rejection = f'detect goal rejected: {problem}'
+        self._node.get_logger().warning(self.last_rejection)
         return GoalResponse.REJECT
 
     def _on_accepted(self, goal_handle) -> None:

@@ -50,6 +50,20 @@ _REPORTED = {'received': 'frames_received', 'processed': 'frames_processed'}
 _TIMES = ('last_inference_s', 'last_latency_s')
 
 
+def node_status(failure: str, state: str, worker_alive: bool, last_inference_failed: bool,
+                enabled: bool):
+    """The status level and message: a failed transition's reason first, then the state."""
+    if failure:
+        return DiagnosticStatus.ERROR, failure
+    if state != 'active':
+        return DiagnosticStatus.OK, state
+    if not worker_alive:
+        return DiagnosticStatus.ERROR, 'inference worker stopped'
+    if last_inference_failed:
+        return DiagnosticStatus.WARN, 'the last inference failed'
+    return DiagnosticStatus.OK, 'running' if enabled else 'disabled'
+
+
 def diagnostic_array(name: str, counters: Counters, stamp, level: int, message: str,
                      **extra) -> DiagnosticArray:
     """One status ``name`` with every counter (and ``extra`` values) as key/value pairs."""

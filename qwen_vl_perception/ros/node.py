@@ -14,43 +14,28 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-import numpy as np
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
-from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.signals import SignalHandlerOptions
-from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import Header
 
 from ..detector import Detector, FrameDetections, prepare_settings
 from ..frame_slot import LatestFrameSlots
-from ..image_conversion import ImageFormatError, compressed_msg_decoder, image_msg_to_rgb
+from ..image_conversion import image_msg_to_rgb
 from ..library_logs import quiet_library_logs, quiet_progress_bars
+from .camera_input import CameraInput, Frame, camera_qos, decoded
 from .depth_input import DepthInput
 from .detect_action import DetectAction, GoalJob, interfaces_missing_reason
-from .diagnostics import Counters, diagnostic_array
+from .diagnostics import Counters, diagnostic_array, node_status
 from .outputs import LATCHED, Outputs  # noqa: F401 - LATCHED: the label_info QoS, for users
 from .parameters import SETTINGS_PARAMETERS, check_value, settings_from_values
 from .startup import StartupError, create_engine, current_settings, declare_and_check, value
 
 SUCCESS, ERROR = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.ERROR
-
-
-@dataclass
-class Frame:
-    header: Header
-    rgb: Optional[np.ndarray]
-    received: float
-    decode: Optional[Callable[[], np.ndarray]] = None
-    """Set for a compressed image, checked but not decoded yet: the worker decodes it."""
-    locate: Optional[Callable[..., Any]] = None
-    """With depth: the frame's 3D positions from its paired depth frame (DepthInput.locate)."""
 
 
 class PerceptionNode(LifecycleNode):
@@ -70,7 +55,7 @@ class PerceptionNode(LifecycleNode):
         self._stopping = threading.Event()  # stops the decoding in flight (cleanup)
         self._outputs: Optional[Outputs] = None
         self._depth: Optional[DepthInput] = None
-        self._camera_subscriptions = []
+        self._camera: Optional[CameraInput] = None
         self._action = None
         self._last_inference_failed = False
         self.counters = Counters()
@@ -129,24 +114,13 @@ class PerceptionNode(LifecycleNode):
 
     def on_activate(self, state) -> TransitionCallbackReturn:
         """Subscribe to the camera (and depth) and publish results."""
-        camera_qos = QoSProfile(history=qos_profile_sensor_data.history,
-                                depth=qos_profile_sensor_data.depth,
-                                reliability=qos_profile_sensor_data.reliability,
-                                durability=qos_profile_sensor_data.durability)
-        if value(self, 'input_reliability') == 'reliable':
-            camera_qos.reliability = ReliabilityPolicy.RELIABLE
+        qos = camera_qos(value(self, 'input_reliability') == 'reliable')
         compressed = value(self, 'input_transport') == 'compressed'
-        for topic in self._image_topics:
-            if compressed:
-                self._camera_subscriptions.append(self.create_subscription(
-                    CompressedImage, topic + '/compressed',
-                    lambda m, t=topic: self._accept(m, compressed_msg_decoder, t), camera_qos))
-            else:
-                self._camera_subscriptions.append(self.create_subscription(
-                    Image, topic, lambda m, t=topic: self._accept(m, self._convert_raw, t),
-                    camera_qos))
+        self._camera = CameraInput(
+            self, self._image_topics, compressed, qos, self._convert_raw, self._max_image_pixels,
+            wanted=self._wants_frames, deliver=self._take_frame, counters=self.counters)
         if value(self, 'use_depth'):
-            self._depth = DepthInput(self, camera_qos, float(value(self, 'depth_max_skew_s')),
+            self._depth = DepthInput(self, qos, float(value(self, 'depth_max_skew_s')),
                                      self.counters)
         result = super().on_activate(state)  # enables the lifecycle publishers
         self._state = 'active'
@@ -167,9 +141,9 @@ class PerceptionNode(LifecycleNode):
 
     def _deactivate(self, reason: str) -> None:
         self._state = 'inactive'
-        for subscription in self._camera_subscriptions:
-            self.destroy_subscription(subscription)
-        self._camera_subscriptions = []
+        if self._camera is not None:
+            self._camera.destroy()
+            self._camera = None
         if self._depth is not None:
             self._depth.destroy()
             self._depth = None
@@ -224,46 +198,23 @@ class PerceptionNode(LifecycleNode):
             self._slots.close()
 
     # ---------------------------------------------------------------------------- callbacks
-    def _accept(self, message, convert, source: str) -> None:
-        """``convert`` gives the RGB array, or (compressed images) a function decoding it."""
-        self.counters.received += 1
-        goal_waits = self._action is not None and self._action.waiting_for_frame
-        if not (self._enabled or goal_waits) or self._state != 'active':
-            return
-        try:
-            converted = convert(message, max_pixels=self._max_image_pixels)
-        except ImageFormatError as error:
-            self._skip_image(error)
-            return
-        frame = Frame(header=message.header, rgb=None, received=time.monotonic())
-        if callable(converted):
-            frame.decode = converted
-        else:
-            frame.rgb = converted
-        if goal_waits:
+    def _wants_frames(self) -> bool:
+        """Whether camera frames are used now: the stream is enabled or a goal waits."""
+        return self._state == 'active' and (
+            self._enabled or (self._action is not None and self._action.waiting_for_frame))
+
+    def _take_frame(self, frame: Frame, source: str) -> None:
+        """A good camera frame: the image of goals waiting for one, and (enabled) the newest
+        frame of its camera for the stream."""
+        if self._action is not None and self._action.waiting_for_frame:
             self._action.offer_frame(frame.header, frame.rgb if frame.decode is None
                                      else frame.decode)
         if not self._enabled:
             return
         if self._depth is not None:
             frame.locate = functools.partial(self._depth.locate,
-                                             self._depth.request(message.header))
+                                             self._depth.request(frame.header))
         self._slots.put(frame, source)
-
-    def _skip_image(self, error: ImageFormatError) -> None:
-        self.counters.add('invalid_images')
-        self.get_logger().warning(f'skipped an image: {error}', throttle_duration_sec=5.0)
-
-    def _decoded(self, frame: Frame) -> bool:
-        """Decode a compressed frame (in the worker); False, counted and logged, if it fails."""
-        if frame.decode is not None:
-            try:
-                frame.rgb = frame.decode()
-            except ImageFormatError as error:
-                self._skip_image(error)
-                return False
-            frame.decode = None
-        return True
 
     def _on_set_parameters(self, parameters) -> SetParametersResult:
         changes = {p.name: p.value for p in parameters}
@@ -305,7 +256,8 @@ class PerceptionNode(LifecycleNode):
                                    frames=wait <= 0.0)
             for job in [item for item in items if isinstance(item, GoalJob)]:
                 self._action.run(job, self._detector)
-            frames = [item for item in items if isinstance(item, Frame) and self._decoded(item)]
+            frames = [item for item in items
+                      if isinstance(item, Frame) and decoded(self, self.counters, item)]
             if not frames or self._state != 'active':
                 continue  # frames taken as the node deactivated are dropped
             self.counters.last_inference_start = time.monotonic()
@@ -367,21 +319,13 @@ class PerceptionNode(LifecycleNode):
 
     def _publish_diagnostics(self) -> None:
         worker = self._worker
-        if self._failure:
-            level, message = DiagnosticStatus.ERROR, self._failure
-        elif self._state != 'active':
-            level, message = DiagnosticStatus.OK, self._state
-        elif worker is None or not worker.is_alive():
-            level, message = DiagnosticStatus.ERROR, 'inference worker stopped'
-        elif self._last_inference_failed:
-            level, message = DiagnosticStatus.WARN, 'the last inference failed'
-        elif not self._enabled:
-            level, message = DiagnosticStatus.OK, 'disabled'
-        else:
-            level, message = DiagnosticStatus.OK, 'running'
+        level, message = node_status(self._failure, self._state,
+                                     worker is not None and worker.is_alive(),
+                                     self._last_inference_failed, self._enabled)
         self._diagnostics_pub.publish(diagnostic_array(
             f'{self.get_name()}: detection', self.counters, self.get_clock().now().to_msg(),
-            level, message, lifecycle_state=self._state, frames_dropped=self.frames_dropped))
+            level, message, lifecycle_state=self._state, frames_dropped=self.frames_dropped,
+            last_goal_rejection=self._action.last_rejection if self._action else ''))
 
     @property
     def detector(self) -> Optional[Detector]:
