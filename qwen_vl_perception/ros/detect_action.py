@@ -255,7 +255,15 @@ class DetectAction:
         with self._lock:
             self._done.append(job)
         # The state changes happen in the executor's thread, like every other action event.
-        executor.create_task(lambda: job.goal_handle.execute(self._report))
+        executor.create_task(self._hand_over, job)
+
+    def _hand_over(self, job: GoalJob) -> None:
+        """Let the action server report the finished goal (in the executor)."""
+        handle = job.goal_handle
+        if handle.is_cancel_requested:  # CANCELING may not go through EXECUTING (older rclpy
+            self._server.notify_execute(handle, self._report)  # would try): report directly
+        else:
+            handle.execute(self._report)
 
     def destroy(self) -> None:
         self.interrupt_all('the node is shutting down')
