@@ -5,8 +5,6 @@ perception_node with the default model on the CPU publishes detections_3d and ma
 The model's boxes are its own (a few pixels off the truth: about 2% of the distance on
 average at 320x240, up to 6%), so each 3D position is checked against where the node's own 2D
 box lies at the object's true depth: within 2%, at 1-5 m."""
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,10 +19,9 @@ from visualization_msgs.msg import Marker, MarkerArray  # noqa: E402
 
 from qwen_vl_perception.geometry import iou  # noqa: E402
 from qwen_vl_perception.ros.messages import image_msg  # noqa: E402
-from qwen_vl_perception.scenes import (depth_to_millimetres, render_depth,  # noqa: E402
-                                       render_scene)
+from qwen_vl_perception.data.scenes import (depth_to_millimetres,  # noqa: E402
+                                            render_depth, render_scene)
 
-sys.path.insert(0, str(Path(__file__).parent))
 from node_harness import Harness, diagnostic, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings('error::pytest.PytestUnhandledThreadExceptionWarning')

@@ -33,7 +33,7 @@ def _allocated_mb() -> float:
 
 
 def _frames(detector, count=3):
-    from qwen_vl_perception.scenes import render_scene
+    from qwen_vl_perception.data.scenes import render_scene
     for index in range(count):
         scene = render_scene(np.random.default_rng([30_000, index]), 320, 240)
         detector.detect([scene.image])
@@ -100,7 +100,7 @@ def random_4b_checkpoint(folder: Path) -> Path:
     import transformers
 
     from qwen_vl_perception.model.configs import qwen3_vl_4b_config
-    from qwen_vl_perception.model.tiny import write_input_files
+    from qwen_vl_perception.pipeline.tiny import write_input_files
     config = transformers.Qwen3VLConfig(**qwen3_vl_4b_config())
     with torch.device('cuda'):
         model = transformers.Qwen3VLForConditionalGeneration(config).to(torch.bfloat16)
@@ -145,7 +145,7 @@ def test_cleanup_of_the_4b_architecture_gives_its_memory_back(tmp_path):
 
 
 if __name__ == '__main__':
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
     from qwen_vl_perception.model.default_model import ensure_default_model
     with tempfile.TemporaryDirectory() as work:
         model = ensure_default_model('nf4', cache=Path(work) / 'cache',

@@ -3,8 +3,6 @@ perception_node running the default model on the CPU (feedback, result, the next
 goals before stream frames, rejected goals, cancel). Cancelling in the middle of decoding uses
 a tiny random Qwen3-VL, which never stops on its own."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +18,8 @@ from std_msgs.msg import Header  # noqa: E402
 from vision_msgs.msg import Detection2DArray  # noqa: E402
 
 from qwen_vl_perception.ros.messages import image_msg  # noqa: E402
-from qwen_vl_perception.scenes import CATEGORIES, render_scene  # noqa: E402
+from qwen_vl_perception.data.scenes import CATEGORIES, render_scene  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
 from node_harness import Harness, Lifecycle, rgb_image, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings('error::pytest.PytestUnhandledThreadExceptionWarning')

@@ -4,7 +4,6 @@ a configure that fails, and configure/cleanup cycles that must not keep memory."
 import ctypes
 import ctypes.util
 import gc
-import sys
 import weakref
 from pathlib import Path
 
@@ -15,7 +14,6 @@ pytest.importorskip('torch')
 from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
 from lifecycle_msgs.msg import State, Transition  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
 from node_harness import Harness, Lifecycle, rgb_image, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings('error::pytest.PytestUnhandledThreadExceptionWarning')

@@ -11,8 +11,8 @@ import pytest
 from qwen_vl_perception.depth import (DepthFormatError, Intrinsics, box_depth,
                                       depth_msg_to_meters, locate)
 from qwen_vl_perception.detection import Detection
-from qwen_vl_perception.scenes import (CATEGORIES, camera_matrix, depth_to_millimetres,
-                                       render_depth, render_scene)
+from qwen_vl_perception.data.scenes import (CATEGORIES, camera_matrix,
+                                            depth_to_millimetres, render_depth, render_scene)
 from qwen_vl_perception.stamp_pairing import NearestStamp
 
 
