@@ -5,6 +5,7 @@ Settings that change at runtime (categories, attributes, thresholds, ...) are he
 immutable :class:`PreparedSettings` that is swapped atomically: a frame in flight finishes with
 the settings it started with.
 """
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -125,12 +126,17 @@ def detections_from_text(text: str, prepared: PreparedSettings,
 
 
 class Detector:
-    """Runs the model on frames and returns detections; one caller at a time for ``detect``."""
+    """Runs the model on frames and returns detections.
+
+    One caller at a time for ``detect``, unless the engine says it takes several at once
+    (``engine.concurrent``, the served model's engine): then calls run side by side.
+    """
 
     def __init__(self, engine, settings: DetectionSettings):
         self._engine = engine
         self._prepared = prepare_settings(settings)
-        self._lock = threading.Lock()
+        self._lock = (contextlib.nullcontext() if getattr(engine, 'concurrent', False)
+                      else threading.Lock())
 
     @property
     def engine(self):

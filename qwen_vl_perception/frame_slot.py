@@ -3,13 +3,17 @@
 A camera callback must never wait for the model. Each source (camera topic) has one slot; a
 new frame replaces the one still waiting there, and the replaced frame is counted as dropped.
 The worker takes every waiting frame at once (one per source), so frames from several cameras
-that are ready together can be decoded as one batch. Urgent items (on-demand requests) wait in
-a queue of their own, are never dropped and are taken before any frame.
+that are ready together can be decoded as one batch (:meth:`LatestFrameSlots.take_all`), or,
+with a served model, takes frames one source at a time and keeps that source out until its
+frame is done (:meth:`LatestFrameSlots.take_free`, :meth:`LatestFrameSlots.release`): at
+most one frame per source in flight, so each source's results leave in the order its frames
+came. Urgent items (on-demand requests) wait in a queue of their own, are never dropped and
+are taken before any frame.
 """
 import collections
 import contextlib
 import threading
-from typing import Any, Dict, Hashable, List, Optional
+from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 
 class LatestFrameSlots:
@@ -21,6 +25,7 @@ class LatestFrameSlots:
         self._urgent: collections.deque = collections.deque()
         self._closed = False
         self._in_use = threading.Lock()
+        self._out: set = set()
         self.dropped = 0
         self.accepted = 0
 
@@ -66,6 +71,43 @@ class LatestFrameSlots:
             count = len(self._waiting)
             self._waiting.clear()
             return count
+
+    def take_free(self, limit: int,
+                  timeout: Optional[float] = None) -> List[Tuple[Hashable, Any]]:
+        """Wait up to ``timeout`` s for a frame of a source that has none out; return
+        ``(source, frame)`` pairs of such sources (oldest source first) so that at most
+        ``limit`` are out in all, and mark those sources out until :meth:`release`.
+
+        Returns an empty list on time-out or once closed.
+        """
+        with self._condition:
+            ready = self._ready(limit)
+            if not ready and not self._closed:
+                self._condition.wait_for(lambda: self._closed or self._ready(limit), timeout)
+                ready = self._ready(limit)
+            if self._closed:
+                return []
+            taken = []
+            for source in ready:
+                taken.append((source, self._waiting.pop(source)))
+                self._out.add(source)
+            return taken
+
+    def release(self, source: Hashable) -> None:
+        """The frame taken from ``source`` is done: it may be given another."""
+        with self._condition:
+            self._out.discard(source)
+            self._condition.notify_all()
+
+    @property
+    def out(self) -> int:
+        """How many sources have a frame out (taken by :meth:`take_free`, not released)."""
+        with self._condition:
+            return len(self._out)
+
+    def _ready(self, limit: int) -> List[Hashable]:
+        free = max(0, limit - len(self._out))
+        return [source for source in self._waiting if source not in self._out][:free]
 
     def close(self) -> None:
         """Wake the worker for shutdown; later takes return nothing, and no :meth:`held_open`

@@ -18,10 +18,19 @@ frame latency) and peak device memory (``torch.cuda.max_memory_allocated``, weig
 ``--agreement-tokens`` also compares our tokens with ``model.generate`` greedy (stop tokens
 on) on a left-padded batch of three frames of two image sizes.
 
+With ``--server URL`` it times a served model instead (the ``openai`` backend, see
+``qwen_vl_perception/backends/throughput.py``): latency and frames/s at each ``--in-flight``
+count of requests at once, beside the local engine on ``--model`` at each ``--batch-sizes``
+(unless ``--no-local``), on the same images (``--images``, else ``--frames`` synthetic scenes
+at ``--image`` size) with the same instruction (the model's ``detection_prompt.json``, else the
+article's categories) and ``--max-new-tokens``.
+
 Examples::
 
     python3 tools/benchmark.py --out results/benchmark/gpu.json
     python3 tools/benchmark.py --device cpu --tiny --out results/benchmark/cpu.json
+    python3 tools/benchmark.py --server http://127.0.0.1:8000/v1 --model default --device cpu \
+        --out results/benchmark/served-cpu.json
 """
 import argparse
 import gc
@@ -119,6 +128,26 @@ def parse_args(argv=None):
                         help='CPU only: one torch thread, time with the process CPU clock '
                              '(fair on a machine shared with other jobs)')
     parser.add_argument('--out', type=Path, default=None, help='write the results as JSON')
+    served = parser.add_argument_group('a served model (--server)')
+    served.add_argument('--server', default=None, metavar='URL',
+                        help="an OpenAI-compatible server's API base, e.g. "
+                             'http://gpu-box:8000/v1: time it instead (see above)')
+    served.add_argument('--server-model', default='', metavar='NAME',
+                        help="the served model's name (default: the server's only model)")
+    served.add_argument('--server-api-key-env', default='', metavar='VAR',
+                        help='the name of an environment variable holding the API key')
+    served.add_argument('--server-timeout', type=float, default=300.0, metavar='S',
+                        help='seconds a request may take (default %(default)s)')
+    served.add_argument('--in-flight', type=int, nargs='+', default=[1, 4, 8], metavar='K',
+                        help='requests at once (default: 1 4 8)')
+    served.add_argument('--frames', type=int, default=16,
+                        help='images per run (default %(default)s)')
+    served.add_argument('--images', type=Path, default=None,
+                        help='a folder of images to send (default: synthetic scenes)')
+    served.add_argument('--max-new-tokens', type=int, default=256,
+                        help='longest answer (default %(default)s)')
+    served.add_argument('--no-local', action='store_true',
+                        help='time only the server (the local engine cannot run --model here)')
     return parser.parse_args(argv)
 
 
@@ -861,6 +890,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.model is not None:
         args.model = resolve_model_path(str(args.model), 'none')
+    if args.server:
+        return served_benchmark(args)
     if args.memory_only:
         return memory_only(args)
     torch = require_torch()
@@ -884,6 +915,120 @@ def main(argv=None):
     print()
     print(table(bench.results))
     return bench.results
+
+
+# -- a served model (--server) -----------------------------------------------------------------
+
+def served_images(args):
+    """``--frames`` images: the first of ``--images`` (natural order), else synthetic scenes."""
+    if args.images is not None:
+        from qwen_vl_perception.image_conversion import load_image_file
+        from qwen_vl_perception.data.image_folder import list_images
+        paths = list_images(args.images)[:args.frames]
+        if not paths:
+            raise SystemExit(f'error: no images in {args.images}')
+        return [load_image_file(path) for path in paths], f'{len(paths)} of {args.images}'
+    from qwen_vl_perception.data.scenes import generate_scene
+    width, height = parse_pair(args.image)
+    return ([generate_scene(50_000 + index, width, height)[0] for index in range(args.frames)],
+            f'{args.frames} synthetic scenes {width}x{height} (seeds 50000+)')
+
+
+def served_instruction(args) -> str:
+    from qwen_vl_perception.detector import DetectionSettings, prepare_settings
+    from qwen_vl_perception.trained_prompt import read_prompt_file
+    record = read_prompt_file(args.model) if args.model is not None else None
+    if record is None:
+        settings = DetectionSettings(categories=tuple(ARTICLE_CATEGORIES))
+    else:
+        settings = DetectionSettings(categories=tuple(record['categories']),
+                                     describe=bool(record.get('describe', False)),
+                                     attributes=tuple(record.get('attributes') or ()),
+                                     prompt_template=record.get('prompt_template'))
+    return prepare_settings(settings).instruction
+
+
+def served_benchmark(args):
+    """The served model at each ``--in-flight``, the local engine at each ``--batch-sizes``."""
+    from qwen_vl_perception.backends.http_client import ServerError
+    from qwen_vl_perception.backends.openai_engine import OpenAIEngine
+    from qwen_vl_perception.backends.throughput import time_local, time_served
+    if args.model is None and not args.no_local:
+        raise SystemExit('error: --server times the local engine on --model beside it '
+                         '(or pass --no-local)')
+    images, described = served_images(args)
+    instruction = served_instruction(args)
+    engine = OpenAIEngine.for_model(args.server, args.model, model=args.server_model,
+                                    api_key_env=args.server_api_key_env,
+                                    timeout_s=args.server_timeout,
+                                    max_in_flight=max(args.in_flight))
+    try:
+        served = engine.connect()
+    except ServerError as error:
+        raise SystemExit(f'error: {error}') from None
+    results = {'command': ' '.join(sys.argv), 'mode': 'served', 'server': engine.server_url,
+               'served_models': served, 'server_model': engine.model_name,
+               'model': str(args.model) if args.model else None, 'images': described,
+               'pixel_budget': [engine.min_pixels, engine.max_pixels],
+               'max_new_tokens': args.max_new_tokens, 'instruction': instruction,
+               'environment': {'python': platform.python_version(),
+                               'machine': platform.machine()},
+               'runs': [], 'agreement': None}
+    print(f'{engine.description}; {described}; instruction: {instruction}', flush=True)
+    texts = {}
+    try:
+        engine.answer(images[0], instruction, args.max_new_tokens)  # warm-up, not timed
+        for in_flight in args.in_flight:
+            figures, texts[('openai', in_flight)] = time_served(
+                engine, images, instruction, args.max_new_tokens, in_flight)
+            results['runs'].append(figures.to_dict())
+            print(served_row(figures), flush=True)
+    except ServerError as error:
+        raise SystemExit(f'error: a request failed, no figure for this run: {error}') from None
+    finally:
+        engine.close()
+    if not args.no_local:
+        from qwen_vl_perception.model.engine import VisionLanguageEngine
+        local = VisionLanguageEngine(args.model, device=args.device or 'auto')
+        results['environment']['local_device'] = str(local.device)
+        try:
+            local.generate(images[:1], instruction, args.max_new_tokens)  # warm-up
+            for batch in args.batch_sizes:
+                figures, texts[('local', batch)] = time_local(
+                    local, images, instruction, args.max_new_tokens, batch)
+                results['runs'].append(figures.to_dict())
+                print(served_row(figures), flush=True)
+        finally:
+            local.close()
+        first_served = texts[('openai', args.in_flight[0])]
+        first_local = texts[('local', args.batch_sizes[0])]
+        results['agreement'] = sum(a == b for a, b in zip(first_served, first_local)) / len(images)
+        print(f'identical answers, served ({args.in_flight[0]} in flight) and local (batch '
+              f'{args.batch_sizes[0]}): {results["agreement"]:.0%} of {len(images)}')
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + '\n')
+    print()
+    print(served_table(results))
+    return results
+
+
+def served_row(figures) -> str:
+    what = ('served, in flight' if figures.backend == 'openai' else 'local, batch')
+    return (f'{what:18} {figures.concurrency:2}: {figures.frames_per_s:6.2f} frames/s, latency '
+            f'mean {figures.latency_ms_mean:7.0f} ms, p50 {figures.latency_ms_p50:7.0f} ms, '
+            f'max {figures.latency_ms_max:7.0f} ms, {figures.tokens_mean:.0f} tokens/answer')
+
+
+def served_table(results) -> str:
+    lines = ['| engine | in flight / batch | frames/s | latency mean ms | p50 ms | max ms | '
+             'tokens/answer |', '|---|---|---|---|---|---|---|']
+    for run in results['runs']:
+        engine = 'served (openai backend)' if run['backend'] == 'openai' else 'local engine'
+        lines.append(f"| {engine} | {run['concurrency']} | {run['frames_per_s']:.2f} | "
+                     f"{run['latency_ms_mean']:.0f} | {run['latency_ms_p50']:.0f} | "
+                     f"{run['latency_ms_max']:.0f} | {run['tokens_mean']:.0f} |")
+    return '\n'.join(lines)
 
 
 def environment(torch, device):

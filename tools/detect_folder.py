@@ -7,6 +7,11 @@ into --out: ``predictions/<name>.json`` per image (what tools/evaluate.py reads)
 ``annotated/<name>_detections.jpg``, and ``summary.json`` (settings, counts per category,
 timing, each image's raw answer). Prints every object's label, score, box and attributes.
 Unreadable images are reported and skipped.
+
+With ``--server URL`` the model is the one an OpenAI-compatible server (vLLM, SGLang, ...)
+serves, through the node's ``openai`` backend (same prompt, parser and scores; ``--batch-size``
+requests in flight); ``--model`` is then optional, the served model's folder, read only for its
+detection_prompt.json and pixel budget. A failed request skips its images (reported).
 """
 import argparse
 import json
@@ -15,9 +20,11 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 from tqdm import tqdm
 
+from qwen_vl_perception.backends.http_client import ServerError
 from qwen_vl_perception.detector import (DEFAULT_ATTRIBUTES, DetectionSettings, Detector,
                                          prepare_settings)
 from qwen_vl_perception.drawing import draw_detections
@@ -51,10 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', required=True,
+    parser.add_argument('--model', default=None,
                         help=f"Qwen3-VL checkpoint folder, or '{DEFAULT_MODEL_NAME}' for the "
                              "project's synthetic-scenes model (NF4; float32 with "
-                             '--quantization none)')
+                             '--quantization none); required without --server')
+    parser.add_argument('--server', default=None, metavar='URL',
+                        help="detect with the model an OpenAI-compatible server serves: its "
+                             'API base, e.g. http://gpu-box:8000/v1')
+    parser.add_argument('--server-model', default='', metavar='NAME',
+                        help="with --server: the served model's name (default: the server's "
+                             'only model)')
+    parser.add_argument('--server-api-key-env', default='', metavar='VAR',
+                        help='with --server: the name of an environment variable holding the '
+                             'API key')
+    parser.add_argument('--server-timeout', type=float, default=300.0, metavar='S',
+                        help='with --server: seconds a request may take (default %(default)s)')
     parser.add_argument('--images', required=True, help='folder of images (not recursive)')
     parser.add_argument('--out', required=True, help='output folder')
     parser.add_argument('--categories', nargs='+', default=None, metavar='NAME',
@@ -69,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--prompt-template', default=None,
                         help='instruction template (as the node\'s prompt_template parameter)')
     parser.add_argument('--batch-size', type=int, default=1,
-                        help='images decoded together (default %(default)s)')
+                        help='images decoded together, or with --server requests in flight '
+                             '(default %(default)s)')
     parser.add_argument('--score-threshold', type=float, default=0.0,
                         help='drop detections scoring below this (default 0: keep all; the '
                              'evaluate tool thresholds later)')
@@ -95,21 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     return run_tool(run, build_parser().parse_args(argv),
                     expected=(ModelLoadError, MissingDependencyError, DefaultModelError,
-                              ValueError, FileNotFoundError))
+                              ValueError, FileNotFoundError, ServerError))
 
 
-def detection_settings(args, model_dir: Path) -> DetectionSettings:
+def detection_settings(args, model_dir: Optional[Path]) -> DetectionSettings:
     """Settings from the options, completed from the model's detection_prompt.json."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        trained = read_prompt_file(model_dir)
+        trained = read_prompt_file(model_dir) if model_dir is not None else None
     for warning in caught:
         print(f'warning: {warning.message}', file=sys.stderr)
     trained = trained or {}
     categories = category_names(args.categories) or trained.get('categories')
     if not categories:
-        raise ToolError(f'no --categories given and {model_dir} has no {PROMPT_FILE} saying '
-                        'what it was trained to find; pass --categories')
+        where = (f'{model_dir} has no {PROMPT_FILE}' if model_dir is not None
+                 else 'no --model folder has a ' + PROMPT_FILE)
+        raise ToolError(f'no --categories given and {where} saying what it was trained to '
+                        'find; pass --categories')
     describe = args.describe if args.describe is not None else trained.get('describe', True)
     attributes = split_names(args.attributes) or trained.get('attributes') \
         or list(DEFAULT_ATTRIBUTES)
@@ -131,9 +152,14 @@ def output_names(paths):
 
 
 def run(args) -> int:
-    form = 'none' if args.quantization == 'none' else 'nf4'
-    model_dir = resolve_model_path(args.model, form)
-    read_checkpoint_config(model_dir)  # a clear error for a missing or wrong folder, now
+    if args.model is None and not args.server:
+        raise ToolError('--model is required (or --server URL for a served model)')
+    model_dir = None
+    if args.model is not None:
+        # a served model's folder is only read: its float32 form has the same files
+        form = 'none' if args.quantization == 'none' or args.server else 'nf4'
+        model_dir = resolve_model_path(args.model, form)
+        read_checkpoint_config(model_dir)  # a clear error for a missing or wrong folder, now
     settings = detection_settings(args, model_dir)
     try:
         images = list_images(args.images)
@@ -142,22 +168,33 @@ def run(args) -> int:
     if not images:
         raise ToolError(f'no images ({", ".join(FOLDER_IMAGE_EXTENSIONS)}) in {args.images}')
     prepared = prepare_settings(settings)  # refuse bad options before the model loads
+    started = time.perf_counter()
+    served = served_engine(args, model_dir) if args.server else None  # asked before writing
     # --overwrite: the earlier run's outputs go, so the folder holds only this run's.
-    out = prepare_output_dir(args.out, args.overwrite, inputs=[args.images, model_dir],
+    inputs = [args.images] + ([model_dir] if model_dir is not None else [])
+    out = prepare_output_dir(args.out, args.overwrite, inputs=inputs,
                              stale_patterns=(PREDICTIONS_DIR, ANNOTATED_DIR, SUMMARY_FILE))
 
-    from qwen_vl_perception.model.engine import VisionLanguageEngine
-    started = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='.*is_gradient_checkpointing.*')
-        engine = VisionLanguageEngine(model_dir, device=args.device,
-                                      quantization=args.quantization,
-                                      min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    load_seconds = time.perf_counter() - started
+    if served is not None:
+        engine = served
+        where = {'server': engine.server_url, 'server_model': engine.model_name}
+        min_pixels, max_pixels = engine.min_pixels, engine.max_pixels
+        load_seconds = time.perf_counter() - started
+        print(f'{engine.description} (of {", ".join(engine.served_models)}); images sent at '
+              f'{min_pixels}-{max_pixels} pixels, up to {args.batch_size} requests in flight')
+    else:
+        from qwen_vl_perception.model.engine import VisionLanguageEngine
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='.*is_gradient_checkpointing.*')
+            engine = VisionLanguageEngine(model_dir, device=args.device,
+                                          quantization=args.quantization,
+                                          min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        where = {'device': str(engine.device), 'quantization': engine.quantization}
+        min_pixels, max_pixels = engine.inputs.min_pixels, engine.inputs.max_pixels
+        load_seconds = time.perf_counter() - started
+        print(f'model {model_dir} on {engine.device} ({engine.quantization}), loaded in '
+              f'{load_seconds:.1f} s; images fed at {min_pixels}-{max_pixels} pixels')
     detector = Detector(engine, settings)
-    print(f'model {model_dir} on {engine.device} ({engine.quantization}), loaded in '
-          f'{load_seconds:.1f} s; images fed at {engine.inputs.min_pixels}-'
-          f'{engine.inputs.max_pixels} pixels')
     print(f'instruction: {prepared.instruction}')
 
     names = dict(zip(images, output_names(images)))
@@ -196,10 +233,10 @@ def run(args) -> int:
 
     processed = len(records)
     summary = {
-        'model': str(model_dir), 'device': str(engine.device),
-        'quantization': engine.quantization, 'images_folder': str(args.images),
+        'model': str(model_dir) if model_dir is not None else None, **where,
+        'images_folder': str(args.images),
         'instruction': prepared.instruction, 'settings': _settings_dict(prepared.settings),
-        'min_pixels': engine.inputs.min_pixels, 'max_pixels': engine.inputs.max_pixels,
+        'min_pixels': min_pixels, 'max_pixels': max_pixels,
         'images': len(images), 'processed': processed, 'skipped': skipped,
         'detections': sum(counts.values()), 'counts': dict(sorted(counts.items())),
         'timing': {'model_load_s': load_seconds, 'detect_s': detect_seconds,
@@ -216,6 +253,24 @@ def run(args) -> int:
           f'found {found or "nothing"}')
     print(f'wrote {out / PREDICTIONS_DIR}, {out / ANNOTATED_DIR} and {out / SUMMARY_FILE}')
     return 0 if processed else 1
+
+
+def served_engine(args, model_dir: Optional[Path]):
+    """The openai backend's engine for ``--server``, connected (a clear error if it cannot
+    be): at the model folder's pixel budget as the local engine would feed it, else at the
+    node's default; ``--min-pixels``/``--max-pixels`` override."""
+    from qwen_vl_perception.backends.openai_engine import OpenAIEngine
+    from qwen_vl_perception.model.pixel_budget import (NODE_MAX_PIXELS, NODE_MIN_PIXELS,
+                                                       image_factor, read_pixel_budget)
+    low, high = (read_pixel_budget(model_dir) if model_dir is not None else None) \
+        or (NODE_MIN_PIXELS, NODE_MAX_PIXELS)
+    engine = OpenAIEngine(args.server, model=args.server_model,
+                          api_key_env=args.server_api_key_env, timeout_s=args.server_timeout,
+                          max_in_flight=args.batch_size,
+                          min_pixels=args.min_pixels or low, max_pixels=args.max_pixels or high,
+                          factor=image_factor(model_dir))
+    engine.connect()
+    return engine
 
 
 def _write_outputs(out: Path, name: str, path: Path, rgb, frame, settings) -> dict:

@@ -11,6 +11,7 @@ fine-tune tool alike: a model fine-tuned by the project's tools keeps the budget
 trained at; any other model gets the node's default.
 """
 import json
+import math
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -75,3 +76,49 @@ def model_pixel_budget(checkpoint_dir: PathLike, min_pixels: Optional[int] = Non
                          + ('' if min_pixels is not None and max_pixels is not None else
                             ' (the unset one is the model\'s own; give both)'))
     return low, high
+
+
+DEFAULT_IMAGE_FACTOR = 32
+"""Qwen3-VL's: 16-pixel patches merged 2x2, so every side of a resized image is a multiple
+of 32 (one visual token per 32x32 pixels)."""
+
+
+def image_factor(checkpoint_dir: Optional[PathLike]) -> int:
+    """What every side of an image resized for ``checkpoint_dir`` is a multiple of:
+    ``patch_size * merge_size`` of its processor, else :data:`DEFAULT_IMAGE_FACTOR`."""
+    if checkpoint_dir:
+        try:
+            config = json.loads((Path(checkpoint_dir) / PREPROCESSOR_CONFIG).read_text())
+        except (OSError, ValueError):
+            config = {}
+        patch, merge = config.get('patch_size'), config.get('merge_size')
+        if isinstance(patch, int) and isinstance(merge, int) and patch > 0 and merge > 0:
+            return patch * merge
+    return DEFAULT_IMAGE_FACTOR
+
+
+def resized_size(width: int, height: int, min_pixels: int, max_pixels: int,
+                 factor: int = DEFAULT_IMAGE_FACTOR) -> Tuple[int, int]:
+    """``(width, height)`` the Qwen2-VL/Qwen3-VL image processor resizes an image to.
+
+    Each side is rounded to a multiple of ``factor``; an area above ``max_pixels`` is scaled
+    down (sides rounded down), one below ``min_pixels`` up (sides rounded up), keeping the
+    aspect ratio as closely as the rounding allows. The same rule as transformers'
+    ``smart_resize`` (``test/backends/test_remote_backend.py`` compares them), so that an
+    image resized here is left as it is by the model's processor.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f'an image needs a positive size, not {width}x{height}')
+    if max(width, height) / min(width, height) > 200:
+        raise ValueError(f'a {width}x{height} image is more than 200 times as wide as high '
+                         '(or high as wide): Qwen-VL processors refuse it')
+    new_w, new_h = round(width / factor) * factor, round(height / factor) * factor
+    if new_w * new_h > max_pixels:
+        scale = math.sqrt(width * height / max_pixels)
+        new_w = max(factor, math.floor(width / scale / factor) * factor)
+        new_h = max(factor, math.floor(height / scale / factor) * factor)
+    elif new_w * new_h < min_pixels:
+        scale = math.sqrt(min_pixels / (width * height))
+        new_w = math.ceil(width * scale / factor) * factor
+        new_h = math.ceil(height * scale / factor) * factor
+    return new_w, new_h

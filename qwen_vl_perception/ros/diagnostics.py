@@ -29,6 +29,9 @@ class Counters:
     """Objects of 3D frames without a valid depth reading in their box: no 3D for them."""
     invalid_depth: int = 0
     """Depth images or camera_info that could not be used (wrong encoding, size, ...)."""
+    largest_in_flight: int = 0
+    """backend openai: most requests in flight at once."""
+    requests_timed_out: int = 0
     goals_accepted: int = 0
     goals_rejected: int = 0
     goals_succeeded: int = 0
@@ -51,14 +54,17 @@ _TIMES = ('last_inference_s', 'last_latency_s')
 
 
 def node_status(failure: str, state: str, worker_alive: bool, last_inference_failed: bool,
-                enabled: bool):
-    """The status level and message: a failed transition's reason first, then the state."""
+                enabled: bool, server_warning=None):
+    """The status level and message: a failed transition's reason first, then the state
+    (``server_warning``: backend openai's (level, message) about its server, if any)."""
     if failure:
         return DiagnosticStatus.ERROR, failure
     if state != 'active':
         return DiagnosticStatus.OK, state
     if not worker_alive:
         return DiagnosticStatus.ERROR, 'inference worker stopped'
+    if server_warning is not None:
+        return server_warning
     if last_inference_failed:
         return DiagnosticStatus.WARN, 'the last inference failed'
     return DiagnosticStatus.OK, 'running' if enabled else 'disabled'

@@ -6,7 +6,9 @@ thread, activate subscribes and publishes, deactivate stops taking frames (the m
 cleanup frees the model; ``autostart`` (default) does configure and activate at start-up.
 Camera callbacks only validate and convert the image and hand it to the inference thread
 (newest frame wins); that thread runs on-demand ``detect`` goals first, decodes compressed
-images, runs the model and publishes. Parameter and lifecycle services stay responsive.
+images, runs the model and publishes. Parameter and lifecycle services stay responsive. With
+``backend: openai`` a dispatcher hands frames and goals to request threads instead
+(:mod:`~qwen_vl_perception.ros.remote_dispatch`).
 """
 import functools
 import gc
@@ -23,6 +25,7 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.signals import SignalHandlerOptions
 
+from ..backends.openai_engine import OpenAIEngine
 from ..detector import Detector, FrameDetections, prepare_settings
 from ..frame_slot import LatestFrameSlots
 from ..image_conversion import image_msg_to_rgb
@@ -33,6 +36,7 @@ from .detect_action import DetectAction, GoalJob, interfaces_missing_reason
 from .diagnostics import Counters, diagnostic_array, node_status
 from .outputs import LATCHED, Outputs  # noqa: F401 - LATCHED: the label_info QoS, for users
 from .parameters import SETTINGS_PARAMETERS, check_value, settings_from_values
+from .remote_dispatch import RemoteDispatcher
 from .startup import StartupError, create_engine, current_settings, declare_and_check, value
 
 SUCCESS, ERROR = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.ERROR
@@ -52,6 +56,7 @@ class PerceptionNode(LifecycleNode):
         self._detector: Optional[Detector] = None
         self._slots: Optional[LatestFrameSlots] = None
         self._worker: Optional[threading.Thread] = None
+        self._dispatcher: Optional[RemoteDispatcher] = None  # backend openai
         self._stopping = threading.Event()  # stops the decoding in flight (cleanup)
         self._outputs: Optional[Outputs] = None
         self._depth: Optional[DepthInput] = None
@@ -106,8 +111,16 @@ class PerceptionNode(LifecycleNode):
         self._outputs = Outputs(self, with_depth=bool(value(self, 'use_depth')))
         self._slots = LatestFrameSlots()
         self._stopping.clear()
-        self._worker = threading.Thread(target=self._work, args=(self._slots,),
-                                        name='qwen_vl_inference', daemon=True)
+        if isinstance(engine, OpenAIEngine):
+            self._dispatcher = RemoteDispatcher(
+                self, self._slots, self._detector, int(value(self, 'server_max_in_flight')),
+                max_rate_hz=lambda: self._max_rate_hz,
+                publish=functools.partial(self._publish_safely, self._slots),
+                run_goal=self._action.run if self._action else None, counters=self.counters)
+            self._worker = self._dispatcher.thread
+        else:
+            self._worker = threading.Thread(target=self._work, args=(self._slots,),
+                                            name='qwen_vl_inference', daemon=True)
         self._worker.start()
         self._state, self._failure = 'inactive', ''
         return SUCCESS
@@ -126,9 +139,12 @@ class PerceptionNode(LifecycleNode):
         self._state = 'active'
         self._publish_label_info()
         count = len(self._detector.settings.categories)
+        engine = self._detector.engine
+        where = (f'{engine.description}, up to {value(self, "server_max_in_flight")} requests '
+                 'in flight' if self._dispatcher else f'model on {engine.device}')
         self.get_logger().info(
-            f"ready: {count} {'category' if count == 1 else 'categories'}, model on "
-            f"{self._detector.engine.device}, subscribed to "
+            f"ready: {count} {'category' if count == 1 else 'categories'}, {where}, "
+            "subscribed to "
             f"{', '.join(self.resolve_topic_name(t) for t in self._image_topics)}"
             f"{' (compressed)' if compressed else ''}"
             f"{' with depth' if self._depth else ''}")
@@ -180,11 +196,15 @@ class PerceptionNode(LifecycleNode):
             if self._worker.is_alive():
                 self.get_logger().warning('the inference in flight did not stop within 60 s')
         self._worker = None
+        detector, self._detector = self._detector, None
+        owned = detector is not None and detector.engine is not self._given_engine
+        if self._dispatcher is not None:  # requests in flight are cut off (an owned engine)
+            self._dispatcher.stop(close_engine=owned)
+            self._dispatcher, owned = None, False
         if self._outputs is not None:
             self._outputs.destroy()
             self._outputs = None
-        detector, self._detector = self._detector, None
-        if detector is not None and detector.engine is not self._given_engine:
+        if owned:
             close = getattr(detector.engine, 'close', None)
             if close is not None:
                 close()  # frees GPU memory too
@@ -279,27 +299,36 @@ class PerceptionNode(LifecycleNode):
             self.counters.batches += 1
             self.counters.largest_batch = max(self.counters.largest_batch, len(frames))
             for frame, result in zip(frames, results):
-                with slots.held_open() as still_open:  # shutdown waits for this frame
-                    if not still_open or self._stopping.is_set():
-                        return  # shutting down: the publishers may be gone
-                    try:
-                        self._publish(frame, result)
-                    except Exception as error:  # noqa: BLE001 - one bad frame must not stop
-                        if not self.context.ok():  # shut down under the node by its host
-                            return
-                        self.counters.add('publish_errors')
-                        self.get_logger().error(f'publishing failed: {error!r}',
-                                                throttle_duration_sec=5.0)
+                if not self._publish_safely(slots, frame, result):
+                    return
+
+    def _publish_safely(self, slots, frame: Frame, result: FrameDetections) -> bool:
+        """Publish one frame's results unless shutting down; False once shutting down."""
+        with slots.held_open() as still_open:  # shutdown waits for this frame
+            if not still_open or self._stopping.is_set():
+                return False  # shutting down: the publishers may be gone
+            if self._state != 'active':
+                return True  # deactivated meanwhile: not published
+            try:
+                self._publish(frame, result)
+            except Exception as error:  # noqa: BLE001 - one bad frame must not stop
+                if not self.context.ok():  # shut down under the node by its host
+                    return False
+                self.counters.add('publish_errors')
+                self.get_logger().error(f'publishing failed: {error!r}',
+                                        throttle_duration_sec=5.0)
+        return True
 
     def _publish(self, frame: Frame, result: FrameDetections) -> None:
         counters = self.counters
-        counters.processed += 1
-        counters.unknown_labels += len(result.unknown_labels)
-        counters.invalid_objects += result.invalid
-        counters.excess_objects += result.excess
-        counters.truncated_answers += int(result.truncated)
-        counters.last_inference_s = result.seconds
-        counters.last_latency_s = time.monotonic() - frame.received
+        with counters.lock:  # request threads publish side by side (backend openai)
+            counters.processed += 1
+            counters.unknown_labels += len(result.unknown_labels)
+            counters.invalid_objects += result.invalid
+            counters.excess_objects += result.excess
+            counters.truncated_answers += int(result.truncated)
+            counters.last_inference_s = result.seconds
+            counters.last_latency_s = time.monotonic() - frame.received
         if result.unknown_labels:
             self.get_logger().debug(f'labels outside the categories: {result.unknown_labels}')
         self._outputs.publish_frame(frame.header, frame.rgb, result)
@@ -318,14 +347,16 @@ class PerceptionNode(LifecycleNode):
         outputs.publish_label_info(settings.categories, settings.score_threshold)
 
     def _publish_diagnostics(self) -> None:
-        worker = self._worker
+        worker, dispatcher = self._worker, self._dispatcher
         level, message = node_status(self._failure, self._state,
                                      worker is not None and worker.is_alive(),
-                                     self._last_inference_failed, self._enabled)
+                                     self._last_inference_failed, self._enabled,
+                                     dispatcher.status() if dispatcher else None)
         self._diagnostics_pub.publish(diagnostic_array(
             f'{self.get_name()}: detection', self.counters, self.get_clock().now().to_msg(),
             level, message, lifecycle_state=self._state, frames_dropped=self.frames_dropped,
-            last_goal_rejection=self._action.last_rejection if self._action else ''))
+            last_goal_rejection=self._action.last_rejection if self._action else '',
+            **(dispatcher.values() if dispatcher else {})))
 
     @property
     def detector(self) -> Optional[Detector]:

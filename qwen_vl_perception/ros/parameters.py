@@ -10,6 +10,7 @@ from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescr
                                 ParameterType)
 from rclpy.parameter import Parameter
 
+from ..backends import BACKENDS
 from ..categories import ARTICLE_CATEGORIES
 from ..detector import DEFAULT_ATTRIBUTES, DetectionSettings
 from ..geometry import CONVENTIONS, GRID_1000
@@ -67,10 +68,32 @@ _INT = ParameterType.PARAMETER_INTEGER
 _DOUBLE = ParameterType.PARAMETER_DOUBLE
 
 PARAMETERS = (
+    ParameterSpec('backend', 'local', _STRING,
+                  "Where the model runs: 'local' (in this process) or 'openai' (an "
+                  'OpenAI-compatible server such as vLLM or SGLang, at server_url)',
+                  read_only=True, choices=BACKENDS),
     ParameterSpec('model_path', '', _STRING,
                   "Qwen3-VL checkpoint directory (merged bf16 or pre-quantized 4-bit); "
                   "'default': the project's tiny synthetic-scenes model (balls, boxes, cones, "
-                  'rings only), unpacked and quantized on first use', read_only=True),
+                  'rings only), unpacked and quantized on first use. With backend openai: '
+                  'optional, the served model\'s folder, read only for its trained prompt and '
+                  'pixel budget', read_only=True),
+    ParameterSpec('server_url', '', _STRING,
+                  'backend openai: the API base URL, e.g. http://gpu-box:8000/v1 '
+                  '(https:// works)', read_only=True),
+    ParameterSpec('server_model', '', _STRING,
+                  "backend openai: the served model's name ('' = the server's only model)",
+                  read_only=True),
+    ParameterSpec('server_api_key_env', '', _STRING,
+                  'backend openai: the NAME of an environment variable holding the API key '
+                  "('' = none); the key itself is never a parameter and never logged",
+                  read_only=True),
+    ParameterSpec('server_timeout_s', 30.0, _DOUBLE,
+                  'backend openai: seconds a request may take before it counts as failed',
+                  read_only=True, float_range=(0.1, 3600.0)),
+    ParameterSpec('server_max_in_flight', 4, _INT,
+                  'backend openai: most requests in flight at once (and one per camera)',
+                  read_only=True, int_range=(1, 256)),
     ParameterSpec('device', 'auto', _STRING, f'Where the model runs: {DEVICES_HELP}',
                   read_only=True),
     ParameterSpec('quantization', 'auto', _STRING,
@@ -197,6 +220,12 @@ def startup_problems(values: Dict[str, Any]) -> Optional[str]:
         return 'image_topics must name at least one topic, none empty'
     if values.get('use_depth') and len(values['image_topics']) > 1:
         return 'use_depth takes one camera: image_topics must name one topic'
+    if values.get('backend') == 'openai':
+        url = (values.get('server_url') or '').strip()
+        if not url:
+            return 'backend openai needs server_url (e.g. http://gpu-box:8000/v1)'
+        if not url.startswith(('http://', 'https://')):
+            return f'server_url must start with http:// or https://, not {url!r}'
     return None
 
 

@@ -28,7 +28,7 @@ def declare_and_check(node) -> str:
     """Declare every parameter (unset prompt ones filled from the model's training prompt)
     and check them; returns the model folder ('default' resolved). Raises StartupError."""
     try:
-        declare_parameters(node, names=('model_path', 'quantization'))
+        declare_parameters(node, names=('model_path', 'quantization', 'backend'))
         model_dir = resolve_model_dir(node)
         budget = trained_pixel_budget(model_dir)
         declare_parameters(node, defaults=budget)
@@ -63,7 +63,9 @@ def resolve_model_dir(node) -> str:
     (unpacked and quantized into the cache on first use)."""
     path = value(node, 'model_path')
     if path == DEFAULT_MODEL_NAME:
-        form = 'none' if value(node, 'quantization') == 'none' else 'nf4'
+        # a served model's folder is only read (prompt, pixel budget): no NF4 needed
+        form = ('none' if value(node, 'quantization') == 'none'
+                or value(node, 'backend') == 'openai' else 'nf4')
         try:
             path = str(ensure_default_model(form, log=node.get_logger().info))
         except Exception as error:  # any failure to unpack/quantize stops start-up
@@ -95,6 +97,8 @@ def create_engine(node, model_dir: str, log: Callable[[str], None]):
 
     Every backend is made here, so that configure has one place that builds the engine.
     """
+    if value(node, 'backend') == 'openai':
+        return connect_server(node, model_dir)
     from ..model.engine import VisionLanguageEngine
     from ..model.loading import ModelLoadError
     from ..model.torch_support import MissingDependencyError, triton_missing_reason
@@ -114,3 +118,47 @@ def create_engine(node, model_dir: str, log: Callable[[str], None]):
         log(f'{missing}: decoding without the fused kernels '
             "(torch.compile, the NF4 decode kernel); bitsandbytes' path")
     return engine
+
+
+def connect_server(node, model_dir: str):
+    """backend openai: the served model's engine. A server that answers but refuses the key,
+    does not serve ``server_model`` or is no OpenAI API stops configure; one that cannot be
+    reached (or answers 5xx) does not: the node goes on and retries."""
+    from ..backends.http_client import (AuthenticationError, BadAnswer, HttpStatusError,
+                                        ServerError)
+    from ..backends.openai_engine import OpenAIEngine, ServerModelError
+    try:
+        engine = OpenAIEngine.for_model(
+            value(node, 'server_url'), model_dir or None,
+            min_pixels=value(node, 'min_pixels'), max_pixels=value(node, 'max_pixels'),
+            model=value(node, 'server_model'), api_key_env=value(node, 'server_api_key_env'),
+            timeout_s=value(node, 'server_timeout_s'),
+            max_in_flight=value(node, 'server_max_in_flight'))
+    except ValueError as error:
+        raise StartupError(str(error)) from error
+    try:
+        served = engine.connect()
+    except (AuthenticationError, ServerModelError, BadAnswer) as error:
+        hint = ''
+        if isinstance(error, AuthenticationError):
+            key_env = value(node, 'server_api_key_env')
+            hint = (f' (the key comes from the environment variable {key_env})' if key_env
+                    else ' (no key sent: set server_api_key_env to the name of an '
+                    'environment variable holding it)')
+        raise StartupError(f'{error}{hint}') from error
+    except HttpStatusError as error:
+        if error.status < 500:
+            raise StartupError(str(error)) from error
+        _warn_unreachable(node, engine, error)
+    except ServerError as error:
+        _warn_unreachable(node, engine, error)
+    else:
+        node.get_logger().info(f"{engine.server_url} serves {', '.join(served)}; using "
+                               f'{engine.model_name!r}')
+    return engine
+
+
+def _warn_unreachable(node, engine, error) -> None:
+    node.get_logger().warning(
+        f'the server is not answering yet: {error}; starting anyway, retrying every '
+        f'{engine.status.retry_in_s:.0f}-10 s (/diagnostics: WARN until it answers)')

