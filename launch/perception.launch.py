@@ -4,7 +4,9 @@
         model_path:=/models/qwen3-vl-4b-nf4 image:=/camera/color/image_raw rviz:=true
 
 ``model_path:=`` is optional when ``params_file`` sets ``model_path``; given, it overrides
-the file. ``rviz:=true`` needs rviz2 (``ros-$ROS_DISTRO-rviz2``, not a dependency of this
+the file. ``autostart:=false`` leaves the (lifecycle) node unconfigured for a lifecycle
+manager; ``depth:=/camera/aligned_depth_to_color/image_raw`` (with ``camera_info:=``) turns 3D
+on. ``rviz:=true`` needs rviz2 (``ros-$ROS_DISTRO-rviz2``, not a dependency of this
 package): without it the launch stops with one message before starting anything.
 
 The helpers below need no ``launch`` (only ``generate_launch_description`` imports it), so
@@ -14,13 +16,32 @@ import os
 from typing import Callable, List, Optional
 
 
-def node_parameters(params_file: str, model_path: str) -> List:
-    """The node's ``parameters``: the params file, then ``model_path`` as an override only
-    when one was given (empty: what the file says)."""
+def node_parameters(params_file: str, model_path: str, autostart: str = '',
+                    depth: str = '') -> List:
+    """The node's ``parameters``: the params file, then overrides only for the arguments
+    given (empty: what the file says): ``model_path``, ``autostart`` (true/false) and, with a
+    ``depth`` topic, ``use_depth``."""
     parameters = [params_file] if params_file else []
+    overrides = {}
     if model_path:
-        parameters.append({'model_path': model_path})
+        overrides['model_path'] = model_path
+    if autostart:
+        overrides['autostart'] = launch_flag('autostart', autostart)
+    if depth:
+        overrides['use_depth'] = True
+    if overrides:
+        parameters.append(overrides)
     return parameters
+
+
+def remappings(image: str, depth: str, camera_info: str) -> List:
+    """The camera topics: ``image`` (and its compressed transport), with ``depth`` given also
+    ``depth`` and ``camera_info``."""
+    pairs = [('image', image), ('image/compressed', image + '/compressed')]
+    if depth:
+        pairs.append(('depth', depth))
+        pairs.append(('camera_info', camera_info))
+    return pairs
 
 
 def launch_flag(name: str, text: str) -> bool:
@@ -69,6 +90,14 @@ def generate_launch_description():
                                           "params file's model_path"),
         DeclareLaunchArgument('image', default_value='/camera/image_raw',
                               description='camera topic (sensor_msgs/Image)'),
+        DeclareLaunchArgument('depth', default_value='',
+                              description='depth topic registered to the colour image '
+                                          '(16UC1 mm or 32FC1 m); given, 3D is on'),
+        DeclareLaunchArgument('camera_info', default_value='/camera/camera_info',
+                              description="the colour camera's camera_info (with depth)"),
+        DeclareLaunchArgument('autostart', default_value='',
+                              description='false: leave the lifecycle node unconfigured for a '
+                                          "lifecycle manager; empty: the params file's"),
         DeclareLaunchArgument('namespace', default_value=''),
         DeclareLaunchArgument('rviz', default_value='false',
                               description='also start rviz2 (needs ros-$ROS_DISTRO-rviz2)'),
@@ -83,14 +112,14 @@ def generate_launch_description():
             problem = rviz_missing_reason()
             if problem:
                 raise RuntimeError(problem)
-        image = LaunchConfiguration('image')
         started = [Node(
             package='qwen_vl_perception',
             executable='perception_node',
             name='qwen_vl_perception',
             namespace=LaunchConfiguration('namespace'),
-            parameters=node_parameters(config['params_file'], config['model_path']),
-            remappings=[('image', image), ('image/compressed', [image, '/compressed'])],
+            parameters=node_parameters(config['params_file'], config['model_path'],
+                                       config['autostart'], config['depth']),
+            remappings=remappings(config['image'], config['depth'], config['camera_info']),
             output='screen',
             emulate_tty=True,
         )]

@@ -157,13 +157,21 @@ class Detector:
         self._prepared = prepared
         return prepared
 
-    def detect(self, images: Sequence) -> List[FrameDetections]:
-        """Detect objects in RGB ``images`` (HxWx3 uint8), decoded together as one batch."""
-        prepared = self._prepared
+    def detect(self, images: Sequence, prepared: Optional[PreparedSettings] = None,
+               on_step=None) -> List[FrameDetections]:
+        """Detect objects in RGB ``images`` (HxWx3 uint8), decoded together as one batch.
+
+        ``prepared``: settings for this call only (an on-demand request), else the current
+        ones. ``on_step``: the engine's per-token hook
+        (:data:`~qwen_vl_perception.model.generation.StepHook`); False from it stops
+        decoding, and what was answered so far is parsed.
+        """
+        prepared = prepared or self._prepared
+        hook = {} if on_step is None else {'on_step': on_step}
         with self._lock:
             started = time.perf_counter()
             generations = self._engine.generate(list(images), prepared.instruction,
-                                                prepared.settings.max_new_tokens)
+                                                prepared.settings.max_new_tokens, **hook)
             seconds = time.perf_counter() - started
         results = []
         for image, generation in zip(images, generations):

@@ -7,8 +7,10 @@ that are ready together can be decoded as one batch (:meth:`LatestFrameSlots.tak
 with a served model, takes frames one source at a time and keeps that source out until its
 frame is done (:meth:`LatestFrameSlots.take_free`, :meth:`LatestFrameSlots.release`): at
 most one frame per source in flight, so each source's results leave in the order its frames
-came.
+came. Urgent items (on-demand requests) wait in a queue of their own, are never dropped and
+are taken before any frame.
 """
+import collections
 import contextlib
 import threading
 from typing import Any, Dict, Hashable, List, Optional, Tuple
@@ -20,6 +22,7 @@ class LatestFrameSlots:
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self._waiting: Dict[Hashable, Any] = {}
+        self._urgent: collections.deque = collections.deque()
         self._closed = False
         self._in_use = threading.Lock()
         self._out: set = set()
@@ -37,19 +40,37 @@ class LatestFrameSlots:
             self._condition.notify()
             return replaced
 
-    def take_all(self, timeout: Optional[float] = None) -> List[Any]:
-        """Wait up to ``timeout`` s for frames; return all waiting ones (oldest source first).
+    def put_urgent(self, item: Any) -> None:
+        """Queue an item that :meth:`take_all` returns before any frame (never dropped)."""
+        with self._condition:
+            self._urgent.append(item)
+            self._condition.notify()
+
+    def take_all(self, timeout: Optional[float] = None, frames: bool = True) -> List[Any]:
+        """Wait up to ``timeout`` s for items; return the urgent ones (in order), then, with
+        ``frames``, all waiting frames (oldest source first). With ``frames`` false the frames
+        keep waiting.
 
         Returns an empty list on time-out or once closed.
         """
         with self._condition:
-            if not self._waiting and not self._closed:
+            if not (self._urgent or (frames and self._waiting)) and not self._closed:
                 self._condition.wait(timeout)
             if self._closed:
                 return []
-            frames = list(self._waiting.values())
+            items = list(self._urgent)
+            self._urgent.clear()
+            if frames:
+                items += self._waiting.values()
+                self._waiting.clear()
+            return items
+
+    def discard_waiting(self) -> int:
+        """Forget the waiting frames (not the urgent items); returns how many there were."""
+        with self._condition:
+            count = len(self._waiting)
             self._waiting.clear()
-            return frames
+            return count
 
     def take_free(self, limit: int,
                   timeout: Optional[float] = None) -> List[Tuple[Hashable, Any]]:

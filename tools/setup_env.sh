@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's virtualenv: ROS 2 from PyPI wheels when no distro is
-# sourced, the project's vision_msgs built from tools/ros2_env/vision_msgs, the ML stack and
-# the test tools. Idempotent: a second run with nothing changed returns in about a second.
+# sourced, the project's vision_msgs built from tools/ros2_env/vision_msgs and its
+# qwen_vl_perception_interfaces from interfaces/, the ML stack and the test tools. Idempotent: a second run with nothing changed returns in about a second.
 #
 #   tools/setup_env.sh            # venv at ./.venv (override with QVP_VENV=/path)
 #   QVP_FORCE=1 tools/setup_env.sh  # rebuild everything that is stamped
@@ -11,17 +11,21 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${QVP_VENV:-$repo/.venv}
 env_dir=$repo/tools/env
 msgs_src=$repo/tools/ros2_env/vision_msgs
+interfaces_src=$repo/interfaces/qwen_vl_perception_interfaces
 base_python=${QVP_PYTHON:-python3}
 
 log() { printf '[setup_env] %s\n' "$*" >&2; }
 
 # Everything that decides the venv's content enters the stamp.
 stamp_value=$(cat "$env_dir"/requirements*.txt "$msgs_src"/CMakeLists.txt "$msgs_src"/package.xml \
-  "$msgs_src"/msg/*.msg "${BASH_SOURCE[0]}" "$repo/setup.py" | sha256sum | cut -d' ' -f1)
+  "$msgs_src"/msg/*.msg "$interfaces_src"/CMakeLists.txt "$interfaces_src"/package.xml \
+  "$interfaces_src"/action/*.action "${BASH_SOURCE[0]}" "$repo/setup.py" \
+  | sha256sum | cut -d' ' -f1)
 stamp_file=$venv/.qvp-setup-stamp
 
 if [[ -z ${QVP_FORCE:-} && -f $stamp_file && $(cat "$stamp_file") == "$stamp_value" ]] \
-   && "$venv/bin/python" -c 'import rclpy, vision_msgs.msg, torch, transformers' 2>/dev/null; then
+   && "$venv/bin/python" -c 'import rclpy, vision_msgs.msg, torch, transformers
+import qwen_vl_perception_interfaces.action' 2>/dev/null; then
   log "up to date: $venv"
   exit 0
 fi
@@ -76,6 +80,19 @@ pip_install "${requirements[@]}"
 import torch, transformers, bitsandbytes, peft, cv2' \
   || { log "the ML stack did not install"; exit 1; }
 
+build_interfaces() {  # NAME SOURCE: an interface package built with CMake into the venv
+  # (over a sourced distro, its CMAKE_PREFIX_PATH is searched too)
+  local build=$venv/build/$1
+  rm -rf "$build" && mkdir -p "$build"
+  (
+    cd "$build"
+    PATH=$venv/bin:$PATH cmake "$2" -DCMAKE_PREFIX_PATH="$venv" \
+      -DCMAKE_INSTALL_PREFIX="$venv" -DPython3_EXECUTABLE="$py" -DBUILD_TESTING=OFF \
+      > cmake.log 2>&1 && PATH=$venv/bin:$PATH make -j"$(nproc)" > make.log 2>&1 \
+      && make install > install.log 2>&1
+  ) || { log "$1 build failed; logs in $build"; tail -n 30 "$build"/*.log >&2; exit 1; }
+}
+
 if [[ $use_distro == 0 ]]; then
   log "building vision_msgs into the venv"
   # The ROS wheels' CMake exports name the wheel builder's interpreter paths: point them here.
@@ -100,18 +117,16 @@ for cmake_file in pathlib.Path(sys.prefix, 'share').rglob('*.cmake'):
     if new != text:
         cmake_file.write_text(new, errors='surrogateescape')
 EOF
-  build=$venv/build/vision_msgs
-  rm -rf "$build" && mkdir -p "$build"
-  (
-    cd "$build"
-    PATH=$venv/bin:$PATH cmake "$msgs_src" -DCMAKE_PREFIX_PATH="$venv" \
-      -DCMAKE_INSTALL_PREFIX="$venv" -DPython3_EXECUTABLE="$py" -DBUILD_TESTING=OFF \
-      > cmake.log 2>&1 && PATH=$venv/bin:$PATH make -j"$(nproc)" > make.log 2>&1 \
-      && make install > install.log 2>&1
-  ) || { log "vision_msgs build failed; logs in $build"; tail -n 30 "$build"/*.log >&2; exit 1; }
+  build_interfaces vision_msgs "$msgs_src"
   "$py" -c 'from vision_msgs.msg import Detection2DArray' \
     || { log "vision_msgs does not import"; exit 1; }
 fi
+
+# The project's own interfaces (the Detect action), with or without a distro.
+log "building qwen_vl_perception_interfaces into the venv"
+build_interfaces qwen_vl_perception_interfaces "$interfaces_src"
+"$py" -c 'from qwen_vl_perception_interfaces.action import Detect' \
+  || { log "qwen_vl_perception_interfaces does not import"; exit 1; }
 
 # The project itself, editable, with its console scripts (perception_node, ...).
 log "installing qwen_vl_perception (editable)"

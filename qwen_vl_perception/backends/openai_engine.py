@@ -192,9 +192,13 @@ class OpenAIEngine:
         return served[0]
 
     # -- generation ---------------------------------------------------------------------
-    def generate(self, images: Sequence, instruction: str,
-                 max_new_tokens: int = 512) -> List[Generation]:
-        """Greedy answers for RGB ``images`` (HxWx3 uint8), one request each, at once."""
+    def generate(self, images: Sequence, instruction: str, max_new_tokens: int = 512,
+                 on_step=None) -> List[Generation]:
+        """Greedy answers for RGB ``images`` (HxWx3 uint8), one request each, at once.
+
+        ``on_step`` (the local engine's per-token hook) is not called: a served answer comes
+        whole, so there is no progress to tell and a cancel takes effect when it has come.
+        """
         return [answer.generation for answer in self.answers(images, instruction,
                                                              max_new_tokens)]
 

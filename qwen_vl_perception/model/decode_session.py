@@ -14,6 +14,9 @@ run eagerly or fused by ``torch.compile``.
 :meth:`DecodeSession.capture` raises when capturing fails; the decoder decides what to fall
 back to (``fast_decode.py``).
 """
+from typing import Optional, Sequence
+
+from .generation import DecodeStep, StepHook, trim_at_stop
 from .qwen3_vl_prefill import TextModelParts
 
 MAX_STOP_IDS = 8
@@ -261,13 +264,23 @@ class DecodeSession:
         """How many groups of linears sharing an input run as one launch each."""
         return len(self.groups)
 
-    def run(self, max_steps: int, sync_interval: int) -> int:
-        """Decode up to ``max_steps`` tokens after the first; returns the steps taken."""
-        if max_steps <= 0 or bool(self.finished.all()):
+    def run(self, max_steps: int, sync_interval: int, on_step: Optional[StepHook] = None,
+            stop_token_ids: Sequence[int] = ()) -> int:
+        """Decode up to ``max_steps`` tokens after the first; returns the steps taken.
+        ``on_step`` is told about the first token and every later one (no device
+        synchronisation unless it asks for the tokens); False from it stops here."""
+        def told(count: int) -> bool:
+            if on_step is None:
+                return True
+            return bool(on_step(DecodeStep(count, lambda: trim_at_stop(
+                *self.results(count), stop_token_ids)[0])))
+        if not told(1) or max_steps <= 0 or bool(self.finished.all()):
             return 0
         advance = self.graph.replay if self.graph is not None else self.step
         for taken in range(1, max_steps + 1):
             advance()
+            if not told(taken + 1):
+                return taken
             if taken % sync_interval == 0 and bool(self.finished.all()):
                 return taken
         return max_steps

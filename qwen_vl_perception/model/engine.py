@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
-from .generation import Decoder, Generation, hf_decode, make_generations
+from .generation import Decoder, DecodeStep, Generation, StepHook, hf_decode, make_generations
 from .loading import load_model, model_quantization
 from .processor import InputBuilder
 from .torch_support import require_torch
@@ -81,9 +81,13 @@ class VisionLanguageEngine:
     def quantized(self) -> bool:
         return self.quantization != 'none'
 
-    def generate(self, images: Sequence, instruction: str,
-                 max_new_tokens: int = 512) -> List[Generation]:
-        """Greedy answers for RGB ``images`` (HxWx3 uint8), one per image, same instruction."""
+    def generate(self, images: Sequence, instruction: str, max_new_tokens: int = 512,
+                 on_step: Optional[StepHook] = None) -> List[Generation]:
+        """Greedy answers for RGB ``images`` (HxWx3 uint8), one per image, same instruction.
+
+        ``on_step``: told after every token (with the texts so far, on request); False stops
+        decoding there and the answers so far come back unfinished.
+        """
         if max_new_tokens < 1:
             raise ValueError('max_new_tokens must be at least 1')
         torch = require_torch()
@@ -93,7 +97,9 @@ class VisionLanguageEngine:
             started = time.perf_counter()
             inputs = self.inputs.build(list(images), instruction).to(self.device)
             built = time.perf_counter()
-            ids, probs = self.decoder(self.model, inputs, max_new_tokens, self.stop_token_ids)
+            hook = {} if on_step is None else {'on_step': self._with_texts(on_step)}
+            ids, probs = self.decoder(self.model, inputs, max_new_tokens, self.stop_token_ids,
+                                      **hook)
             decoded = time.perf_counter()
             generations = make_generations(self.tokenizer, ids, probs, self.stop_token_ids,
                                            inputs.model_input_sizes)
@@ -102,6 +108,20 @@ class VisionLanguageEngine:
                 text_s=time.perf_counter() - decoded,
                 new_tokens=sum(len(row) for row in ids))
         return generations
+
+    def _with_texts(self, on_step: StepHook) -> StepHook:
+        """``on_step`` with :attr:`DecodeStep.texts` filled in (the tokens so far, decoded)."""
+        stops = set(self.stop_token_ids)
+
+        def texts(step: DecodeStep) -> List[str]:
+            return [self.tokenizer.decode([t for t in row if t not in stops],
+                                          skip_special_tokens=True,
+                                          clean_up_tokenization_spaces=False)
+                    for row in step.token_ids()]
+
+        def hook(step: DecodeStep) -> bool:
+            return on_step(DecodeStep(step.count, step.token_ids, lambda: texts(step)))
+        return hook
 
     def close(self) -> None:
         """Drop the model (and free GPU memory); the engine cannot generate afterwards."""

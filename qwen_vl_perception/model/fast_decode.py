@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .decode_session import MAX_STOP_IDS, DecodeSession, StepKernels
-from .generation import trim_at_stop
+from .generation import StepHook, trim_at_stop
 from .kernel_choices import KernelChoices
 from .qwen3_vl_prefill import TextModelParts, prefill, text_model_parts
 from .torch_support import require_torch
@@ -99,8 +99,10 @@ class FastGreedyDecoder:
         self._sessions: 'OrderedDict[tuple, DecodeSession]' = OrderedDict()
         self._kernels: Dict[bool, StepKernels] = {}
 
-    def __call__(self, model, inputs, max_new_tokens: int,
-                 stop_token_ids: Sequence[int]) -> Tuple[List[List[int]], List[List[float]]]:
+    def __call__(self, model, inputs, max_new_tokens: int, stop_token_ids: Sequence[int],
+                 on_step: Optional[StepHook] = None
+                 ) -> Tuple[List[List[int]], List[List[float]]]:
+        """``on_step``: called after every token (between two graph replays); False stops."""
         torch = require_torch()
         if max_new_tokens < 1:
             raise ValueError('max_new_tokens must be at least 1')
@@ -109,7 +111,8 @@ class FastGreedyDecoder:
             raise ValueError(f'at most {MAX_STOP_IDS} stop token ids, got {len(stop_token_ids)}')
         tensors = dict(getattr(inputs, 'tensors', inputs))
         with torch.inference_mode():
-            return self._decode(torch, model, tensors, int(max_new_tokens), stop_token_ids)
+            return self._decode(torch, model, tensors, int(max_new_tokens), stop_token_ids,
+                                on_step)
 
     def choices_given(self, model, inputs, token_ids) -> List[List[int]]:
         """Teacher forcing: our greedy choice at each position of ``token_ids`` given the
@@ -188,14 +191,15 @@ class FastGreedyDecoder:
 
     # -- the call ------------------------------------------------------------------------
 
-    def _decode(self, torch, model, tensors, max_new_tokens, stop_token_ids):
+    def _decode(self, torch, model, tensors, max_new_tokens, stop_token_ids, on_step=None):
         started = time.perf_counter()
         session, graphs = self._prefilled_session(torch, model, tensors, max_new_tokens,
                                                   stop_token_ids)
         loaded = time.perf_counter()
         timing = self.last_timing
         timing.setup_s = loaded - started - timing.prefill_s
-        steps = session.run(max_new_tokens - 1, self.sync_interval if graphs else 1)
+        steps = session.run(max_new_tokens - 1, self.sync_interval if graphs else 1,
+                            on_step, stop_token_ids)
         tokens, probs = session.results(steps + 1)
         timing.decode_s = time.perf_counter() - loaded
         timing.decode_steps = steps

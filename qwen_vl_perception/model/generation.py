@@ -1,10 +1,12 @@
 """Greedy decoding with per-token probabilities, and the decoded text with token offsets.
 
 A decoder is any callable with the :class:`Decoder` signature; :func:`hf_decode` (transformers'
-``model.generate``) is the default, and a faster one (CUDA graphs) can be swapped in.
+``model.generate``) is the default, and a faster one (CUDA graphs) can be swapped in. A decoder
+calls an optional ``on_step`` hook after every generated token (:class:`DecodeStep`): progress
+for whoever waits, and a way to stop (cancel) between two tokens.
 """
 from dataclasses import dataclass, field
-from typing import List, Optional, Protocol, Sequence, Tuple
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple
 
 from .torch_support import require, require_torch
 
@@ -34,24 +36,45 @@ class Generation:
     stop_token_id: Optional[int] = field(default=None, repr=False)
 
 
+@dataclass(frozen=True)
+class DecodeStep:
+    """What an ``on_step`` hook is told after each generated token.
+
+    ``count``: tokens generated so far by each sequence of the batch (stopped sequences
+    included). ``token_ids()``: those tokens, per sequence, cut after a stop token (on CUDA a
+    device synchronisation: call it only when needed). ``texts()``: their text, where the
+    caller knows the tokenizer (the engine adds it), else None.
+    """
+
+    count: int
+    token_ids: Callable[[], TokenIds]
+    texts: Optional[Callable[[], List[str]]] = None
+
+
+StepHook = Callable[[DecodeStep], bool]
+"""Called after every generated token; returning False stops decoding before the next one
+(the tokens so far are returned as an unfinished answer)."""
+
+
 class Decoder(Protocol):
     """Greedy decoding of a batch.
 
     Returns, per sequence, the generated token ids (ending with the stop token when one was
     produced, nothing after it) and the probability of each of those tokens.
     ``inputs`` is a :class:`~qwen_vl_perception.model.processor.ModelInputs` on the model's
-    device.
+    device. ``on_step`` (optional keyword): a :data:`StepHook`.
     """
 
-    def __call__(self, model, inputs, max_new_tokens: int,
-                 stop_token_ids: Sequence[int]) -> Tuple[TokenIds, TokenProbs]:
+    def __call__(self, model, inputs, max_new_tokens: int, stop_token_ids: Sequence[int],
+                 on_step: Optional[StepHook] = None) -> Tuple[TokenIds, TokenProbs]:
         ...
 
 
-def hf_decode(model, inputs, max_new_tokens: int,
-              stop_token_ids: Sequence[int]) -> Tuple[TokenIds, TokenProbs]:
+def hf_decode(model, inputs, max_new_tokens: int, stop_token_ids: Sequence[int],
+              on_step: Optional[StepHook] = None) -> Tuple[TokenIds, TokenProbs]:
     """The default :class:`Decoder`: ``model.generate`` greedy, probabilities from the raw
-    logits (no sampling settings of the checkpoint's generation_config apply)."""
+    logits (no sampling settings of the checkpoint's generation_config apply). ``on_step``
+    runs as a stopping criterion, once per generated token."""
     torch = require_torch()
     transformers = require('transformers', 'to generate with Qwen3-VL')
     if max_new_tokens < 1:
@@ -67,8 +90,12 @@ def hf_decode(model, inputs, max_new_tokens: int,
         output_logits=True, return_dict_in_generate=True,
         # Neutral values: the checkpoint's sampling settings must neither apply nor warn.
         temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0)
-    output = model.generate(**tensors, generation_config=config)
     prompt_length = tensors['input_ids'].shape[1]
+    criteria = None
+    if on_step is not None:
+        criteria = transformers.StoppingCriteriaList(
+            [_step_criterion(transformers, torch, on_step, prompt_length, stop_token_ids)])
+    output = model.generate(**tensors, generation_config=config, stopping_criteria=criteria)
     generated = output.sequences[:, prompt_length:]
     # Probability of each chosen token: softmax of its logits, computed one step at a time
     # so that only (batch, vocab) floats live at once.
@@ -78,6 +105,22 @@ def hf_decode(model, inputs, max_new_tokens: int,
         chosen.append(log_probs.gather(1, generated[:, step:step + 1]).squeeze(1).exp())
     probs = torch.stack(chosen, dim=1) if chosen else generated.float()
     return trim_at_stop(generated.tolist(), probs.tolist(), stop_token_ids)
+
+
+def _step_criterion(transformers, torch, on_step: StepHook, prompt_length: int,
+                    stop_token_ids: Sequence[int]):
+    """``on_step`` as a transformers StoppingCriteria: False from the hook stops every row."""
+
+    class StepCriterion(transformers.StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            def token_ids():
+                rows = input_ids[:, prompt_length:].tolist()
+                return trim_at_stop(rows, rows, stop_token_ids)[0]
+            keep = on_step(DecodeStep(input_ids.shape[1] - prompt_length, token_ids))
+            return torch.full((input_ids.shape[0],), not keep, dtype=torch.bool,
+                              device=input_ids.device)
+
+    return StepCriterion()
 
 
 def trim_at_stop(token_ids, token_probs, stop_token_ids) -> Tuple[TokenIds, TokenProbs]:

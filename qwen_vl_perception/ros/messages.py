@@ -5,10 +5,13 @@ from typing import Iterable, Sequence
 import numpy as np
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
-from vision_msgs.msg import (Detection2D, Detection2DArray, LabelInfo, ObjectHypothesisWithPose,
-                             VisionClass)
+from vision_msgs.msg import (Detection2D, Detection2DArray, Detection3D, Detection3DArray,
+                             LabelInfo, ObjectHypothesisWithPose, VisionClass)
+from visualization_msgs.msg import Marker, MarkerArray
 
+from ..depth import Located
 from ..detection import Detection
+from ..drawing import label_color
 from ..image_conversion import rgb_to_image_fields
 
 
@@ -53,3 +56,46 @@ def image_msg(header, rgb: np.ndarray, encoding: str = 'rgb8') -> Image:
                     step=fields['step'])
     message.data = fields['data']
     return message
+
+
+def detection_3d_array_msg(header, located: Iterable[Located]) -> Detection3DArray:
+    """Detection3DArray with the colour image's ``header`` (the optical frame): ids, labels
+    and scores as in the 2D array; the box centre and the hypothesis pose at the position."""
+    array = Detection3DArray(header=header)
+    for item in located:
+        detection = Detection3D(header=header, id=item.detection.id)
+        center = detection.bbox.center
+        center.position.x, center.position.y, center.position.z = item.position
+        center.orientation.w = 1.0
+        detection.bbox.size.x, detection.bbox.size.y, detection.bbox.size.z = item.size
+        hypothesis = ObjectHypothesisWithPose()
+        hypothesis.hypothesis.class_id = item.detection.label
+        hypothesis.hypothesis.score = float(item.detection.score)
+        hypothesis.pose.pose = center
+        detection.results.append(hypothesis)
+        array.detections.append(detection)
+    return array
+
+
+def marker_array_msg(header, located: Sequence[Located]) -> MarkerArray:
+    """rviz markers for the 3D detections: a DELETEALL (the previous frame's markers go),
+    then per object a translucent box in its label's colour and its label above it."""
+    markers = [Marker(header=header, ns='detections', action=Marker.DELETEALL)]
+    for index, item in enumerate(located):
+        red, green, blue = (channel / 255.0 for channel in label_color(item.detection.label))
+        box = Marker(header=header, ns='detections', id=2 * index, type=Marker.CUBE,
+                     action=Marker.ADD)
+        box.pose.position.x, box.pose.position.y, box.pose.position.z = item.position
+        box.pose.orientation.w = 1.0
+        box.scale.x, box.scale.y, box.scale.z = item.size
+        box.color.r, box.color.g, box.color.b, box.color.a = red, green, blue, 0.5
+        label = Marker(header=header, ns='detections', id=2 * index + 1,
+                       type=Marker.TEXT_VIEW_FACING, action=Marker.ADD,
+                       text=f'{item.detection.label} {item.detection.score:.2f}')
+        label.pose.position.x, label.pose.position.y, label.pose.position.z = item.position
+        label.pose.position.y -= item.size[1] / 2.0 + 0.05  # above the box (y is down)
+        label.pose.orientation.w = 1.0
+        label.scale.z = 0.1
+        label.color.r = label.color.g = label.color.b = label.color.a = 1.0
+        markers += [box, label]
+    return MarkerArray(markers=markers)

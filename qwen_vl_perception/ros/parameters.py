@@ -154,6 +154,20 @@ PARAMETERS = (
     ParameterSpec('max_image_pixels', 16777216, _INT,
                   'Incoming images larger than this are rejected and counted',
                   read_only=True, int_range=(1, 268435456)),
+    ParameterSpec('autostart', True, _BOOL,
+                  'Configure (load the model) and activate at start-up; false: stay unconfigured '
+                  'for a lifecycle manager', read_only=True),
+    ParameterSpec('use_depth', False, _BOOL,
+                  'Subscribe to depth (registered to the colour image, 16UC1 mm or 32FC1 m) and '
+                  'camera_info, and publish detections_3d and markers (one camera only)',
+                  read_only=True),
+    ParameterSpec('depth_max_skew_s', 0.05, _DOUBLE,
+                  'Largest stamp difference between a colour frame and its depth frame; frames '
+                  'without one are published 2D-only and counted', read_only=True,
+                  float_range=(0.0, 10.0)),
+    ParameterSpec('depth_box_fraction', 0.6, _DOUBLE,
+                  "Central part of each box (of its width and height) whose depth is the "
+                  "object's", float_range=(0.05, 1.0)),
 )
 
 SPECS: Dict[str, ParameterSpec] = {spec.name: spec for spec in PARAMETERS}
@@ -204,6 +218,8 @@ def startup_problems(values: Dict[str, Any]) -> Optional[str]:
         return 'min_pixels must not exceed max_pixels'
     if not values['image_topics'] or not all(values['image_topics']):
         return 'image_topics must name at least one topic, none empty'
+    if values.get('use_depth') and len(values['image_topics']) > 1:
+        return 'use_depth takes one camera: image_topics must name one topic'
     if values.get('backend') == 'openai':
         url = (values.get('server_url') or '').strip()
         if not url:

@@ -38,6 +38,19 @@ def test_take_waits_for_a_frame_and_close_wakes_it():
     assert not waiter.is_alive() and got[-1] == []
 
 
+def test_urgent_items_come_first_and_are_never_dropped():
+    slots = LatestFrameSlots()
+    slots.put('frame 1', 'camera')
+    slots.put_urgent('goal a')
+    slots.put_urgent('goal b')
+    slots.put('frame 2', 'camera')  # replaces frame 1; the goals stay
+    assert slots.take_all(timeout=0, frames=False) == ['goal a', 'goal b']
+    assert slots.take_all(timeout=0) == ['frame 2']
+    slots.put('frame 3', 'camera')
+    assert slots.discard_waiting() == 1 and slots.take_all(timeout=0) == []
+    assert slots.dropped == 1
+
+
 def test_take_free_keeps_one_frame_per_source_out_until_released():
     slots = LatestFrameSlots()
     for source in ('front', 'rear', 'left'):

@@ -289,3 +289,18 @@ def test_auto_on_cuda_is_nf4_and_generates(tiny_checkpoint):
     generation, = plain.generate(images[:1], INSTRUCTION, max_new_tokens=5)
     _assert_consistent(generation, plain.tokenizer)
     plain.close()
+
+
+def test_on_step_hook_gets_the_text_so_far_and_can_stop(engine):
+    image = _image(64, 64, seed=5)
+    full, = engine.generate([image], INSTRUCTION, 6)
+    texts = []
+
+    def hook(step):
+        texts.append(step.texts())
+        return step.count < 3
+
+    stopped, = engine.generate([image], INSTRUCTION, 6, on_step=hook)
+    assert len(texts) == min(3, len(full.token_ids) + int(full.finished))
+    assert stopped.token_ids == full.token_ids[:3] and not stopped.finished
+    assert full.text.startswith(texts[-1][0]) and texts[-1] == [stopped.text]

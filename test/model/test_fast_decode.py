@@ -195,3 +195,26 @@ def test_engine_picks_its_decoder_by_name(tiny_checkpoint):
     assert isinstance(fast.decoder, FastGreedyDecoder)
     with pytest.raises(ValueError, match='decoder must be'):
         VisionLanguageEngine(tiny_checkpoint, device='cpu', decoder='turbo')
+
+
+@pytest.mark.parametrize('decoder', ['hf', 'fast'])
+def test_on_step_reports_every_token_and_stops_between_two(model, decoder):
+    """Both decoders tell the hook about each token (counts 1, 2, ...; the tokens so far on
+    request) and stop right after the token the hook said False to."""
+    decode = hf_decode if decoder == 'hf' else FastGreedyDecoder()
+    inputs = make_inputs([(5, 7, (1, 4, 6)), (9, 3, (1, 4, 4))])
+    full_ids, full_probs = decode(model, inputs, 16, [])  # no stop token: 16 each
+    seen = []
+
+    def hook(step):
+        seen.append((step.count, step.token_ids()))
+        return step.count < 5
+
+    ids, probs = decode(model, inputs, 16, [], on_step=hook)
+    assert [count for count, _ in seen] == [1, 2, 3, 4, 5]
+    assert ids == [row[:5] for row in full_ids]
+    assert [len(row) for row in probs] == [5, 5]
+    for count, so_far in seen:
+        assert so_far == [row[:count] for row in full_ids]
+    never_stop = decode(model, inputs, 16, [], on_step=lambda step: True)
+    assert_same((full_ids, full_probs), never_stop)

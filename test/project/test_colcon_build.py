@@ -1,10 +1,12 @@
 """The package builds with the real colcon (as on a robot) and its install tree works.
 
 The tracked files are copied into a scratch workspace's ``src/``, ``colcon build`` (colcon from
-PyPI, the ament_python build type of colcon-ros) installs them, and the test checks what a
-robot's ``ros2 launch`` and ``ros2 run`` rely on: the launch and config files and package.xml
-under ``share/``, the ament index marker, ``lib/qwen_vl_perception/perception_node`` and the
-tools, and the packed default model. Then the installed ``perception_node`` is started from the
+PyPI, the ament_python build type of colcon-ros, and ament_cmake for the interface package
+``qwen_vl_perception_interfaces``, over the venv's ROS wheels) installs both packages as the
+README says, and the test checks what a robot's ``ros2 launch`` and ``ros2 run`` rely on: the
+launch and config files and package.xml under ``share/``, the ament index marker,
+``lib/qwen_vl_perception/perception_node`` and the tools, the packed default model and the
+Detect action's Python module. Then the installed ``perception_node`` is started from the
 sourced install tree with ``model_path:=default`` and stopped with Ctrl-C.
 """
 import os
@@ -23,6 +25,7 @@ pytest.importorskip('rclpy')
 pytest.importorskip('torch')
 ROOT = REPO_ROOT
 PACKAGE = 'qwen_vl_perception'
+INTERFACES = 'qwen_vl_perception_interfaces'
 
 
 def _tracked_files():
@@ -50,16 +53,23 @@ def workspace(tmp_path_factory):
     # Where it is set (these machines set it), setuptools warns that byte-compiling is off and
     # colcon counts that as stderr output: build as a robot's shell would.
     env.pop('PYTHONDONTWRITEBYTECODE', None)
-    build = subprocess.run([str(colcon), 'build', '--packages-select', PACKAGE,
-                            '--event-handlers', 'console_direct+'], cwd=workspace, env=env,
-                           capture_output=True, text=True, timeout=900)
+    # Without a sourced distro, CMake finds ament_cmake, rosidl and vision_msgs in the venv.
+    venv = Path(sys.prefix)
+    env.setdefault('CMAKE_PREFIX_PATH', str(venv))
+    env.setdefault('AMENT_PREFIX_PATH', str(venv))
+    build = subprocess.run([str(colcon), 'build', '--base-paths', 'src',
+                            f'src/{PACKAGE}/interfaces', '--packages-up-to', PACKAGE,
+                            '--event-handlers', 'console_direct+',
+                            '--cmake-args', f'-DPython3_EXECUTABLE={sys.executable}',
+                            '-DBUILD_TESTING=OFF'], cwd=workspace, env=env,
+                           capture_output=True, text=True, timeout=1500)
     assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
     return workspace, build.stdout + build.stderr
 
 
 def test_colcon_build_is_clean(workspace):
     _, output = workspace
-    assert '1 package finished' in output
+    assert '2 packages finished' in output
     # colcon reports any stderr of the build (e.g. setuptools' unknown-option warnings)
     assert 'had stderr output' not in output, output[-4000:]
 
@@ -80,6 +90,9 @@ def test_install_tree_has_what_launch_and_run_need(workspace):
     assert len(packages) == 1, packages
     for name in ('weights.safetensors', 'manifest.json'):
         assert (packages[0] / 'default_model' / name).stat().st_size > 0
+    interfaces = workspace[0] / 'install' / INTERFACES
+    assert (interfaces / 'share' / INTERFACES / 'action' / 'Detect.action').is_file()
+    assert list(interfaces.glob(f'lib/python3*/site-packages/{INTERFACES}/action/_detect.py'))
 
 
 def test_installed_node_starts_with_the_default_model(workspace, tmp_path):
@@ -88,6 +101,7 @@ def test_installed_node_starts_with_the_default_model(workspace, tmp_path):
                QWEN_VL_PERCEPTION_CACHE=str(tmp_path / 'cache'))
     script = (f'source {ws}/install/setup.bash && '
               f'python -c "import {PACKAGE}; print({PACKAGE}.__file__)" && '
+              f'python -c "import {INTERFACES}; print({INTERFACES}.__file__)" && '
               f'exec perception_node --ros-args -p model_path:=default -p device:=cpu')
     env['PATH'] = f'{Path(sys.executable).parent}{os.pathsep}{env["PATH"]}'
     node = subprocess.Popen(['bash', '-c', script], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
@@ -101,7 +115,8 @@ def test_installed_node_starts_with_the_default_model(workspace, tmp_path):
                 break
         log = ''.join(lines)
         assert str(ws / 'install') in lines[0], 'the package was not imported from the install'
-        assert 'ready:' in log, log
+        assert str(ws / 'install' / INTERFACES) in lines[1], log
+        assert 'ready:' in log and 'the detect action is off' not in log, log
         node.send_signal(signal.SIGINT)
         rest, _ = node.communicate(timeout=120)
         assert node.returncode == 0, log + rest

@@ -27,6 +27,19 @@ def test_model_path_overrides_the_params_file_only_when_given(launch_file):
         ['/p/params.yaml', {'model_path': '/models/nf4'}]
 
 
+def test_autostart_and_depth_arguments_become_parameters_and_remappings(launch_file):
+    assert launch_file.node_parameters('/p.yaml', '', 'false', '/cam/depth') == \
+        ['/p.yaml', {'autostart': False, 'use_depth': True}]
+    assert launch_file.node_parameters('/p.yaml', '', 'True', '') == \
+        ['/p.yaml', {'autostart': True}]
+    with pytest.raises(ValueError, match="autostart:='no'"):
+        launch_file.node_parameters('/p.yaml', '', 'no', '')
+    assert launch_file.remappings('/cam/color', '', '/cam/info') == \
+        [('image', '/cam/color'), ('image/compressed', '/cam/color/compressed')]
+    assert launch_file.remappings('/cam/color', '/cam/depth', '/cam/info')[2:] == \
+        [('depth', '/cam/depth'), ('camera_info', '/cam/info')]
+
+
 def test_rviz_flag_reads_like_launch_conditions(launch_file):
     assert [launch_file.launch_flag('rviz', text) for text in ('true', 'True', '1', ' false',
                                                                '0')] == \

@@ -23,10 +23,8 @@ rclpy = pytest.importorskip('rclpy')
 pytest.importorskip('torch')
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
-from rclpy.parameter_client import AsyncParameterClient  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
-from std_msgs.msg import String  # noqa: E402
 from vision_msgs.msg import Detection2DArray, LabelInfo  # noqa: E402
 
 from qwen_vl_perception.prompt import PromptBuilder  # noqa: E402
@@ -34,6 +32,7 @@ from qwen_vl_perception.ros.node import LATCHED, PerceptionNode, StartupError  #
 from qwen_vl_perception.trained_prompt import write_prompt_file  # noqa: E402
 
 from image_bombs import lossless_webp  # noqa: E402
+from node_harness import Harness, diagnostic, rgb_image, wait_for  # noqa: E402
 from spinning import Spinner  # noqa: E402
 from trained_models import memorize_answer  # noqa: E402
 
@@ -68,71 +67,6 @@ def node_parameters(checkpoint, **overrides):
     }
     values.update(overrides)
     return values
-
-
-def rgb_image(stamp_sec, frame_id='camera', width=640, height=480, seed=0):
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    message = Image(height=height, width=width, encoding='rgb8', step=width * 3)
-    message.header.stamp.sec = stamp_sec
-    message.header.stamp.nanosec = 500
-    message.header.frame_id = frame_id
-    message.data = pixels.tobytes()
-    return message
-
-
-class Harness:
-    """The node under test plus a peer node (camera and listeners), spun in a thread."""
-
-    def __init__(self, parameters):
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=random.randint(1, 200))
-        overrides = [Parameter(name, value=value) for name, value in parameters.items()]
-        self.node = PerceptionNode(context=self.context, parameter_overrides=overrides)
-        self.peer = rclpy.create_node('test_peer', context=self.context)
-        self.detections, self.label_infos, self.descriptions = [], [], []
-        self.annotated, self.diagnostics = [], []
-        self.peer.create_subscription(Detection2DArray, 'detections', self.detections.append, 10)
-        self.peer.create_subscription(LabelInfo, 'label_info', self.label_infos.append, LATCHED)
-        self.peer.create_subscription(String, 'descriptions', self.descriptions.append, 10)
-        self.peer.create_subscription(DiagnosticArray, '/diagnostics', self.diagnostics.append,
-                                      10)
-        self.cameras = {}
-        self.spinner = Spinner(self.context, self.node, self.peer)
-
-    def camera(self, reliability=ReliabilityPolicy.BEST_EFFORT):
-        if reliability not in self.cameras:
-            qos = QoSProfile(depth=5, reliability=reliability)
-            self.cameras[reliability] = self.peer.create_publisher(Image, 'image', qos)
-        return self.cameras[reliability]
-
-    def publish_when_connected(self, message, reliability=ReliabilityPolicy.BEST_EFFORT):
-        publisher = self.camera(reliability)
-        wait_for(lambda: publisher.get_subscription_count() > 0, 10, 'camera not connected')
-        publisher.publish(message)
-
-    def set_parameters(self, *parameters):
-        client = AsyncParameterClient(self.peer, self.node.get_name())
-        assert client.wait_for_services(timeout_sec=10.0)
-        future = client.set_parameters(list(parameters))
-        wait_for(future.done, 10, 'set_parameters got no answer')
-        return future.result().results
-
-    def close(self):
-        # The spinning thread must have stopped before the nodes go (spinning.py says why).
-        self.node.shutdown()
-        self.spinner.stop()
-        self.node.destroy_node()
-        self.peer.destroy_node()
-        rclpy.try_shutdown(context=self.context)
-
-
-def wait_for(predicate, timeout, message):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(message)
 
 
 @pytest.fixture
@@ -247,7 +181,7 @@ def test_malformed_images_are_skipped_and_the_next_good_frame_is_processed(harne
     wait_for(lambda: harness.detections, 30, 'the good frame was not processed')
     assert [a.header.stamp.sec for a in harness.detections] == [13]
     assert harness.node.counters.invalid_images == 3
-    wait_for(lambda: any(_diagnostic(d, 'invalid_images') == '3'
+    wait_for(lambda: any(diagnostic(d, 'invalid_images') == '3'
                          for d in harness.diagnostics), 5, 'diagnostics do not count them')
 
 
@@ -317,9 +251,11 @@ def test_ready_line_counts_one_category_and_destroying_stops_the_worker(
         answering_checkpoint, capfd):
     harness = Harness(node_parameters(answering_checkpoint, categories=['cup']))
     assert 'ready: 1 category, model on cpu' in capfd.readouterr().err
+    worker = harness.node.inference_thread
+    assert worker.is_alive()
     harness.spinner.stop()
     harness.node.destroy_node()  # without shutdown() first: the worker must stop all the same
-    assert not harness.node._worker.is_alive()
+    assert not worker.is_alive() and harness.node.inference_thread is None
     harness.peer.destroy_node()
     rclpy.try_shutdown(context=harness.context)
 
@@ -367,14 +303,6 @@ def test_frames_of_several_cameras_ready_together_are_decoded_as_one_batch(answe
         assert all(len(a.detections) == 2 for a in harness.detections)
     finally:
         harness.close()
-
-
-def _diagnostic(array, key):
-    for status in array.status:
-        for value in status.values:
-            if value.key == key:
-                return value.value
-    return None
 
 
 def test_start_up_refuses_invalid_parameters(tiny_checkpoint):
@@ -569,9 +497,9 @@ def test_compressed_images_are_refused_by_their_declared_size_before_decoding(
                  'the good frame was not answered:\n' + ''.join(lines))
         assert [a.header.stamp.sec for a in detections[answered_before:]
                 if a.header.stamp.sec < 100] == [3]
-        wait_for(lambda: any(_diagnostic(d, 'invalid_images') == '2' for d in diagnostics), 10,
+        wait_for(lambda: any(diagnostic(d, 'invalid_images') == '2' for d in diagnostics), 10,
                  'the two images are not counted as invalid')
-        assert all(_diagnostic(d, 'inference_errors') == '0' for d in diagnostics)
+        assert all(diagnostic(d, 'inference_errors') == '0' for d in diagnostics)
         log = ''.join(lines)
         assert 'exceeds the limit of 16777216 pixels (declared in the WebP header)' in log, log
         assert _peak_memory_mb(process.pid) - before < 400  # the bomb was never decoded
