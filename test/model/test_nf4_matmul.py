@@ -334,7 +334,9 @@ def test_decoder_with_the_kernel_agrees_with_bitsandbytes_path():
         fused(model, inputs, 32, STOPS)
         assert fused.last_session_nf4_layers == 7 * layers
         assert fused.last_session_nf4_groups == 2 * layers  # (q, k, v) and (gate, up)
-        assert fused.kernel_choices.nf4_matmul.tuned_rows == {len(prompts)}
+        # The step ran at that many rows (a prompt of 16 tokens or fewer is tuned for
+        # prefill too: the single prompt below has 16).
+        assert len(prompts) in fused.kernel_choices.nf4_matmul.tuned_rows
         # Prefill ran through the kernels too, and every module has its own forward back.
         assert fused.kernel_choices.nf4_layer_count(model) == 7 * layers
         assert not any('forward' in module.__dict__ for module in model.modules())
