@@ -129,5 +129,7 @@ def test_twenty_configure_cleanup_cycles_keep_no_memory(managed):
         cycle()
     growth = _resident_mb() - before
     print(f'one loaded model: {model_mb:.0f} MB; 20 more cycles: {growth:+.0f} MB')
-    assert model_mb > 20.0  # the measurement sees a model
+    # The measurement sees a model: 19 MB resident measured with Python 3.10's stack,
+    # 40-65 MB with 3.11's; a leak of a whole model per cycle would be 380 MB or more.
+    assert model_mb > 8.0
     assert growth < 16.0, (growth, model_mb)  # a leak of 1/80 of the model per cycle is 16 MB
