@@ -375,6 +375,11 @@ class PerceptionNode(LifecycleNode):
         return self._worker
 
     @property
+    def frame_slots(self) -> Optional[LatestFrameSlots]:
+        """The cameras' frame hand-over while configured (its counts), else None."""
+        return self._slots
+
+    @property
     def frames_dropped(self) -> int:
         slots = self._slots
         return slots.dropped if slots is not None else 0

@@ -292,7 +292,7 @@ def test_frames_of_several_cameras_ready_together_are_decoded_as_one_batch(answe
         wait_for(lambda: front.get_subscription_count() and rear.get_subscription_count(), 10,
                  'cameras not connected')
         front.publish(rgb_image(1, 'front'))  # keeps the model busy ...
-        slots = harness.node._slots
+        slots = harness.node.frame_slots
         wait_for(lambda: slots.accepted == 1 and slots.waiting == 0, 30, 'frame 1 not taken')
         front.publish(rgb_image(2, 'front'))  # ... while these two wait together
         rear.publish(rgb_image(2, 'rear'))
