@@ -26,6 +26,7 @@ from typing import List, Mapping, Optional, Sequence, Union
 from ..model.generation import Generation
 from ..model.pixel_budget import (DEFAULT_IMAGE_FACTOR, NODE_MAX_PIXELS, NODE_MIN_PIXELS,
                                   image_factor, model_pixel_budget)
+from ..prompt import build_messages
 from .answers import Answer, parse_answer
 from .http_client import (AuthenticationError, BadAnswer, HttpStatusError, JsonHttpClient,
                           ServerError, ServerUnreachable)
@@ -231,9 +232,7 @@ class OpenAIEngine:
                                           self.factor)
         body = {
             'model': self.model_name,
-            'messages': [{'role': 'user', 'content': [
-                {'type': 'text', 'text': instruction},
-                {'type': 'image_url', 'image_url': {'url': data_url}}]}],
+            'messages': _with_image_url(build_messages(instruction), data_url),
             'temperature': 0,
             'max_tokens': int(max_new_tokens),
             'logprobs': True,
@@ -274,3 +273,11 @@ def _model_names(answer, url: str) -> List[str]:
     if not isinstance(data, list):
         raise BadAnswer(f'the answer from {url} is not a model list (no "data" list)')
     return [str(entry['id']) for entry in data if isinstance(entry, dict) and 'id' in entry]
+
+
+def _with_image_url(messages, data_url: str):
+    """The prompt builder's messages (the local engine's, in its order) with the image part
+    as an OpenAI ``image_url`` carrying ``data_url``."""
+    image = {'type': 'image_url', 'image_url': {'url': data_url}}
+    return [dict(message, content=[image if part.get('type') == 'image' else part
+                                   for part in message['content']]) for message in messages]
