@@ -30,6 +30,7 @@ from typing import Callable, Dict, Optional
 import cv2
 import numpy as np
 
+from .model.pixel_budget import MAX_ASPECT_RATIO
 # Re-exported: the header check is part of this module's API.
 from .image_headers import COMPRESSED_FORMATS, ImageFormatError, declared_size  # noqa: F401
 
@@ -109,11 +110,6 @@ def _require_positive_int(name: str, value) -> int:
     if value <= 0:
         raise ImageFormatError(f'image {name} must be > 0, got {value}')
     return int(value)
-
-
-MAX_ASPECT_RATIO = 200
-"""Longest side over shortest side of an image the model takes: Qwen-VL's image processor
-(transformers' ``smart_resize``) refuses more. Conversion refuses such images first."""
 
 
 def _check_shape(width: int, height: int, max_pixels: Optional[int], where: str = '') -> None:

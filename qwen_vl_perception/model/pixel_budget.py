@@ -97,6 +97,11 @@ def image_factor(checkpoint_dir: Optional[PathLike]) -> int:
     return DEFAULT_IMAGE_FACTOR
 
 
+MAX_ASPECT_RATIO = 200
+"""Longest side over shortest side of an image the model takes: Qwen-VL's image processor
+(transformers' ``smart_resize``) refuses more."""
+
+
 def resized_size(width: int, height: int, min_pixels: int, max_pixels: int,
                  factor: int = DEFAULT_IMAGE_FACTOR) -> Tuple[int, int]:
     """``(width, height)`` the Qwen2-VL/Qwen3-VL image processor resizes an image to.
@@ -109,9 +114,9 @@ def resized_size(width: int, height: int, min_pixels: int, max_pixels: int,
     """
     if width < 1 or height < 1:
         raise ValueError(f'an image needs a positive size, not {width}x{height}')
-    if max(width, height) / min(width, height) > 200:
-        raise ValueError(f'a {width}x{height} image is more than 200 times as wide as high '
-                         '(or high as wide): Qwen-VL processors refuse it')
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(f'a {width}x{height} image is more than {MAX_ASPECT_RATIO} times as '
+                         'wide as high (or high as wide): Qwen-VL processors refuse it')
     new_w, new_h = round(width / factor) * factor, round(height / factor) * factor
     if new_w * new_h > max_pixels:
         scale = math.sqrt(width * height / max_pixels)

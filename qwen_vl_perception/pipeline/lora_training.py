@@ -27,7 +27,7 @@ from ..data.sft_data import SftSample, read_sft_dataset
 from ..trained_prompt import copy_prompt_file
 from ..model.loading import load_model, model_quantization, resolve_device
 from .lora import DEFAULT_TARGETS, check_no_tied_lora, select_target_modules
-from ..model.pixel_budget import model_pixel_budget, write_pixel_budget
+from ..model.pixel_budget import model_pixel_budget, resized_size, write_pixel_budget
 from ..model.processor import InputBuilder
 from ..model.checkpoint_files import copy_processor_files
 from ..model.torch_support import require, require_torch
@@ -150,14 +150,10 @@ def _answer_loss_trainer(transformers):
 def sample_length(builder: InputBuilder, sample: SftSample) -> int:
     """Tokens of a sample as :func:`training_batch` builds it, computed from the image size
     (file header) without decoding pixels."""
-    require('transformers', 'to size training samples')
-    # The PIL backend's module: importable without torchvision, same resizing rule.
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
     width, height = image_size(sample.image_path)
     factor = builder.patch_size * builder.merge_size
-    resized_h, resized_w = smart_resize(height, width, factor=factor,
-                                        min_pixels=builder.min_pixels,
-                                        max_pixels=builder.max_pixels)
+    resized_w, resized_h = resized_size(width, height, builder.min_pixels, builder.max_pixels,
+                                        factor)
     visual = (resized_h // factor) * (resized_w // factor)
     prompt_ids, _ = builder.prompt_ids(sample.instruction)
     answer = builder.tokenizer(sample.answer, add_special_tokens=False)['input_ids']
