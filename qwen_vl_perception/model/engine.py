@@ -3,6 +3,7 @@
 import gc
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
@@ -10,12 +11,15 @@ from typing import List, Optional, Sequence, Union
 from .generation import Decoder, DecodeStep, Generation, StepHook, hf_decode, make_generations
 from .loading import load_model, model_quantization
 from .processor import InputBuilder
-from .torch_support import require_torch
+from .torch_support import release_cuda_memory, require_torch
 
 PathLike = Union[str, Path]
 
 IM_END = '<|im_end|>'
 END_OF_TEXT = '<|endoftext|>'
+
+_ON_GPU = weakref.WeakSet()
+"""The engines whose model is on a CUDA device and not closed yet."""
 
 
 @dataclass
@@ -55,6 +59,8 @@ class VisionLanguageEngine:
         self.stop_token_ids = _stop_token_ids(self.model, self.tokenizer)
         self.last_timing = GenerateTiming()
         self._lock = threading.Lock()
+        if _on_cuda(self.model):
+            _ON_GPU.add(self)
 
     def _pick_decoder(self, decoder) -> Decoder:
         if decoder is None or decoder == 'hf':
@@ -132,8 +138,16 @@ class VisionLanguageEngine:
             if clear is not None:
                 clear()  # captured CUDA graphs hold the model
         gc.collect()
+        _ON_GPU.discard(self)
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            # The library workspaces go too once no engine's captured graphs can use them.
+            release_cuda_memory(torch, library_workspaces=not _ON_GPU)
+
+
+def _on_cuda(model) -> bool:
+    parameters = getattr(model, 'parameters', None)
+    first = next(iter(parameters()), None) if callable(parameters) else None
+    return first is not None and first.device.type == 'cuda'
 
 
 def _stop_token_ids(model, tokenizer) -> List[int]:

@@ -53,3 +53,20 @@ def triton_missing_reason() -> Optional[str]:
     except Exception as error:  # ImportError, or a Triton that fails while importing
         return f'Triton is not importable ({type(error).__name__}: {error})'
     return None
+
+
+def release_cuda_memory(torch, library_workspaces: bool) -> None:
+    """Give the caching allocator's unused GPU blocks back to the driver.
+
+    With ``library_workspaces`` also drop cuBLAS's workspaces, which torch keeps per (handle,
+    stream) for the process's lifetime: 32 MB each on Hopper, one for every stream that ran a
+    matmul (the default stream, the decoder's warm-up stream, the graph-capture stream), about
+    100 MB after the first frames. Only safe when no kept CUDA graph captured a cuBLAS call:
+    a graph replays with the workspace address it was captured with.
+    """
+    if library_workspaces:
+        torch.cuda.synchronize()
+        clear = getattr(torch._C, '_cuda_clearCublasWorkspaces', None)  # what inductor calls
+        if clear is not None:
+            clear()
+    torch.cuda.empty_cache()
