@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
+from .cpu_threads import use_cpu_threads
 from .generation import Decoder, DecodeStep, Generation, StepHook, hf_decode, make_generations
 from .loading import load_model, model_quantization
 from .processor import InputBuilder
@@ -43,12 +44,14 @@ class VisionLanguageEngine:
     ``decoder``: a :class:`~qwen_vl_perception.model.generation.Decoder`, or ``'auto'`` and
     ``'fast'`` (the static-cache
     :class:`~qwen_vl_perception.model.fast_decode.FastGreedyDecoder`, CUDA-graphed on a GPU,
-    eager on the CPU) or ``'hf'`` (``model.generate``).
+    eager on the CPU) or ``'hf'`` (``model.generate``). ``cpu_threads``: torch's threads for a
+    model on the CPU, 0 = auto (:func:`~.cpu_threads.thread_count`; process-wide).
     """
 
     def __init__(self, checkpoint: PathLike, device: str = 'auto', quantization: str = 'auto',
                  min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
-                 decoder: Union[Decoder, str, None] = 'auto', compute_dtype: str = 'auto'):
+                 decoder: Union[Decoder, str, None] = 'auto', compute_dtype: str = 'auto',
+                 cpu_threads: int = 0):
         self.checkpoint = Path(checkpoint)
         self.model = load_model(self.checkpoint, device=device, quantization=quantization,
                                 compute_dtype=compute_dtype)
@@ -59,8 +62,12 @@ class VisionLanguageEngine:
         self.stop_token_ids = _stop_token_ids(self.model, self.tokenizer)
         self.last_timing = GenerateTiming()
         self._lock = threading.Lock()
+        self.cpu_threads: Optional[int] = None
+        """torch's intra-op threads when the model is on the CPU (:mod:`.cpu_threads`)."""
         if _on_cuda(self.model):
             _ON_GPU.add(self)
+        elif self.device.type == 'cpu':
+            self.cpu_threads = use_cpu_threads(require_torch(), self.model, cpu_threads)
 
     def _pick_decoder(self, decoder) -> Decoder:
         if decoder is None or decoder == 'hf':

@@ -103,6 +103,10 @@ PARAMETERS = (
                   "Generation loop: 'auto' = 'fast' (static-cache decoder, CUDA-graphed on a "
                   "GPU, eager on the CPU) or 'hf' (transformers' generate)", read_only=True,
                   choices=DECODERS),
+    ParameterSpec('cpu_threads', 0, _INT,
+                  "torch's threads for a model on the CPU: 0 = auto (1 for a model under 100 M "
+                  'parameters such as the default model, else one per core)', read_only=True,
+                  int_range=(0, 1024)),
     ParameterSpec('min_pixels', pixel_budget.NODE_MIN_PIXELS, _INT,
                   'Smallest image area fed to the model, in pixels (visual-token budget: '
                   '1 token per 32x32 pixels). Unset: what a model fine-tuned by the tools was '

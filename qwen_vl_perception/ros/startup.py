@@ -106,7 +106,7 @@ def create_engine(node, model_dir: str, log: Callable[[str], None]):
         raise StartupError("model_path is required (a Qwen3-VL checkpoint directory, or "
                            "'default' for the project's synthetic-scenes model)")
     options: Dict[str, Any] = {name: value(node, name) for name in (
-        'device', 'quantization', 'decoder', 'min_pixels', 'max_pixels')}
+        'device', 'quantization', 'decoder', 'cpu_threads', 'min_pixels', 'max_pixels')}
     log(f"loading the model {model_dir} (device {options['device']}, "
         f"quantization {options['quantization']})")
     try:
