@@ -17,6 +17,8 @@ setup(
         ('share/' + PACKAGE + '/launch', glob('launch/*.py')),
         ('share/' + PACKAGE + '/config', glob('config/*.yaml') + glob('config/*.rviz')),
         ('lib/' + PACKAGE, glob('tools/*.py')),
+        # tools/benchmark.py's parts, beside it as in the source tree.
+        ('lib/' + PACKAGE + '/benchmarking', glob('tools/benchmarking/*.py')),
     ],
     install_requires=['setuptools'],
     zip_safe=False,

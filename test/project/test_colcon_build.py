@@ -84,8 +84,11 @@ def test_install_tree_has_what_launch_and_run_need(workspace):
     assert (install / 'share' / 'ament_index' / 'resource_index' / 'packages' / PACKAGE).is_file()
     lib = install / 'lib' / PACKAGE
     assert os.access(lib / 'perception_node', os.X_OK)
-    for tool in ('detect_folder.py', 'evaluate.py', 'quantize.py', 'merge_lora.py'):
+    for tool in ('detect_folder.py', 'evaluate.py', 'quantize.py', 'merge_lora.py',
+                 'benchmark.py'):
         assert (lib / tool).is_file(), tool
+    parts = sorted(path.name for path in (ROOT / 'tools' / 'benchmarking').glob('*.py'))
+    assert sorted(path.name for path in (lib / 'benchmarking').glob('*.py')) == parts
     packages = list(install.glob(f'lib/python3*/site-packages/{PACKAGE}'))
     assert len(packages) == 1, packages
     for name in ('weights.safetensors', 'manifest.json'):
@@ -93,6 +96,18 @@ def test_install_tree_has_what_launch_and_run_need(workspace):
     interfaces = workspace[0] / 'install' / INTERFACES
     assert (interfaces / 'share' / INTERFACES / 'action' / 'Detect.action').is_file()
     assert list(interfaces.glob(f'lib/python3*/site-packages/{INTERFACES}/action/_detect.py'))
+
+
+def test_installed_benchmark_imports_its_parts(workspace, tmp_path):
+    """The installed benchmark finds ``benchmarking/`` beside it, as in the source tree."""
+    ws = workspace[0]
+    script = (f'source {ws}/install/setup.bash && '
+              f'exec python {ws}/install/{PACKAGE}/lib/{PACKAGE}/benchmark.py --help')
+    env = dict(os.environ, PATH=f'{Path(sys.executable).parent}{os.pathsep}{os.environ["PATH"]}')
+    done = subprocess.run(['bash', '-c', script], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert '--server URL' in done.stdout and 'tools/benchmark.py --device cpu' in done.stdout
 
 
 def test_installed_node_starts_with_the_default_model(workspace, tmp_path):

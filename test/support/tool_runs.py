@@ -3,6 +3,7 @@ in-process and capture what it prints."""
 import contextlib
 import importlib.util
 import io
+import sys
 
 from locations import REPO_ROOT
 
@@ -15,9 +16,17 @@ tokens."""
 
 
 def load_tool(name):
+    """``tools/<name>.py`` as a module, imported as ``python3 tools/<name>.py`` runs it: with
+    ``tools/`` first on ``sys.path`` (the benchmark imports its parts, ``tools/benchmarking``,
+    from there), which is put back as it was after the import."""
     spec = importlib.util.spec_from_file_location(f'tool_{name}', TOOLS / f'{name}.py')
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    saved = list(sys.path)
+    sys.path.insert(0, str(TOOLS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
     return module
 
 

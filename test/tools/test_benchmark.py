@@ -1,8 +1,9 @@
-"""tools/benchmark.py on the CPU: both engines timed, its JSON written."""
+"""tools/benchmark.py on the CPU: both engines timed, its JSON written; the served path."""
 import json
 
 import pytest
 
+from http_servers import AnswerServer, free_port
 from tool_runs import run_tool
 
 torch = pytest.importorskip('torch')
@@ -27,3 +28,26 @@ def test_benchmark_times_both_engines_on_the_cpu_and_writes_its_json(tmp_path):
     assert [run['fused'] for run in results['runs'] if run['engine'] == 'ours'] == [False] * 2
     # float32 on the CPU: our tokens are generate's, unquantized and NF4.
     assert [entry['default']['per_token'] for entry in results['agreement']] == [1.0, 1.0]
+
+
+def test_served_benchmark_times_each_in_flight_count_and_refuses_a_server_down(tmp_path):
+    """``--server --no-local`` against a real HTTP server process (the remote backend tests'
+    answer server); the served model's real throughput is tested with vLLM in
+    test/backends/test_vllm_backend.py."""
+    out = tmp_path / 'served.json'
+    with AnswerServer(content='[]') as server:
+        results, stdout, _ = run_tool('benchmark', [
+            '--server', server.url, '--no-local', '--frames', '3', '--in-flight', '1', '2',
+            '--image', '96x64', '--out', out])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert (results['mode'], results['server'], results['server_model']) == (
+        'served', server.url, 'default')
+    assert [(run['backend'], run['concurrency'], run['frames']) for run in results['runs']] == [
+        ('openai', 1, 3), ('openai', 2, 3)]
+    assert all(run['frames_per_s'] > 0 for run in results['runs'])
+    assert 'robot' in results['instruction']  # no --model: the article's categories
+    assert results['agreement'] is None and '| served (openai backend) | 2 |' in stdout
+    with pytest.raises(SystemExit) as refused:
+        run_tool('benchmark', ['--server', f'http://127.0.0.1:{free_port()}/v1', '--no-local',
+                               '--frames', '1'])
+    assert str(refused.value).startswith('error: ') and 'cannot connect' in str(refused.value)
