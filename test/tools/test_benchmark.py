@@ -51,3 +51,19 @@ def test_served_benchmark_times_each_in_flight_count_and_refuses_a_server_down(t
         run_tool('benchmark', ['--server', f'http://127.0.0.1:{free_port()}/v1', '--no-local',
                                '--frames', '1'])
     assert str(refused.value).startswith('error: ') and 'cannot connect' in str(refused.value)
+    with pytest.raises(SystemExit) as refused:
+        run_tool('benchmark', ['--server', f'http://127.0.0.1:{free_port()}/v1', '--no-local',
+                               '--frames', '1', '--image', '64x48'])
+    assert str(refused.value) == ('error: --image 64x48: scenes need at least 64x64 pixels, '
+                                  'got 64x48')
+
+
+def test_a_frame_no_longer_than_its_prefill_is_an_error_not_a_negative_decode_figure():
+    import sys
+
+    from tool_runs import load_tool
+    load_tool('benchmark')  # imports tools/benchmarking as the tool does
+    timing = sys.modules['benchmarking.timing']
+    assert timing.further_token_ms(1.1, 0.1, 11) == pytest.approx(100.0)
+    with pytest.raises(ValueError, match='no longer than its prefill'):
+        timing.further_token_ms(0.09, 0.1, 11)

@@ -46,7 +46,12 @@ def served_images(args):
         return [load_image_file(path) for path in paths], f'{len(paths)} of {args.images}'
     from qwen_vl_perception.data.scenes import generate_scene
     width, height = parse_pair(args.image)
-    return ([generate_scene(50_000 + index, width, height)[0] for index in range(args.frames)],
+    try:
+        images = [generate_scene(50_000 + index, width, height)[0]
+                  for index in range(args.frames)]
+    except ValueError as error:  # e.g. smaller than a scene can be
+        raise SystemExit(f'error: --image {args.image}: {error}') from error
+    return (images,
             f'{args.frames} synthetic scenes {width}x{height} (seeds 50000+)')
 
 

@@ -7,6 +7,17 @@ import numpy as np
 GB = 1e9
 
 
+def further_token_ms(frame_s: float, prefill_s: float, new_tokens: int) -> float:
+    """Decode ms per token after the first, from a frame's and its prefill's seconds. A frame
+    no longer than its prefill (a busy machine, too few repeats) has no such figure: an error,
+    not a negative or zero one."""
+    if frame_s <= prefill_s:
+        raise ValueError(f'a {new_tokens}-token frame took {frame_s:.3f} s, no longer than its '
+                         f'prefill alone ({prefill_s:.3f} s): no decode figure (the machine is '
+                         'too busy for it, or use more repeats)')
+    return 1000 * (frame_s - prefill_s) / max(new_tokens - 1, 1)
+
+
 class Timer:
     """Wall clock (device synchronised), or with ``cpu_time`` the process's CPU time: on a
     CPU shared with other jobs that measures the work done, not the wait for a core."""
@@ -63,7 +74,7 @@ def time_ours(timer, decoder, model, tensors, batch, new_tokens, repeats, label)
     if timer.cpu_time:  # the decoder's own timings are wall clock: measure as for generate
         prefill_s = float(np.median([
             timer.seconds(lambda: decoder(model, tensors, 1, []))[0] for _ in range(repeats)]))
-        decode_ms = 1000 * (frame - prefill_s) / max(new_tokens - 1, 1)
+        decode_ms = further_token_ms(frame, prefill_s, new_tokens)
     return {
         'engine': 'ours', 'label': label, 'batch': batch, 'new_tokens': new_tokens,
         'prefill_ms': 1000 * prefill_s, 'decode_ms_per_token': decode_ms,
@@ -92,6 +103,6 @@ def time_generate(timer, model, tensors, batch, new_tokens, repeats, label):
     return {
         'engine': 'generate', 'label': label, 'batch': batch, 'new_tokens': new_tokens,
         'prefill_ms': 1000 * prefill_s,
-        'decode_ms_per_token': 1000 * (frame - prefill_s) / max(new_tokens - 1, 1),
+        'decode_ms_per_token': further_token_ms(frame, prefill_s, new_tokens),
         'frame_s': frame, 'frames_per_s': batch / frame, 'frame_s_runs': frames,
         'peak_gb': timer.peak_gb()}
