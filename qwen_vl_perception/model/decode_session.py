@@ -14,6 +14,7 @@ run eagerly or fused by ``torch.compile``.
 :meth:`DecodeSession.capture` raises when capturing fails; the decoder decides what to fall
 back to (``fast_decode.py``).
 """
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 from .generation import DecodeStep, StepHook, trim_at_stop
@@ -146,18 +147,29 @@ class DecodeSession:
         self.out_tokens = torch.zeros(batch, cache_len + 1, **long)
         self.out_probs = torch.zeros(batch, cache_len + 1, dtype=torch.float32, device=device)
         self.graph = None
+        self.pool = None  # the memory pool of this session's CUDA graphs (step and prefills)
+        self.prefills = OrderedDict()  # shape -> its StaticPrefill (static_prefill.py)
 
     def load(self, cache, attention_mask, position_ids, first_logits, stop_token_ids):
-        """Put a prefilled frame (batch) into the static buffers."""
-        torch = self.torch
+        """Put a prefilled frame (batch) into the static buffers: ``cache`` (a
+        ``DynamicCache``) is copied into the static cache."""
         length = attention_mask.shape[1]
         for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
             keys[:, :, :length].copy_(cache.layers[layer].keys)
             values[:, :, :length].copy_(cache.layers[layer].values)
+        self.load_prefilled(attention_mask, position_ids[:, :, -1], first_logits,
+                            stop_token_ids)
+
+    def load_prefilled(self, attention_mask, last_positions, first_logits, stop_token_ids):
+        """Start decoding a frame whose prompt is in the static cache already (a
+        :class:`~qwen_vl_perception.model.static_prefill.StaticPrefill` wrote it there):
+        ``last_positions`` are the (3, batch) M-RoPE positions of its last prompt token."""
+        torch = self.torch
+        length = attention_mask.shape[1]
         self.key_valid.fill_(True)
         self.key_valid[:, :length].copy_(attention_mask.bool())
         self.cache_position.fill_(length)
-        self.position.copy_(position_ids[:, :, -1] + 1)
+        self.position.copy_(last_positions + 1)
         stops = stop_token_ids + [_NO_TOKEN] * (MAX_STOP_IDS - len(stop_token_ids))
         self.stop_ids.copy_(torch.tensor(stops, dtype=torch.long))
         self.pad_id.fill_(stop_token_ids[0] if stop_token_ids else 0)
@@ -244,15 +256,27 @@ class DecodeSession:
                 self.step()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self.graph_pool()):
             self.step()
         self.graph = graph
         for buffer in self.keys + self.values:
             buffer.zero_()
 
+    def graph_pool(self):
+        """The memory pool that this session's graphs share (they never run at once)."""
+        if self.pool is None:
+            self.pool = self.torch.cuda.graph_pool_handle()
+        return self.pool
+
     def without_nf4(self) -> None:
         """Route every linear through its own module from now on (after a failed capture)."""
         self.nf4_matmul, self.linears, self.groups = None, {}, {}
+        self.drop_prefills()
+
+    def drop_prefills(self) -> None:
+        """Free the prefill shapes (their graphs may hold kernels that are given up)."""
+        while self.prefills:
+            self.prefills.popitem()[1].release()
 
     @property
     def nf4_layers(self) -> int:
@@ -286,7 +310,8 @@ class DecodeSession:
         return max_steps
 
     def release(self) -> None:
-        """Free the graph and every buffer now (not when the last reference goes)."""
+        """Free the graphs and every buffer now (not when the last reference goes)."""
+        self.drop_prefills()
         if self.graph is not None:
             self.graph.reset()
             self.graph = None
