@@ -44,6 +44,7 @@ from .decode_session import MAX_STOP_IDS, DecodeSession, StepKernels
 from .generation import StepHook, trim_at_stop
 from .kernel_choices import KernelChoices
 from .qwen3_vl_prefill import TextModelParts, prefill, text_model_parts
+from .static_prefill import StaticPrefill, frame_inputs
 from .torch_support import require_torch
 
 __all__ = ['DecodeTiming', 'FastGreedyDecoder', 'MAX_STOP_IDS', 'TextModelParts', 'prefill',
@@ -59,6 +60,11 @@ class DecodeTiming:
     decode_s: float = 0.0
     decode_steps: int = 0
     graph_captured: bool = False
+    prefill: str = ''
+    """How the prompt was prefilled: 'graphed' (a static prefill's CUDA graph), 'static' (the
+    same computation, eager) or 'model' (the model's own forward into a DynamicCache)."""
+    prefill_captured: bool = False
+    """Whether this call captured the prefill's graph (its first frame of that shape)."""
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -85,14 +91,19 @@ class FastGreedyDecoder:
     def __init__(self, use_cuda_graphs: Optional[bool] = None,
                  fuse_elementwise: Optional[bool] = None, cache_bucket: int = 256,
                  sync_interval: int = 8, max_sessions: int = 4,
-                 nf4_kernel: Optional[bool] = None):
-        if cache_bucket < 1 or sync_interval < 1 or max_sessions < 1:
-            raise ValueError('cache_bucket, sync_interval and max_sessions must be positive')
+                 nf4_kernel: Optional[bool] = None, static_prefill: Optional[bool] = None,
+                 prefill_bucket: int = 64, max_prefill_shapes: int = 4):
+        if min(cache_bucket, sync_interval, max_sessions, prefill_bucket,
+               max_prefill_shapes) < 1:
+            raise ValueError('cache_bucket, sync_interval, max_sessions, prefill_bucket and '
+                             'max_prefill_shapes must be positive')
         self.use_cuda_graphs = use_cuda_graphs
         self.cache_bucket = int(cache_bucket)
         self.sync_interval = int(sync_interval)
         self.max_sessions = int(max_sessions)
-        self.kernel_choices = KernelChoices(nf4_kernel, fuse_elementwise)
+        self.prefill_bucket = int(prefill_bucket)
+        self.max_prefill_shapes = int(max_prefill_shapes)
+        self.kernel_choices = KernelChoices(nf4_kernel, fuse_elementwise, static_prefill)
         """Which optional kernels run and what fell back (:class:`KernelChoices`)."""
         self.last_timing = DecodeTiming()
         self._capture_streams: Dict[str, object] = {}
@@ -206,22 +217,30 @@ class FastGreedyDecoder:
         return trim_at_stop(tokens, probs, stop_token_ids)
 
     def _prefilled_session(self, torch, model, tensors, max_new_tokens, stop_token_ids):
-        """Prefill, then load the frame into its (maybe newly captured) session."""
+        """Prefill, then load the frame into its (maybe newly captured) session: through the
+        static prefill where it applies (:meth:`KernelChoices.uses_static_prefill`), else the
+        model's own forward."""
         parts = text_model_parts(model)
         device = parts.embed_tokens.weight.device
-        tensors = {name: value.to(device) if hasattr(value, 'to') else value
-                   for name, value in tensors.items()}
         graphs = self._graphs_enabled(device)
         timing = self.last_timing = DecodeTiming()
+        batch, prompt_length = tensors['input_ids'].shape
+        needed = prompt_length + max_new_tokens
+        cache_len = -(-needed // self.cache_bucket) * self.cache_bucket
+        if self.kernel_choices.uses_static_prefill(graphs):
+            session = self._statically_prefilled(torch, model, parts, tensors, cache_len,
+                                                 device, graphs, stop_token_ids)
+            if session is not None:
+                return session, graphs
+
+        tensors = {name: value.to(device) if hasattr(value, 'to') else value
+                   for name, value in tensors.items()}
         started = time.perf_counter()
         first_logits, cache, position_ids = self.kernel_choices.prefill(prefill, model, tensors,
                                                                         device)
         _synchronize(torch, device)
         timing.prefill_s = time.perf_counter() - started
-
-        batch, prompt_length = tensors['input_ids'].shape
-        needed = prompt_length + max_new_tokens
-        cache_len = -(-needed // self.cache_bucket) * self.cache_bucket
+        timing.prefill = 'model'
         session, timing.graph_captured = self._session(
             torch, model, parts, batch, cache_len, cache.layers[0].keys.dtype, device, graphs)
         session.load(cache, tensors['attention_mask'], position_ids, first_logits,
@@ -229,6 +248,54 @@ class FastGreedyDecoder:
         del cache, first_logits
         _synchronize(torch, device)
         return session, graphs
+
+    def _statically_prefilled(self, torch, model, parts, tensors, cache_len, device, graphs,
+                              stop_token_ids) -> Optional[DecodeSession]:
+        """The session with the frame prefilled by its :class:`StaticPrefill` of the frame's
+        shape (made, and captured with ``graphs``, on first use); None where the static
+        prefill does not apply or failed (then the model's own forward runs)."""
+        timing = self.last_timing
+        started = time.perf_counter()
+        frame = frame_inputs(model, parts, tensors, self.prefill_bucket, cache_len)
+        if frame is None:
+            return None
+        host_s = time.perf_counter() - started
+        batch = frame.input_ids.shape[0]
+        session, timing.graph_captured = self._session(
+            torch, model, parts, batch, cache_len, parts.embed_tokens.weight.dtype, device,
+            graphs)
+
+        def run():
+            shape = session.prefills.get(frame.key)
+            if shape is None:
+                shape = StaticPrefill(torch, model, parts, session, frame)
+                session.prefills[frame.key] = shape
+                while len(session.prefills) > self.max_prefill_shapes:
+                    session.prefills.popitem(last=False)[1].release()
+            session.prefills.move_to_end(frame.key)
+            shape.load(frame)
+            if graphs and shape.graph is None:
+                shape.capture(self._capture_stream(torch, device), session.graph_pool())
+                timing.prefill_captured = True
+            shape.run()
+            return shape.logits
+
+        started = time.perf_counter()
+        shape = session.prefills.get(frame.key)
+        replay = (graphs and shape is not None and shape.graph is not None
+                  and shape.vision_in_graph)
+        first_logits = self.kernel_choices.static_prefill_logits(run, model, device,
+                                                                 modules=not replay)
+        if first_logits is None:
+            session.drop_prefills()
+            return None
+        _synchronize(torch, device)
+        timing.prefill_s = host_s + time.perf_counter() - started
+        timing.prefill = 'graphed' if graphs else 'static'
+        session.load_prefilled(frame.attention_mask, frame.last_positions, first_logits,
+                               stop_token_ids)
+        _synchronize(torch, device)
+        return session
 
     def _graphs_enabled(self, device) -> bool:
         if device.type != 'cuda':

@@ -1,12 +1,15 @@
 """Which optional kernels the fast decoder uses, and what it has learnt about them.
 
-Three kernels are optional: the fused NF4 matmul (``nf4_matmul.py``, CUDA with Triton) for
+Four pieces are optional: the fused NF4 matmul (``nf4_matmul.py``, CUDA with Triton) for
 bitsandbytes 4-bit linears, ``torch.compile``'s fusion of the decode step's elementwise pieces,
-and the exact compact output head (``compact_head.py``) for a vocabulary whose rows are mostly
-zero. :class:`KernelChoices` is the one place that decides whether each
+the exact compact output head (``compact_head.py``) for a vocabulary whose rows are mostly
+zero, and the static prefill (``static_prefill.py``: the prompt straight into the static
+cache, captured in a CUDA graph per shape) instead of the model's own forward into a
+``DynamicCache``. :class:`KernelChoices` is the one place that decides whether each
 is used and remembers a fallback: a kernel that fails is warned about once and not tried
 again. Where the NF4 kernel was asked for (``nf4_kernel=True``), a device that cannot run it
-and a prefill that fails through it are errors instead.
+and a prefill that fails through it are errors instead; so is a failing static prefill that
+was asked for (``static_prefill=True``).
 """
 import contextlib
 import warnings
@@ -18,12 +21,18 @@ from .torch_support import triton_missing_reason
 
 class KernelChoices:
     """``nf4_kernel``: ``None`` means "on CUDA when Triton is there, until it fails once";
-    ``fuse_elementwise``: ``None`` means "with CUDA graphs, when Triton imports"."""
+    ``fuse_elementwise``: ``None`` means "with CUDA graphs, when Triton imports";
+    ``static_prefill``: ``None`` means "with CUDA graphs (captured per shape), until it fails
+    once", True "always (graphed with CUDA graphs, else eager)", False "never"."""
 
     def __init__(self, nf4_kernel: Optional[bool] = None,
-                 fuse_elementwise: Optional[bool] = None):
+                 fuse_elementwise: Optional[bool] = None,
+                 static_prefill: Optional[bool] = None):
         self.nf4_kernel = nf4_kernel
         self.fuse_elementwise = fuse_elementwise
+        self.static_prefill = static_prefill
+        self.static_prefill_failed = False
+        """True once the static prefill failed: the model's own forward from then on."""
         self.nf4_failed = False
         """True once the NF4 kernel failed: bitsandbytes' own path from then on."""
         self.fusion_failed = False
@@ -125,6 +134,33 @@ class KernelChoices:
     def _give_up_nf4(self, what: str, error: Exception, instead: str) -> None:
         warnings.warn(f'{what} ({type(error).__name__}: {error}); {instead}', RuntimeWarning)
         self.nf4_failed = True
+
+    # -- the static prefill ---------------------------------------------------------------
+
+    def uses_static_prefill(self, graphs: bool) -> bool:
+        """As ``static_prefill`` says, else with CUDA graphs; never after it failed once."""
+        if self.static_prefill_failed or self.static_prefill is False:
+            return False
+        return bool(self.static_prefill) or graphs
+
+    def static_prefill_logits(self, run, model, device, modules: bool = True):
+        """``run()`` (a static prefill: it returns the first logits) with the NF4 linears
+        through the fused kernel (``modules=False``: a graph replay, which runs no module).
+        None after a failure, warned about once and remembered (the caller uses the model's
+        own forward), unless the static prefill was asked for (then the failure is
+        raised)."""
+        try:
+            if not modules:
+                return run()
+            with self._lean_nf4_linears(model, device):
+                return run()
+        except Exception as error:
+            if self.static_prefill:
+                raise
+            warnings.warn(f'the static prefill failed ({type(error).__name__}: {error}); '
+                          "using the model's own forward", RuntimeWarning)
+            self.static_prefill_failed = True
+            return None
 
     # -- elementwise fusion ---------------------------------------------------------------
 
