@@ -1,12 +1,19 @@
-"""Fast greedy decoding for Qwen3-VL: the model's own prefill, then a lean decode loop.
+"""Fast greedy decoding for Qwen3-VL: a static-cache prefill, then a lean decode loop.
 
 :class:`FastGreedyDecoder` has the :class:`~qwen_vl_perception.model.generation.Decoder`
 signature and computes what ``model.generate`` greedy (``hf_decode``) computes: in float32 the
 same tokens; in bf16/fp16 its kernels round differently, so near-tied logits can flip:
 
-1. Prefill runs the model's normal multimodal ``forward`` (vision tower, deepstack, M-RoPE
-   positions exactly as ``generate`` builds them) into a ``DynamicCache``; its keys and values
-   are then copied into a static cache of ``(batch, kv_heads, cache_len, head_dim)`` buffers.
+1. Prefill fills a static cache of ``(batch, kv_heads, cache_len, head_dim)`` buffers. With
+   CUDA graphs (``static_prefill`` None, the default) the model's own modules write the prompt
+   straight into it, the prompt padded on the right to a multiple of ``prefill_bucket``
+   tokens, and that computation (vision tower included) is captured in a CUDA graph per
+   (batch, padded length, image grids, left padding or not) and replayed for later frames of
+   that shape (:mod:`~qwen_vl_perception.model.static_prefill`): the model's forward is bound
+   by launching thousands of small kernels from Python. Elsewhere (the CPU, or after the
+   static prefill failed once) the model's normal multimodal ``forward`` (vision tower,
+   deepstack, M-RoPE positions exactly as ``generate`` builds them) runs into a
+   ``DynamicCache`` whose keys and values are then copied into the static cache.
 2. Each new token goes through a hand-written step over the language model's own modules
    (norms, projections, MLP, rotary embedding, ``lm_head``), so plain, bitsandbytes 4-bit and
    other ``nn.Module`` linears all work. All three M-RoPE components of a text token after the
@@ -23,15 +30,16 @@ same tokens; in bf16/fp16 its kernels round differently, so near-tied logits can
    once for every sequence of the batch (bitsandbytes dequantizes whole weights to bf16 first
    for two or more); a layer's q, k and v projections share one launch, and so do gate and
    up. During prefill the NF4 linears of the whole model dequantize with one
-   kernel each and multiply with ``linear``, skipping bitsandbytes' Python layers (prefill is
-   bound by host time). ``nf4_kernel=False`` keeps bitsandbytes' own path everywhere.
+   kernel each and multiply with ``linear``, skipping bitsandbytes' Python layers.
+   ``nf4_kernel=False`` keeps bitsandbytes' own path everywhere.
 
 Sequences that produce a stop token keep decoding (their outputs are masked and dropped) until
 all are done or ``max_new_tokens`` is reached; batches are left padded, as ``InputBuilder``
 makes them.
 
 The parts live in their own files: ``qwen3_vl_prefill.py`` (the model's modules and its
-prefill), ``decode_session.py`` (static buffers, the step, the CUDA graph),
+own prefill), ``static_prefill.py`` (the prefill into the static cache, and its graphs),
+``decode_session.py`` (static buffers, the step, the CUDA graph),
 ``kernel_choices.py`` (which optional kernels run, and their fallbacks); this file is the
 policy that puts them together.
 """
@@ -81,7 +89,11 @@ class FastGreedyDecoder:
     checks whether every sequence has stopped once per ``sync_interval`` tokens (each check
     is a device synchronisation). ``max_sessions`` captured graphs are kept (least recently
     used dropped). ``nf4_kernel``: ``None`` means "on CUDA when Triton is there, until it
-    fails once" (then a warning, and bitsandbytes' path). Warm-up and kernel tuning before
+    fails once" (then a warning, and bitsandbytes' path). ``static_prefill``: ``None`` means
+    "with CUDA graphs, graphed, until it fails once" (then a warning, and the model's own
+    forward), True "always (eagerly without graphs), failures raised", False "the model's own
+    forward"; each session keeps ``max_prefill_shapes`` prefill graphs, in the memory pool of
+    its step's graph. Warm-up and kernel tuning before
     each capture run on one side stream per device, so that the CUDA libraries' per-stream
     workspaces are not allocated again for every capture (the capture itself uses PyTorch's
     capture stream). The instance is callable like ``hf_decode``; not thread-safe (the
