@@ -67,7 +67,7 @@ def frame_inputs(model, parts, tensors: dict, bucket: int, limit: int) -> Option
     torch = require_torch()
     if any(name in tensors for name in ('pixel_values_videos', 'inputs_embeds')):
         return None
-    if not _supported(model, parts):
+    if not _supported(parts):
         return None
     input_ids = tensors['input_ids'].cpu()
     batch, length = input_ids.shape
@@ -115,15 +115,17 @@ def frame_inputs(model, parts, tensors: dict, bucket: int, limit: int) -> Option
                         if attention_mask is not None else mask)
 
 
-def _supported(model, parts) -> bool:
+def _supported(parts) -> bool:
     attention = getattr(parts.layers[0].self_attn, 'config', None)
     return getattr(attention, '_attn_implementation', None) in _ATTENTIONS
 
 
+def _base(model):
+    return model.get_base_model() if hasattr(model, 'get_base_model') else model
+
+
 def _visual(model):
-    base = model.get_base_model() if hasattr(model, 'get_base_model') else model
-    inner = getattr(base, 'model', None)
-    return getattr(inner, 'visual', None)
+    return getattr(getattr(_base(model), 'model', None), 'visual', None)
 
 
 class _CacheWriter:
@@ -148,6 +150,7 @@ class StaticPrefill:
 
     def __init__(self, torch, model, parts, session, frame: PrefillFrame):
         self.torch = torch
+        self.model = _base(model)
         self.parts = parts
         self.session = session
         self.key = frame.key
@@ -215,10 +218,8 @@ class StaticPrefill:
                                  **dict(self.vision_kwargs))
             embeds, deepstack = output.pooler_output, list(output.deepstack_features)
         else:  # the model's own way, which waits for the device (not capturable)
-            base = self.session.model_ref
-            base = base.get_base_model() if hasattr(base, 'get_base_model') else base
-            output = base.model.get_image_features(self.pixel_values, self.grid,
-                                                   return_dict=True)
+            output = self.model.model.get_image_features(self.pixel_values, self.grid,
+                                                         return_dict=True)
             embeds = torch.cat(list(output.pooler_output), dim=0)
             deepstack = [torch.cat(list(feature), dim=0)
                          for feature in output.deepstack_features]
@@ -291,6 +292,7 @@ class StaticPrefill:
             self.graph.reset()
             self.graph = None
         self.pixel_values = self.image_embeds = self.deepstack = self.logits = None
+        self.model = self.visual = None
 
 
 def _vision_tables(torch, visual, grids, device) -> Optional[dict]:
@@ -298,7 +300,10 @@ def _vision_tables(torch, visual, grids, device) -> Optional[dict]:
     with device waits (``.tolist()``, ``repeat_interleave``): made once on the host, as the
     tower's precomputed keyword arguments (``transformers.vision_utils``); the attention
     segments stay on the host (the tower splits by them). None when this transformers or
-    tower has no such inputs: the tower then runs its own way, outside the graph."""
+    tower has no such inputs, or its attention wants the segments on the device (flash
+    attention): the tower then runs its own way, outside the graph."""
+    if getattr(visual.config, '_attn_implementation', None) not in _ATTENTIONS:
+        return None
     try:
         from transformers import vision_utils
         grid = torch.tensor(grids, dtype=torch.long)

@@ -28,14 +28,19 @@ def model():
     return tiny_model()
 
 
-def static_prefill(model, tensors, bucket, cache_len=128):
-    """The eager static prefill of ``tensors`` into a fresh session: (session, frame, logits)."""
+def static_prefill(model, tensors, bucket, cache_len=128, vision_tables=True):
+    """The eager static prefill of ``tensors`` into a fresh session: (session, frame, logits).
+    ``vision_tables=False``: the vision tower its own way (as without transformers' tables)."""
     parts = text_model_parts(model)
     device = parts.embed_tokens.weight.device
     frame = frame_inputs(model, parts, tensors, bucket, cache_len)
     session = DecodeSession(torch, model, parts, frame.input_ids.shape[0], cache_len,
                             parts.embed_tokens.weight.dtype, device, StepKernels(torch, False))
     shape = StaticPrefill(torch, model, parts, session, frame)
+    assert shape.vision_in_graph
+    if not vision_tables:
+        shape.vision_kwargs = None
+        assert shape.vision_in_graph == (shape.visual is None)
     shape.load(frame)
     shape.run()
     return session, frame, shape.logits
@@ -43,13 +48,16 @@ def static_prefill(model, tensors, bucket, cache_len=128):
 
 @pytest.mark.parametrize('prompts', [IMAGES, LEFT_PADDED, TEXT], ids=['image', 'padded', 'text'])
 @pytest.mark.parametrize('bucket', [1, 16])
-def test_static_prefill_matches_the_models_forward(model, prompts, bucket):
+@pytest.mark.parametrize('vision_tables', [True, False], ids=['tables', 'own-way'])
+def test_static_prefill_matches_the_models_forward(model, prompts, bucket, vision_tables):
     """Same last logits, the same keys and values at every real position, the same positions,
-    with and without padding the prompt to a length bucket."""
+    with and without padding the prompt to a length bucket, the vision tower with its tables
+    made ahead (as graphed) or its own way."""
     tensors = make_inputs(prompts)
     with torch.inference_mode():
         logits, cache, positions = prefill(model, dict(tensors))
-        session, frame, static_logits = static_prefill(model, tensors, bucket)
+        session, frame, static_logits = static_prefill(model, tensors, bucket,
+                                                       vision_tables=vision_tables)
     length = tensors['input_ids'].shape[1]
     assert frame.length == length and frame.padded_length == -(-length // bucket) * bucket
     assert torch.equal(frame.last_positions, positions[:, :, -1])
