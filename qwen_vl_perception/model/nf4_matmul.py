@@ -6,7 +6,8 @@ the weight again at four times its NF4 size every token. :class:`NF4Matmul` read
 weight once for 1 to :data:`MAX_ROWS` rows, as bitsandbytes stores it (no copy, no repacking:
 the model stays an ordinary bitsandbytes model), and decodes it in registers
 (:mod:`~qwen_vl_perception.model.nf4_triton`): each byte's two 4-bit codes become their table
-values in the compute dtype through byte permutes (:func:`lookup_asm`), tensor cores multiply
+values in the compute dtype through byte permutes (:mod:`~qwen_vl_perception.model.nf4_codes`'
+:func:`lookup_asm`), tensor cores multiply
 them with ``x`` (rows padded to 16) in fp32, and the sums are scaled by each 64-block's absmax.
 bitsandbytes rounds ``code * absmax`` to the compute dtype first: results differ by a rounding.
 Several weights that share their input (a layer's q, k and v projections; gate and up) can go
@@ -28,109 +29,23 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+# The code table (nf4_codes.py) and the weights' view (nf4_weights.py) are importable from here
+# too, as they were before they moved.
+from .nf4_codes import (LOOKUP_PACK, NF4_TABLE, asm_constraints, lookup_asm,  # noqa: F401
+                        table_words)
+from .nf4_weights import QUANT_BLOCK, NF4Weight, nf4_weight  # noqa: F401
 from .torch_support import require_torch
 
 MAX_ROWS = 16
 """Rows the decode kernel handles; more go through the dequantized weight and ``linear``."""
 MAX_GROUP = 3
 """Weights one launch can take."""
-NF4_TABLE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-             -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-             0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-             0.44070982933044434, 0.5626170039176636, 0.7229568362236023, 1.0)
-"""bitsandbytes' NF4 code values."""
-_QUANT_BLOCK = 64
-_PACK = 16  # packed bytes per lookup_asm block
 _LOOKUP_ASM, _LOOKUP_GATHER = 0, 1
 _BLOCK_CONFIGS = ((128, 4, 6), (64, 4, 4), (64, 4, 8), (128, 4, 4), (256, 8, 4), (128, 8, 6))
 """(weight rows per program, warps, pipeline stages); the first is the untimed default. Deep
 pipelines keep enough bytes in flight: a product of a few MB is mostly memory latency."""
 _SPLIT_TARGETS = (1, 2, 4)  # programs per multiprocessor that split counts aim at
 _MAX_SPLITS = 16  # the last program of a tile adds the partials up
-
-
-def table_words(values: Sequence[float], dtype) -> Tuple[List[int], List[int]]:
-    """The 16 table ``values`` rounded to ``dtype`` (bf16 or fp16), as four 32-bit words of
-    their high bytes and four of their low bytes (entry ``i`` in byte ``i % 4`` of word
-    ``i // 4``), the byte tables :func:`lookup_asm` permutes."""
-    torch = require_torch()
-    if len(values) != 16:
-        raise ValueError(f'an NF4 table has 16 values, got {len(values)}')
-    bits = [int(value) & 0xFFFF for value in
-            torch.tensor(list(values), dtype=torch.float32).to(dtype).view(torch.int16).tolist()]
-
-    def words(plane):
-        return [plane[i] | plane[i + 1] << 8 | plane[i + 2] << 16 | plane[i + 3] << 24
-                for i in range(0, 16, 4)]
-    return words([value >> 8 for value in bits]), words([value & 0xFF for value in bits])
-
-
-def lookup_asm(values: Sequence[float], dtype, pack: int = _PACK) -> str:
-    """PTX for ``tl.inline_asm_elementwise`` (``pack`` uint8 in, two outputs in ``dtype``): for
-    every packed byte the table value of its high nibble (first output) and low nibble.
-
-    Per 32-bit word of 8 codes: ``s`` = the codes' low three bits (a byte index into 8 table
-    bytes), ``t`` = a per-byte choice between two permutes made from each code's top bit;
-    ``prmt`` looks 4 codes up in entries 0-7 and 8-15 of the high-byte table, keeps one of the
-    two per byte, the same for the low bytes, and two more permutes interleave high and low bytes
-    into the outputs' 16-bit values. Four table words must sit in registers; they are made from
-    the input (``mad.hi`` of it by 1 is 0) so that ptxas keeps them for the whole block rather
-    than copying a constant before each permute. Shifts are ``mul.hi`` so that they run on the
-    multiply-add units, beside the integer units that do the permutes.
-    """
-    if pack % 4 or not 4 <= pack <= 32:
-        raise ValueError('pack must be a multiple of 4 from 4 to 32')
-    high, low = table_words(values, dtype)
-    outputs = pack // 2  # 32-bit registers per output
-    first = f'${pack}'
-    lines = ['{', '.reg .b32 s, t, x, y, h, l, ta, tb, tc, td;']
-    for name, word in zip(('ta', 'tb', 'tc', 'td'), (high[0], high[2], low[0], low[2])):
-        lines.append(f'mad.hi.u32 {name}, {first}, 1, {word:#x};')
-    for word in range(pack // 4):
-        codes = f'${pack + word}'
-        lines += [f'and.b32 s, {codes}, 0x77777777;', f'mul.hi.u32 t, {codes}, 0x80000000;',
-                  'lop3.b32 t, t, 0x44444444, 0x32103210, 0xEA;']  # (t & 0x4444..) | 0x3210..
-        for half in range(2):
-            if half:
-                lines += ['mul.hi.u32 s, s, 0x10000;', 'mul.hi.u32 t, t, 0x10000;']
-            register = 2 * word + half
-            lines += [f'prmt.b32 x, ta, {high[1]:#x}, s;', f'prmt.b32 y, tb, {high[3]:#x}, s;',
-                      'prmt.b32 h, x, y, t;',
-                      f'prmt.b32 x, tc, {low[1]:#x}, s;', f'prmt.b32 y, td, {low[3]:#x}, s;',
-                      'prmt.b32 l, x, y, t;',
-                      f'prmt.b32 ${register}, l, h, 0x7351;',
-                      f'prmt.b32 ${outputs + register}, l, h, 0x6240;']
-    lines.append('}')
-    return '\n'.join(lines)
-
-
-def asm_constraints(pack: int = _PACK) -> str:
-    """The inline-asm constraint string that goes with :func:`lookup_asm`."""
-    return ','.join(['=r'] * pack + ['r'] * (pack // 4))
-
-
-@dataclass
-class NF4Weight:
-    """A bitsandbytes NF4 ``Linear4bit``'s tensors, as the kernels read them (no copies)."""
-
-    packed: object
-    absmax: object
-    absmax2: object
-    code2: object
-    code: object
-    offset: float
-    nested: bool
-    nested_block: int
-    out_features: int
-    in_features: int
-    bias: object
-    compute_dtype: object
-    asm: str = ''
-
-    def group_key(self) -> tuple:
-        """What weights launched together must share."""
-        return (self.in_features, self.compute_dtype, self.nested, self.nested_block,
-                self.asm, str(self.packed.device), self.absmax.dtype)
 
 
 @dataclass(frozen=True)
@@ -153,59 +68,6 @@ def kernel_unavailable_reason(device=None) -> Optional[str]:
     except ImportError as error:
         return f'the fused NF4 kernel needs Triton ({error})'
     return None
-
-
-def nf4_weight(module, require_cuda: bool = True) -> Optional[NF4Weight]:
-    """The kernel's view of ``module`` if it is a plain bitsandbytes NF4 ``Linear4bit`` (not a
-    wrapper such as a PEFT LoRA layer, whose adapter the kernel would drop) with uint8
-    storage that the kernels can run, else None. ``require_cuda=False``: for tests on CPU."""
-    torch = require_torch()
-    try:
-        import bitsandbytes
-    except ImportError:
-        return None
-    if not isinstance(module, bitsandbytes.nn.Linear4bit) or 'weight' not in module._parameters:
-        return None
-    weight = module.weight
-    state = getattr(weight, 'quant_state', None)
-    if state is None or getattr(state, 'quant_type', None) != 'nf4':
-        return None
-    if state.blocksize != _QUANT_BLOCK or len(state.shape) != 2:
-        return None
-    out_features, in_features = (int(size) for size in state.shape)
-    if in_features % _QUANT_BLOCK or weight.dtype != torch.uint8:
-        return None
-    if require_cuda and weight.device.type != 'cuda':
-        return None
-    nested = bool(getattr(state, 'nested', False))
-    if nested:
-        absmax2, code2 = state.state2.absmax, state.state2.code
-        nested_block, offset = int(state.state2.blocksize), float(state.offset)
-        if nested_block & (nested_block - 1):  # the kernel divides by shifting
-            return None
-    else:
-        absmax2 = code2 = state.absmax
-        nested_block, offset = 1, 0.0
-    compute_dtype = getattr(module, 'compute_dtype', None) or state.dtype
-    if compute_dtype not in (torch.bfloat16, torch.float16):
-        return None
-    code = state.code.to(device=weight.device, dtype=torch.float32)
-    return NF4Weight(
-        packed=weight.data.view(-1), absmax=state.absmax, absmax2=absmax2, code2=code2,
-        code=code, offset=offset, nested=nested, nested_block=nested_block,
-        out_features=out_features, in_features=in_features,
-        bias=getattr(module, 'bias', None), compute_dtype=compute_dtype,
-        asm=_cached_asm(tuple(code.cpu().tolist()), compute_dtype))
-
-
-_ASM_CACHE: Dict[tuple, str] = {}
-
-
-def _cached_asm(values, dtype) -> str:
-    key = (values, str(dtype))
-    if key not in _ASM_CACHE:
-        _ASM_CACHE[key] = lookup_asm(values, dtype)
-    return _ASM_CACHE[key]
 
 
 class NF4Matmul:
@@ -290,8 +152,8 @@ class NF4Matmul:
         rows = x.numel() // x.shape[-1]
         if rows > MAX_ROWS:
             raise ValueError(f'the NF4 decode kernel takes at most {MAX_ROWS} rows, got {rows}')
-        if shape is not None and shape.splits > weights[0].in_features // _QUANT_BLOCK:
-            raise ValueError(f'{shape} splits {weights[0].in_features // _QUANT_BLOCK} blocks '
+        if shape is not None and shape.splits > weights[0].in_features // QUANT_BLOCK:
+            raise ValueError(f'{shape} splits {weights[0].in_features // QUANT_BLOCK} blocks '
                              'into too many parts')
         self._rows.add(rows)
         flat = x.reshape(rows, x.shape[-1])
@@ -347,7 +209,7 @@ class NF4Matmul:
         from . import nf4_triton
         torch = require_torch()
         first = weights[0]
-        blocks = first.in_features // _QUANT_BLOCK
+        blocks = first.in_features // QUANT_BLOCK
         tiles = [math.ceil(weight.out_features / shape.block_n) for weight in weights]
         workspace, locks = self._buffers_for(flat.device, sum(tiles), shape)
         interpreted = flat.device.type != 'cuda'  # Triton's CPU interpreter: no inline PTX
@@ -358,7 +220,7 @@ class NF4Matmul:
             tiles, first.in_features, blocks, shape.splits, -(-blocks // shape.splits),
             nested=first.nested, qblock2=first.nested_block,
             lookup=_LOOKUP_GATHER if interpreted else _LOOKUP_ASM, asm=first.asm,
-            constraints=asm_constraints(), pack=_PACK,
+            constraints=asm_constraints(), pack=LOOKUP_PACK,
             bf16=first.compute_dtype == torch.bfloat16, block_n=shape.block_n,
             num_warps=shape.num_warps, num_stages=shape.num_stages)
 
@@ -419,7 +281,7 @@ class NF4Matmul:
         so that about 1, 2 and 4 programs per multiprocessor run (each split at least two
         64-blocks long)."""
         widths = [out_features] if isinstance(out_features, int) else list(out_features)
-        blocks = in_features // _QUANT_BLOCK
+        blocks = in_features // QUANT_BLOCK
         most = max(1, min(_MAX_SPLITS, blocks // 2))
         shapes = []
         for block_n, warps, stages in _BLOCK_CONFIGS:

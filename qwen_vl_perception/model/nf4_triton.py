@@ -13,7 +13,7 @@ itself in its tile's lock; the last one of a tile adds the partials up in a fixe
 the output and resets the lock, so the product is one launch and deterministic.
 
 The code-to-value step runs for every weight element and decides the speed. ``LOOKUP`` 0 is
-``ASM``: PTX made by :func:`nf4_matmul.lookup_asm`, which decodes the 8 codes of 4 bytes with
+``ASM``: PTX made by :func:`nf4_codes.lookup_asm`, which decodes the 8 codes of 4 bytes with
 16 byte permutes (``prmt``) over the 16-entry table held as immediates (two 8-byte halves per
 byte of the 16-bit values, the code's top bit picking the half). ``LOOKUP`` 1 gathers from the
 table in memory (Triton's CPU interpreter cannot run inline PTX; tests use it there).
