@@ -32,8 +32,9 @@ from qwen_vl_perception.backends.openai_engine import (RETRY_MAX_S, OpenAIEngine
 from qwen_vl_perception.detector import DetectionSettings, Detector
 from qwen_vl_perception.model.pixel_budget import image_factor, resized_size
 
-from http_servers import AnswerServer, free_port, self_signed_certificate, wait_for
+from http_servers import AnswerServer, free_port, self_signed_certificate
 from locations import REPO_ROOT
+from waiting import wait_for
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
 ANSWER = '```json\n[{"bbox_2d": [100, 200, 300, 400], "label": "cup"}]\n```'

@@ -32,9 +32,10 @@ from qwen_vl_perception.ros.node import LATCHED, PerceptionNode, StartupError  #
 from qwen_vl_perception.trained_prompt import write_prompt_file  # noqa: E402
 
 from image_bombs import lossless_webp  # noqa: E402
-from node_harness import Harness, diagnostic, rgb_image, wait_for  # noqa: E402
+from node_harness import Harness, diagnostic, rgb_image  # noqa: E402
 from spinning import Spinner  # noqa: E402
 from trained_models import memorize_answer  # noqa: E402
+from waiting import wait_for  # noqa: E402
 
 # A thread that fails (e.g. InvalidHandle from a node destroyed under a spinning executor)
 # fails the test instead of leaving a warning.

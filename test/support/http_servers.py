@@ -4,7 +4,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ANSWER_SERVER = Path(__file__).with_name('answer_server.py')
@@ -66,12 +65,3 @@ def self_signed_certificate(folder: Path):
     except (OSError, subprocess.CalledProcessError):
         return None
     return cert, key
-
-
-def wait_for(predicate, timeout, message):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(message() if callable(message) else message)
