@@ -49,6 +49,7 @@ from qwen_vl_perception.trained_prompt import read_prompt_file  # noqa: E402
 from http_servers import free_port  # noqa: E402
 from locations import REPO_ROOT  # noqa: E402
 from node_harness import Harness  # noqa: E402
+from tool_runs import make_scenes  # noqa: E402
 from vllm_server import VllmServer, build_venv  # noqa: E402
 from waiting import wait_for  # noqa: E402
 
@@ -92,10 +93,7 @@ def server(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def scenes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('held-out-scenes')
-    subprocess.run([sys.executable, str(REPO_ROOT / 'tools' / 'make_scenes.py'), '--out',
-                    str(folder), '--count', str(SCENES), '--seed', str(HELD_OUT_SEED)],
-                   check=True, capture_output=True)
+    folder = make_scenes(tmp_path_factory.mktemp('held-out-scenes'), SCENES, HELD_OUT_SEED)
     truth = load_labels(folder / 'annotations.json')
     images = {image.name: load_image_file(folder / 'images' / image.name) for image in truth}
     return truth, images, folder
