@@ -40,6 +40,18 @@ class ModelLoadError(RuntimeError):
     """A checkpoint cannot be loaded; the message says which and why."""
 
 
+def read_json_object(path: Path, error: type) -> dict:
+    """The JSON object in the file ``path`` (a checkpoint's or an adapter's config); raises
+    ``error`` with one line when the file cannot be read, is not JSON or holds no object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as problem:
+        raise error(f'{path} cannot be read as JSON: {problem}') from None
+    if not isinstance(data, dict):
+        raise error(f'{path} does not hold a JSON object')
+    return data
+
+
 def read_checkpoint_config(path: PathLike) -> dict:
     """Check that ``path`` is a Qwen3-VL checkpoint folder with weights; return config.json.
 
@@ -55,12 +67,7 @@ def read_checkpoint_config(path: PathLike) -> dict:
     if not config_file.is_file():
         raise ModelLoadError(f'model checkpoint {path} has no config.json: not a Hugging Face '
                              'checkpoint folder')
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f'{config_file} cannot be read as JSON: {error}') from None
-    if not isinstance(config, dict):
-        raise ModelLoadError(f'{config_file} does not hold a JSON object')
+    config = read_json_object(config_file, ModelLoadError)
     model_type = config.get('model_type')
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(f'model checkpoint {path} is a {model_type!r} model, not Qwen3-VL '

@@ -109,7 +109,7 @@ def resized_size(width: int, height: int, min_pixels: int, max_pixels: int,
     Each side is rounded to a multiple of ``factor``; an area above ``max_pixels`` is scaled
     down (sides rounded down), one below ``min_pixels`` up (sides rounded up), keeping the
     aspect ratio as closely as the rounding allows. The same rule as transformers'
-    ``smart_resize`` (``test/backends/test_remote_backend.py`` compares them), so that an
+    ``smart_resize`` (``test/model/test_pixel_budget.py`` compares them), so that an
     image resized here is left as it is by the model's processor.
     """
     if width < 1 or height < 1:

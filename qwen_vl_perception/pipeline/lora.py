@@ -6,13 +6,13 @@ Qwen3-VL-4B ties ``lm_head`` to the input embeddings (``tie_word_embeddings``). 
 with an output layer that no longer matches its embeddings and writes garbage (peft#2018,
 peft#2777). Adapters are therefore never put there, and adapters that touch them are refused.
 """
-import json
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
+from ..model.loading import read_json_object
 from ..model.torch_support import require, require_torch
 
 PathLike = Union[str, Path]
@@ -149,12 +149,7 @@ def read_adapter(path: PathLike) -> AdapterInfo:
         hint = (f'; adapters found below it: {", ".join(hints[:5])}' if hints else
                 '; LLaMA-Factory writes it to saves/<model>/lora/<run>/')
         raise AdapterError(f'{path} has no {ADAPTER_CONFIG}: not a PEFT adapter folder{hint}')
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as error:
-        raise AdapterError(f'{config_file} cannot be read as JSON: {error}') from None
-    if not isinstance(config, dict):
-        raise AdapterError(f'{config_file} does not hold a JSON object')
+    config = read_json_object(config_file, AdapterError)
     peft_type = str(config.get('peft_type', '')).upper()
     if peft_type != 'LORA':
         raise AdapterError(f'{path} is a {peft_type or "unknown"} adapter; only LoRA adapters '

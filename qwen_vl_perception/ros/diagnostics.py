@@ -5,6 +5,8 @@ from dataclasses import dataclass, field, fields
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from std_msgs.msg import Header
 
+from ..detector import FrameDetections
+
 
 @dataclass
 class Counters:
@@ -47,6 +49,18 @@ class Counters:
     def add(self, name: str, amount: int = 1) -> None:
         with self.lock:
             setattr(self, name, getattr(self, name) + amount)
+
+    def count_published(self, result: FrameDetections, latency_s: float) -> None:
+        """A frame's results as they are published (request threads publish side by side,
+        backend openai); ``latency_s``: from the frame's arrival."""
+        with self.lock:
+            self.processed += 1
+            self.unknown_labels += len(result.unknown_labels)
+            self.invalid_objects += result.invalid
+            self.excess_objects += result.excess
+            self.truncated_answers += int(result.truncated)
+            self.last_inference_s = result.seconds
+            self.last_latency_s = latency_s
 
 
 _REPORTED = {'received': 'frames_received', 'processed': 'frames_processed'}

@@ -20,13 +20,12 @@ from typing import Any, Optional
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
-from rcl_interfaces.msg import SetParametersResult
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.signals import SignalHandlerOptions
 
 from ..backends.openai_engine import OpenAIEngine
-from ..detector import Detector, FrameDetections, prepare_settings
+from ..detector import Detector, FrameDetections
 from ..frame_slot import LatestFrameSlots
 from ..image_conversion import image_msg_to_rgb
 from ..library_logs import quiet_library_logs, quiet_progress_bars
@@ -35,7 +34,7 @@ from .depth_input import DepthInput
 from .detect_action import DetectAction, GoalJob, interfaces_missing_reason
 from .diagnostics import Counters, diagnostic_array, node_status
 from .outputs import LATCHED, Outputs  # noqa: F401 - LATCHED: the label_info QoS, for users
-from .parameters import SETTINGS_PARAMETERS, check_value, settings_from_values
+from .parameter_changes import ParameterChanges, StreamValues
 from .remote_dispatch import RemoteDispatcher
 from .startup import StartupError, create_engine, current_settings, declare_and_check, value
 
@@ -65,15 +64,15 @@ class PerceptionNode(LifecycleNode):
         self._last_inference_failed = False
         self.counters = Counters()
         self._model_dir = declare_and_check(self)
-        self._enabled = bool(value(self, 'enabled'))
-        self._max_rate_hz = float(value(self, 'max_rate_hz'))
-        self._box_fraction = float(value(self, 'depth_box_fraction'))
+        self._stream = StreamValues.of(self)  # enabled, max_rate_hz, depth_box_fraction
         self._max_image_pixels = int(value(self, 'max_image_pixels'))
         self._convert_raw = functools.partial(image_msg_to_rgb,
                                               use_cv_bridge=bool(value(self, 'use_cv_bridge')))
         self._image_topics = list(value(self, 'image_topics'))
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
-        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.add_on_set_parameters_callback(ParameterChanges(
+            self, self._stream, detector=lambda: self._detector,
+            publish_label_info=self._publish_label_info))
         self.create_timer(1.0, self._publish_diagnostics)
         # The slots close when the context shuts down (rclpy destroys the node first where it
         # tracks nodes, which closes them too); a publish already failing then is not counted.
@@ -114,7 +113,7 @@ class PerceptionNode(LifecycleNode):
         if isinstance(engine, OpenAIEngine):
             self._dispatcher = RemoteDispatcher(
                 self, self._slots, self._detector, int(value(self, 'server_max_in_flight')),
-                max_rate_hz=lambda: self._max_rate_hz,
+                max_rate_hz=lambda: self._stream.max_rate_hz,
                 publish=functools.partial(self._publish_safely, self._slots),
                 run_goal=self._action.run if self._action else None, counters=self.counters)
             self._worker = self._dispatcher.thread
@@ -221,7 +220,7 @@ class PerceptionNode(LifecycleNode):
     def _wants_frames(self) -> bool:
         """Whether camera frames are used now: the stream is enabled or a goal waits."""
         return self._state == 'active' and (
-            self._enabled or (self._action is not None and self._action.waiting_for_frame))
+            self._stream.enabled or (self._action is not None and self._action.waiting_for_frame))
 
     def _take_frame(self, frame: Frame, source: str) -> None:
         """A good camera frame: the image of goals waiting for one, and (enabled) the newest
@@ -229,41 +228,12 @@ class PerceptionNode(LifecycleNode):
         if self._action is not None and self._action.waiting_for_frame:
             self._action.offer_frame(frame.header, frame.rgb if frame.decode is None
                                      else frame.decode)
-        if not self._enabled:
+        if not self._stream.enabled:
             return
         if self._depth is not None:
             frame.locate = functools.partial(self._depth.locate,
                                              self._depth.request(frame.header))
         self._slots.put(frame, source)
-
-    def _on_set_parameters(self, parameters) -> SetParametersResult:
-        changes = {p.name: p.value for p in parameters}
-        for name, new_value in changes.items():
-            reason = check_value(name, new_value)
-            if reason:
-                return SetParametersResult(successful=False, reason=reason)
-        settings_changes = {k: v for k, v in changes.items() if k in SETTINGS_PARAMETERS}
-        if settings_changes:
-            current = {name: value(self, name) for name in SETTINGS_PARAMETERS}
-            detector = self._detector
-            try:
-                settings = settings_from_values({**current, **settings_changes})
-                old_categories = current_settings(self).categories
-                prepared = (detector.update(settings) if detector is not None
-                            else prepare_settings(settings))
-            except ValueError as error:
-                return SetParametersResult(successful=False, reason=str(error))
-            if (prepared.settings.categories != tuple(old_categories)
-                    or 'score_threshold' in settings_changes):
-                self._publish_label_info(prepared.settings)
-            self.get_logger().info(f'parameters changed: {", ".join(sorted(settings_changes))}')
-        if 'enabled' in changes:
-            self._enabled = bool(changes['enabled'])
-        if 'max_rate_hz' in changes:
-            self._max_rate_hz = float(changes['max_rate_hz'])
-        if 'depth_box_fraction' in changes:
-            self._box_fraction = float(changes['depth_box_fraction'])
-        return SetParametersResult(successful=True)
 
     # ------------------------------------------------------------------------------- worker
     def _work(self, slots: LatestFrameSlots) -> None:
@@ -271,7 +241,7 @@ class PerceptionNode(LifecycleNode):
         next_start = 0.0
         while not slots.closed:
             # Rate limit (frames only): frames are taken after the wait, so the newest is.
-            wait = next_start - time.monotonic() if self._max_rate_hz > 0.0 else 0.0
+            wait = next_start - time.monotonic() if self._stream.max_rate_hz > 0.0 else 0.0
             items = slots.take_all(timeout=min(wait, 0.1) if wait > 0.0 else 0.5,
                                    frames=wait <= 0.0)
             for job in [item for item in items if isinstance(item, GoalJob)]:
@@ -281,8 +251,8 @@ class PerceptionNode(LifecycleNode):
             if not frames or self._state != 'active':
                 continue  # frames taken as the node deactivated are dropped
             self.counters.last_inference_start = time.monotonic()
-            if self._max_rate_hz > 0.0:
-                next_start = self.counters.last_inference_start + 1.0 / self._max_rate_hz
+            if self._stream.max_rate_hz > 0.0:
+                next_start = self.counters.last_inference_start + 1.0 / self._stream.max_rate_hz
             try:
                 results = self._detector.detect(
                     [frame.rgb for frame in frames],
@@ -320,21 +290,14 @@ class PerceptionNode(LifecycleNode):
         return True
 
     def _publish(self, frame: Frame, result: FrameDetections) -> None:
-        counters = self.counters
-        with counters.lock:  # request threads publish side by side (backend openai)
-            counters.processed += 1
-            counters.unknown_labels += len(result.unknown_labels)
-            counters.invalid_objects += result.invalid
-            counters.excess_objects += result.excess
-            counters.truncated_answers += int(result.truncated)
-            counters.last_inference_s = result.seconds
-            counters.last_latency_s = time.monotonic() - frame.received
+        self.counters.count_published(result, latency_s=time.monotonic() - frame.received)
         if result.unknown_labels:
             self.get_logger().debug(f'labels outside the categories: {result.unknown_labels}')
         self._outputs.publish_frame(frame.header, frame.rgb, result)
         if frame.locate is not None and self._outputs.detections_3d is not None:
             height, width = frame.rgb.shape[:2]
-            located = frame.locate(result.detections, (width, height), self._box_fraction)
+            located = frame.locate(result.detections, (width, height),
+                                   self._stream.depth_box_fraction)
             if located is not None:  # else counted: published 2D-only
                 self._outputs.publish_3d(frame.header, located)
 
@@ -350,7 +313,7 @@ class PerceptionNode(LifecycleNode):
         worker, dispatcher = self._worker, self._dispatcher
         level, message = node_status(self._failure, self._state,
                                      worker is not None and worker.is_alive(),
-                                     self._last_inference_failed, self._enabled,
+                                     self._last_inference_failed, self._stream.enabled,
                                      dispatcher.status() if dispatcher else None)
         self._diagnostics_pub.publish(diagnostic_array(
             f'{self.get_name()}: detection', self.counters, self.get_clock().now().to_msg(),

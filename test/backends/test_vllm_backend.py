@@ -22,7 +22,6 @@ cores with the servers' starts, plus 3-6 for the venv's first build)::
 """
 import json
 import os
-import random
 import subprocess
 import sys
 import threading
@@ -32,12 +31,9 @@ import pytest
 
 rclpy = pytest.importorskip('rclpy')
 pytest.importorskip('torch')
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
-from rclpy.parameter import Parameter  # noqa: E402
-from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
+from rclpy.qos import ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
-from std_msgs.msg import String  # noqa: E402
-from vision_msgs.msg import Detection2DArray  # noqa: E402
 
 from qwen_vl_perception.backends.openai_engine import OpenAIEngine  # noqa: E402
 from qwen_vl_perception.detection import Detection  # noqa: E402
@@ -47,13 +43,15 @@ from qwen_vl_perception.data.evaluation import evaluate  # noqa: E402
 from qwen_vl_perception.image_conversion import load_image_file  # noqa: E402
 from qwen_vl_perception.data.labels import load_labels  # noqa: E402
 from qwen_vl_perception.model.default_model import CACHE_ENV, ensure_default_model  # noqa: E402
-from qwen_vl_perception.ros.node import PerceptionNode, StartupError  # noqa: E402
+from qwen_vl_perception.ros.node import StartupError  # noqa: E402
 from qwen_vl_perception.trained_prompt import read_prompt_file  # noqa: E402
 
-from http_servers import free_port, wait_for  # noqa: E402
+from http_servers import free_port  # noqa: E402
 from locations import REPO_ROOT  # noqa: E402
-from spinning import Spinner  # noqa: E402
+from node_harness import Harness  # noqa: E402
+from tool_runs import make_scenes  # noqa: E402
 from vllm_server import VllmServer, build_venv  # noqa: E402
+from waiting import wait_for  # noqa: E402
 
 SCENES = 40
 HELD_OUT_SEED = 31_000  # training used seeds 0 and 1, the recipe's evaluation 10000
@@ -95,10 +93,7 @@ def server(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def scenes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('held-out-scenes')
-    subprocess.run([sys.executable, str(REPO_ROOT / 'tools' / 'make_scenes.py'), '--out',
-                    str(folder), '--count', str(SCENES), '--seed', str(HELD_OUT_SEED)],
-                   check=True, capture_output=True)
+    folder = make_scenes(tmp_path_factory.mktemp('held-out-scenes'), SCENES, HELD_OUT_SEED)
     truth = load_labels(folder / 'annotations.json')
     images = {image.name: load_image_file(folder / 'images' / image.name) for image in truth}
     return truth, images, folder
@@ -201,45 +196,26 @@ def detection_of(item) -> Detection:
                           cx + box.size_x / 2, cy + box.size_y / 2))
 
 
-class NodeHarness:
-    """The node with ``backend: openai`` and a peer (cameras, listeners) in this process."""
+class ServedHarness(Harness):
+    """The shared node harness with ``backend: openai`` on ``server``, reliable cameras on
+    ``topics`` (connected before it returns) and the annotated images."""
 
     def __init__(self, server, topics, **parameters):
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=random.randint(1, 200))
         values = {'backend': 'openai', 'server_url': server.url, 'model_path': 'default',
                   'image_topics': topics, 'input_reliability': 'reliable',
                   'max_new_tokens': MAX_NEW_TOKENS, 'score_threshold': 0.0,
                   'server_timeout_s': float(RESULT_S), **parameters}
-        self.node = PerceptionNode(context=self.context, parameter_overrides=[
-            Parameter(name, value=value) for name, value in values.items()])
-        self.peer = rclpy.create_node('vllm_test_peer', context=self.context)
-        reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-        self.arrays, self.descriptions, self.annotated, self.diagnostics = [], [], [], []
-        self.peer.create_subscription(Detection2DArray, 'detections', self.arrays.append,
-                                      reliable)
-        self.peer.create_subscription(String, 'descriptions',
-                                      lambda m: self.descriptions.append(json.loads(m.data)),
-                                      reliable)
-        self.peer.create_subscription(Image, 'annotated_image', self.annotated.append, reliable)
-        self.peer.create_subscription(DiagnosticArray, '/diagnostics',
-                                      lambda m: self.diagnostics.extend(m.status), 10)
-        self.cameras = {topic: self.peer.create_publisher(Image, topic, reliable)
-                        for topic in topics}
-        self.spinner = Spinner(self.context, self.node, self.peer)
-        for camera in self.cameras.values():
+        super().__init__(values, depth=100, annotated=True)
+        for topic in topics:
+            camera = self.topic_camera(topic)
             wait_for(lambda: camera.get_subscription_count() > 0, 30, 'camera not connected')
 
-    def diagnostic_values(self):
-        status = self.diagnostics[-1] if self.diagnostics else None
-        return status, ({v.key: v.value for v in status.values} if status else {})
+    def topic_camera(self, topic):
+        return self.camera(ReliabilityPolicy.RELIABLE, topic, depth=100)
 
-    def close(self):
-        self.node.shutdown()
-        self.spinner.stop()
-        self.node.destroy_node()
-        self.peer.destroy_node()
-        rclpy.try_shutdown(context=self.context)
+    def diagnostic_values(self):
+        status = self.diagnostics[-1].status[-1] if self.diagnostics else None
+        return status, ({v.key: v.value for v in status.values} if status else {})
 
 
 @pytest.fixture
@@ -250,7 +226,7 @@ def default_cache(model_cache, monkeypatch):
 def test_the_node_publishes_what_the_served_model_finds(server, scenes, default_cache):
     truth, images, _ = scenes
     topics = ['front/image', 'rear/image']
-    harness = NodeHarness(server, topics, server_max_in_flight=4)
+    harness = ServedHarness(server, topics, server_max_in_flight=4)
     sent = {}  # (frame_id, stamp) -> image name
     try:
         rounds = 8
@@ -258,19 +234,19 @@ def test_the_node_publishes_what_the_served_model_finds(server, scenes, default_
             for offset, topic in enumerate(topics):
                 image = truth[2 * index + offset]
                 frame_id = topic.split('/')[0] + '_camera'
-                harness.cameras[topic].publish(image_message(images[image.name], 100 + index,
-                                                             frame_id))
+                harness.topic_camera(topic).publish(
+                    image_message(images[image.name], 100 + index, frame_id))
                 sent[(frame_id, 100 + index)] = image.name
             time.sleep(0.1)
         node = harness.node
         wait_for(lambda: node.counters.processed + node.frames_dropped == 2 * rounds,
                  RESULT_S, lambda: f'not every frame answered: {node.counters}')
-        wait_for(lambda: len(harness.arrays) == node.counters.processed, 30, 'not delivered')
+        wait_for(lambda: len(harness.detections) == node.counters.processed, 30, 'not delivered')
         assert node.counters.inference_errors == 0
         assert node.counters.largest_in_flight == 2  # one request per camera, both at once
         assert node.frames_dropped > 0  # the cameras sent faster than answers came
         predictions, order = {}, {}
-        for array in harness.arrays:
+        for array in harness.detections:
             key = (array.header.frame_id, array.header.stamp.sec)
             assert key in sent and array.header.stamp.nanosec == 7
             assert all(d.header == array.header for d in array.detections)
@@ -282,11 +258,11 @@ def test_the_node_publishes_what_the_served_model_finds(server, scenes, default_
         answered = [image for image in truth if image.name in predictions]
         report = evaluate(answered, predictions, categories=('ball', 'box', 'cone', 'ring'))
         assert report.precision >= 0.8 and report.recall >= 0.8, report
-        wait_for(lambda: len(harness.descriptions) == len(harness.arrays), 30, 'descriptions')
-        for description in harness.descriptions:
+        wait_for(lambda: len(harness.descriptions) == len(harness.detections), 30, 'descriptions')
+        for description in [json.loads(m.data) for m in harness.descriptions]:
             assert (description['frame_id'], description['stamp']['sec']) in sent
             assert all('color' in o and 'label' in o for o in description['objects'].values())
-        wait_for(lambda: len(harness.annotated) == len(harness.arrays), 30, 'annotated images')
+        wait_for(lambda: len(harness.annotated) == len(harness.detections), 30, 'annotated images')
         for annotated in harness.annotated:
             name = sent[(annotated.header.frame_id, annotated.header.stamp.sec)]
             source = images[name]
@@ -302,7 +278,7 @@ def test_the_node_publishes_what_the_served_model_finds(server, scenes, default_
 def test_a_wrong_server_model_stops_start_up_naming_the_served_ones(server, default_cache):
     with pytest.raises(StartupError, match=r"server_model 'qwen3-vl-4b' is not served by "
                                            r".*; it serves: 'default'"):
-        NodeHarness(server, ['image'], server_model='qwen3-vl-4b')
+        ServedHarness(server, ['image'], server_model='qwen3-vl-4b')
 
 
 def test_the_tools_detect_and_benchmark_through_the_server(
@@ -339,7 +315,7 @@ def test_the_node_survives_the_server_being_killed_and_resumes_after_its_restart
         server, scenes, default_cache):
     """Last in this file: it restarts the module's server."""
     truth, images, _ = scenes
-    harness = NodeHarness(server, ['image'])
+    harness = ServedHarness(server, ['image'])
     stop = threading.Event()
     stamps = iter(range(1000, 100_000))
     last_sent = [0]
@@ -349,14 +325,15 @@ def test_the_node_survives_the_server_being_killed_and_resumes_after_its_restart
             if stop.is_set():
                 return
             image = truth[stamp % len(truth)]
-            harness.cameras['image'].publish(image_message(images[image.name], stamp, 'cam'))
+            harness.topic_camera('image').publish(
+                image_message(images[image.name], stamp, 'cam'))
             last_sent[0] = stamp
             time.sleep(0.5)
     thread = threading.Thread(target=camera, daemon=True)
     thread.start()
     node = harness.node
     try:
-        wait_for(lambda: len(harness.arrays) >= 2, RESULT_S, 'no detections before the kill')
+        wait_for(lambda: len(harness.detections) >= 2, RESULT_S, 'no detections before the kill')
         server.kill()
 
         def warned():
@@ -366,14 +343,14 @@ def test_the_node_survives_the_server_being_killed_and_resumes_after_its_restart
         wait_for(warned, 120, lambda: f'no WARN after the kill: {harness.diagnostic_values()}')
         assert node.counters.inference_errors >= 1  # the request that found it gone
         assert 'server unreachable' in harness.diagnostic_values()[0].message
-        before = len(harness.arrays)
+        before = len(harness.detections)
         time.sleep(3.0)  # a while without a server: no detections, the node still up
-        assert len(harness.arrays) == before and thread.is_alive()
+        assert len(harness.detections) == before and thread.is_alive()
         diagnostics = len(harness.diagnostics)
         wait_for(lambda: len(harness.diagnostics) > diagnostics, 30, 'no diagnostics')
         print(f'\n[vllm] restarted after {server.start():.0f} s', flush=True)
         restarted_at = last_sent[0]
-        wait_for(lambda: any(a.header.stamp.sec > restarted_at for a in harness.arrays),
+        wait_for(lambda: any(a.header.stamp.sec > restarted_at for a in harness.detections),
                  RESULT_S, lambda: f'no detections after the restart: {node.counters}')
         wait_for(lambda: harness.diagnostic_values()[0].level == DiagnosticStatus.OK, 30,
                  lambda: f'not OK again: {harness.diagnostic_values()}')

@@ -36,6 +36,7 @@ from qwen_vl_perception.model.default_model import (CACHE_ENV,  # noqa: E402
 
 ROOT = REPO_ROOT
 from scene_camera import frame_header  # noqa: E402
+from tool_runs import make_scenes  # noqa: E402
 
 SCENES = 40
 HELD_OUT_SEED = 30_000  # training used seeds 0 (scratch) and 1 (LoRA); the recipe's eval 10000
@@ -59,11 +60,7 @@ def model_cache(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def scenes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('held-out-scenes')
-    subprocess.run([sys.executable, str(ROOT / 'tools' / 'make_scenes.py'), '--out',
-                    str(folder), '--count', str(SCENES), '--seed', str(HELD_OUT_SEED)],
-                   check=True, capture_output=True)
-    return folder
+    return make_scenes(tmp_path_factory.mktemp('held-out-scenes'), SCENES, HELD_OUT_SEED)
 
 
 def _detection(item, attributes) -> Detection:

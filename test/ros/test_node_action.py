@@ -20,7 +20,8 @@ from vision_msgs.msg import Detection2DArray  # noqa: E402
 from qwen_vl_perception.ros.messages import image_msg  # noqa: E402
 from qwen_vl_perception.data.scenes import CATEGORIES, render_scene  # noqa: E402
 
-from node_harness import Harness, Lifecycle, rgb_image, wait_for  # noqa: E402
+from node_harness import Harness, Lifecycle, rgb_image  # noqa: E402
+from waiting import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings('error::pytest.PytestUnhandledThreadExceptionWarning')
 ANSWER_S = 300  # one answer of the default model on a loaded 2-core machine, at most

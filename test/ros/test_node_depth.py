@@ -22,7 +22,8 @@ from qwen_vl_perception.ros.messages import image_msg  # noqa: E402
 from qwen_vl_perception.data.scenes import (depth_to_millimetres,  # noqa: E402
                                             render_depth, render_scene)
 
-from node_harness import Harness, diagnostic, wait_for  # noqa: E402
+from node_harness import Harness, diagnostic  # noqa: E402
+from waiting import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings('error::pytest.PytestUnhandledThreadExceptionWarning')
 ANSWER_S = 300

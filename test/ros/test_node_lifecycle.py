@@ -14,7 +14,8 @@ pytest.importorskip('torch')
 from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
 from lifecycle_msgs.msg import State, Transition  # noqa: E402
 
-from node_harness import Harness, Lifecycle, rgb_image, wait_for  # noqa: E402
+from node_harness import Harness, Lifecycle, rgb_image  # noqa: E402
+from waiting import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings('error::pytest.PytestUnhandledThreadExceptionWarning')
 

@@ -1,13 +1,19 @@
 """Real server processes for the remote backend's tests: the configurable answer server
-(``answer_server.py``), a free port, and a self-signed certificate for HTTPS."""
+(``answer_server.py``), a free port, a self-signed certificate for HTTPS, and the frame and
+answer the tests send and serve."""
 import json
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import numpy as np
+
 ANSWER_SERVER = Path(__file__).with_name('answer_server.py')
+IMAGE = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+"""The camera frame the tests send (64 x 48, random)."""
+ANSWER = '```json\n[{"bbox_2d": [100, 200, 300, 400], "label": "cup"}]\n```'
+"""A Qwen3-VL answer with one cup (``AnswerServer(content=ANSWER)`` serves it)."""
 
 
 def free_port() -> int:
@@ -66,12 +72,3 @@ def self_signed_certificate(folder: Path):
     except (OSError, subprocess.CalledProcessError):
         return None
     return cert, key
-
-
-def wait_for(predicate, timeout, message):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(message() if callable(message) else message)

@@ -1,7 +1,6 @@
 """The node under test and a peer node over real DDS, for the node tests: the harness, frames,
-waiting on conditions and reading /diagnostics."""
+lifecycle services and reading /diagnostics."""
 import random
-import time
 
 import numpy as np
 import rclpy
@@ -17,6 +16,7 @@ from vision_msgs.msg import Detection2DArray, LabelInfo
 
 from qwen_vl_perception.ros.node import LATCHED, PerceptionNode
 from spinning import Spinner
+from waiting import wait_for
 
 SERVICE_S = 600
 """The longest a lifecycle service may take: a configure loads the model (minutes on a loaded
@@ -34,9 +34,13 @@ def rgb_image(stamp_sec, frame_id='camera', width=640, height=480, seed=0):
 
 
 class Harness:
-    """The node under test plus a peer node (camera and listeners), spun in a thread."""
+    """The node under test plus a peer node (cameras and listeners), spun in a thread.
 
-    def __init__(self, parameters):
+    ``depth``: the queue depth of the peer's (reliable) result subscriptions; ``annotated``:
+    the peer subscribes to ``annotated_image`` too (the node draws only for a subscriber).
+    """
+
+    def __init__(self, parameters, depth=10, annotated=False):
         self.context = rclpy.Context()
         rclpy.init(context=self.context, domain_id=random.randint(1, 200))
         overrides = [Parameter(name, value=value) for name, value in parameters.items()]
@@ -44,19 +48,23 @@ class Harness:
         self.peer = rclpy.create_node('test_peer', context=self.context)
         self.detections, self.label_infos, self.descriptions = [], [], []
         self.annotated, self.diagnostics = [], []
-        self.peer.create_subscription(Detection2DArray, 'detections', self.detections.append, 10)
-        self.peer.create_subscription(LabelInfo, 'label_info', self.label_infos.append, LATCHED)
-        self.peer.create_subscription(String, 'descriptions', self.descriptions.append, 10)
-        self.peer.create_subscription(DiagnosticArray, '/diagnostics', self.diagnostics.append,
-                                      10)
+        subscribe = self.peer.create_subscription
+        subscribe(Detection2DArray, 'detections', self.detections.append, depth)
+        subscribe(LabelInfo, 'label_info', self.label_infos.append, LATCHED)
+        subscribe(String, 'descriptions', self.descriptions.append, depth)
+        if annotated:
+            subscribe(Image, 'annotated_image', self.annotated.append, depth)
+        subscribe(DiagnosticArray, '/diagnostics', self.diagnostics.append, 10)
         self.cameras = {}
         self.spinner = Spinner(self.context, self.node, self.peer)
 
-    def camera(self, reliability=ReliabilityPolicy.BEST_EFFORT):
-        if reliability not in self.cameras:
-            qos = QoSProfile(depth=5, reliability=reliability)
-            self.cameras[reliability] = self.peer.create_publisher(Image, 'image', qos)
-        return self.cameras[reliability]
+    def camera(self, reliability=ReliabilityPolicy.BEST_EFFORT, topic='image', depth=5):
+        """The peer's image publisher on ``topic`` with that QoS (made on first use)."""
+        key = (topic, reliability, depth)
+        if key not in self.cameras:
+            qos = QoSProfile(depth=depth, reliability=reliability)
+            self.cameras[key] = self.peer.create_publisher(Image, topic, qos)
+        return self.cameras[key]
 
     def publish_when_connected(self, message, reliability=ReliabilityPolicy.BEST_EFFORT):
         publisher = self.camera(reliability)
@@ -77,15 +85,6 @@ class Harness:
         self.node.destroy_node()
         self.peer.destroy_node()
         rclpy.try_shutdown(context=self.context)
-
-
-def wait_for(predicate, timeout, message):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(message)
 
 
 def diagnostic(array, key):

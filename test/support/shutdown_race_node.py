@@ -9,26 +9,29 @@ import signal
 import sys
 import time
 
-from qwen_vl_perception.ros import node as node_module
+import rclpy
 
-_publish = node_module.PerceptionNode._publish
+from qwen_vl_perception.ros import node as node_module
+from qwen_vl_perception.ros.outputs import Outputs
+
+_publish_frame = Outputs.publish_frame
 _signalled = []
 
 
-def _publish_during_sigterm(self, frame, result):
+def _publish_during_sigterm(self, header, rgb, result):
     if not _signalled:
         _signalled.append(True)
         os.kill(os.getpid(), signal.SIGTERM)
         deadline = time.monotonic() + 5.0
-        while self.context.ok() and time.monotonic() < deadline:
+        while rclpy.ok() and time.monotonic() < deadline:  # main() runs the default context
             time.sleep(0.01)
-        _publish(self, frame, result)
+        _publish_frame(self, header, rgb, result)
         print('published after SIGTERM', flush=True)
         return
-    _publish(self, frame, result)
+    _publish_frame(self, header, rgb, result)
 
 
-node_module.PerceptionNode._publish = _publish_during_sigterm
+Outputs.publish_frame = _publish_during_sigterm
 
 if __name__ == '__main__':
     sys.exit(node_module.main(sys.argv))

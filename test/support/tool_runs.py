@@ -1,8 +1,9 @@
 """Running the tools in ``tools/`` from tests: load one as a module, run its ``main()``
-in-process and capture what it prints."""
+in-process and capture what it prints, or run one in its own process."""
 import contextlib
 import importlib.util
 import io
+import subprocess
 import sys
 
 from locations import REPO_ROOT
@@ -36,6 +37,14 @@ def run_tool(name, args):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = load_tool(name).main([str(arg) for arg in args])
     return code, out.getvalue(), err.getvalue()
+
+
+def make_scenes(folder, count, seed):
+    """tools/make_scenes.py in its own process: ``count`` synthetic scenes of ``seed`` (images
+    and COCO ``annotations.json``) into ``folder``; returns ``folder``."""
+    subprocess.run([sys.executable, str(TOOLS / 'make_scenes.py'), '--out', str(folder),
+                    '--count', str(count), '--seed', str(seed)], check=True, capture_output=True)
+    return folder
 
 
 def linear4bit_count(model):
