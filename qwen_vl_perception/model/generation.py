@@ -192,7 +192,7 @@ def decode_with_offsets(tokenizer, token_ids: Sequence[int]) -> Tuple[str, List[
                 anchor, anchor_chars = count, end
         else:  # a tokenizer whose pieces do not concatenate: decode the whole prefix
             prefix = _decode(tokenizer, token_ids[:count]).rstrip('\ufffd')
-            end = _common_prefix(text, prefix)
+            end = common_prefix(text, prefix)
         if count == len(token_ids):
             end = len(text)
         end = min(max(end, start), len(text))
@@ -206,7 +206,8 @@ def _decode(tokenizer, token_ids: List[int]) -> str:
                             clean_up_tokenization_spaces=False)
 
 
-def _common_prefix(first: str, second: str) -> int:
+def common_prefix(first: Sequence, second: Sequence) -> int:
+    """How many leading items (characters, token ids) two sequences share."""
     length = 0
     for a, b in zip(first, second):
         if a != b:

@@ -18,6 +18,11 @@ from typing import Dict, Optional
 
 from .torch_support import triton_missing_reason
 
+SHARED_INPUT_LINEARS = (('self_attn', ('q_proj', 'k_proj', 'v_proj')),
+                        ('mlp', ('gate_proj', 'up_proj')))
+"""A decoder layer's projections that read the same input, as (owner, names): the NF4 kernel
+computes each group in one launch."""
+
 
 class KernelChoices:
     """``nf4_kernel``: ``None`` means "on CUDA when Triton is there, until it fails once";
@@ -87,8 +92,8 @@ class KernelChoices:
         if nf4 is None:
             return groups
         for layer in parts.layers:
-            for modules in ((layer.self_attn.q_proj, layer.self_attn.k_proj,
-                             layer.self_attn.v_proj), (layer.mlp.gate_proj, layer.mlp.up_proj)):
+            for owner, names in SHARED_INPUT_LINEARS:
+                modules = tuple(getattr(getattr(layer, owner), name) for name in names)
                 if all(module in linears for module in modules):
                     group = nf4.group_linear_for(modules)
                     if group is not None:

@@ -1,6 +1,8 @@
 """Whole-model checks: token agreement with model.generate, step profile, instruction prefill."""
 import numpy as np
 
+from qwen_vl_perception.model.generation import common_prefix
+
 
 def agreement(model, decoders, tensors, new_tokens, label):
     """Our tokens against ``model.generate`` greedy (``hf_decode``), forced to ``new_tokens``.
@@ -25,16 +27,6 @@ def agreement(model, decoders, tensors, new_tokens, label):
             'per_token': same / (new_tokens * len(reference))}
         decoder.clear()
     return entry
-
-
-def common_prefix(first, second) -> int:
-    """How many tokens two sequences share before their first difference."""
-    count = 0
-    for a, b in zip(first, second):
-        if a != b:
-            break
-        count += 1
-    return count
 
 
 def agreement_text(entry, name) -> str:

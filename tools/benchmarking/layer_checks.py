@@ -1,12 +1,14 @@
 """Single layers' device time in CUDA graphs: a decode step's NF4 linears; lm_head, bf16 vs fp8."""
 from functools import partial
 
+from qwen_vl_perception.model.kernel_choices import SHARED_INPUT_LINEARS
+
 from .timing import GB
 
 DECODE_LINEARS = (('self_attn', ('q_proj', 'k_proj', 'v_proj', 'o_proj')),
                   ('mlp', ('gate_proj', 'up_proj', 'down_proj')))
-DECODE_GROUPS = (('self_attn', ('q_proj', 'k_proj', 'v_proj')), ('self_attn', ('o_proj',)),
-                 ('mlp', ('gate_proj', 'up_proj')), ('mlp', ('down_proj',)))
+DECODE_GROUPS = (SHARED_INPUT_LINEARS[0], ('self_attn', ('o_proj',)),
+                 SHARED_INPUT_LINEARS[1], ('mlp', ('down_proj',)))
 """A decode step's launches when the layers sharing an input go together (FastGreedyDecoder)."""
 SINGLE_TIMINGS = (('self_attn', 'q_proj'), ('self_attn', 'k_proj'), ('mlp', 'gate_proj'))
 """Grouped layers also timed one per launch, for comparison."""
