@@ -12,7 +12,10 @@ The server runs from its own venv (``tools/setup_vllm.sh``, built on first use: 
   order, one request per camera in flight;
 - the server killed mid-run: the node stays up, counts the failed request, says WARN, and
   detects again once the server is restarted;
-- a wrong ``server_model`` stops start-up, naming what the server serves.
+- a wrong ``server_model`` stops start-up, naming what the server serves;
+- ``detect`` goals: a goal's image gets the local engine's answer (whole: no feedback from a
+  served answer), a goal without one takes the next camera frame, a goal cancelled while its
+  request is out ends canceled when the answer has come.
 
 When the venv cannot be built here (no network, say), or ``QVP_NO_VLLM`` is set, every test
 is SKIPPED with the reason; they never pass without a server. Alone (4-6 minutes on 2 shared
@@ -31,6 +34,7 @@ import pytest
 
 rclpy = pytest.importorskip('rclpy')
 pytest.importorskip('torch')
+from action_msgs.msg import GoalStatus  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
 from rclpy.qos import ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
@@ -279,6 +283,50 @@ def test_a_wrong_server_model_stops_start_up_naming_the_served_ones(server, defa
     with pytest.raises(StartupError, match=r"server_model 'qwen3-vl-4b' is not served by "
                                            r".*; it serves: 'default'"):
         ServedHarness(server, ['image'], server_model='qwen3-vl-4b')
+
+
+def test_detect_goals_through_the_served_model(server, model_dir, scenes, default_cache):
+    Detect = pytest.importorskip('qwen_vl_perception_interfaces.action').Detect
+    from detect_client import Client
+    from qwen_vl_perception.model.engine import VisionLanguageEngine
+    truth, images, _ = scenes
+    first, second = images[truth[0].name], images[truth[1].name]
+    local = VisionLanguageEngine(model_dir, device='cpu', quantization='none')
+    try:
+        instruction = prepare_settings(trained_settings(model_dir)).instruction
+        expected = local.generate([first], instruction, MAX_NEW_TOKENS)[0].text
+    finally:
+        local.close()
+    harness = ServedHarness(server, ['image'], enabled=False)  # goals only
+    try:
+        client = Client(harness)
+        goal_image = image_message(first, 500, 'goal_camera')
+        feedback = []
+        handle = client.send(Detect.Goal(image=goal_image), feedback)
+        assert handle.accepted
+        response = client.result(handle, RESULT_S)
+        assert response.status == GoalStatus.STATUS_SUCCEEDED, response.result.message
+        assert response.result.raw_answer == expected  # the local engine's answer
+        assert response.result.detections.header == goal_image.header
+        assert response.result.detections.detections
+        assert feedback == []  # a served answer comes whole
+
+        handle = client.send(Detect.Goal())  # the next camera frame
+        assert handle.accepted
+        frame = image_message(second, 501, 'cam')
+        harness.topic_camera('image').publish(frame)
+        response = client.result(handle, RESULT_S)
+        assert response.status == GoalStatus.STATUS_SUCCEEDED, response.result.message
+        assert response.result.detections.header == frame.header
+
+        handle = client.send(Detect.Goal(image=goal_image))
+        cancel = handle.cancel_goal_async()  # while the request is out (a CPU answer: ~1 s)
+        wait_for(cancel.done, 30, 'the cancel got no answer')
+        response = client.result(handle, RESULT_S)
+        assert response.status == GoalStatus.STATUS_CANCELED
+        assert harness.detections == []  # goals' results are not stream frames
+    finally:
+        harness.close()
 
 
 def test_the_tools_detect_and_benchmark_through_the_server(

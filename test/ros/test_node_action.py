@@ -11,8 +11,6 @@ rclpy = pytest.importorskip('rclpy')
 pytest.importorskip('torch')
 Detect = pytest.importorskip('qwen_vl_perception_interfaces.action').Detect
 from action_msgs.msg import GoalStatus  # noqa: E402
-from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
-from rclpy.action import ActionClient  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 from vision_msgs.msg import Detection2DArray  # noqa: E402
@@ -20,11 +18,11 @@ from vision_msgs.msg import Detection2DArray  # noqa: E402
 from qwen_vl_perception.ros.messages import image_msg  # noqa: E402
 from qwen_vl_perception.data.scenes import CATEGORIES, render_scene  # noqa: E402
 
+from detect_client import ANSWER_S, Client  # noqa: E402
 from node_harness import Harness, Lifecycle, rgb_image  # noqa: E402
 from waiting import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings('error::pytest.PytestUnhandledThreadExceptionWarning')
-ANSWER_S = 300  # one answer of the default model on a loaded 2-core machine, at most
 
 
 def scene_image(index, stamp_sec):
@@ -34,35 +32,6 @@ def scene_image(index, stamp_sec):
     header = Header(frame_id=f'scene_{index}')
     header.stamp.sec = stamp_sec
     return image_msg(header, scene.image)
-
-
-class Client:
-    """An action client of the node's ``detect`` on the harness's peer."""
-
-    def __init__(self, harness):
-        self.harness = harness
-        self.client = ActionClient(harness.peer, Detect, 'detect')
-        assert self.client.wait_for_server(timeout_sec=30.0)
-
-    def send(self, goal, feedback=None):
-        future = self.client.send_goal_async(
-            goal, feedback_callback=(lambda m: feedback.append(m.feedback)) if feedback is not None
-            else None)
-        wait_for(future.done, 30, 'the goal got no answer')
-        return future.result()
-
-    def result(self, handle, timeout=ANSWER_S):
-        future = handle.get_result_async()
-        wait_for(future.done, timeout, 'no result')
-        return future.result()
-
-    def rejected_with(self, goal, reason_part, lifecycle):
-        """The goal is rejected, and the reason (also logged) is in /diagnostics."""
-        handle = self.send(goal)
-        assert not handle.accepted
-        wait_for(lambda: lifecycle.reported(DiagnosticStatus.OK, 'detect goal rejected: ',
-                                            reason_part), 30,
-                 f'the reason {reason_part!r} is not in /diagnostics')
 
 
 @pytest.fixture
