@@ -154,19 +154,7 @@ def test_graphed_prefill_gives_the_old_paths_tokens_in_float32(prompts):
 
 def nf4_on_cuda(model, compute_dtype):
     """The language model's linears as bitsandbytes NF4 layers on the GPU."""
-    import bitsandbytes as bnb
-    for layer in model.model.language_model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    quantized = bnb.nn.Linear4bit(
-                        child.in_features, child.out_features, bias=child.bias is not None,
-                        compute_dtype=compute_dtype, compress_statistics=True,
-                        quant_type='nf4', device='meta')
-                    quantized.weight = bnb.nn.Params4bit(
-                        child.weight.data, requires_grad=False, compress_statistics=True,
-                        quant_type='nf4', module=quantized).to('cuda')
-                    setattr(parent, name, quantized)
+    assert linears_to_nf4(model, device='cuda', compute_dtype=compute_dtype) > 0
     return model
 
 

@@ -68,10 +68,10 @@ def _answers(model, builder, rng, instruction):
                                     skip_special_tokens=True)
 
 
-def linears_to_nf4(model) -> int:
+def linears_to_nf4(model, device='cpu', compute_dtype=None) -> int:
     """Replace the language model's attention and MLP ``nn.Linear`` layers by bitsandbytes NF4
-    ``Linear4bit`` ones on the CPU (float32 compute), as loading with NF4 would; returns how many
-    were replaced."""
+    ``Linear4bit`` ones on ``device`` (quantized there; ``compute_dtype`` default float32), as
+    loading with NF4 would; returns how many were replaced."""
     import bitsandbytes as bnb
     import torch
     count = 0
@@ -81,10 +81,11 @@ def linears_to_nf4(model) -> int:
                 if isinstance(child, torch.nn.Linear):
                     quantized = bnb.nn.Linear4bit(
                         child.in_features, child.out_features, bias=child.bias is not None,
-                        compute_dtype=torch.float32, compress_statistics=True, quant_type='nf4')
+                        compute_dtype=compute_dtype or torch.float32, compress_statistics=True,
+                        quant_type='nf4')
                     quantized.weight = bnb.nn.Params4bit(
                         child.weight.data.clone(), requires_grad=False, compress_statistics=True,
-                        quant_type='nf4', module=quantized).to('cpu')
+                        quant_type='nf4', module=quantized).to(device)
                     setattr(parent, name, quantized)
                     count += 1
     return count
