@@ -17,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from qwen_vl_perception.model.default_model import (DEFAULT_MODEL_NAME, DefaultModelError,
+from qwen_vl_perception.model.default_model import (FLOAT32_DEFAULT_HELP, DefaultModelError,
                                                     resolve_model_path)
 from qwen_vl_perception.model.loading import COMPUTE_DTYPES, QUANTIZATIONS, ModelLoadError
 from qwen_vl_perception.pipeline.lora import AdapterError, TARGET_GROUPS
@@ -46,8 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--base', required=True,
-                        help=f"base Qwen3-VL checkpoint folder, or '{DEFAULT_MODEL_NAME}' for "
-                             "the project's synthetic-scenes model (its float32 form)")
+                        help='base Qwen3-VL checkpoint folder, or ' + FLOAT32_DEFAULT_HELP)
     parser.add_argument('--dataset', required=True,
                         help='dataset folder (with dataset.json) or a sharegpt JSON file')
     parser.add_argument('--val-dataset', default=None,

@@ -14,7 +14,7 @@ import argparse
 import sys
 import warnings
 
-from qwen_vl_perception.model.default_model import (DEFAULT_MODEL_NAME, DefaultModelError,
+from qwen_vl_perception.model.default_model import (FLOAT32_DEFAULT_HELP, DefaultModelError,
                                                     resolve_model_path)
 from qwen_vl_perception.model.loading import ModelLoadError
 from qwen_vl_perception.pipeline.lora import AdapterError, read_adapter
@@ -43,8 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--base', required=True,
                         help='unquantized base checkpoint the adapter was trained on, or '
-                             f"'{DEFAULT_MODEL_NAME}' for the project's synthetic-scenes model "
-                             '(its float32 form)')
+                             + FLOAT32_DEFAULT_HELP)
     parser.add_argument('--adapter', required=True,
                         help='adapter folder (adapter_config.json + adapter_model.safetensors)')
     parser.add_argument('--out', required=True, help='folder for the merged checkpoint')

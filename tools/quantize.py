@@ -11,7 +11,7 @@ import argparse
 import sys
 import warnings
 
-from qwen_vl_perception.model.default_model import (DEFAULT_MODEL_NAME, DefaultModelError,
+from qwen_vl_perception.model.default_model import (FLOAT32_DEFAULT_HELP, DefaultModelError,
                                                     resolve_model_path)
 from qwen_vl_perception.model.loading import ModelLoadError, read_checkpoint_config
 from qwen_vl_perception.pipeline.quantization import (COMPUTE_DTYPES, QUANT_TYPES, QUANTIZE_LOG,
@@ -36,8 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', required=True,
                         help='merged (unquantized) checkpoint folder, or '
-                             f"'{DEFAULT_MODEL_NAME}' for the project's synthetic-scenes model "
-                             '(its float32 form)')
+                             + FLOAT32_DEFAULT_HELP)
     parser.add_argument('--out', required=True, help='folder for the 4-bit checkpoint')
     parser.add_argument('--quant-type', default='nf4', choices=QUANT_TYPES,
                         help='4-bit data type (default %(default)s)')

@@ -51,6 +51,10 @@ _STALE_BUILD_SECONDS = 3600
 """A temporary build folder older than this belongs to no running build."""
 DEFAULT_MODEL_NAME = 'default'
 """The ``model_path`` value that selects the default model."""
+FLOAT32_DEFAULT_HELP = (f"'{DEFAULT_MODEL_NAME}' for the project's synthetic-scenes model "
+                        '(its float32 form)')
+"""How the tools that start from an unquantized model (finetune, merge, quantize) say that
+``default`` is accepted."""
 CONTENT_FILE = 'content.sha256'
 """In a cached folder: ``<sha256>  <name>`` of every other file (``sha256sum -c`` reads it)."""
 
