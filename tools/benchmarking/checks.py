@@ -57,8 +57,11 @@ def profile_step(torch, decoder, model, tensors, path, steps=3):
 
 
 def instruction_prefill(timer, model, tensors, repeats):
-    """The language model's prefill of the text before the image alone (batch 1): the most
-    that reusing the instruction's KV cache across frames could save per frame."""
+    """The language model's prefill of the text before the image alone (batch 1), run eagerly
+    through the model's forward: what reusing the instruction's KV cache could save per frame
+    on that path. The fast decoder's graphed static prefill is much faster (issue #16:
+    ~1.5 ms of a 22 ms prefill at batch 1, results/benchmark/README.md), so the figure says
+    which path it timed."""
     from qwen_vl_perception.model.configs import VISION_START_TOKEN_ID
     from qwen_vl_perception.model.fast_decode import text_model_parts
     ids = tensors['input_ids'][:1]
@@ -69,4 +72,5 @@ def instruction_prefill(timer, model, tensors, repeats):
     language_model(input_ids=prefix, use_cache=True)
     seconds = [timer.seconds(lambda: language_model(input_ids=prefix, use_cache=True))[0]
                for _ in range(repeats)]
-    return {'tokens': start, 'ms': 1000 * float(np.median(seconds))}
+    return {'tokens': start, 'ms': 1000 * float(np.median(seconds)),
+            'path': "eager (the model's forward, not the decoder's graphed prefill)"}
