@@ -147,7 +147,6 @@ def run(args) -> int:
                              stale_patterns=('*_detections.jpg', 'camera'))
 
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
     from std_msgs.msg import String
@@ -155,12 +154,13 @@ def run(args) -> int:
 
     from qwen_vl_perception.ros.messages import image_msg
     from qwen_vl_perception.ros.node import PerceptionNode, StartupError
+    from qwen_vl_perception.ros.spinning import Spinner
 
     if not args.images and not args.video:
         args.images = str(_write_scenes(out / 'camera', args.scenes))
     context = rclpy.Context()
     rclpy.init(context=context, domain_id=random.randint(100, 200))
-    perception = peer = executor = spinner = None
+    perception = peer = spinner = None
     try:
         try:
             perception = PerceptionNode(context=context, parameter_overrides=node_overrides(args))
@@ -184,11 +184,7 @@ def run(args) -> int:
         peer.create_subscription(Detection2DArray, 'detections', keep('detections'), reliable)
         peer.create_subscription(Image, 'annotated_image', keep('annotated'), reliable)
         peer.create_subscription(String, 'descriptions', keep('text'), reliable)
-        executor = MultiThreadedExecutor(num_threads=3, context=context)
-        executor.add_node(perception)
-        executor.add_node(peer)
-        spinner = threading.Thread(target=executor.spin, daemon=True)
-        spinner.start()
+        spinner = Spinner(context, perception, peer)  # inference has its own thread
         deadline = time.monotonic() + 30
         while not (camera.get_subscription_count()
                    and perception.count_subscribers('annotated_image')):
@@ -232,12 +228,10 @@ def run(args) -> int:
             raise ToolError(f'no image in {args.images or args.video} could be read')
         return 0
     finally:
-        # Stop the executor's threads before the nodes and the context go: a thread still
-        # spinning over destroyed handles aborts the process at exit.
-        if executor is not None:
-            executor.shutdown()
+        # Stop spinning before the nodes and the context go: a thread still spinning over
+        # destroyed handles aborts the process at exit.
         if spinner is not None:
-            spinner.join(timeout=10.0)
+            spinner.stop()
         if perception is not None:
             perception.shutdown()
             perception.destroy_node()

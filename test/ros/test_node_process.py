@@ -27,7 +27,7 @@ from vision_msgs.msg import Detection2DArray  # noqa: E402
 from answering_model import node_parameters  # noqa: E402
 from image_bombs import lossless_webp  # noqa: E402
 from node_harness import diagnostic, rgb_image  # noqa: E402
-from spinning import Spinner  # noqa: E402
+from qwen_vl_perception.ros.spinning import Spinner  # noqa: E402
 from waiting import wait_for  # noqa: E402
 
 # A thread that fails (e.g. InvalidHandle from a node destroyed under a spinning executor)

@@ -39,7 +39,7 @@ class Peer:
         from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import Image
-        from spinning import Spinner
+        from qwen_vl_perception.ros.spinning import Spinner
         self.context = rclpy.Context()
         rclpy.init(context=self.context, domain_id=domain_id)
         self.node = rclpy.create_node('remote_test_peer', context=self.context)

@@ -1,5 +1,5 @@
 """Where things are, for tests in any folder under test/ (conftest.py puts this folder on
-sys.path, so helpers import by name: ``from spinning import Spinner``)."""
+sys.path, so helpers import by name: ``from waiting import wait_for``)."""
 from pathlib import Path
 
 SUPPORT_DIR = Path(__file__).resolve().parent

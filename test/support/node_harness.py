@@ -15,7 +15,7 @@ from std_msgs.msg import String
 from vision_msgs.msg import Detection2DArray, LabelInfo
 
 from qwen_vl_perception.ros.node import LATCHED, PerceptionNode
-from spinning import Spinner
+from qwen_vl_perception.ros.spinning import Spinner
 from waiting import wait_for
 
 SERVICE_S = 600
@@ -79,7 +79,7 @@ class Harness:
         return future.result().results
 
     def close(self):
-        # The spinning thread must have stopped before the nodes go (spinning.py says why).
+        # The spinning thread must have stopped before the nodes go (ros/spinning.py says why).
         self.node.shutdown()
         self.spinner.stop()
         self.node.destroy_node()

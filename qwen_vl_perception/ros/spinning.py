@@ -1,10 +1,10 @@
-"""Spin an executor in a background thread and stop it without racing rclpy's shutdown.
+"""Spin nodes in a background thread and stop without racing rclpy's shutdown.
 
 ``Executor.shutdown()`` destroys the executor's guard condition while a spinning thread (or a
 multi-threaded executor's worker) may still trigger it, which raises ``InvalidHandle ...
 destruction was requested`` in that thread. Here one thread calls ``spin_once`` on a
-single-threaded executor until told to stop; ``stop()`` joins it first and only then shuts the
-executor down, so no callback can still be running.
+single-threaded executor until told to stop; :meth:`Spinner.stop` joins it first and only then
+shuts the executor down, so no callback can still be running. The demo and the tests use it.
 """
 import threading
 
@@ -12,6 +12,8 @@ from rclpy.executors import SingleThreadedExecutor
 
 
 class Spinner:
+    """Spins ``nodes`` (of ``context``) in a daemon thread from construction until stop()."""
+
     def __init__(self, context, *nodes):
         self.executor = SingleThreadedExecutor(context=context)
         for node in nodes:
@@ -24,9 +26,11 @@ class Spinner:
         while not self._stop.is_set() and self.executor.context.ok():
             self.executor.spin_once(timeout_sec=0.05)
 
-    def stop(self, timeout=30.0):
-        """Stop spinning and shut the executor down; the nodes stay (destroy them after)."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop spinning and shut the executor down; the nodes stay (destroy them after).
+        RuntimeError if the thread is still in a callback after ``timeout`` seconds."""
         self._stop.set()
         self._thread.join(timeout)
-        assert not self._thread.is_alive(), 'the executor thread did not stop'
+        if self._thread.is_alive():
+            raise RuntimeError(f'the executor thread did not stop within {timeout:.0f} s')
         self.executor.shutdown()
