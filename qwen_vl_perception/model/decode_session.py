@@ -1,6 +1,7 @@
 """One decode session: the static KV cache and state buffers of one (batch size, cache
-length) shape, the hand-written decode step over the language model's own modules, and its
-CUDA graph.
+length) shape, the hand-written decode step over the language model's own modules, its CUDA
+graph and the prefill shapes (``static_prefill.py``) that write into its cache, all of whose
+graphs share one memory pool.
 
 Each new token goes through :meth:`DecodeSession.step`: norms, projections, MLP, rotary
 embedding and ``lm_head`` of the model itself, so plain, bitsandbytes 4-bit and other
@@ -17,6 +18,7 @@ back to (``fast_decode.py``).
 from collections import OrderedDict
 from typing import Optional, Sequence
 
+from . import cuda_graphs
 from .generation import DecodeStep, StepHook, trim_at_stop
 from .qwen3_vl_prefill import TextModelParts
 
@@ -250,15 +252,16 @@ class DecodeSession:
         """Warm up (compiles fused kernels, tunes the NF4 kernel, loads libraries) and
         capture ``step`` once on ``stream``. A failure is raised as is."""
         torch = self.torch
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(3):
+        with cuda_graphs.capturing(self):
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    self.step()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool()):
                 self.step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.graph_pool()):
-            self.step()
-        self.graph = graph
+            self.graph = graph
         for buffer in self.keys + self.values:
             buffer.zero_()
 

@@ -3,12 +3,12 @@
 import gc
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
-from .cpu_threads import use_cpu_threads
+from . import cuda_graphs
+from .cpu_threads import cpu_threads_for, stop_using_cpu_threads, use_cpu_threads
 from .generation import Decoder, DecodeStep, Generation, StepHook, hf_decode, make_generations
 from .loading import load_model, model_quantization
 from .processor import InputBuilder
@@ -18,9 +18,6 @@ PathLike = Union[str, Path]
 
 IM_END = '<|im_end|>'
 END_OF_TEXT = '<|endoftext|>'
-
-_ON_GPU = weakref.WeakSet()
-"""The engines whose model is on a CUDA device and not closed yet."""
 
 
 @dataclass
@@ -45,7 +42,8 @@ class VisionLanguageEngine:
     ``'fast'`` (the static-cache
     :class:`~qwen_vl_perception.model.fast_decode.FastGreedyDecoder`, CUDA-graphed on a GPU,
     eager on the CPU) or ``'hf'`` (``model.generate``). ``cpu_threads``: torch's threads for a
-    model on the CPU, 0 = auto (:func:`~.cpu_threads.thread_count`; process-wide).
+    model on the CPU, 0 = auto (:func:`~.cpu_threads.thread_count`), set in the generating
+    thread on every call.
     """
 
     def __init__(self, checkpoint: PathLike, device: str = 'auto', quantization: str = 'auto',
@@ -64,10 +62,8 @@ class VisionLanguageEngine:
         self._lock = threading.Lock()
         self.cpu_threads: Optional[int] = None
         """torch's intra-op threads when the model is on the CPU (:mod:`.cpu_threads`)."""
-        if _on_cuda(self.model):
-            _ON_GPU.add(self)
-        elif self.device.type == 'cpu':
-            self.cpu_threads = use_cpu_threads(require_torch(), self.model, cpu_threads)
+        if self.device.type == 'cpu':
+            self.cpu_threads = cpu_threads_for(require_torch(), self.model, cpu_threads, self)
 
     def _pick_decoder(self, decoder) -> Decoder:
         if decoder is None or decoder == 'hf':
@@ -105,6 +101,8 @@ class VisionLanguageEngine:
             raise ValueError('max_new_tokens must be at least 1')
         torch = require_torch()
         with self._lock, torch.inference_mode():
+            if self.cpu_threads is not None:
+                use_cpu_threads(torch, self.cpu_threads)  # in this thread (torch's is per thread)
             if self.model is None:
                 raise RuntimeError('the engine is closed')
             started = time.perf_counter()
@@ -141,20 +139,15 @@ class VisionLanguageEngine:
         torch = require_torch()
         with self._lock:
             self.model = None
+            stop_using_cpu_threads(torch, self)
             clear = getattr(self.decoder, 'clear', None)
             if clear is not None:
                 clear()  # captured CUDA graphs hold the model
-        gc.collect()
-        _ON_GPU.discard(self)
+        gc.collect()  # sessions dropped without release() go now
         if torch.cuda.is_available():
-            # The library workspaces go too once no engine's captured graphs can use them.
-            release_cuda_memory(torch, library_workspaces=not _ON_GPU)
-
-
-def _on_cuda(model) -> bool:
-    parameters = getattr(model, 'parameters', None)
-    first = next(iter(parameters()), None) if callable(parameters) else None
-    return first is not None and first.device.type == 'cuda'
+            with cuda_graphs.LOCK:  # no capture starts meanwhile
+                # The library workspaces go too once no kept graph can use them.
+                release_cuda_memory(torch, cuda_graphs.library_workspaces_unused())
 
 
 def _stop_token_ids(model, tokenizer) -> List[int]:

@@ -16,7 +16,8 @@ through one launch (:meth:`NF4Matmul.group_linear_for`).
 For more than :data:`MAX_ROWS` rows (prefill) the weight is dequantized by one kernel into the
 compute dtype, to the same values as bitsandbytes' dequantization, and multiplied by
 ``torch.nn.functional.linear``: bitsandbytes' own path does the same GPU work through several
-Python layers and kernels per linear, and a prefill is bound by that host time.
+Python layers and kernels per linear (host time that mattered before the prefill was
+graphed, ``static_prefill.py``).
 
 Launch shapes (rows of the weight per program, warps, pipeline depth, how many programs split
 the reduction) are timed once per layer shape on the device, outside any CUDA-graph capture,

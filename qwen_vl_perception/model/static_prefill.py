@@ -28,6 +28,7 @@ session's memory pool). :func:`frame_inputs` says whether a call's inputs can ta
 import dataclasses
 from typing import Optional, Tuple
 
+from . import cuda_graphs
 from .configs import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 from .torch_support import require_torch
 
@@ -152,7 +153,9 @@ class StaticPrefill:
         self.torch = torch
         self.model = _base(model)
         self.parts = parts
-        self.session = session
+        # The session's static cache, not the session: it owns this shape (no cycle).
+        self.cache = (session.keys, session.values)
+        self.device = session.device
         self.key = frame.key
         batch, device = session.batch, session.device
         length = frame.padded_length
@@ -236,7 +239,7 @@ class StaticPrefill:
     def language(self) -> None:
         """The language model over the padded prompt, into the session's cache; the last
         prompt position's logits into :attr:`logits`."""
-        torch, parts, session = self.torch, self.parts, self.session
+        torch, parts = self.torch, self.parts
         batch, length = self.input_ids.shape
         hidden = parts.embed_tokens(self.input_ids)
         width = hidden.shape[-1]
@@ -245,7 +248,7 @@ class StaticPrefill:
                 0, self.visual_index, self.image_embeds.to(hidden.dtype))
         cos, sin = parts.rotary_emb(hidden, self.positions)
         mask = None if self.causal_only else self._mask(hidden.dtype)
-        writer = _CacheWriter(session.keys, session.values, length)
+        writer = _CacheWriter(*self.cache, length)
         deepstack = 0 if self.deepstack is None else self.deepstack.shape[0]
         for index, layer in enumerate(parts.layers):
             hidden = layer(hidden, (cos, sin), mask, None, writer)
@@ -275,24 +278,25 @@ class StaticPrefill:
         """Warm up once on ``stream`` (compiles kernels, makes the output buffers) and capture
         the computation in a CUDA graph in ``pool``. A failure is raised as is."""
         torch = self.torch
-        device = self.session.device
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            self.forward()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            if self.vision_in_graph:
-                self.vision()
-            self.language()
-        self.graph = graph
+        device = self.device
+        with cuda_graphs.capturing(self):
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                self.forward()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                if self.vision_in_graph:
+                    self.vision()
+                self.language()
+            self.graph = graph
 
     def release(self) -> None:
         if self.graph is not None:
             self.graph.reset()
             self.graph = None
         self.pixel_values = self.image_embeds = self.deepstack = self.logits = None
-        self.model = self.visual = None
+        self.model = self.visual = self.cache = None
 
 
 def _vision_tables(torch, visual, grids, device) -> Optional[dict]:

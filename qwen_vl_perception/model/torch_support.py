@@ -56,14 +56,18 @@ def triton_missing_reason() -> Optional[str]:
 
 
 def release_cuda_memory(torch, library_workspaces: bool) -> None:
-    """Give the caching allocator's unused GPU blocks back to the driver.
+    """Give the caching allocator's unused GPU blocks back to the driver (nothing, and no CUDA
+    start-up, in a process that has not used CUDA).
 
     With ``library_workspaces`` also drop cuBLAS's workspaces, which torch keeps per (handle,
     stream) for the process's lifetime: 32 MB each on Hopper, one for every stream that ran a
     matmul (the default stream, the decoder's warm-up stream, the graph-capture stream), about
     100 MB after the first frames. Only safe when no kept CUDA graph captured a cuBLAS call:
-    a graph replays with the workspace address it was captured with.
+    a graph replays with the workspace address it was captured with
+    (``cuda_graphs.library_workspaces_unused``, under ``cuda_graphs.LOCK``).
     """
+    if not torch.cuda.is_initialized():
+        return
     if library_workspaces:
         torch.cuda.synchronize()
         clear = getattr(torch._C, '_cuda_clearCublasWorkspaces', None)  # what inductor calls

@@ -2,7 +2,7 @@
 while the node is active, destroyed on cleanup."""
 from typing import Optional, Sequence
 
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_system_default
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header, String
 from vision_msgs.msg import Detection2DArray, Detection3DArray, LabelInfo
@@ -15,6 +15,10 @@ from . import messages
 
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
+RESULTS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE,
+                     durability=DurabilityPolicy.VOLATILE)
+"""The per-frame results' QoS, named in full: the middleware's "system default" is
+transient-local on Fast DDS, which would hand a late subscriber detections seconds old."""
 
 
 class Outputs:
@@ -24,7 +28,7 @@ class Outputs:
     def __init__(self, node, with_depth: bool):
         self._node = node
         create = node.create_lifecycle_publisher
-        reliable = qos_profile_system_default
+        reliable = RESULTS
         self._publishers = [
             create(Detection2DArray, 'detections', reliable),
             create(Image, 'annotated_image', reliable),

@@ -274,7 +274,10 @@ def _string_list_problem(name: str, value: Any) -> Optional[str]:
     "[]"`` sends a bool array); anything else must be a list of strings."""
     if value is None:
         return f'{name} must be set (a list of strings)'
-    if isinstance(value, (str, bytes)) or not hasattr(value, '__len__'):
+    if isinstance(value, str):
+        return (f'{name} must be a list of strings, not str {value!r} (on the command line: '
+                f'-p "{name}:=[{value}]")')
+    if isinstance(value, bytes) or not hasattr(value, '__len__'):
         return f'{name} must be a list of strings, not {type(value).__name__} {value!r}'
     if len(value) == 0:
         return f'{name} must not be empty: {_NON_EMPTY[name]}' if name in _NON_EMPTY else None

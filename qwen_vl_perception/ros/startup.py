@@ -104,7 +104,8 @@ def create_engine(node, model_dir: str, log: Callable[[str], None]):
     from ..model.torch_support import MissingDependencyError, triton_missing_reason
     if not model_dir:
         raise StartupError("model_path is required (a Qwen3-VL checkpoint directory, or "
-                           "'default' for the project's synthetic-scenes model)")
+                           "'default' for the project's synthetic-scenes model), e.g. "
+                           "perception_node --ros-args -p model_path:=default")
     options: Dict[str, Any] = {name: value(node, name) for name in (
         'device', 'quantization', 'decoder', 'cpu_threads', 'min_pixels', 'max_pixels')}
     log(f"loading the model {model_dir} (device {options['device']}, "

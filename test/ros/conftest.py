@@ -1,4 +1,4 @@
-"""Fixtures of the node tests (test_node.py in-process, test_node_process.py as processes)."""
+"""Fixtures of the ROS tests (test/ros: the node in-process, as processes, served, ...)."""
 import pytest
 
 

@@ -26,6 +26,9 @@ def test_benchmark_times_both_engines_on_the_cpu_and_writes_its_json(tmp_path):
         ('ours', 'float32', 1, 4), ('ours', 'article model (nf4 all, float32 compute)', 1, 4),
         ('generate', 'article model (nf4 all, float32 compute)', 1, 4)]
     assert [run['fused'] for run in results['runs'] if run['engine'] == 'ours'] == [False] * 2
+    # The CPU keeps the model's own prefill (the static one is graphed, on CUDA only).
+    assert [run['prefill_path'] for run in results['runs'] if run['engine'] == 'ours'] == [
+        'model'] * 2
     # float32 on the CPU: our tokens are generate's, unquantized and NF4.
     assert [entry['default']['per_token'] for entry in results['agreement']] == [1.0, 1.0]
 

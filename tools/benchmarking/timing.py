@@ -61,11 +61,12 @@ def time_ours(timer, decoder, model, tensors, batch, new_tokens, repeats, label)
     timer.reset_peak()
     first_s, _ = timer.seconds(lambda: decoder(model, tensors, new_tokens, []))
     captured = decoder.last_timing.graph_captured
-    frames, prefills, decodes = [], [], []
+    frames, prefills, decodes, paths = [], [], [], set()
     for _ in range(repeats):
         seconds, (ids, _) = timer.seconds(lambda: decoder(model, tensors, new_tokens, []))
         assert all(len(row) == new_tokens for row in ids), 'forced length not reached'
         frames.append(seconds)
+        paths.add(decoder.last_timing.prefill)
         prefills.append(decoder.last_timing.prefill_s)
         decodes.append(decoder.last_timing.decode_ms_per_token)
     frame = float(np.median(frames))
@@ -80,6 +81,7 @@ def time_ours(timer, decoder, model, tensors, batch, new_tokens, repeats, label)
         'prefill_ms': 1000 * prefill_s, 'decode_ms_per_token': decode_ms,
         'frame_s': frame, 'frames_per_s': batch / frame, 'frame_s_runs': frames,
         'first_call_s': first_s, 'first_call_captured_graph': captured,
+        'prefill_path': '+'.join(sorted(paths)),  # graphed, static or model (a fallback)
         'peak_gb': timer.peak_gb(), 'fused': decoder.last_session_fused,
         'nf4_kernel_layers': decoder.last_session_nf4_layers}
 
