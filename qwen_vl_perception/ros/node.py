@@ -152,6 +152,7 @@ class PerceptionNode(LifecycleNode):
     def on_deactivate(self, state) -> TransitionCallbackReturn:
         """Stop taking frames and goals; the model stays loaded."""
         self._deactivate('the node was deactivated')
+        self.get_logger().info('inactive: not taking frames or goals (the model stays loaded)')
         return super().on_deactivate(state)
 
     def _deactivate(self, reason: str) -> None:
@@ -170,6 +171,7 @@ class PerceptionNode(LifecycleNode):
     def on_cleanup(self, state) -> TransitionCallbackReturn:
         """Stop the inference thread and free the model."""
         self._release()
+        self.get_logger().info('unconfigured: the model is freed')
         return super().on_cleanup(state)
 
     def on_shutdown(self, state) -> TransitionCallbackReturn:

@@ -66,6 +66,7 @@ class ParameterChanges:
             if (prepared.settings.categories != tuple(old_categories)
                     or 'score_threshold' in settings_changes):
                 self._publish_label_info(prepared.settings)
-            node.get_logger().info(f'parameters changed: {", ".join(sorted(settings_changes))}')
+            node.get_logger().info('parameters changed: ' + ', '.join(
+                f'{name}={settings_changes[name]!r}' for name in sorted(settings_changes)))
         self._stream.update(changes)
         return SetParametersResult(successful=True)
