@@ -17,9 +17,9 @@ import pytest
 rclpy = pytest.importorskip('rclpy')
 pytest.importorskip('torch')
 from rclpy.parameter import Parameter  # noqa: E402
-from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
-from vision_msgs.msg import LabelInfo  # noqa: E402
+from vision_msgs.msg import Detection2DArray, LabelInfo  # noqa: E402
 
 from qwen_vl_perception.ros.node import LATCHED, PerceptionNode, StartupError  # noqa: E402
 
@@ -60,6 +60,26 @@ def test_detections_carry_the_source_header_and_pixel_boxes(harness):
     assert description['stamp'] == {'sec': 1764331200, 'nanosec': 500}
     assert {key: value['color'] for key, value in description['objects'].items()} == \
         {'0': 'red', '1': 'green'}
+
+
+def test_a_subscriber_that_joins_late_gets_no_earlier_frames(harness):
+    """The per-frame outputs are volatile: a late subscriber gets the frames after it joined,
+    none from before (one asking for transient-local is not served at all)."""
+    harness.publish_when_connected(rgb_image(stamp_sec=1))
+    wait_for(lambda: harness.detections, 30, 'no detections published')
+    late, stored = [], []
+    for durability, received in ((DurabilityPolicy.VOLATILE, late),
+                                 (DurabilityPolicy.TRANSIENT_LOCAL, stored)):
+        harness.peer.create_subscription(
+            Detection2DArray, 'detections', received.append,
+            QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=durability))
+    for stamp in range(2, 30):  # new frames until the late subscriber has one
+        harness.publish_when_connected(rgb_image(stamp_sec=stamp))
+        wait_for(lambda: harness.detections[-1].header.stamp.sec == stamp, 30, 'no detections')
+        if late:
+            break
+    assert late and min(array.header.stamp.sec for array in late) >= 2
+    assert stored == []
 
 
 def test_best_effort_and_reliable_cameras_are_both_heard(harness):
