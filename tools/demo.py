@@ -231,7 +231,10 @@ def run(args) -> int:
         # Stop spinning before the nodes and the context go: a thread still spinning over
         # destroyed handles aborts the process at exit.
         if spinner is not None:
-            spinner.stop()
+            try:
+                spinner.stop()
+            except RuntimeError as error:  # a callback hangs: say so, still tear down
+                print(f'warning: {error}', file=sys.stderr)
         if perception is not None:
             perception.shutdown()
             perception.destroy_node()

@@ -56,11 +56,9 @@ def prefill(model, tensors: dict):
         attention_mask = torch.ones_like(input_ids)
         tensors['attention_mask'] = attention_mask
     if 'mm_token_type_ids' not in tensors:
-        tensors['mm_token_type_ids'] = (
-            (input_ids == IMAGE_TOKEN_ID).long() + 2 * (input_ids == VIDEO_TOKEN_ID).long())
+        tensors['mm_token_type_ids'] = token_types(input_ids)
     # Text positions as generate makes them (left padding aware), then M-RoPE positions.
-    text_positions = attention_mask.long().cumsum(-1) - 1
-    text_positions = text_positions.masked_fill(attention_mask == 0, 0)
+    text_positions = positions_of_text(attention_mask)
     rope_kwargs = {name: tensors[name] for name in (
         'image_grid_thw', 'video_grid_thw', 'mm_token_type_ids') if name in tensors}
     if parts.rope_index is not None and (
@@ -78,6 +76,18 @@ def prefill(model, tensors: dict):
     output = model(**kwargs)
     logits = output.logits[:, -1, :]
     return logits, cache, vision_positions
+
+
+def token_types(input_ids):
+    """Qwen3-VL's ``mm_token_type_ids``: 1 at image tokens, 2 at video tokens, else 0."""
+    return (input_ids == IMAGE_TOKEN_ID).long() + 2 * (input_ids == VIDEO_TOKEN_ID).long()
+
+
+def positions_of_text(attention_mask):
+    """Text positions as ``generate`` makes them: counted over the unmasked tokens (left
+    padding aware), 0 at padding."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
 
 
 def _cache_argument(model) -> str:

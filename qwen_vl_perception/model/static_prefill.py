@@ -30,6 +30,7 @@ from typing import Optional, Tuple
 
 from . import cuda_graphs
 from .configs import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
+from .qwen3_vl_prefill import positions_of_text, token_types
 from .torch_support import require_torch
 
 _ATTENTIONS = ('sdpa', 'eager')
@@ -85,17 +86,14 @@ def frame_inputs(model, parts, tensors: dict, bucket: int, limit: int) -> Option
             return None
         grid = grid.cpu().to(torch.long)
         grids = tuple(tuple(int(value) for value in row) for row in grid.tolist())
-        token_types = tensors.get('mm_token_type_ids')
-        token_types = ((input_ids == IMAGE_TOKEN_ID).long() if token_types is None
-                       else token_types.cpu())
+        types = tensors.get('mm_token_type_ids')
+        types = token_types(input_ids) if types is None else types.cpu()
         vision_positions, _ = parts.rope_index(input_ids, attention_mask=mask,
-                                               mm_token_type_ids=token_types,
-                                               image_grid_thw=grid)
+                                               mm_token_type_ids=types, image_grid_thw=grid)
     else:
         if bool((input_ids == IMAGE_TOKEN_ID).any()):
             return None
-        text = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        vision_positions = text.unsqueeze(0).expand(3, -1, -1)
+        vision_positions = positions_of_text(mask).unsqueeze(0).expand(3, -1, -1)
     padded = min(-(-length // bucket) * bucket, limit)
     extra = padded - length
     ids = torch.nn.functional.pad(input_ids, (0, extra))
