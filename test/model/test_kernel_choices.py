@@ -1,5 +1,9 @@
 """KernelChoices' NF4 launch groups: each layer's (q, k, v) and (gate, up) projections, where
-the kernel can take them together and all of them have a replacement."""
+the kernel can take them together and all of them have a replacement.
+
+A unit test of that selection on the CPU: the real kernel takes CUDA layers only, so a small
+kernel stands in for its ``group_linear_for`` answer; the real grouped launches are tested on
+the GPU (test_nf4_matmul.py, test_fast_decode.py)."""
 import pytest
 
 torch = pytest.importorskip('torch')
