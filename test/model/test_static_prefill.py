@@ -108,8 +108,9 @@ def test_on_the_cpu_the_default_is_the_models_own_prefill(model):
     assert decoder.last_timing.prefill == 'model'
 
 
-def test_videos_take_the_models_own_prefill(model):
-    """What the static prefill does not cover is not an error: the model's forward runs."""
+def test_frame_inputs_leave_videos_to_the_models_own_prefill(model):
+    """What the static prefill does not cover is not an error: ``frame_inputs`` says None, on
+    which the decoder runs the model's own forward (``fast_decode``'s static prefill step)."""
     parts = text_model_parts(model)
     tensors = make_inputs(IMAGES)
     assert frame_inputs(model, parts, tensors, 16, 128) is not None
