@@ -1,4 +1,4 @@
-"""NF4 linear layers for decode steps: one Triton kernel instead of bitsandbytes' path.
+"""NF4 linear layers for decode steps: our kernels instead of bitsandbytes' path.
 
 For one input row bitsandbytes runs its 4-bit GEMV; for more rows (a batch of frames decoding
 together) it dequantizes the whole weight to bf16 and calls a matmul, which writes and reads
@@ -19,14 +19,20 @@ compute dtype, to the same values as bitsandbytes' dequantization, and multiplie
 Python layers and kernels per linear (host time that mattered before the prefill was
 graphed, ``static_prefill.py``).
 
-Launch shapes (rows of the weight per program, warps, pipeline depth, how many programs split
-the reduction) are timed once per layer shape on the device, outside any CUDA-graph capture,
-unless ``tune=False``. Needs CUDA and Triton (which CUDA builds of torch bring); without them
-:func:`kernel_unavailable_reason` says why and callers keep bitsandbytes' own path.
+A second kernel computes the same product in CUDA C++ (:mod:`~qwen_vl_perception.model.
+nf4_cuda`, compiled at run time by NVRTC): weights straight from memory into each thread's
+tensor-core operand registers, no shared memory in its loop. Launch shapes of both (rows of
+the weight per program, warps, pipeline depth, how many programs split the reduction) are
+timed once per layer shape on the device, outside any CUDA-graph capture, and the fastest
+kept, unless ``tune=False`` (then the Triton kernel's default). Where NVRTC is missing or the
+CUDA kernel fails to build, one warning and the Triton kernel alone. Needs CUDA and Triton
+(which CUDA builds of torch bring); without them :func:`kernel_unavailable_reason` says why
+and callers keep bitsandbytes' own path.
 """
 import contextlib
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -49,12 +55,22 @@ _SPLIT_TARGETS = (1, 2, 4)  # programs per multiprocessor that split counts aim 
 _MAX_SPLITS = 16  # the last program of a tile adds the partials up
 
 
+_CUDA_CONFIGS = ((4, 1, 8), (4, 2, 4), (8, 1, 4), (4, 1, 4), (4, 1, 6), (4, 2, 2))
+"""The CUDA kernel's (warps, row tiles of 16 per warp, blocks in flight per warp), from a sweep
+on an H200 (the 4B model's layer shapes at 1, 8 and 16 rows; ``results/benchmark``)."""
+_CUDA_SPLITS = (1, 2, 4)
+
+
 @dataclass(frozen=True)
 class LaunchShape:
+    """A launch of the Triton kernel (``kernel='triton'``: ``block_n`` weight rows per program,
+    warps, pipeline stages) or of the CUDA one (``kernel='cuda'``: ``block_n`` = 16 x row tiles
+    per warp, ``num_stages`` = blocks in flight per warp); ``splits`` parts of the reduction."""
     block_n: int
     splits: int
     num_warps: int = 4
     num_stages: int = 3
+    kernel: str = 'triton'
 
 
 def kernel_unavailable_reason(device=None) -> Optional[str]:
@@ -87,6 +103,7 @@ class NF4Matmul:
         self._buffers: Dict[Tuple, Tuple[object, object]] = {}
         self._sm_count: Dict[int, int] = {}
         self._rows: set = set()
+        self._cuda_kernel: Dict[int, Optional[str]] = {}  # device index: why not, or None
 
     @property
     def tuned_rows(self) -> set:
@@ -207,6 +224,8 @@ class NF4Matmul:
     # -- launching -----------------------------------------------------------------------
 
     def _launch(self, flat, out, weights, shape):
+        if shape.kernel == 'cuda':
+            return self._launch_cuda(flat, out, weights, shape)
         from . import nf4_triton
         torch = require_torch()
         first = weights[0]
@@ -225,16 +244,45 @@ class NF4Matmul:
             bf16=first.compute_dtype == torch.bfloat16, block_n=shape.block_n,
             num_warps=shape.num_warps, num_stages=shape.num_stages)
 
-    def _buffers_for(self, device, tiles, shape):
+    def _launch_cuda(self, flat, out, weights, shape):
+        from . import nf4_cuda
+        torch = require_torch()
+        first = weights[0]
+        compute = first.compute_dtype
+        x = flat if flat.dtype == compute else flat.to(compute)
+        if x.data_ptr() % 16 or x.stride(0) % 8:  # the kernel reads x 16 bytes at a time
+            x = x.clone(memory_format=torch.contiguous_format)
+        target = out if out.dtype == compute else torch.empty(out.shape, dtype=compute,
+                                                              device=out.device)
+        cuda_shape = nf4_cuda.CudaShape(shape.num_warps, shape.block_n // 16, shape.num_stages)
+        tiles = sum(weight.out_features // 16 for weight in weights)
+        workspace, locks = self._buffers_for(
+            flat.device, tiles, shape, groups=nf4_cuda.row_groups(
+                [weight.out_features for weight in weights], cuda_shape))
+        blocks = first.in_features // QUANT_BLOCK
+        nf4_cuda.launch(
+            x, target, workspace, locks, first.table,
+            [(weight.packed, weight.absmax, weight.absmax2, weight.code2, weight.offset,
+              weight.out_features) for weight in weights],
+            first.in_features, shape.splits, -(-blocks // shape.splits), nested=first.nested,
+            qblock2=first.nested_block, bf16=compute == torch.bfloat16, shape=cuda_shape)
+        if target is not out:
+            out.copy_(target)
+
+    def _buffers_for(self, device, tiles, shape, groups=None):
         """The fp32 workspace for split partials and the tiles' arrival counters (zero between
         launches: the last program of a tile resets its counter)."""
         torch = require_torch()
-        key = (str(device), tiles, shape.splits, shape.block_n)
+        key = (str(device), tiles, shape.splits, shape.block_n, shape.kernel)
         buffers = self._buffers.get(key)
         if buffers is None:
             if shape.splits == 1:
                 buffers = (torch.empty(1, dtype=torch.float32, device=device),
                            torch.zeros(1, dtype=torch.int32, device=device))
+            elif shape.kernel == 'cuda':  # tiles of 16 rows, 256 values; a counter per group
+                buffers = (torch.empty(tiles * shape.splits * 256, dtype=torch.float32,
+                                       device=device),
+                           torch.zeros(groups, dtype=torch.int32, device=device))
             else:
                 buffers = (torch.empty(tiles * shape.splits * 16 * shape.block_n,
                                        dtype=torch.float32, device=device),
@@ -257,7 +305,8 @@ class NF4Matmul:
                                    'graph capture: run the step once before capturing it')
             widths = [weight.out_features for weight in weights]
             candidates = self.candidates(widths, first.in_features,
-                                         self._sm_count_of(flat.device))
+                                         self._sm_count_of(flat.device),
+                                         cuda=self._cuda_kernel_usable(flat.device, widths))
             if self.tune:
                 self._timings[key] = self._timed(flat, weights, candidates)
                 shape = min(self._timings[key], key=lambda item: item[0])[1]
@@ -275,12 +324,31 @@ class NF4Matmul:
             self._sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
         return self._sm_count[index]
 
+    def _cuda_kernel_usable(self, device, widths) -> bool:
+        """Whether the CUDA kernel may be tried: rows in tiles of 16, compute capability 8 or
+        newer and NVRTC there (else one warning per device, and the Triton kernel only)."""
+        torch = require_torch()
+        if device.type != 'cuda' or any(width % 16 for width in widths):
+            return False
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._cuda_kernel:
+            from . import nvrtc
+            reason = nvrtc.unavailable_reason()
+            if reason is None and torch.cuda.get_device_capability(index)[0] < 8:
+                reason = 'it needs compute capability 8.0 or newer'
+            if reason is not None:
+                warnings.warn(f'the CUDA NF4 decode kernel cannot run ({reason}); the Triton '
+                              'kernel decodes alone', RuntimeWarning)
+            self._cuda_kernel[index] = reason
+        return self._cuda_kernel[index] is None
+
     @staticmethod
-    def candidates(out_features, in_features: int, multiprocessors: int):
+    def candidates(out_features, in_features: int, multiprocessors: int, cuda: bool = False):
         """Launch shapes to try, the untimed default first. ``out_features``: one width or the
         widths of a group. For each (rows per program, warps, stages) the reduction is split
         so that about 1, 2 and 4 programs per multiprocessor run (each split at least two
-        64-blocks long)."""
+        64-blocks long). With ``cuda`` the CUDA kernel's shapes follow (widths in multiples of
+        16), its reduction split in 1, 2 or 4 (at least a block per warp)."""
         widths = [out_features] if isinstance(out_features, int) else list(out_features)
         blocks = in_features // QUANT_BLOCK
         most = max(1, min(_MAX_SPLITS, blocks // 2))
@@ -291,6 +359,12 @@ class NF4Matmul:
                 splits = max(1, min(most, round(per_sm * multiprocessors / tiles)))
                 splits = -(-blocks // -(-blocks // splits))  # no empty last split
                 shapes.append(LaunchShape(block_n, splits, warps, stages))
+        if cuda and not any(width % 16 for width in widths):
+            for warps, row_tiles, pipe in _CUDA_CONFIGS:
+                for splits in _CUDA_SPLITS:
+                    if blocks // splits >= warps:
+                        splits = -(-blocks // -(-blocks // splits))
+                        shapes.append(LaunchShape(16 * row_tiles, splits, warps, pipe, 'cuda'))
         return list(dict.fromkeys(shapes))
 
     def _timed(self, flat, weights, candidates) -> list:
@@ -300,10 +374,16 @@ class NF4Matmul:
         flush = _l2_flush(flat.device)
         timed = []
         for shape in candidates:
+            if shape.kernel == 'cuda' and self._cuda_kernel.get(flat.device.index) is not None:
+                continue
             try:
                 milliseconds = _cold_ms(flat.device, lambda: self._launch(
                     flat, out, weights, shape), flush)
-            except Exception:  # a shape this GPU cannot compile (e.g. shared memory)
+            except Exception as error:  # a shape this GPU cannot compile (e.g. shared memory)
+                if shape.kernel == 'cuda':  # NVRTC or the driver failed: Triton from here on
+                    warnings.warn(f'the CUDA NF4 decode kernel failed ({type(error).__name__}: '
+                                  f'{error}); the Triton kernel decodes alone', RuntimeWarning)
+                    self._cuda_kernel[flat.device.index] = str(error)
                 continue
             timed.append((milliseconds, shape))
         if not timed:

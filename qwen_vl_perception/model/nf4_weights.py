@@ -27,6 +27,8 @@ class NF4Weight:
     bias: object
     compute_dtype: object
     asm: str = ''
+    table: tuple = ()
+    """The 16 code values (host copies, for kernels that build the table into their code)."""
 
     def group_key(self) -> tuple:
         """What weights launched together must share."""
@@ -69,9 +71,10 @@ def nf4_weight(module, require_cuda: bool = True) -> Optional[NF4Weight]:
     if compute_dtype not in (torch.bfloat16, torch.float16):
         return None
     code = state.code.to(device=weight.device, dtype=torch.float32)
+    table = tuple(code.cpu().tolist())
     return NF4Weight(
         packed=weight.data.view(-1), absmax=state.absmax, absmax2=absmax2, code2=code2,
         code=code, offset=offset, nested=nested, nested_block=nested_block,
         out_features=out_features, in_features=in_features,
         bias=getattr(module, 'bias', None), compute_dtype=compute_dtype,
-        asm=cached_lookup_asm(tuple(code.cpu().tolist()), compute_dtype))
+        asm=cached_lookup_asm(table, compute_dtype), table=table)

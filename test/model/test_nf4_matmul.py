@@ -77,13 +77,20 @@ def test_kernel_matches_bitsandbytes_dequantization_in_the_interpreter():
 def test_launch_shapes_split_the_reduction_into_non_empty_parts():
     for widths, in_features in [(4096, 2560), (2560, 9728), (1024, 2560), (72, 64),
                                 ((4096, 1024, 1024), 2560), ((9728, 9728), 2560)]:
-        shapes = NF4Matmul.candidates(widths, in_features, 132)
+        shapes = NF4Matmul.candidates(widths, in_features, 132, cuda=True)
         assert shapes and len(set(shapes)) == len(shapes)
+        assert shapes[:len(NF4Matmul.candidates(widths, in_features, 132))] == \
+            NF4Matmul.candidates(widths, in_features, 132)  # the Triton ones first
         blocks = in_features // 64
         for shape in shapes:
             per_split = -(-blocks // shape.splits)
             assert 1 <= shape.splits <= max(1, blocks // 2)
             assert (shape.splits - 1) * per_split < blocks  # the last split has work
+            if shape.kernel == 'cuda':  # every warp of a split has a block
+                assert per_split >= shape.num_warps and shape.block_n % 16 == 0
+        sizes = [widths] if isinstance(widths, int) else widths
+        assert any(shape.kernel == 'cuda' for shape in shapes) == all(
+            size % 16 == 0 for size in sizes)
     # 2560 x 9728: 20 tiles of 128 rows; 132 programs want 7 splits of 22 blocks each.
     default = NF4Matmul.candidates(2560, 9728, 132)[0]
     assert (default.block_n, default.splits, default.num_warps) == (128, 7, 4)
@@ -238,13 +245,18 @@ def test_cuda_kernel_matches_the_dequantized_product(compute_dtype, nested, shap
         theirs = (module(x).float() - expected).abs().max().item()
         assert (out.float() - expected).abs().max().item() <= max(theirs, 1e-3 * scale) * 2
     weight = nf4_weight(module)
-    for shape_choice in matmul.candidates(shape[0], shape[1], 132):  # every one the tuner has
-        x = torch.randn(5, shape[1], device='cuda', dtype=torch.bfloat16)
-        expected = dequantized_reference(module, x)
-        out = matmul(x, weight, shape_choice)
-        assert torch.isfinite(out).all()
-        error = (out.float() - expected).abs().max().item()
-        assert error <= 1e-2 * expected.abs().max().item(), shape_choice
+    # every shape the tuner has, both kernels (the CUDA one takes widths in tiles of 16)
+    choices = matmul.candidates(shape[0], shape[1], 132, cuda=True)
+    assert any(choice.kernel == 'cuda' for choice in choices) == (shape[0] % 16 == 0)
+    for shape_choice in choices:
+        for rows in ((5,) if shape_choice.kernel == 'triton' else (1, 5, 9, MAX_ROWS)):
+            for dtype in {torch.bfloat16, compute_dtype}:
+                x = torch.randn(rows, shape[1], device='cuda', dtype=dtype)
+                expected = dequantized_reference(module, x)
+                out = matmul(x, weight, shape_choice)
+                assert torch.isfinite(out).all() and out.dtype == dtype
+                error = (out.float() - expected).abs().max().item()
+                assert error <= 1e-2 * expected.abs().max().item(), (shape_choice, rows, dtype)
 
 
 @cuda
@@ -266,11 +278,31 @@ def test_cuda_grouped_launch_matches_each_layer(compute_dtype):
 
 
 @cuda
-def test_cuda_split_reduction_is_deterministic_and_leaves_its_counters_reset():
+@pytest.mark.parametrize('compute_dtype', [torch.bfloat16, torch.float16])
+def test_cuda_kernel_grouped_launches_match_each_layer(compute_dtype):
+    modules = [nf4_linear(width, 640, compute_dtype, bias=False, seed=seed)
+               for seed, width in enumerate((384, 128, 128))]
+    weights = [nf4_weight(module) for module in modules]
+    matmul = NF4Matmul()
+    shapes = [shape for shape in matmul.candidates([384, 128, 128], 640, 132, cuda=True)
+              if shape.kernel == 'cuda']
+    assert shapes
+    for shape in shapes:
+        for rows in (1, 8, MAX_ROWS):
+            x = torch.randn(rows, 640, device='cuda', dtype=compute_dtype)
+            outs = matmul.grouped(x, weights, shape)
+            for out, module in zip(outs, modules):
+                expected = dequantized_reference(module, x)
+                assert (out.float() - expected).abs().max() <= 1e-2 * expected.abs().max(), shape
+
+
+@cuda
+@pytest.mark.parametrize('shape', [LaunchShape(64, 8), LaunchShape(16, 4, 4, 4, 'cuda'),
+                                   LaunchShape(32, 2, 4, 2, 'cuda')])
+def test_cuda_split_reduction_is_deterministic_and_leaves_its_counters_reset(shape):
     module = nf4_linear(512, 4096, torch.bfloat16, bias=False)
     matmul = NF4Matmul()
     weight = nf4_weight(module)
-    shape = LaunchShape(64, 8)
     x = torch.randn(3, 4096, device='cuda', dtype=torch.bfloat16)
     first = matmul(x, weight, shape)
     for _ in range(20):  # a counter left non-zero would make a later launch skip its output
@@ -312,6 +344,44 @@ def test_cuda_kernel_leaves_rows_below_min_rows_to_bitsandbytes_and_replays_in_a
     graph.replay()
     assert torch.equal(captured, linear(x))
     assert not torch.equal(captured, eager)
+
+
+@cuda
+def test_cuda_kernel_replays_in_a_graph():
+    module = nf4_linear(1024, 2560, torch.bfloat16, bias=False)
+    matmul, weight = NF4Matmul(), nf4_weight(module)
+    shape = LaunchShape(16, 2, 4, 8, 'cuda')
+    x = torch.randn(1, 2560, device='cuda', dtype=torch.bfloat16)
+    eager = matmul(x, weight, shape)  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = matmul(x, weight, shape)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(captured, matmul(x, weight, shape))
+    assert not torch.equal(captured, eager)
+
+
+@cuda
+def test_cuda_kernel_that_cannot_build_warns_once_and_leaves_triton(monkeypatch):
+    from qwen_vl_perception.model import nf4_cuda
+
+    def fail(*args, **kwargs):
+        raise RuntimeError('nf4_mma does not compile')
+    monkeypatch.setattr(nf4_cuda, 'kernel_for', fail)
+    module = nf4_linear(256, 512, torch.bfloat16, bias=False)
+    other = nf4_linear(512, 512, torch.bfloat16, bias=False)
+    matmul = NF4Matmul()
+    x = torch.randn(2, 512, device='cuda', dtype=torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match='CUDA NF4 decode kernel failed'):
+        out = matmul.linear_for(module)(x)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # once: the second layer shape tunes without a word
+        matmul.linear_for(other)(x)
+    assert all(entry['shape']['kernel'] == 'triton' for entry in matmul.tuned_shapes())
+    expected = dequantized_reference(module, x)
+    assert (out.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
 
 
 @cuda

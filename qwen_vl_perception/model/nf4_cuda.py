@@ -1,0 +1,400 @@
+"""The NF4 decode matmul in CUDA C++ (NVRTC, :mod:`nvrtc`): weights straight from memory into
+the tensor cores' operand registers, no shared memory and no barriers in the loop.
+
+``out = x @ W.T`` for 1 to 16 rows of ``x`` and up to three weights sharing ``x``, as
+:mod:`nf4_triton`'s kernel computes it, from bitsandbytes' packed weights as stored. The
+weight is the ``A`` operand of ``mma.m16n8k16`` (16 weight rows by 16 columns), ``x`` the
+``B`` operand (rows padded to 8 or 16 with zeros). A dot product may take its columns in any
+order as long as the weight and ``x`` agree: within one 64-block each thread of a group of four
+takes 16 neighbouring columns (8 packed bytes of a weight row, one 64-bit load; 32 bytes of
+``x``, two 128-bit loads) and feeds them to its own slots of four consecutive ``mma`` steps.
+So each thread's loads are its operand fragments and no data moves between threads. All 16
+columns of one ``mma`` lie in one 64-block: its fp32 result is scaled by the rows' absmax
+(double quantization decoded in the kernel) before it is added up.
+
+Each warp keeps ``PIPE`` blocks of loads in flight (registers only), a CTA's warps take
+interleaved blocks of the same ``RT`` row tiles and add up their sums through shared memory in
+warp order; with ``splits > 1`` CTAs also split the reduction and the last one of a row group
+adds the partials up in split order, as the Triton kernel does. Deterministic either way.
+The 4-bit codes become table values by byte permutes, as :func:`nf4_codes.lookup_asm` does,
+with the output pairs in column order.
+"""
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+from . import nvrtc
+from .nf4_codes import table_words
+from .torch_support import require_torch
+
+KERNEL_NAME = 'nf4_mma'
+
+
+@dataclass(frozen=True)
+class CudaShape:
+    """A compiled variant's shape: warps per CTA, row tiles of 16 per warp, blocks in flight."""
+    warps: int = 4
+    row_tiles: int = 1
+    pipe: int = 4
+
+
+SOURCE = r'''
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+// Loads predicated on ``on`` (a stage past the warp's last block loads nothing; its registers
+// keep stale values that are never used), so the loop has no branches around them.
+__device__ __forceinline__ void load_weight(uint2& v, const u8* p, bool on) {
+    asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %3, 0;\n"
+                 " @q ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n}"
+                 : "+r"(v.x), "+r"(v.y) : "l"(p), "r"((int)on));
+}
+
+__device__ __forceinline__ void load_x(uint4& v, const u16* p, bool on) {
+    asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n"
+                 " @q ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
+                 : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w) : "l"(p), "r"((int)on));
+}
+
+__device__ __forceinline__ void load_absmax(u32& v, const u8* p, bool on) {
+#if NESTED
+    asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q ld.global.nc.u8 %0, [%1];\n}"
+                 : "+r"(v) : "l"(p), "r"((int)on));
+#else
+    asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q ld.global.nc.u32 %0, [%1];\n}"
+                 : "+r"(v) : "l"(p), "r"((int)on));
+#endif
+}
+
+__device__ __forceinline__ u32 high_half(u32 v) {  // v >> 16 on the multiply-add pipe
+    u32 r;
+    asm("mul.hi.u32 %0, %1, 0x10000;" : "=r"(r) : "r"(v));
+    return r;
+}
+
+struct Table { u32 hi0, hi2, lo0, lo2, pick; };  // kept in registers (see decode8)
+
+// prmt as it is (__byte_perm masks the selector to 3 bits per byte: one more instruction)
+template <u32 B> __device__ __forceinline__ u32 perm(u32 a, u32 s) {  // B: an immediate
+    u32 r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "n"(B), "r"(s));
+    return r;
+}
+
+__device__ __forceinline__ u32 pick(u32 a, u32 b, u32 s) {
+    u32 r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(s));
+    return r;
+}
+
+// 8 codes (4 packed bytes, high nibble first) -> 4 registers of two table values each, in
+// column order: o0 = (c0, c1), o1 = (c2, c3), o2 = (c4, c5), o3 = (c6, c7). s: each code's low
+// three bits, a byte index into 8 table bytes; t: per byte, which of two lookups (entries 0-7
+// or 8-15) to keep, from the code's top bit. prmt takes one table word from a register and
+// one as an immediate.
+__device__ __forceinline__ void decode8(const Table& tb, u32 w, u32& o0, u32& o1, u32& o2,
+                                        u32& o3) {
+    u32 s = w & 0x77777777u, t;
+    asm("mul.hi.u32 %0, %1, 0x80000000;" : "=r"(t) : "r"(w));  // w >> 1
+    asm("lop3.b32 %0, %0, 0x44444444, %1, 0xEA;" : "+r"(t) : "r"(tb.pick));  // (t & 4s) | pick
+    u32 h = pick(perm<HI1>(tb.hi0, s), perm<HI3>(tb.hi2, s), t);
+    u32 l = pick(perm<LO1>(tb.lo0, s), perm<LO3>(tb.lo2, s), t);
+    o0 = pick(l, h, 0x4051u);
+    o1 = pick(l, h, 0x6273u);
+    s = high_half(s);
+    t = high_half(t);
+    h = pick(perm<HI1>(tb.hi0, s), perm<HI3>(tb.hi2, s), t);
+    l = pick(perm<LO1>(tb.lo0, s), perm<LO3>(tb.lo2, s), t);
+    o2 = pick(l, h, 0x4051u);
+    o3 = pick(l, h, 0x6273u);
+}
+
+__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." DTYPE "." DTYPE ".f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u16 to_out(float v) {
+    u16 r;
+    asm("cvt.rn." DTYPE ".f32 %0, %1;" : "=h"(r) : "f"(v));
+    return r;
+}
+
+struct Problem {
+    const u8* packed; const void* absmax; const float* absmax2; const float* code2;
+    float offset; int column; int row0;
+};
+
+__device__ __forceinline__ Problem problem_of(
+        int tile, int tiles1, int tiles2,
+        const u8* p0, const void* a0, const float* s0, const float* c0, float f0, int n0,
+        const u8* p1, const void* a1, const float* s1, const float* c1, float f1, int n1,
+        const u8* p2, const void* a2, const float* s2, const float* c2, float f2) {
+    Problem q;
+    if (tile < tiles1) {
+        q.packed = p0; q.absmax = a0; q.absmax2 = s0; q.code2 = c0; q.offset = f0;
+        q.column = 0; q.row0 = tile * 16;
+    } else if (tile < tiles2) {
+        q.packed = p1; q.absmax = a1; q.absmax2 = s1; q.code2 = c1; q.offset = f1;
+        q.column = n0; q.row0 = (tile - tiles1) * 16;
+    } else {
+        q.packed = p2; q.absmax = a2; q.absmax2 = s2; q.code2 = c2; q.offset = f2;
+        q.column = n0 + n1; q.row0 = (tile - tiles2) * 16;
+    }
+    return q;
+}
+
+__device__ __forceinline__ float scale_of(const Problem& q, u32 absmax, int index, int qb2_log2) {
+#if NESTED
+    return __ldg(q.code2 + absmax) * __ldg(q.absmax2 + (index >> qb2_log2)) + q.offset;
+#else
+    return __uint_as_float(absmax);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
+        const u16* __restrict__ x, u16* __restrict__ out, float* __restrict__ ws,
+        int* __restrict__ locks,
+        const u8* p0, const void* a0, const float* s0, const float* c0, float f0, int n0,
+        const u8* p1, const void* a1, const float* s1, const float* c1, float f1, int n1,
+        const u8* p2, const void* a2, const float* s2, const float* c2, float f2, int n2,
+        int M, int K, int stride_x, int stride_out, int tiles1, int tiles2, int tiles,
+        int splits, int blocks_per_split, int qb2_log2) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int blocks = K >> 6, row_bytes = K >> 1;
+    const int split = blockIdx.y;
+    Table tb;
+    {
+        u32 zero;  // 0, which ptxas does not know: the table words stay in registers
+        asm volatile("mul.hi.u32 %0, %1, 1;" : "=r"(zero) : "r"((u32)lane));
+        tb.hi0 = HI0 + zero; tb.hi2 = HI2 + zero; tb.lo0 = LO0 + zero; tb.lo2 = LO2 + zero;
+        tb.pick = 0x32103210u + zero;
+    }
+    const int first = split * blocks_per_split;
+    const int last = min(first + blocks_per_split, blocks);
+
+    Problem q[RT];
+    const u8* wp[RT];  // row g's first block of this warp, 8t bytes in; row g + 8 is 8 rows on
+    const u8* ap[RT];  // its absmax (bytes when NESTED, else floats)
+    int index[RT];     // row g's absmax index of the warp's first block (second-level scales)
+    const int start = first + warp;
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+        const int tile = min(blockIdx.x * RT + r, tiles - 1);
+        q[r] = problem_of(tile, tiles1, tiles2, p0, a0, s0, c0, f0, n0, p1, a1, s1, c1, f1, n1,
+                          p2, a2, s2, c2, f2);
+        wp[r] = q[r].packed + (size_t)(q[r].row0 + g) * row_bytes + 8 * t + 32 * start;
+        index[r] = (q[r].row0 + g) * blocks + start;
+        ap[r] = (const u8*)q[r].absmax + (size_t)index[r] * (NESTED ? 1 : 4);
+    }
+    const u16* xp[NT];  // rows past M read row M - 1: they only reach output columns past M
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+        xp[n] = x + (size_t)min(g + 8 * n, M - 1) * stride_x + 16 * t + 64 * start;
+
+    float acc[RT][NT][4];
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[r][n][c] = 0.f;
+
+    int steps = last - start;
+    steps = steps > 0 ? (steps + WARPS - 1) / WARPS : 0;
+
+    uint2 wq[PIPE][RT][2];
+    u32 aq[PIPE][RT][2];
+    constexpr int W_STEP = 32 * WARPS, A_STEP = WARPS * (NESTED ? 1 : 4);
+
+#define LOAD_STAGE(p, on) do { \
+        _Pragma("unroll") for (int r = 0; r < RT; ++r) { \
+            load_weight(wq[p][r][0], wp[r] + (p) * W_STEP, on); \
+            load_weight(wq[p][r][1], wp[r] + 8 * row_bytes + (p) * W_STEP, on); \
+            load_absmax(aq[p][r][0], ap[r] + (p) * A_STEP, on); \
+            load_absmax(aq[p][r][1], ap[r] + 8 * blocks * (NESTED ? 1 : 4) + (p) * A_STEP, on); \
+        } \
+    } while (0)
+
+#pragma unroll
+    for (int p = 0; p < PIPE; ++p) {
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+            wq[p][r][0] = wq[p][r][1] = make_uint2(0, 0);
+            aq[p][r][0] = aq[p][r][1] = 0;
+        }
+        LOAD_STAGE(p, p < steps);
+    }
+
+    auto compute = [&](const int p, const int block_index) {
+        // x from L1 (or L2 the first time), loaded here: the decode below covers the latency
+        uint4 xq[NT][2];
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            xq[n][0] = xq[n][1] = make_uint4(0, 0, 0, 0);
+            load_x(xq[n][0], xp[n] + block_index * 64, true);
+            load_x(xq[n][1], xp[n] + block_index * 64 + 8, true);
+        }
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+            u32 lo[8], hi[8];  // rows g and g + 8, columns 16t .. 16t + 15 of the block
+            decode8(tb, wq[p][r][0].x, lo[0], lo[1], lo[2], lo[3]);
+            decode8(tb, wq[p][r][0].y, lo[4], lo[5], lo[6], lo[7]);
+            decode8(tb, wq[p][r][1].x, hi[0], hi[1], hi[2], hi[3]);
+            decode8(tb, wq[p][r][1].y, hi[4], hi[5], hi[6], hi[7]);
+            const float sg = scale_of(q[r], aq[p][r][0], index[r] + block_index, qb2_log2);
+            const float sh = scale_of(q[r], aq[p][r][1], index[r] + 8 * blocks + block_index,
+                                      qb2_log2);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                const u32 xb[8] = {xq[n][0].x, xq[n][0].y, xq[n][0].z, xq[n][0].w,
+                                   xq[n][1].x, xq[n][1].y, xq[n][1].z, xq[n][1].w};
+                float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int k = 0; k < 4; ++k)
+                    mma(c, lo[2 * k], hi[2 * k], lo[2 * k + 1], hi[2 * k + 1], xb[2 * k],
+                        xb[2 * k + 1]);
+                acc[r][n][0] += c[0] * sg;
+                acc[r][n][1] += c[1] * sg;
+                acc[r][n][2] += c[2] * sh;
+                acc[r][n][3] += c[3] * sh;
+            }
+        }
+    };
+
+    int j0 = 0;
+    for (; j0 + PIPE <= steps; j0 += PIPE) {  // whole rounds of PIPE blocks: no branches
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {  // the loads below are PIPE blocks further on
+            wp[r] += PIPE * W_STEP;
+            ap[r] += PIPE * A_STEP;
+        }
+#pragma unroll
+        for (int p = 0; p < PIPE; ++p) {
+            compute(p, WARPS * (j0 + p));
+            LOAD_STAGE(p, j0 + p + PIPE < steps);
+        }
+    }
+#pragma unroll
+    for (int p = 0; p < PIPE - 1; ++p)  // the last blocks, loaded already
+        if (j0 + p < steps) compute(p, WARPS * (j0 + p));
+#undef LOAD_STAGE
+
+    // The CTA's warps add up in warp order; element e of a warp: (r, n, c) = e / 32, lane e % 32.
+    constexpr int ELEMENTS = RT * NT * 4 * 32;
+    __shared__ float partial[WARPS][ELEMENTS];
+    __shared__ int is_last;
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+                partial[warp][((r * NT + n) * 4 + c) * 32 + lane] = acc[r][n][c];
+    __syncthreads();
+    for (int e = threadIdx.x; e < ELEMENTS; e += WARPS * 32) {
+        float sum = 0.f;
+#pragma unroll
+        for (int v = 0; v < WARPS; ++v) sum += partial[v][e];
+        const int slot = e >> 5, owner = e & 31;
+        const int r = slot / (NT * 4), n = (slot >> 2) % NT, c = slot & 3;
+        const int tile = blockIdx.x * RT + r;
+        const int m = 8 * n + 2 * (owner & 3) + (c & 1);
+        const int feature = (owner >> 2) + 8 * (c >> 1);
+        if (tile < tiles && m < M) {
+            if (splits == 1) {
+                const Problem pq = problem_of(tile, tiles1, tiles2, p0, a0, s0, c0, f0, n0,
+                                              p1, a1, s1, c1, f1, n1, p2, a2, s2, c2, f2);
+                out[(size_t)m * stride_out + pq.column + pq.row0 + feature] = to_out(sum);
+            } else {
+                ws[((size_t)tile * splits + split) * 256 + m * 16 + feature] = sum;
+            }
+        }
+    }
+    if (splits == 1) return;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(locks + blockIdx.x, 1) == splits - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int e = threadIdx.x; e < RT * 256; e += WARPS * 32) {
+        const int r = e >> 8, m = (e >> 4) & 15, feature = e & 15;
+        const int tile = blockIdx.x * RT + r;
+        if (tile < tiles && m < M) {
+            float sum = 0.f;
+            for (int s = 0; s < splits; ++s)
+                sum += __ldcg(ws + ((size_t)tile * splits + s) * 256 + m * 16 + feature);
+            const Problem pq = problem_of(tile, tiles1, tiles2, p0, a0, s0, c0, f0, n0,
+                                          p1, a1, s1, c1, f1, n1, p2, a2, s2, c2, f2);
+            out[(size_t)m * stride_out + pq.column + pq.row0 + feature] = to_out(sum);
+        }
+    }
+    if (threadIdx.x == 0) atomicExch(locks + blockIdx.x, 0);
+}
+'''
+
+
+def source_for(table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int) -> str:
+    """The kernel's source for one variant: the code table's bytes, the operand type, the
+    absmax storage and the shape as macros."""
+    torch = require_torch()
+    high, low = table_words(table, torch.bfloat16 if bf16 else torch.float16)
+    defines = {'WARPS': shape.warps, 'RT': shape.row_tiles, 'PIPE': shape.pipe, 'NT': n_tiles,
+               'NESTED': int(nested), 'DTYPE': '"bf16"' if bf16 else '"f16"'}
+    defines.update({f'HI{i}': f'{word:#x}u' for i, word in enumerate(high)})
+    defines.update({f'LO{i}': f'{word:#x}u' for i, word in enumerate(low)})
+    return ''.join(f'#define {key} {value}\n' for key, value in defines.items()) + SOURCE
+
+
+_KERNELS: Dict[Tuple, object] = {}
+
+
+def kernel_for(device, table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int):
+    """The compiled kernel for one variant on ``device`` (compiled once per process)."""
+    torch = require_torch()
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, tuple(table), bf16, nested, shape, n_tiles)
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        major, minor = torch.cuda.get_device_capability(index)
+        if major < 8:
+            raise RuntimeError('the CUDA NF4 kernel needs compute capability 8.0 or newer')
+        cubin = nvrtc.compile_cubin(source_for(table, bf16, nested, shape, n_tiles),
+                                    KERNEL_NAME, f'sm_{major}{minor}')
+        kernel = nvrtc.Kernel(cubin, KERNEL_NAME, torch.device('cuda', index))
+        _KERNELS[key] = kernel
+    return kernel
+
+
+def launch(x, out, workspace, locks, table, problems, in_features: int, splits: int,
+           blocks_per_split: int, *, nested: bool, qblock2: int, bf16: bool,
+           shape: CudaShape) -> None:
+    """``out[:, columns of weight g] = x @ W_g.T`` for the 1 to 3 ``problems`` (packed,
+    absmax, absmax2, code2, offset, out features; out features multiples of 16). ``workspace``:
+    ``tiles * splits * 256`` fp32 when ``splits > 1``; ``locks``: one zeroed int32 per CTA row
+    group."""
+    rows = x.shape[0]
+    n_tiles = 1 if rows <= 8 else 2
+    tiles = [problem[5] // 16 for problem in problems]
+    total = sum(tiles)
+    tiles1 = tiles[0] if len(tiles) > 1 else total
+    tiles2 = tiles[0] + tiles[1] if len(tiles) > 2 else total
+    padded = list(problems) + [problems[0]] * (3 - len(problems))
+    arguments = [x, out, workspace, locks]
+    for packed, absmax, absmax2, code2, offset, width in padded:
+        arguments += [packed, absmax, absmax2, code2, float(offset), int(width)]
+    arguments += [rows, in_features, x.stride(0), out.stride(0), tiles1, tiles2, total, splits,
+                  blocks_per_split, max(qblock2, 1).bit_length() - 1]
+    kernel = kernel_for(x.device, table, bf16, nested, shape, n_tiles)
+    kernel((-(-total // shape.row_tiles), splits), (32 * shape.warps,), arguments)
+
+
+def row_groups(out_features, shape: CudaShape) -> int:
+    """CTAs per split of one launch: row groups of ``row_tiles`` tiles of 16 rows."""
+    widths = [out_features] if isinstance(out_features, int) else list(out_features)
+    return -(-sum(width // 16 for width in widths) // shape.row_tiles)

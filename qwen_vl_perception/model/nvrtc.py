@@ -1,0 +1,150 @@
+"""CUDA C++ kernels compiled at run time by NVRTC and launched through the CUDA driver, with
+ctypes only (no CUDA toolkit, no compiler on the robot: CUDA builds of torch bring NVRTC).
+
+:func:`compile_cubin` turns source into a cubin for one architecture (it needs NVRTC, not a
+GPU); :class:`Kernel` loads one onto a device and launches it on torch's current stream, so
+that CUDA-graph capture records it like any other kernel. :func:`unavailable_reason` says why
+not, where NVRTC or the driver cannot be found.
+"""
+import ctypes
+import glob
+import os
+import sys
+from typing import Dict, Optional, Sequence
+
+from .torch_support import require_torch
+
+_LIBRARIES: Dict[str, object] = {}
+
+
+def _load(kind: str):
+    """NVRTC or the driver library; the first name that loads, then the copies in pip's
+    ``nvidia`` packages (CUDA builds of torch depend on them)."""
+    if kind in _LIBRARIES:
+        return _LIBRARIES[kind]
+    if kind == 'cuda':
+        names = ['libcuda.so.1', 'libcuda.so']
+    else:
+        names = []
+        for entry in sys.path:
+            names += sorted(glob.glob(os.path.join(entry, 'nvidia', '*', 'lib', 'libnvrtc.so*')))
+            names += sorted(glob.glob(os.path.join(entry, 'nvidia', 'cuda_nvrtc', 'lib',
+                                                   'libnvrtc.so*')))
+        names = [name for name in names if 'builtins' not in name and '.alt.' not in name]
+        names += [f'libnvrtc.so.{major}' for major in (13, 12)] + ['libnvrtc.so']
+    errors = []
+    for name in names:
+        try:
+            if os.sep in name:  # NVRTC opens its builtins library by name: load it first
+                for builtins in sorted(glob.glob(os.path.join(os.path.dirname(name),
+                                                              'libnvrtc-builtins.so*'))):
+                    if '.alt.' not in builtins:
+                        ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+            library = ctypes.CDLL(name)
+        except OSError as error:
+            errors.append(str(error))
+            continue
+        _LIBRARIES[kind] = library
+        return library
+    raise OSError(f'cannot load {kind}: ' + ('; '.join(errors[:3]) or 'not found'))
+
+
+def unavailable_reason(need_driver: bool = True) -> Optional[str]:
+    """None when NVRTC (and, with ``need_driver``, the CUDA driver) can be loaded."""
+    try:
+        _load('nvrtc')
+        if need_driver:
+            _load('cuda')
+    except OSError as error:
+        return str(error)
+    return None
+
+
+def compile_cubin(source: str, name: str, arch: str, options: Sequence[str] = ()) -> bytes:
+    """The cubin of ``source`` for ``arch`` (e.g. ``'sm_90'``); RuntimeError with NVRTC's log
+    if it does not compile."""
+    nvrtc = _load('nvrtc')
+    program = ctypes.c_void_p()
+    _nvrtc_check(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(),
+                                                 f'{name}.cu'.encode(), 0, None, None))
+    try:
+        flags = [f'--gpu-architecture={arch}', '--std=c++17', *options]
+        array = (ctypes.c_char_p * len(flags))(*[flag.encode() for flag in flags])
+        result = nvrtc.nvrtcCompileProgram(program, len(flags), array)
+        if result != 0:
+            size = ctypes.c_size_t()
+            nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            nvrtc.nvrtcGetProgramLog(program, log)
+            raise RuntimeError(f'{name} does not compile:\n{log.value.decode(errors="replace")}')
+        size = ctypes.c_size_t()
+        _nvrtc_check(nvrtc, nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(size)))
+        cubin = ctypes.create_string_buffer(size.value)
+        _nvrtc_check(nvrtc, nvrtc.nvrtcGetCUBIN(program, cubin))
+        return cubin.raw
+    finally:
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+def _nvrtc_check(nvrtc, result: int) -> None:
+    if result != 0:
+        nvrtc.nvrtcGetErrorString.restype = ctypes.c_char_p
+        raise RuntimeError(f'NVRTC: {nvrtc.nvrtcGetErrorString(result).decode()}')
+
+
+def _driver_check(result: int, what: str) -> None:
+    if result != 0:
+        driver = _load('cuda')
+        text = ctypes.c_char_p()
+        driver.cuGetErrorString(result, ctypes.byref(text))
+        raise RuntimeError(f'{what}: CUDA driver error {result} '
+                           f'({(text.value or b"?").decode()})')
+
+
+class Kernel:
+    """One ``extern "C"`` kernel of a cubin, loaded on CUDA device ``device``."""
+
+    def __init__(self, cubin: bytes, name: str, device):
+        torch = require_torch()
+        self.device = torch.device(device)
+        driver = _load('cuda')
+        self._module, self._function = ctypes.c_void_p(), ctypes.c_void_p()
+        with torch.cuda.device(self.device):
+            torch.cuda.current_stream()  # the runtime makes the device's context current
+            _driver_check(driver.cuModuleLoadData(ctypes.byref(self._module), cubin),
+                          f'loading {name}')
+            _driver_check(driver.cuModuleGetFunction(ctypes.byref(self._function),
+                                                     self._module, name.encode()),
+                          f'finding {name}')
+        self.name = name
+
+    def attribute(self, attribute: int) -> int:
+        """A ``CUfunction_attribute`` value (e.g. 4: registers per thread)."""
+        value = ctypes.c_int()
+        _driver_check(_load('cuda').cuFuncGetAttribute(ctypes.byref(value), attribute,
+                                                       self._function), 'attribute')
+        return value.value
+
+    def __call__(self, grid, block, arguments, shared_bytes: int = 0) -> None:
+        """Launch on the current stream of the kernel's device. ``arguments``: tensors (their
+        data pointers), ints (``int``), floats (``float``), in the kernel's order."""
+        torch = require_torch()
+        values = []
+        for argument in arguments:
+            if isinstance(argument, torch.Tensor):
+                values.append(ctypes.c_void_p(argument.data_ptr()))
+            elif isinstance(argument, bool) or not isinstance(argument, (int, float)):
+                raise TypeError(f'unsupported kernel argument {type(argument).__name__}')
+            elif isinstance(argument, int):
+                values.append(ctypes.c_int(argument))
+            else:
+                values.append(ctypes.c_float(argument))
+        pointers = (ctypes.c_void_p * len(values))(
+            *[ctypes.cast(ctypes.byref(value), ctypes.c_void_p) for value in values])
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        block = tuple(block) + (1,) * (3 - len(block))
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        _driver_check(_load('cuda').cuLaunchKernel(
+            self._function, *[ctypes.c_uint(value) for value in grid],
+            *[ctypes.c_uint(value) for value in block], ctypes.c_uint(shared_bytes),
+            ctypes.c_void_p(stream), pointers, None), f'launching {self.name}')

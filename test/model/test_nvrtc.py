@@ -1,0 +1,28 @@
+"""Run-time compilation of the CUDA NF4 kernel: every variant compiles for the GPUs it targets
+where NVRTC is found (it needs no GPU); elsewhere the reason says what is missing."""
+import pytest
+
+torch = pytest.importorskip('torch')
+
+from qwen_vl_perception.model import nf4_cuda, nvrtc  # noqa: E402
+from qwen_vl_perception.model.nf4_codes import NF4_TABLE  # noqa: E402
+from qwen_vl_perception.model.nf4_matmul import _CUDA_CONFIGS  # noqa: E402
+
+
+def test_a_missing_compiler_is_named():
+    reason = nvrtc.unavailable_reason(need_driver=False)
+    assert reason is None or 'nvrtc' in reason
+
+
+@pytest.mark.skipif(nvrtc.unavailable_reason(need_driver=False) is not None,
+                    reason='NVRTC is not installed (CUDA builds of torch bring it)')
+@pytest.mark.parametrize('arch', ['sm_80', 'sm_90'])
+def test_every_variant_of_the_kernel_compiles(arch):
+    for warps, row_tiles, pipe in _CUDA_CONFIGS:
+        shape = nf4_cuda.CudaShape(warps, row_tiles, pipe)
+        for n_tiles in (1, 2):
+            for bf16, nested in ((True, True), (False, False)):
+                source = nf4_cuda.source_for(NF4_TABLE, bf16, nested, shape, n_tiles)
+                assert nvrtc.compile_cubin(source, nf4_cuda.KERNEL_NAME, arch)[:4] == b'\x7fELF'
+    with pytest.raises(RuntimeError, match='does not compile'):
+        nvrtc.compile_cubin('extern "C" __global__ void k() { undefined(); }', 'k', arch)
