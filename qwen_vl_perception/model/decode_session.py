@@ -113,6 +113,32 @@ class StepKernels:
         return fn(gate, up)
 
 
+def _decode_attention_for(torch, kernels, batch, parts, cache_len, dtype, device):
+    """The step's attention through :mod:`decode_attention` (fused steps on CUDA with Triton,
+    bf16/fp16, head sizes 16-256 in powers of two, up to 16 query heads per key head), or None
+    for ``scaled_dot_product_attention``. A kernel that fails fails the step's warm-up, and the
+    decoder falls back to the unfused step, which uses the latter."""
+    head_dim, groups = parts.head_dim, parts.num_heads // parts.num_kv_heads
+    if not (kernels.fused and torch.device(device).type == 'cuda'
+            and dtype in (torch.bfloat16, torch.float16) and 16 <= head_dim <= 256
+            and head_dim & (head_dim - 1) == 0 and groups <= 16):
+        return None
+    try:
+        from . import decode_attention
+    except ImportError:
+        return None
+    workspace = torch.empty(decode_attention.workspace_floats(
+        batch, parts.num_kv_heads, cache_len, head_dim), dtype=torch.float32, device=device)
+    locks = torch.zeros(batch * parts.num_kv_heads, dtype=torch.int32, device=device)
+
+    def attention(q, keys, values, key_valid, cache_position, scale):
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        decode_attention.launch(q.contiguous(), keys, values, key_valid, cache_position, out,
+                                workspace, locks, float(scale))
+        return out
+    return attention
+
+
 class DecodeSession:
     """Static KV cache, state buffers and the (optionally graph-captured) decode step."""
 
@@ -148,6 +174,8 @@ class DecodeSession:
                               device=device)
         self.out_tokens = torch.zeros(batch, cache_len + 1, **long)
         self.out_probs = torch.zeros(batch, cache_len + 1, dtype=torch.float32, device=device)
+        self.attention = _decode_attention_for(torch, kernels, batch, parts, cache_len, dtype,
+                                               device)
         self.graph = None
         self.pool = None  # the memory pool of this session's CUDA graphs (step and prefills)
         self.prefills = OrderedDict()  # shape -> its StaticPrefill (static_prefill.py)
@@ -222,8 +250,12 @@ class DecodeSession:
             # Grouped-query attention without copying the cache: the query heads that share
             # a key/value head become that head's "query positions".
             grouped = q.reshape(batch, parts.num_kv_heads, groups, head_dim)
-            out = torch.nn.functional.scaled_dot_product_attention(
-                grouped, keys, values, attn_mask=mask, scale=attn.scaling)
+            if self.attention is not None:  # the keys up to this position only
+                out = self.attention(grouped, keys, values, self.key_valid, self.cache_position,
+                                     attn.scaling)
+            else:
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    grouped, keys, values, attn_mask=mask, scale=attn.scaling)
             norm = layer.post_attention_layernorm
             hidden, normed = kernels.add_rms_norm(
                 hidden, project(attn.o_proj, out.reshape(batch, 1, -1)), norm.weight,

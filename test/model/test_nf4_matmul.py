@@ -1,6 +1,5 @@
 """The NF4 decode matmul: its PTX lookup run by a small PTX interpreter, the kernel in
 Triton's CPU interpreter here, the real kernel where a GPU is."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -8,6 +7,7 @@ import sys
 import pytest
 
 from locations import REPO_ROOT, SUPPORT_DIR
+from triton_support import TRITON_MISSING as triton_missing, interpreter_cannot_loop
 
 torch = pytest.importorskip('torch')
 bnb = pytest.importorskip('bitsandbytes')
@@ -18,20 +18,6 @@ from qwen_vl_perception.model.nf4_matmul import (  # noqa: E402
     lookup_asm, nf4_weight)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-triton_missing = importlib.util.find_spec('triton') is None
-
-
-def _interpreter_cannot_loop():
-    """Triton's interpreter before 3.9 cannot run a loop over a runtime bound (our tile loop)
-    with numpy >= 2.3 (it turns a one-element array into an int)."""
-    if triton_missing:
-        return False
-    import numpy
-    import triton
-
-    def version(text):
-        return tuple(int(part) for part in text.split('.')[:2] if part.isdigit())
-    return version(triton.__version__) < (3, 9) and version(numpy.__version__) >= (2, 3)
 
 
 def nf4_linear(out_features, in_features, compute_dtype, nested=True, bias=True,
@@ -60,7 +46,7 @@ def dequantized_reference(module, x):
 
 
 @pytest.mark.skipif(triton_missing, reason='needs Triton (its CPU interpreter)')
-@pytest.mark.skipif(_interpreter_cannot_loop(),
+@pytest.mark.skipif(interpreter_cannot_loop(),
                     reason="this Triton's interpreter cannot loop with numpy >= 2.3")
 def test_kernel_matches_bitsandbytes_dequantization_in_the_interpreter():
     """Every launch shape the tuner may pick, nested and plain absmax, 1-16 rows."""

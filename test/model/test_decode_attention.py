@@ -1,0 +1,62 @@
+"""The decode step's attention kernel: in Triton's CPU interpreter here, on the GPU where one
+is (against ``scaled_dot_product_attention`` with the step's mask, and inside the decoder)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from locations import REPO_ROOT, SUPPORT_DIR
+from triton_support import TRITON_MISSING as triton_missing, interpreter_cannot_loop
+
+torch = pytest.importorskip('torch')
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or triton_missing,
+                          reason='needs a CUDA GPU and Triton')
+
+
+@pytest.mark.skipif(triton_missing, reason='needs Triton (its CPU interpreter)')
+@pytest.mark.skipif(interpreter_cannot_loop(),
+                    reason="this Triton's interpreter cannot loop with numpy >= 2.3")
+def test_kernel_matches_masked_sdpa_in_the_interpreter():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO_ROOT)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+    result = subprocess.run([sys.executable, str(SUPPORT_DIR / 'attention_interpreter_check.py')],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert int(result.stdout.strip().splitlines()[-1].split()[0]) >= 10, result.stdout
+
+
+@cuda
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_kernel_matches_masked_sdpa_on_the_gpu_and_replays_in_a_graph(dtype):
+    from qwen_vl_perception.model import decode_attention
+    torch.manual_seed(0)
+    batch, heads, groups, head_dim, cache_len = 8, 8, 4, 128, 768
+    q = torch.randn(batch, heads, groups, head_dim, device='cuda', dtype=dtype)
+    keys, values = (torch.randn(batch, heads, cache_len, head_dim, device='cuda', dtype=dtype)
+                    for _ in range(2))
+    key_valid = torch.ones(batch, cache_len, dtype=torch.bool, device='cuda')
+    key_valid[3, :200] = False
+    position = torch.tensor([0], device='cuda')
+    workspace = torch.zeros(decode_attention.workspace_floats(batch, heads, cache_len,
+                                                              head_dim), device='cuda')
+    locks = torch.zeros(batch * heads, dtype=torch.int32, device='cuda')
+    out = torch.empty_like(q)
+    graph = torch.cuda.CUDAGraph()
+    position.fill_(300)
+    decode_attention.launch(q, keys, values, key_valid, position, out, workspace, locks, 0.088)
+    with torch.cuda.graph(graph):
+        decode_attention.launch(q, keys, values, key_valid, position, out, workspace, locks,
+                                0.088)
+    index = torch.arange(cache_len, device='cuda')
+    for where in (250, 300, 511, 767):  # the graph reads the position from the device
+        position.fill_(where)
+        graph.replay()
+        allowed = key_valid & (index <= where)
+        mask = torch.where(allowed, 0.0, float('-inf')).to(dtype)[:, None, None, :]
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), keys.float(), values.float(), attn_mask=mask.float(), scale=0.088)
+        assert (out.float() - expected).abs().max().item() < 2e-2, where
+        first = out.clone()
+        graph.replay()
+        assert torch.equal(out, first)  # deterministic, counters reset
