@@ -116,8 +116,9 @@ class StepKernels:
 def _decode_attention_for(torch, kernels, batch, parts, cache_len, dtype, device):
     """The step's attention through :mod:`decode_attention` (fused steps on CUDA with Triton,
     bf16/fp16, head sizes 16-256 in powers of two, up to 16 query heads per key head), or None
-    for ``scaled_dot_product_attention``. A kernel that fails fails the step's warm-up, and the
-    decoder falls back to the unfused step, which uses the latter."""
+    for ``scaled_dot_product_attention``. A kernel that fails fails the step's warm-up or
+    capture; ``KernelChoices.capture`` then drops it (``without_decode_attention``) and
+    remembers that, and the unfused step never uses it."""
     head_dim, groups = parts.head_dim, parts.num_heads // parts.num_kv_heads
     if not (kernels.fused and torch.device(device).type == 'cuda'
             and dtype in (torch.bfloat16, torch.float16) and 16 <= head_dim <= 256
@@ -144,7 +145,7 @@ class DecodeSession:
 
     def __init__(self, torch, model, parts: TextModelParts, batch: int, cache_len: int, dtype,
                  device, kernels: StepKernels, nf4_matmul=None, linears=None,
-                 compact_head=None, groups=None):
+                 compact_head=None, groups=None, decode_attention: bool = True):
         self.torch = torch
         self.model_ref = model
         self.parts = parts
@@ -175,7 +176,7 @@ class DecodeSession:
         self.out_tokens = torch.zeros(batch, cache_len + 1, **long)
         self.out_probs = torch.zeros(batch, cache_len + 1, dtype=torch.float32, device=device)
         self.attention = _decode_attention_for(torch, kernels, batch, parts, cache_len, dtype,
-                                               device)
+                                               device) if decode_attention else None
         self.graph = None
         self.pool = None  # the memory pool of this session's CUDA graphs (step and prefills)
         self.prefills = OrderedDict()  # shape -> its StaticPrefill (static_prefill.py)
@@ -250,7 +251,7 @@ class DecodeSession:
             # Grouped-query attention without copying the cache: the query heads that share
             # a key/value head become that head's "query positions".
             grouped = q.reshape(batch, parts.num_kv_heads, groups, head_dim)
-            if self.attention is not None:  # the keys up to this position only
+            if self.attention is not None and kernels.fused:  # keys up to this position only
                 out = self.attention(grouped, keys, values, self.key_valid, self.cache_position,
                                      attn.scaling)
             else:
@@ -302,6 +303,10 @@ class DecodeSession:
         if self.pool is None:
             self.pool = self.torch.cuda.graph_pool_handle()
         return self.pool
+
+    def without_decode_attention(self) -> None:
+        """Attend through ``scaled_dot_product_attention`` from now on (after a failure)."""
+        self.attention = None
 
     def without_nf4(self) -> None:
         """Route every linear through its own module from now on (after a failed capture)."""

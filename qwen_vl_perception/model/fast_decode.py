@@ -328,7 +328,8 @@ class FastGreedyDecoder:
         session = DecodeSession(torch, model, parts, batch, cache_len, dtype, device,
                                 self._kernels_for(torch, self.fuses_elementwise(graphs)), nf4,
                                 linears, choices.compact_head(torch, model, parts.lm_head),
-                                choices.nf4_groups(parts, nf4, linears))
+                                choices.nf4_groups(parts, nf4, linears),
+                                decode_attention=not choices.attention_failed)
         if graphs:
             choices.capture(session, self._capture_stream(torch, device),
                             lambda: self._kernels_for(torch, False))

@@ -42,6 +42,8 @@ class KernelChoices:
         """True once the NF4 kernel failed: bitsandbytes' own path from then on."""
         self.fusion_failed = False
         """True once fused elementwise kernels failed to compile or capture."""
+        self.attention_failed = False
+        """True once the decode attention kernel failed: SDPA from then on."""
         self.nf4_matmul = None
         """The :class:`~qwen_vl_perception.model.nf4_matmul.NF4Matmul` in use, once made."""
         self._devices: Dict[str, object] = {}
@@ -182,16 +184,22 @@ class KernelChoices:
     # -- capturing a decode session -------------------------------------------------------
 
     def capture(self, session, stream, unfused_kernels) -> None:
-        """Capture ``session``'s step in a CUDA graph, falling back on failure: first without
-        the NF4 kernel, then without fused elementwise kernels (``unfused_kernels()`` gives
-        those). Each fallback is warned about and remembered; a failure with neither left is
-        raised."""
+        """Capture ``session``'s step in a CUDA graph, falling back on failure: without the
+        decode attention kernel if the failure came from it, else first without the NF4
+        kernel, then without fused elementwise kernels (``unfused_kernels()`` gives those).
+        Each fallback is warned about and remembered; a failure with none left is raised."""
         while True:
             try:
                 session.capture(stream)
                 return
             except Exception as error:
-                if session.nf4_matmul is not None:
+                if session.attention is not None and _raised_in(error, 'decode_attention'):
+                    warnings.warn('the decode attention kernel failed '
+                                  f'({type(error).__name__}: {error}); using '
+                                  'scaled_dot_product_attention', RuntimeWarning)
+                    self.attention_failed = True
+                    session.without_decode_attention()
+                elif session.nf4_matmul is not None:
                     self._give_up_nf4('capturing the decode step failed', error,
                                       'trying again without the fused NF4 kernel')
                     session.without_nf4()
@@ -218,3 +226,13 @@ class KernelChoices:
         """Drop what was learnt about models' layers (after a model changed in place)."""
         self._linears = weakref.WeakKeyDictionary()
         self._heads = weakref.WeakKeyDictionary()
+
+
+def _raised_in(error: Exception, module: str) -> bool:
+    """Whether ``error`` was raised inside this package's ``module`` (its traceback)."""
+    frame = error.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_globals.get('__name__', '').endswith('.' + module):
+            return True
+        frame = frame.tb_next
+    return False

@@ -173,11 +173,14 @@ class NF4Matmul:
         if shape is not None and shape.splits > weights[0].in_features // QUANT_BLOCK:
             raise ValueError(f'{shape} splits {weights[0].in_features // QUANT_BLOCK} blocks '
                              'into too many parts')
+        widths = [weight.out_features for weight in weights]
+        if rows == 0:
+            return [torch.empty(*leading, width, dtype=x.dtype, device=x.device)
+                    for width in widths]
         self._rows.add(rows)
         flat = x.reshape(rows, x.shape[-1])
         if flat.stride(-1) != 1:
             flat = flat.contiguous()
-        widths = [weight.out_features for weight in weights]
         out = torch.empty(rows, sum(widths), dtype=x.dtype, device=x.device)
         with _on_device(torch, flat.device):
             shape = shape or self._shape(flat, weights)
@@ -247,6 +250,9 @@ class NF4Matmul:
     def _launch_cuda(self, flat, out, weights, shape):
         from . import nf4_cuda
         torch = require_torch()
+        if not _cuda_layout(weights):
+            raise ValueError('the CUDA NF4 kernel takes widths in multiples of 16 and absmax '
+                             'as uint8 (with fp32 second-level scales) or fp32')
         first = weights[0]
         compute = first.compute_dtype
         x = flat if flat.dtype == compute else flat.to(compute)
@@ -304,9 +310,9 @@ class NF4Matmul:
                 raise RuntimeError('an NF4 layer shape met for the first time during CUDA '
                                    'graph capture: run the step once before capturing it')
             widths = [weight.out_features for weight in weights]
-            candidates = self.candidates(widths, first.in_features,
-                                         self._sm_count_of(flat.device),
-                                         cuda=self._cuda_kernel_usable(flat.device, widths))
+            candidates = self.candidates(
+                widths, first.in_features, self._sm_count_of(flat.device),
+                cuda=self.tune and self._cuda_kernel_usable(flat.device, weights))
             if self.tune:
                 self._timings[key] = self._timed(flat, weights, candidates)
                 shape = min(self._timings[key], key=lambda item: item[0])[1]
@@ -324,11 +330,12 @@ class NF4Matmul:
             self._sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
         return self._sm_count[index]
 
-    def _cuda_kernel_usable(self, device, widths) -> bool:
-        """Whether the CUDA kernel may be tried: rows in tiles of 16, compute capability 8 or
-        newer and NVRTC there (else one warning per device, and the Triton kernel only)."""
+    def _cuda_kernel_usable(self, device, weights) -> bool:
+        """Whether the CUDA kernel may be tried: rows in tiles of 16, the absmax storage it
+        reads (uint8 with fp32 second-level scales, or fp32), compute capability 8 or newer
+        and NVRTC there (else one warning per device, and the Triton kernel only)."""
         torch = require_torch()
-        if device.type != 'cuda' or any(width % 16 for width in widths):
+        if device.type != 'cuda' or not _cuda_layout(weights):
             return False
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in self._cuda_kernel:
@@ -389,6 +396,21 @@ class NF4Matmul:
         if not timed:
             raise RuntimeError('no launch shape of the NF4 decode kernel ran on this device')
         return timed
+
+
+def _cuda_layout(weights) -> bool:
+    """Whether the CUDA kernel reads these weights: rows in tiles of 16, absmax as uint8 with
+    fp32 second-level scales, or as fp32."""
+    torch = require_torch()
+    for weight in weights:
+        if weight.nested:
+            stored = (weight.absmax.dtype == torch.uint8
+                      and weight.absmax2.dtype == weight.code2.dtype == torch.float32)
+        else:
+            stored = weight.absmax.dtype == torch.float32
+        if not stored or weight.out_features % 16:
+            return False
+    return True
 
 
 def _check_input(x, weight: NF4Weight) -> None:

@@ -109,8 +109,8 @@ class Kernel:
         self.device = torch.device(device)
         driver = _load('cuda')
         self._module, self._function = ctypes.c_void_p(), ctypes.c_void_p()
-        with torch.cuda.device(self.device):
-            torch.cuda.current_stream()  # the runtime makes the device's context current
+        with torch.cuda.device(self.device):  # setting the device makes its context current
+            torch.cuda.init()
             _driver_check(driver.cuModuleLoadData(ctypes.byref(self._module), cubin),
                           f'loading {name}')
             _driver_check(driver.cuModuleGetFunction(ctypes.byref(self._function),
@@ -144,7 +144,8 @@ class Kernel:
         grid = tuple(grid) + (1,) * (3 - len(grid))
         block = tuple(block) + (1,) * (3 - len(block))
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        _driver_check(_load('cuda').cuLaunchKernel(
-            self._function, *[ctypes.c_uint(value) for value in grid],
-            *[ctypes.c_uint(value) for value in block], ctypes.c_uint(shared_bytes),
-            ctypes.c_void_p(stream), pointers, None), f'launching {self.name}')
+        with torch.cuda.device(self.device):  # the launch goes to the current context
+            _driver_check(_load('cuda').cuLaunchKernel(
+                self._function, *[ctypes.c_uint(value) for value in grid],
+                *[ctypes.c_uint(value) for value in block], ctypes.c_uint(shared_bytes),
+                ctypes.c_void_p(stream), pointers, None), f'launching {self.name}')

@@ -9,6 +9,8 @@ import pytest
 torch = pytest.importorskip('torch')
 pytest.importorskip('transformers')
 
+import warnings  # noqa: E402
+
 from qwen_vl_perception.model.kernel_choices import KernelChoices  # noqa: E402
 from qwen_vl_perception.model.loading import load_model  # noqa: E402
 from qwen_vl_perception.model.qwen3_vl_prefill import text_model_parts  # noqa: E402
@@ -46,3 +48,56 @@ def test_groups_are_each_layers_qkv_and_gate_up_where_the_kernel_takes_them(tiny
     del linears[first.self_attn.k_proj]  # one member without a replacement: no group
     assert expected[0] not in KernelChoices.nf4_groups(parts, GroupingKernel(), linears)
     assert KernelChoices.nf4_groups(parts, None, linears) == {}  # no kernel: no groups
+
+
+class CapturingSession:
+    """What KernelChoices.capture asks of a decode session; its capture fails while ``failing``
+    says so, with an error raised where ``fail`` raises it."""
+
+    def __init__(self, fail):
+        self.attention, self.nf4_matmul = 'attention kernel', 'nf4 kernel'
+        self.kernels = type('Kernels', (), {'fused': True})()
+        self.fail, self.captures = fail, 0
+
+    def capture(self, stream):
+        self.captures += 1
+        self.fail(self)
+
+    def without_decode_attention(self):
+        self.attention = None
+
+    def without_nf4(self):
+        self.nf4_matmul = None
+
+
+def test_a_failing_decode_attention_is_dropped_alone():
+    pytest.importorskip('triton')
+    from qwen_vl_perception.model import decode_attention
+
+    def fail(session):
+        if session.attention is not None:  # a kernel launch on CPU tensors raises inside it
+            decode_attention.launch(*[torch.zeros(1, 1, 1, 16)] * 3, torch.ones(1, 1).bool(),
+                                    torch.zeros(1), torch.zeros(1, 1, 1, 16), torch.zeros(1),
+                                    torch.zeros(1, dtype=torch.int32), 1.0)
+    choices, session = KernelChoices(), CapturingSession(fail)
+    with pytest.warns(RuntimeWarning, match='decode attention kernel failed'):
+        choices.capture(session, None, lambda: None)
+    assert session.attention is None and choices.attention_failed
+    assert session.nf4_matmul == 'nf4 kernel' and not choices.nf4_failed
+    assert session.kernels.fused and not choices.fusion_failed and session.captures == 2
+
+
+def test_other_capture_failures_drop_the_nf4_kernel_then_fusion_and_keep_the_attention():
+    def fail(session):
+        if session.kernels.fused:
+            raise RuntimeError('a fused kernel does not compile')
+    choices, session = KernelChoices(), CapturingSession(fail)
+    unfused = type('Kernels', (), {'fused': False})()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        choices.capture(session, None, lambda: unfused)
+    assert [str(w.message).split(' (')[0] for w in caught] == [
+        'capturing the decode step failed', 'fused decode kernels failed to compile or capture']
+    assert session.nf4_matmul is None and choices.nf4_failed and choices.fusion_failed
+    assert session.attention == 'attention kernel' and not choices.attention_failed
+    assert session.kernels is unfused and session.captures == 3

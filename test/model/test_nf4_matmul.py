@@ -203,6 +203,11 @@ def test_bad_inputs_and_launch_shapes_are_refused_before_launching():
         matmul.grouped(torch.randn(2, 128, dtype=torch.bfloat16), [weight] * 4)
     with pytest.raises(ValueError, match='min_rows'):
         NF4Matmul(min_rows=0)
+    empty = matmul(torch.randn(0, 128, dtype=torch.bfloat16), weight)  # nothing launched
+    assert empty.shape == (0, 64) and empty.dtype == torch.bfloat16
+    odd = nf4_weight(nf4_linear(72, 128, torch.bfloat16, device='cpu'), require_cuda=False)
+    with pytest.raises(ValueError, match='multiples of 16'):  # the CUDA kernel's tiles
+        matmul(torch.randn(2, 128, dtype=torch.bfloat16), odd, LaunchShape(16, 1, 4, 4, 'cuda'))
 
 
 def test_decoder_refuses_the_kernel_where_it_cannot_run():
@@ -293,6 +298,7 @@ def test_cuda_split_reduction_is_deterministic_and_leaves_its_counters_reset(sha
     first = matmul(x, weight, shape)
     for _ in range(20):  # a counter left non-zero would make a later launch skip its output
         assert torch.equal(matmul(x, weight, shape), first)
+        assert not any(locks.any() for _, locks in matmul._buffers.values())
     expected = dequantized_reference(module, x)
     assert (first.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
 

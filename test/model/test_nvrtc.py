@@ -9,9 +9,15 @@ from qwen_vl_perception.model.nf4_codes import NF4_TABLE  # noqa: E402
 from qwen_vl_perception.model.nf4_matmul import _CUDA_CONFIGS  # noqa: E402
 
 
-def test_a_missing_compiler_is_named():
+def test_a_missing_compiler_is_a_reason_not_an_error(monkeypatch):
+    def missing(name, *args, **kwargs):
+        raise OSError(f'{name}: cannot open shared object file')
+    monkeypatch.setattr(nvrtc, '_LIBRARIES', {})
+    monkeypatch.setattr(nvrtc.ctypes, 'CDLL', missing)
     reason = nvrtc.unavailable_reason(need_driver=False)
-    assert reason is None or 'nvrtc' in reason
+    assert reason.startswith('cannot load nvrtc: ') and 'libnvrtc.so' in reason
+    with pytest.raises(OSError, match='cannot load nvrtc'):
+        nvrtc.compile_cubin('extern "C" __global__ void k() {}', 'k', 'sm_90')
 
 
 @pytest.mark.skipif(nvrtc.unavailable_reason(need_driver=False) is not None,
