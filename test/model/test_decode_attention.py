@@ -1,14 +1,10 @@
 """The decode step's attention kernel against ``scaled_dot_product_attention`` with the step's
 mask: in Triton's CPU interpreter here, on the GPU where one is (the decoder's own tests run it
 inside fused bf16 steps there; its fallback is in test_kernel_choices.py)."""
-import os
-import subprocess
-import sys
-
 import pytest
 
-from locations import REPO_ROOT, SUPPORT_DIR
-from triton_support import TRITON_MISSING as triton_missing, interpreter_cannot_loop
+from triton_support import (TRITON_MISSING as triton_missing, interpreter_cannot_loop,
+                            run_interpreter_check)
 
 torch = pytest.importorskip('torch')
 cuda = pytest.mark.skipif(not torch.cuda.is_available() or triton_missing,
@@ -19,12 +15,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available() or triton_missing,
 @pytest.mark.skipif(interpreter_cannot_loop(),
                     reason="this Triton's interpreter cannot loop with numpy >= 2.3")
 def test_kernel_matches_masked_sdpa_in_the_interpreter():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO_ROOT)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
-    result = subprocess.run([sys.executable, str(SUPPORT_DIR / 'attention_interpreter_check.py')],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert int(result.stdout.strip().splitlines()[-1].split()[0]) >= 10, result.stdout
+    output = run_interpreter_check('attention_interpreter_check.py')
+    assert int(output.strip().splitlines()[-1].split()[0]) >= 10, output
 
 
 @cuda

@@ -1,13 +1,9 @@
 """The NF4 decode matmul: its PTX lookup run by a small PTX interpreter, the kernel in
 Triton's CPU interpreter here, the real kernel where a GPU is."""
-import os
-import subprocess
-import sys
-
 import pytest
 
-from locations import REPO_ROOT, SUPPORT_DIR
-from triton_support import TRITON_MISSING as triton_missing, interpreter_cannot_loop
+from triton_support import (TRITON_MISSING as triton_missing, interpreter_cannot_loop,
+                            run_interpreter_check)
 
 torch = pytest.importorskip('torch')
 bnb = pytest.importorskip('bitsandbytes')
@@ -50,14 +46,10 @@ def dequantized_reference(module, x):
                     reason="this Triton's interpreter cannot loop with numpy >= 2.3")
 def test_kernel_matches_bitsandbytes_dequantization_in_the_interpreter():
     """Every launch shape the tuner may pick, nested and plain absmax, 1-16 rows."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO_ROOT)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
-    result = subprocess.run([sys.executable, str(SUPPORT_DIR / 'nf4_interpreter_check.py')],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    checked = int(result.stdout.strip().splitlines()[-1].split()[0])
-    assert checked >= 100, result.stdout[-3000:]
-    assert 'group (64, 32, 96)' in result.stdout and 'splits=4' in result.stdout
+    output = run_interpreter_check('nf4_interpreter_check.py')
+    checked = int(output.strip().splitlines()[-1].split()[0])
+    assert checked >= 100, output[-3000:]
+    assert 'group (64, 32, 96)' in output and 'splits=4' in output
 
 
 def test_launch_shapes_split_the_reduction_into_non_empty_parts():
