@@ -11,6 +11,14 @@ side by side; each part keeps a running max, sum and weighted sum in fp32 (onlin
 the last part of a head to finish adds the parts up in part order (deterministic; its counter
 is reset for the next launch). Probabilities are rounded to the value dtype before they weight
 the values, as flash attention does.
+
+Given this step's key and value (``new_keys``, ``new_values``), the kernel also writes them into
+the cache at ``cache_position`` (the part holding that position stores them, and uses them from
+registers), which saves the step two copy kernels per layer. Given ``norm_rope`` too, the query
+and key come straight from the projection: the kernel applies Qwen3's per-head RMSNorm and the
+rotary embedding itself (as the compiled step computes them: fp32, the normalised value rounded
+to the dtype before the weight, one rounding at the end), which saves the step another one or
+two kernels per layer.
 """
 import triton
 import triton.language as tl
@@ -21,12 +29,29 @@ BLOCK_KEYS = 64
 
 
 @triton.jit
-def decode_attention_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, position_ptr, out_ptr, ws_ptr,
-                            lock_ptr, heads, splits, scale, stride_qb, stride_qh, stride_qg,
-                            stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-                            stride_valid, stride_ob, stride_oh, stride_og,
-                            GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            SPLIT_KEYS: tl.constexpr, BLOCK: tl.constexpr):
+def _norm_rope(x, swapped, weight, weight_swapped, cos, sin, sign, eps,
+               HEAD_DIM: tl.constexpr, AXIS: tl.constexpr):
+    """RMSNorm over the last axis, then ``x * cos + rotate_half(x) * sin``; ``swapped``: ``x``
+    with its halves swapped (``weight_swapped`` likewise), ``sign``: -1 on the first half."""
+    x = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=AXIS, keep_dims=True) / HEAD_DIM + eps)
+    dtype = weight.dtype
+    normed = (x * rstd).to(dtype).to(tl.float32) * weight.to(tl.float32)
+    normed_swapped = ((swapped.to(tl.float32) * rstd).to(dtype).to(tl.float32)
+                      * weight_swapped.to(tl.float32))
+    return (normed * cos + sign * normed_swapped * sin).to(dtype)
+
+
+@triton.jit
+def decode_attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, valid_ptr, position_ptr,
+                            out_ptr, ws_ptr, lock_ptr, heads, splits, scale, stride_qb,
+                            stride_qh, stride_qg, stride_kb, stride_kh, stride_kl, stride_vb,
+                            stride_vh, stride_vl, stride_nkb, stride_nkh, stride_nvb,
+                            stride_nvh, stride_valid, stride_ob, stride_oh, stride_og,
+                            q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, stride_cb,
+                            stride_sb, eps, GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            SPLIT_KEYS: tl.constexpr, BLOCK: tl.constexpr,
+                            WRITE: tl.constexpr, NORM_ROPE: tl.constexpr):
     ROWS: tl.constexpr = 16  # query heads padded to the tensor cores' smallest tile
     row_head = tl.program_id(0)
     part = tl.program_id(1)
@@ -35,8 +60,17 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, position_ptr, out_pt
     g = tl.arange(0, ROWS)
     d = tl.arange(0, HEAD_DIM)
     real = g < GROUPS
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + g[:, None] * stride_qg + d[None, :],
-                mask=real[:, None], other=0.0)
+    q_rows = q_ptr + b * stride_qb + h * stride_qh + g[:, None] * stride_qg
+    q = tl.load(q_rows + d[None, :], mask=real[:, None], other=0.0)
+    if NORM_ROPE:
+        half: tl.constexpr = HEAD_DIM // 2
+        swap = (d + half) % HEAD_DIM
+        sign = tl.where(d < half, -1.0, 1.0)
+        cos = tl.load(cos_ptr + b * stride_cb + d).to(tl.float32)
+        sin = tl.load(sin_ptr + b * stride_sb + d).to(tl.float32)
+        q = _norm_rope(q, tl.load(q_rows + swap[None, :], mask=real[:, None], other=0.0),
+                       tl.load(q_weight_ptr + d)[None, :], tl.load(q_weight_ptr + swap)[None, :],
+                       cos[None, :], sin[None, :], sign[None, :], eps, HEAD_DIM, 1)
     last = tl.load(position_ptr)  # keys past the current position are not written yet
     start = part * SPLIT_KEYS
     end = tl.minimum(start + SPLIT_KEYS, last + 1)
@@ -45,6 +79,16 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, position_ptr, out_pt
     acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
+    if WRITE:  # this step's key and value: into the cache by the part that holds them
+        new_k = tl.load(new_k_ptr + b * stride_nkb + h * stride_nkh + d)
+        if NORM_ROPE:
+            new_k = _norm_rope(new_k, tl.load(new_k_ptr + b * stride_nkb + h * stride_nkh + swap),
+                               tl.load(k_weight_ptr + d), tl.load(k_weight_ptr + swap), cos, sin,
+                               sign, eps, HEAD_DIM, 0)
+        new_v = tl.load(new_v_ptr + b * stride_nvb + h * stride_nvh + d)
+        here = d < tl.where((start <= last) & (last < start + SPLIT_KEYS), HEAD_DIM, 0)
+        tl.store(k_base + last * stride_kl + d, new_k, mask=here)
+        tl.store(v_base + last * stride_vl + d, new_v, mask=here)
     for first in range(start, end, BLOCK):
         keys = first + tl.arange(0, BLOCK)
         inside = keys < end
@@ -52,6 +96,8 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, position_ptr, out_pt
                                     other=0) != 0)
         k = tl.load(k_base + keys[:, None] * stride_kl + d[None, :], mask=inside[:, None],
                     other=0.0)
+        if WRITE:  # the current position from registers (its store above may not be seen)
+            k = tl.where((keys == last)[:, None], new_k[None, :], k)
         scores = tl.dot(q, tl.trans(k)) * scale
         scores = tl.where(allowed[None, :], scores, float('-inf'))
         new_best = tl.maximum(best, tl.max(scores, axis=1))
@@ -61,6 +107,8 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, position_ptr, out_pt
         total = total * keep + tl.sum(weights, axis=1)
         v = tl.load(v_base + keys[:, None] * stride_vl + d[None, :], mask=inside[:, None],
                     other=0.0)
+        if WRITE:
+            v = tl.where((keys == last)[:, None], new_v[None, :], v)
         acc = acc * keep[:, None] + tl.dot(weights.to(v.dtype), v)
         best = new_best
     # this part's (max, sum, weighted sum) to the workspace, then the last part adds up
@@ -92,20 +140,55 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, position_ptr, out_pt
 
 
 def launch(q, keys, values, key_valid, cache_position, out, workspace, locks, scale: float,
-           num_warps: int = 4):
+           num_warps: int = 4, new_keys=None, new_values=None, norm_rope=None,
+           split: int = SPLIT):
     """``out[b, h, g] = softmax(q[b, h, g] . keys[b, h, :p + 1] * scale) @ values[b, h]``
     over the keys ``key_valid`` allows, ``p = cache_position``. ``workspace``: at least
-    :func:`workspace_floats` fp32; ``locks``: ``batch x heads`` zeroed int32."""
+    :func:`workspace_floats` fp32 (for the same ``split``); ``locks``: ``batch x heads`` zeroed
+    int32. With ``new_keys`` and ``new_values`` (``batch x heads x head_dim``, last dimension
+    contiguous) the kernel first writes them at ``p`` of ``keys`` and ``values``. With
+    ``norm_rope = (q_weight, k_weight, eps, cos, sin)`` (weights ``head_dim``, ``cos`` and
+    ``sin`` ``batch x head_dim``), ``q`` and ``new_keys`` are taken before Qwen3's q/k RMSNorm
+    and rotary embedding, which the kernel applies."""
     batch, heads, groups, head_dim = q.shape
-    splits = -(-keys.shape[2] // SPLIT)
+    write = new_keys is not None
+    if write != (new_values is not None):
+        raise ValueError('new_keys and new_values go together')
+    if norm_rope is not None and not write:
+        raise ValueError('norm_rope needs new_keys and new_values')
+    if write:
+        expected = (batch, heads, head_dim)
+        for name, tensor in (('new_keys', new_keys), ('new_values', new_values)):
+            if tuple(tensor.shape) != expected or tensor.stride(-1) != 1:
+                raise ValueError(f'{name} must be {expected} with a contiguous last dimension')
+    else:
+        new_keys = new_values = q  # not read
+    if norm_rope is not None:
+        q_weight, k_weight, eps, cos, sin = norm_rope
+        for name, tensor, shape in (('q_weight', q_weight, (head_dim,)),
+                                    ('k_weight', k_weight, (head_dim,)),
+                                    ('cos', cos, (batch, head_dim)),
+                                    ('sin', sin, (batch, head_dim))):
+            if tuple(tensor.shape) != shape or tensor.stride(-1) != 1:
+                raise ValueError(f'{name} must be {shape} with a contiguous last dimension')
+    else:
+        q_weight = k_weight = cos = sin = q  # not read
+        eps = 0.0
+    if q.stride(-1) != 1:
+        raise ValueError('q must have a contiguous last dimension')
+    splits = -(-keys.shape[2] // split)
     decode_attention_kernel[(batch * heads, splits)](
-        q, keys, values, key_valid, cache_position, out, workspace, locks, heads, splits,
-        scale, q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1),
-        keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
-        key_valid.stride(0), out.stride(0), out.stride(1), out.stride(2), GROUPS=groups,
-        HEAD_DIM=head_dim, SPLIT_KEYS=SPLIT, BLOCK=BLOCK_KEYS, num_warps=num_warps)
+        q, keys, values, new_keys, new_values, key_valid, cache_position, out, workspace, locks,
+        heads, splits, scale, q.stride(0), q.stride(1), q.stride(2), keys.stride(0),
+        keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+        new_keys.stride(0), new_keys.stride(1), new_values.stride(0), new_values.stride(1),
+        key_valid.stride(0), out.stride(0), out.stride(1), out.stride(2), q_weight, k_weight,
+        cos, sin, cos.stride(0), sin.stride(0), float(eps), GROUPS=groups, HEAD_DIM=head_dim,
+        SPLIT_KEYS=split, BLOCK=min(BLOCK_KEYS, split), WRITE=write,
+        NORM_ROPE=norm_rope is not None, num_warps=num_warps)
 
 
-def workspace_floats(batch: int, heads: int, cache_len: int, head_dim: int) -> int:
+def workspace_floats(batch: int, heads: int, cache_len: int, head_dim: int,
+                     split: int = SPLIT) -> int:
     """The fp32 workspace :func:`launch` needs for one shape."""
-    return batch * heads * -(-cache_len // SPLIT) * 16 * (head_dim + 2)
+    return batch * heads * -(-cache_len // split) * 16 * (head_dim + 2)

@@ -216,10 +216,11 @@ class NF4Matmul:
         return out.to(x.dtype)
 
     def tuned_shapes(self) -> List[dict]:
-        """The launch shapes picked so far, one entry per layer shape: the weights' widths,
-        input size, compute dtype, the shape, and every candidate's median milliseconds."""
+        """The launch shapes picked so far, one entry per layer shape and row bucket: the
+        weights' widths, input size, compute dtype, rows (``'1-8'`` or ``'9-16'``), the shape,
+        and every candidate's median milliseconds."""
         return [{'widths': list(key[0]), 'in_features': key[1], 'compute_dtype': str(key[2]),
-                 'shape': dataclasses.asdict(shape),
+                 'rows': key[-1], 'shape': dataclasses.asdict(shape),
                  'timed_ms': [(round(ms, 5), dataclasses.asdict(candidate))
                               for ms, candidate in self._timings.get(key, [])]}
                 for key, shape in self._shapes.items()]
@@ -301,9 +302,11 @@ class NF4Matmul:
     def _shape(self, flat, weights) -> LaunchShape:
         torch = require_torch()
         first = weights[0]
+        # Rows 1-8 and 9-16 are tuned apart: the CUDA kernel takes the latter in two mma
+        # column tiles, which moves its best shape.
         key = (tuple(weight.out_features for weight in weights), first.in_features,
                first.compute_dtype, flat.dtype, str(flat.device), first.nested,
-               first.absmax.dtype)
+               first.absmax.dtype, _row_bucket(flat.shape[0]))
         shape = self._shapes.get(key)
         if shape is None:
             if flat.device.type == 'cuda' and torch.cuda.is_current_stream_capturing():
@@ -396,6 +399,11 @@ class NF4Matmul:
         if not timed:
             raise RuntimeError('no launch shape of the NF4 decode kernel ran on this device')
         return timed
+
+
+def _row_bucket(rows: int) -> str:
+    """The tuner's row bucket: one ``mma`` column tile of 8 rows, or two."""
+    return '1-8' if rows <= 8 else '9-16'
 
 
 def _cuda_layout(weights) -> bool:

@@ -218,3 +218,19 @@ def test_on_step_reports_every_token_and_stops_between_two(model, decoder):
         assert so_far == [row[:count] for row in full_ids]
     never_stop = decode(model, inputs, 16, [], on_step=lambda step: True)
     assert_same((full_ids, full_probs), never_stop)
+
+
+@pytest.mark.parametrize('vocab', [151936, 1000, 7])
+def test_two_stage_greedy_pick_is_argmax_and_its_softmax_probability(vocab):
+    from qwen_vl_perception.model.decode_session import greedy
+    torch.manual_seed(0)
+    logits = torch.randn(4, vocab, dtype=torch.bfloat16)
+    top = logits.max() + 1
+    logits[0, [vocab - 1, vocab // 2, 3]] = top  # ties in different parts: the first wins
+    logits[1, [5, 4]] = top  # a tie inside one part
+    logits[3] = 0.0  # all equal
+    best, prob = greedy(torch, logits)
+    assert best.tolist() == torch.argmax(logits.float(), dim=-1).tolist()
+    assert best[0] == 3 and best[1] == 4 and best[3] == 0
+    expected = torch.softmax(logits.float(), dim=-1).gather(1, best[:, None])[:, 0]
+    assert torch.allclose(prob, expected, rtol=1e-5, atol=0)

@@ -74,6 +74,17 @@ def test_launch_shapes_split_the_reduction_into_non_empty_parts():
     assert (default.block_n, default.splits, default.num_warps) == (128, 7, 4)
 
 
+def test_rows_up_to_8_and_9_to_16_get_their_own_launch_shape():
+    """The CUDA kernel takes 9-16 rows in two mma column tiles: a shape tuned at one row must
+    not be reused there (each layer shape is tuned once per bucket)."""
+    module = nf4_linear(64, 256, torch.bfloat16, device='cpu')
+    weight = nf4_weight(module, require_cuda=False)
+    matmul = NF4Matmul(tune=False)
+    for rows in (1, 8, 12, 16, 3):
+        matmul._shape(torch.zeros(rows, 256, dtype=torch.bfloat16), [weight])
+    assert [entry['rows'] for entry in matmul.tuned_shapes()] == ['1-8', '9-16']
+
+
 class _PTX:
     """Runs the few PTX instructions :func:`lookup_asm` emits (a check of the program, not of
     the GPU: the CUDA tests run it there)."""
@@ -366,6 +377,20 @@ def test_cuda_kernel_that_cannot_build_warns_once_and_leaves_triton(monkeypatch)
     assert all(entry['shape']['kernel'] == 'triton' for entry in matmul.tuned_shapes())
     expected = dequantized_reference(module, x)
     assert (out.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
+@cuda
+def test_the_tuner_times_9_to_16_rows_apart_from_1_to_8():
+    module = nf4_linear(1024, 2560, torch.bfloat16, bias=False)
+    matmul = NF4Matmul()
+    linear = matmul.linear_for(module)
+    for rows in (1, 12):
+        x = torch.randn(rows, 2560, device='cuda', dtype=torch.bfloat16)
+        expected = dequantized_reference(module, x)
+        assert (linear(x).float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+    entries = matmul.tuned_shapes()
+    assert [entry['rows'] for entry in entries] == ['1-8', '9-16']
+    assert all(entry['timed_ms'] for entry in entries)
 
 
 @cuda

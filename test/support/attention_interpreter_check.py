@@ -8,6 +8,7 @@ os.environ['TRITON_INTERPRET'] = '1'
 import torch  # noqa: E402
 
 from qwen_vl_perception.model import decode_attention  # noqa: E402
+from qwen_vl_perception.model.decode_session import StepKernels  # noqa: E402
 
 
 def reference(q, keys, values, key_valid, position, scale):
@@ -18,11 +19,60 @@ def reference(q, keys, values, key_valid, position, scale):
                                                             scale=scale)
 
 
+def normed_and_rotated(q, new_keys, norm_rope):
+    """The decode step's own q/k RMSNorm and rotary embedding (``StepKernels``, eager)."""
+    batch, heads, groups, head_dim = q.shape
+    q_weight, k_weight, eps, cos, sin = norm_rope
+    q, k = StepKernels(torch, False).qk_norm_rope(
+        q.reshape(batch, 1, heads * groups, head_dim), new_keys[:, None], q_weight, k_weight,
+        eps, cos[:, None], sin[:, None])
+    return q.reshape(batch, heads, groups, head_dim), k[:, :, 0]
+
+
+def check(q, keys, values, key_valid, position, workspace, locks, scale, write, split,
+          rotate=False):
+    """One launch; with ``write`` this step's key and value are the kernel's to store (the
+    cache holds NaN there before); with ``rotate`` the kernel norms and rotates q and k."""
+    batch, heads, _, head_dim = q.shape
+    new = {}
+    if write:
+        keys, values = keys.clone(), values.clone()
+        new = dict(new_keys=torch.randn(batch, heads, head_dim),
+                   new_values=torch.randn(batch, heads, head_dim))
+        query, key = q, new['new_keys']
+        if rotate:
+            angles = torch.randn(batch, head_dim // 2).repeat(1, 2)
+            new['norm_rope'] = (torch.rand(head_dim) + 0.5, torch.rand(head_dim) + 0.5, 1e-6,
+                                angles.cos(), angles.sin())
+            query, key = normed_and_rotated(q, key, new['norm_rope'])
+        written_keys, written_values = keys.clone(), values.clone()
+        written_keys[:, :, position] = key
+        written_values[:, :, position] = new['new_values']
+        keys[:, :, position] = values[:, :, position] = float('nan')
+        expected = reference(query, written_keys, written_values, key_valid, position, scale)
+    else:
+        expected = reference(q, keys, values, key_valid, position, scale)
+    out = torch.full_like(q, float('nan'))
+    decode_attention.launch(q, keys, values, key_valid, torch.tensor([position]), out,
+                            workspace, locks, scale, split=split, **new)
+    error = (out - expected).abs().max().item()
+    assert error < 1e-4, (tuple(q.shape), position, write, rotate, error)
+    assert not locks.any(), 'a counter was left set'
+    if write:
+        assert torch.equal(values, written_values), 'the value was not written alone'
+        assert (keys - written_keys).abs().max() < 1e-5, 'the key was not written alone'
+    print(f'shape {tuple(q.shape)} cache {keys.shape[2]} split {split} position {position} '
+          f'write {write} rotate {rotate}: max error {error:.2e}')
+    return 1
+
+
 def main():
     torch.manual_seed(0)
     checked = 0
-    cases = [(3, 2, 4, 32, 300), (1, 1, 16, 16, 64), (2, 1, 1, 64, 130)]
-    for batch, heads, groups, head_dim, cache_len in cases:
+    split = decode_attention.SPLIT
+    cases = [(3, 2, 4, 32, 300, split), (1, 1, 16, 16, 64, split), (2, 1, 1, 64, 130, split),
+             (3, 2, 4, 32, 300, 32)]
+    for batch, heads, groups, head_dim, cache_len, split in cases:
         q = torch.randn(batch, heads, groups, head_dim)
         keys = torch.randn(batch, heads, cache_len, head_dim)
         values = torch.randn(batch, heads, cache_len, head_dim)
@@ -30,22 +80,15 @@ def main():
         for row in range(1, batch):  # left padding; a long one leaves whole parts masked
             key_valid[row, :[0, 10, 150][row] if cache_len > 150 else 3] = False
         workspace = torch.zeros(decode_attention.workspace_floats(batch, heads, cache_len,
-                                                                  head_dim))
+                                                                  head_dim, split))
         locks = torch.zeros(batch * heads, dtype=torch.int32)
         scale = head_dim ** -0.5
         for position in sorted({5, 63, 64, 127, 128, 200, cache_len - 1} & set(range(cache_len))):
             if not key_valid[:, :position + 1].any(dim=1).all():
                 continue
-            expected = reference(q, keys, values, key_valid, position, scale)
-            out = torch.full_like(q, float('nan'))
-            decode_attention.launch(q, keys, values, key_valid, torch.tensor([position]), out,
-                                    workspace, locks, scale)
-            error = (out - expected).abs().max().item()
-            assert error < 1e-4, (batch, heads, groups, head_dim, position, error)
-            assert not locks.any(), 'a counter was left set'
-            print(f'batch {batch} heads {heads} groups {groups} dim {head_dim} '
-                  f'position {position}: max error {error:.2e}')
-            checked += 1
+            for write, rotate in ((False, False), (True, False), (True, True)):
+                checked += check(q, keys, values, key_valid, position, workspace, locks, scale,
+                                 write, split, rotate)
     print(f'{checked} cases')
 
 

@@ -33,3 +33,23 @@ def run_interpreter_check(script: str) -> str:
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
+
+
+def compile_for_gpu(kernel, signature: dict, constexprs: dict, capability: int,
+                    num_warps: int = 4) -> bytes:
+    """The cubin Triton builds for ``kernel`` on a CUDA GPU of ``capability`` (e.g. 87 for a
+    Jetson Orin), here, without a GPU: Triton's own compiler and the ptxas its wheel brings.
+    ``signature``: argument name -> Triton type ('*bf16', 'i32', 'fp32'; 'constexpr' for the
+    names in ``constexprs``)."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    names = list(inspect.signature(kernel.fn).parameters)
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(names.index(name),): value
+                                   for name, value in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget('cuda', capability, 32),
+                              options=dict(num_warps=num_warps))
+    return compiled.asm['cubin']
