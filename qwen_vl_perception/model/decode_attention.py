@@ -16,9 +16,8 @@ Given this step's key and value (``new_keys``, ``new_values``), the kernel also 
 the cache at ``cache_position`` (the part holding that position stores them, and uses them from
 registers), which saves the step two copy kernels per layer. Given ``norm_rope`` too, the query
 and key come straight from the projection: the kernel applies Qwen3's per-head RMSNorm and the
-rotary embedding itself (as the compiled step computes them: fp32, the normalised value rounded
-to the dtype before the weight, one rounding at the end), which saves the step another one or
-two kernels per layer.
+rotary embedding itself (as the compiled step computes them: in fp32, rounded once at the
+end), which saves the step the two kernels of its compiled q/k norm per layer.
 """
 import triton
 import triton.language as tl
@@ -32,13 +31,15 @@ BLOCK_KEYS = 64
 def _norm_rope(x, swapped, weight, weight_swapped, cos, sin, sign, eps,
                HEAD_DIM: tl.constexpr, AXIS: tl.constexpr):
     """RMSNorm over the last axis, then ``x * cos + rotate_half(x) * sin``; ``swapped``: ``x``
-    with its halves swapped (``weight_swapped`` likewise), ``sign``: -1 on the first half."""
+    with its halves swapped (``weight_swapped`` likewise), ``sign``: -1 on the first half. In
+    fp32 throughout and rounded to ``x``'s dtype once, as the compiled step computes it
+    (inductor drops ``_rms_norm``'s intermediate cast to bf16/fp16 unless
+    ``emulate_precision_casts`` is set)."""
+    dtype = x.dtype
     x = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=AXIS, keep_dims=True) / HEAD_DIM + eps)
-    dtype = weight.dtype
-    normed = (x * rstd).to(dtype).to(tl.float32) * weight.to(tl.float32)
-    normed_swapped = ((swapped.to(tl.float32) * rstd).to(dtype).to(tl.float32)
-                      * weight_swapped.to(tl.float32))
+    rstd = tl.rsqrt(tl.sum(x * x, axis=AXIS, keep_dims=True) / HEAD_DIM + eps)
+    normed = x * rstd * weight.to(tl.float32)
+    normed_swapped = swapped.to(tl.float32) * rstd * weight_swapped.to(tl.float32)
     return (normed * cos + sign * normed_swapped * sin).to(dtype)
 
 
@@ -49,7 +50,8 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, valid_ptr
                             stride_vh, stride_vl, stride_nkb, stride_nkh, stride_nvb,
                             stride_nvh, stride_valid, stride_ob, stride_oh, stride_og,
                             q_weight_ptr, k_weight_ptr, cos_ptr, sin_ptr, stride_cb,
-                            stride_sb, eps, GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            stride_sb, eps, cache_len, GROUPS: tl.constexpr,
+                            HEAD_DIM: tl.constexpr,
                             SPLIT_KEYS: tl.constexpr, BLOCK: tl.constexpr,
                             WRITE: tl.constexpr, NORM_ROPE: tl.constexpr):
     ROWS: tl.constexpr = 16  # query heads padded to the tensor cores' smallest tile
@@ -73,7 +75,7 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, valid_ptr
                        cos[None, :], sin[None, :], sign[None, :], eps, HEAD_DIM, 1)
     last = tl.load(position_ptr)  # keys past the current position are not written yet
     start = part * SPLIT_KEYS
-    end = tl.minimum(start + SPLIT_KEYS, last + 1)
+    end = tl.minimum(tl.minimum(start + SPLIT_KEYS, last + 1), cache_len)
     best = tl.full((ROWS,), float('-inf'), tl.float32)
     total = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
@@ -86,7 +88,8 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, valid_ptr
                                tl.load(k_weight_ptr + d), tl.load(k_weight_ptr + swap), cos, sin,
                                sign, eps, HEAD_DIM, 0)
         new_v = tl.load(new_v_ptr + b * stride_nvb + h * stride_nvh + d)
-        here = d < tl.where((start <= last) & (last < start + SPLIT_KEYS), HEAD_DIM, 0)
+        here = d < tl.where((start <= last) & (last < start + SPLIT_KEYS) & (last < cache_len),
+                            HEAD_DIM, 0)
         tl.store(k_base + last * stride_kl + d, new_k, mask=here)
         tl.store(v_base + last * stride_vl + d, new_v, mask=here)
     for first in range(start, end, BLOCK):
@@ -176,6 +179,8 @@ def launch(q, keys, values, key_valid, cache_position, out, workspace, locks, sc
         eps = 0.0
     if q.stride(-1) != 1:
         raise ValueError('q must have a contiguous last dimension')
+    if split < 16 or split & (split - 1):
+        raise ValueError(f'split must be a power of two of at least 16, got {split}')
     splits = -(-keys.shape[2] // split)
     decode_attention_kernel[(batch * heads, splits)](
         q, keys, values, new_keys, new_values, key_valid, cache_position, out, workspace, locks,
@@ -183,8 +188,8 @@ def launch(q, keys, values, key_valid, cache_position, out, workspace, locks, sc
         keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         new_keys.stride(0), new_keys.stride(1), new_values.stride(0), new_values.stride(1),
         key_valid.stride(0), out.stride(0), out.stride(1), out.stride(2), q_weight, k_weight,
-        cos, sin, cos.stride(0), sin.stride(0), float(eps), GROUPS=groups, HEAD_DIM=head_dim,
-        SPLIT_KEYS=split, BLOCK=min(BLOCK_KEYS, split), WRITE=write,
+        cos, sin, cos.stride(0), sin.stride(0), float(eps), keys.shape[2], GROUPS=groups,
+        HEAD_DIM=head_dim, SPLIT_KEYS=split, BLOCK=min(BLOCK_KEYS, split), WRITE=write,
         NORM_ROPE=norm_rope is not None, num_warps=num_warps)
 
 

@@ -146,16 +146,18 @@ def _decode_attention_for(torch, kernels, batch, parts, cache_len, dtype, device
         return None
 
 
-def decode_attention_step(torch, batch, parts, cache_len, device):
+def decode_attention_step(torch, batch, parts, cache_len, device, split=None):
     """``attention(q, keys, values, key_valid, cache_position, scale, new_keys, new_values,
     norm_rope)`` through :mod:`decode_attention` with its own workspace: q and this step's key
     before Qwen3's q/k norm and rotary embedding, which the kernel applies; it writes the key
     and value into the cache (no checks of the device or dtype here: see
-    :func:`_decode_attention_for`)."""
+    :func:`_decode_attention_for`). ``split``: keys per part (the kernel's default)."""
     from . import decode_attention
     head_dim = parts.head_dim
+    split = split or decode_attention.SPLIT
     workspace = torch.empty(decode_attention.workspace_floats(
-        batch, parts.num_kv_heads, cache_len, head_dim), dtype=torch.float32, device=device)
+        batch, parts.num_kv_heads, cache_len, head_dim, split), dtype=torch.float32,
+        device=device)
     locks = torch.zeros(batch * parts.num_kv_heads, dtype=torch.int32, device=device)
 
     def attention(q, keys, values, key_valid, cache_position, scale, new_keys, new_values,
@@ -167,7 +169,7 @@ def decode_attention_step(torch, batch, parts, cache_len, device):
             float(scale), new_keys=_last_contiguous(new_keys),
             new_values=_last_contiguous(new_values),
             norm_rope=(_last_contiguous(q_weight), _last_contiguous(k_weight), eps,
-                       _last_contiguous(cos), _last_contiguous(sin)))
+                       _last_contiguous(cos), _last_contiguous(sin)), split=split)
         return out
     return attention
 

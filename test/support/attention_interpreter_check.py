@@ -1,6 +1,10 @@
 """Runs the decode-attention kernel in Triton's CPU interpreter against
 ``scaled_dot_product_attention`` with the decode step's mask (run in a subprocess: the
-interpreter is chosen when triton is imported). Prints one line per case, then the count."""
+interpreter is chosen when triton is imported). Prints one line per case, then the count.
+
+The interpreter runs a program's statements in order, so it cannot show whether the kernel
+takes the step's key and value from registers at their position (on a GPU another thread's
+store may not be seen yet): the GPU test does."""
 import os
 
 os.environ['TRITON_INTERPRET'] = '1'
@@ -66,9 +70,43 @@ def check(q, keys, values, key_valid, position, workspace, locks, scale, write, 
     return 1
 
 
+def check_fp16_rotated(position=200):
+    """float16 with the kernel's norm and rotation: one rounding to float16 of the fp32 norm and
+    rotation (as the compiled step), then the attention (probabilities rounded as in flash
+    attention), against the same in fp32."""
+    batch, heads, groups, head_dim, cache_len = 2, 2, 4, 32, 300
+    q = torch.randn(batch, heads, groups, head_dim).half()
+    keys, values = (torch.randn(batch, heads, cache_len, head_dim).half() for _ in range(2))
+    new_keys, new_values = (torch.randn(batch, heads, head_dim).half() for _ in range(2))
+    angles = torch.randn(batch, head_dim // 2).repeat(1, 2)
+    weights = [(torch.rand(head_dim) + 0.5).half() for _ in range(2)]
+    key_valid = torch.ones(batch, cache_len, dtype=torch.bool)
+    workspace = torch.zeros(decode_attention.workspace_floats(batch, heads, cache_len, head_dim))
+    locks = torch.zeros(batch * heads, dtype=torch.int32)
+    norm_rope = (*weights, 1e-6, angles.cos().half(), angles.sin().half())
+    query, key = normed_and_rotated(q.float(), new_keys.float(), tuple(
+        part.float() if torch.is_tensor(part) else part for part in norm_rope))
+    query, key = query.half(), key.half()
+    written_keys, written_values = keys.clone(), values.clone()
+    written_keys[:, :, position], written_values[:, :, position] = key, new_values
+    expected = reference(query.float(), written_keys.float(), written_values.float(), key_valid,
+                         position, head_dim ** -0.5)
+    out = torch.empty_like(q)
+    decode_attention.launch(q, keys, values, key_valid, torch.tensor([position]), out,
+                            workspace, locks, head_dim ** -0.5, new_keys=new_keys,
+                            new_values=new_values, norm_rope=norm_rope)
+    key_error = (keys[:, :, position].float() - key.float()).abs().max().item()
+    assert key_error <= 2 ** -10 * key.float().abs().max().item(), key_error  # an ulp at most
+    error = (out.float() - expected).abs().max().item()
+    assert error < 1e-2, error
+    print(f'float16 rotated, position {position}: key within {key_error:.2e}, '
+          f'max error {error:.2e}')
+    return 1
+
+
 def main():
     torch.manual_seed(0)
-    checked = 0
+    checked = check_fp16_rotated()
     split = decode_attention.SPLIT
     cases = [(3, 2, 4, 32, 300, split), (1, 1, 16, 16, 64, split), (2, 1, 1, 64, 130, split),
              (3, 2, 4, 32, 300, 32)]
