@@ -18,9 +18,20 @@ registers), which saves the step two copy kernels per layer. Given ``norm_rope``
 and key come straight from the projection: the kernel applies Qwen3's per-head RMSNorm and the
 rotary embedding itself (as the compiled step computes them: in fp32, rounded once at the
 end), which saves the step the two kernels of its compiled q/k norm per layer.
+
+With ``overlap=True`` (compute capability 9.0+, :func:`overlap_supported`) the kernel is launched
+with programmatic dependent launch: its programs may start while the projection before it
+finishes and wait (``griddepcontrol.wait``) before they read anything, and they let the next
+kernel (the output projection, :mod:`nf4_cuda`) launch at once, so that its weight loads run
+beside the attention.
 """
 import triton
 import triton.language as tl
+
+try:  # Triton 3.4+
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 SPLIT = 128
 """Keys per part."""
@@ -53,8 +64,12 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, valid_ptr
                             stride_sb, eps, cache_len, GROUPS: tl.constexpr,
                             HEAD_DIM: tl.constexpr,
                             SPLIT_KEYS: tl.constexpr, BLOCK: tl.constexpr,
-                            WRITE: tl.constexpr, NORM_ROPE: tl.constexpr):
+                            WRITE: tl.constexpr, NORM_ROPE: tl.constexpr,
+                            OVERLAP: tl.constexpr):
     ROWS: tl.constexpr = 16  # query heads padded to the tensor cores' smallest tile
+    if OVERLAP:  # programmatic dependent launch: wait for the projection, let the next start
+        gdc_wait()
+        gdc_launch_dependents()
     row_head = tl.program_id(0)
     part = tl.program_id(1)
     b = row_head // heads
@@ -144,7 +159,7 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, valid_ptr
 
 def launch(q, keys, values, key_valid, cache_position, out, workspace, locks, scale: float,
            num_warps: int = 4, new_keys=None, new_values=None, norm_rope=None,
-           split: int = SPLIT):
+           split: int = SPLIT, overlap: bool = False):
     """``out[b, h, g] = softmax(q[b, h, g] . keys[b, h, :p + 1] * scale) @ values[b, h]``
     over the keys ``key_valid`` allows, ``p = cache_position``. ``workspace``: at least
     :func:`workspace_floats` fp32 (for the same ``split``); ``locks``: ``batch x heads`` zeroed
@@ -152,7 +167,8 @@ def launch(q, keys, values, key_valid, cache_position, out, workspace, locks, sc
     contiguous) the kernel first writes them at ``p`` of ``keys`` and ``values``. With
     ``norm_rope = (q_weight, k_weight, eps, cos, sin)`` (weights ``head_dim``, ``cos`` and
     ``sin`` ``batch x head_dim``), ``q`` and ``new_keys`` are taken before Qwen3's q/k RMSNorm
-    and rotary embedding, which the kernel applies."""
+    and rotary embedding, which the kernel applies. ``overlap``: launched with programmatic
+    dependent launch (only where :func:`overlap_supported`)."""
     batch, heads, groups, head_dim = q.shape
     write = new_keys is not None
     if write != (new_values is not None):
@@ -182,6 +198,7 @@ def launch(q, keys, values, key_valid, cache_position, out, workspace, locks, sc
     if split < 16 or split & (split - 1):
         raise ValueError(f'split must be a power of two of at least 16, got {split}')
     splits = -(-keys.shape[2] // split)
+    options = {'launch_pdl': True} if overlap else {}
     decode_attention_kernel[(batch * heads, splits)](
         q, keys, values, new_keys, new_values, key_valid, cache_position, out, workspace, locks,
         heads, splits, scale, q.stride(0), q.stride(1), q.stride(2), keys.stride(0),
@@ -190,7 +207,17 @@ def launch(q, keys, values, key_valid, cache_position, out, workspace, locks, sc
         key_valid.stride(0), out.stride(0), out.stride(1), out.stride(2), q_weight, k_weight,
         cos, sin, cos.stride(0), sin.stride(0), float(eps), keys.shape[2], GROUPS=groups,
         HEAD_DIM=head_dim, SPLIT_KEYS=split, BLOCK=min(BLOCK_KEYS, split), WRITE=write,
-        NORM_ROPE=norm_rope is not None, num_warps=num_warps)
+        NORM_ROPE=norm_rope is not None, OVERLAP=bool(overlap), num_warps=num_warps, **options)
+
+
+def overlap_supported(device) -> bool:
+    """Whether :func:`launch` can overlap on ``device``: a CUDA GPU of compute capability 9.0+
+    and a Triton with programmatic dependent launch."""
+    from .torch_support import require_torch
+    torch = require_torch()
+    device = torch.device(device)
+    return (gdc_wait is not None and device.type == 'cuda'
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def workspace_floats(batch: int, heads: int, cache_len: int, head_dim: int,

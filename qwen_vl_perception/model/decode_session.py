@@ -129,10 +129,12 @@ class StepKernels:
         return fn(gate, up)
 
 
-def _decode_attention_for(torch, kernels, batch, parts, cache_len, dtype, device):
+def _decode_attention_for(torch, kernels, batch, parts, cache_len, dtype, device,
+                          overlap: bool = False):
     """The step's attention through :mod:`decode_attention` (fused steps on CUDA with Triton,
     bf16/fp16, head sizes 16-256 in powers of two, up to 16 query heads per key head), or None
-    for ``scaled_dot_product_attention``. A kernel that fails fails the step's warm-up or
+    for ``scaled_dot_product_attention``; ``overlap``: with programmatic dependent launch where
+    the GPU has it. A kernel that fails fails the step's warm-up or
     capture; ``KernelChoices.capture`` then drops it (``without_decode_attention``) and
     remembers that, and the unfused step never uses it."""
     head_dim, groups = parts.head_dim, parts.num_heads // parts.num_kv_heads
@@ -141,17 +143,21 @@ def _decode_attention_for(torch, kernels, batch, parts, cache_len, dtype, device
             and head_dim & (head_dim - 1) == 0 and groups <= 16):
         return None
     try:
-        return decode_attention_step(torch, batch, parts, cache_len, device)
+        from .decode_attention import overlap_supported
+        return decode_attention_step(torch, batch, parts, cache_len, device,
+                                     overlap=overlap and overlap_supported(device))
     except ImportError:
         return None
 
 
-def decode_attention_step(torch, batch, parts, cache_len, device, split=None):
+def decode_attention_step(torch, batch, parts, cache_len, device, split=None,
+                          overlap: bool = False):
     """``attention(q, keys, values, key_valid, cache_position, scale, new_keys, new_values,
     norm_rope)`` through :mod:`decode_attention` with its own workspace: q and this step's key
     before Qwen3's q/k norm and rotary embedding, which the kernel applies; it writes the key
     and value into the cache (no checks of the device or dtype here: see
-    :func:`_decode_attention_for`). ``split``: keys per part (the kernel's default)."""
+    :func:`_decode_attention_for`). ``split``: keys per part (the kernel's default);
+    ``overlap``: launched with programmatic dependent launch (sm_90+ only)."""
     from . import decode_attention
     head_dim = parts.head_dim
     split = split or decode_attention.SPLIT
@@ -169,7 +175,8 @@ def decode_attention_step(torch, batch, parts, cache_len, device, split=None):
             float(scale), new_keys=_last_contiguous(new_keys),
             new_values=_last_contiguous(new_values),
             norm_rope=(_last_contiguous(q_weight), _last_contiguous(k_weight), eps,
-                       _last_contiguous(cos), _last_contiguous(sin)), split=split)
+                       _last_contiguous(cos), _last_contiguous(sin)), split=split,
+            overlap=overlap)
         return out
     return attention
 
@@ -183,7 +190,8 @@ class DecodeSession:
 
     def __init__(self, torch, model, parts: TextModelParts, batch: int, cache_len: int, dtype,
                  device, kernels: StepKernels, nf4_matmul=None, linears=None,
-                 compact_head=None, groups=None, decode_attention: bool = True):
+                 compact_head=None, groups=None, decode_attention: bool = True,
+                 overlap_launches: bool = False):
         self.torch = torch
         self.model_ref = model
         self.parts = parts
@@ -213,8 +221,9 @@ class DecodeSession:
                               device=device)
         self.out_tokens = torch.zeros(batch, cache_len + 1, **long)
         self.out_probs = torch.zeros(batch, cache_len + 1, dtype=torch.float32, device=device)
-        self.attention = _decode_attention_for(torch, kernels, batch, parts, cache_len, dtype,
-                                               device) if decode_attention else None
+        self.attention = _decode_attention_for(
+            torch, kernels, batch, parts, cache_len, dtype, device,
+            overlap_launches) if decode_attention else None
         self.graph = None
         self.pool = None  # the memory pool of this session's CUDA graphs (step and prefills)
         self.prefills = OrderedDict()  # shape -> its StaticPrefill (static_prefill.py)

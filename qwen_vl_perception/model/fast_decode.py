@@ -96,15 +96,18 @@ class FastGreedyDecoder:
     its step's graph. Warm-up and kernel tuning before
     each capture run on one side stream per device, so that the CUDA libraries' per-stream
     workspaces are not allocated again for every capture (the capture itself uses PyTorch's
-    capture stream). The instance is callable like ``hf_decode``; not thread-safe (the
-    engine serialises calls).
+    capture stream). ``overlap_launches``: the NF4 and decode attention kernels start with
+    programmatic dependent launch on GPUs of compute capability 9.0+ (their first loads overlap
+    the end of the kernel before them). The instance is callable like ``hf_decode``; not
+    thread-safe (the engine serialises calls).
     """
 
     def __init__(self, use_cuda_graphs: Optional[bool] = None,
                  fuse_elementwise: Optional[bool] = None, cache_bucket: int = 256,
                  sync_interval: int = 8, max_sessions: int = 4,
                  nf4_kernel: Optional[bool] = None, static_prefill: Optional[bool] = None,
-                 prefill_bucket: int = 64, max_prefill_shapes: int = 4):
+                 prefill_bucket: int = 64, max_prefill_shapes: int = 4,
+                 overlap_launches: bool = True):
         if min(cache_bucket, sync_interval, max_sessions, prefill_bucket,
                max_prefill_shapes) < 1:
             raise ValueError('cache_bucket, sync_interval, max_sessions, prefill_bucket and '
@@ -115,7 +118,8 @@ class FastGreedyDecoder:
         self.max_sessions = int(max_sessions)
         self.prefill_bucket = int(prefill_bucket)
         self.max_prefill_shapes = int(max_prefill_shapes)
-        self.kernel_choices = KernelChoices(nf4_kernel, fuse_elementwise, static_prefill)
+        self.kernel_choices = KernelChoices(nf4_kernel, fuse_elementwise, static_prefill,
+                                            overlap_launches)
         """Which optional kernels run and what fell back (:class:`KernelChoices`)."""
         self.last_timing = DecodeTiming()
         self._capture_streams: Dict[str, object] = {}
@@ -329,7 +333,8 @@ class FastGreedyDecoder:
                                 self._kernels_for(torch, self.fuses_elementwise(graphs)), nf4,
                                 linears, choices.compact_head(torch, model, parts.lm_head),
                                 choices.nf4_groups(parts, nf4, linears),
-                                decode_attention=not choices.attention_failed)
+                                decode_attention=not choices.attention_failed,
+                                overlap_launches=choices.overlap_launches)
         if graphs:
             choices.capture(session, self._capture_stream(torch, device),
                             lambda: self._kernels_for(torch, False))

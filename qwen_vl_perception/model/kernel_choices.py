@@ -28,14 +28,17 @@ class KernelChoices:
     """``nf4_kernel``: ``None`` means "on CUDA when Triton is there, until it fails once";
     ``fuse_elementwise``: ``None`` means "with CUDA graphs, when Triton imports";
     ``static_prefill``: ``None`` means "with CUDA graphs (captured per shape), until it fails
-    once", True "always (graphed with CUDA graphs, else eager)", False "never"."""
+    once", True "always (graphed with CUDA graphs, else eager)", False "never";
+    ``overlap_launches``: the NF4 and decode attention kernels start with programmatic
+    dependent launch where the GPU has it (compute capability 9.0+)."""
 
     def __init__(self, nf4_kernel: Optional[bool] = None,
                  fuse_elementwise: Optional[bool] = None,
-                 static_prefill: Optional[bool] = None):
+                 static_prefill: Optional[bool] = None, overlap_launches: bool = True):
         self.nf4_kernel = nf4_kernel
         self.fuse_elementwise = fuse_elementwise
         self.static_prefill = static_prefill
+        self.overlap_launches = bool(overlap_launches)
         self.static_prefill_failed = False
         """True once the static prefill failed: the model's own forward from then on."""
         self.nf4_failed = False
@@ -65,7 +68,7 @@ class KernelChoices:
             if reason is not None and self.nf4_kernel:
                 raise ValueError(reason)
             if reason is None and self.nf4_matmul is None:
-                self.nf4_matmul = NF4Matmul()
+                self.nf4_matmul = NF4Matmul(overlap_launches=self.overlap_launches)
             self._devices[key] = None if reason else self.nf4_matmul
         return self._devices[key]
 

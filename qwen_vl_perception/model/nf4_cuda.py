@@ -18,6 +18,13 @@ warp order; with ``splits > 1`` CTAs also split the reduction and the last one o
 adds the partials up in split order, as the Triton kernel does. Deterministic either way.
 The 4-bit codes become table values by byte permutes, as :func:`nf4_codes.lookup_asm` does,
 with the output pairs in column order.
+
+Launched with programmatic dependent launch (``programmatic=True``, compute capability 9.0+),
+a CTA may start while the kernel before it in the stream is still finishing: it loads its first
+``PIPE`` blocks of weights and absmax (which no kernel writes) and only then waits
+(``griddepcontrol.wait``) before it reads ``x`` or writes anything; once every warp is past its
+loop it lets the next kernel launch (``griddepcontrol.launch_dependents``). Without that launch
+attribute both instructions change nothing.
 """
 from dataclasses import dataclass
 from typing import Dict, Tuple
@@ -70,6 +77,24 @@ __device__ __forceinline__ u32 high_half(u32 v) {  // v >> 16 on the multiply-ad
     u32 r;
     asm("mul.hi.u32 %0, %1, 0x10000;" : "=r"(r) : "r"(v));
     return r;
+}
+
+// Programmatic dependent launch (the PDL variant on sm_90+; nothing otherwise). The wait is
+// predicated on ``(loaded & (positive >> 31)) == 0``: ``loaded`` a register of the first weight
+// load, ``positive`` a kernel argument above zero, so always true, which ptxas cannot know.
+// Without that dependence ptxas moves the wait above the weight loads.
+__device__ __forceinline__ void wait_for_previous_kernel(u32 loaded, int positive) {
+#if PDL && __CUDA_ARCH__ >= 900
+    asm volatile("{\n .reg .pred p;\n .reg .b32 z;\n shr.u32 z, %1, 31;\n and.b32 z, z, %0;\n"
+                 " setp.eq.u32 p, z, 0;\n @p griddepcontrol.wait;\n}"
+                 :: "r"(loaded), "r"(positive) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void let_next_kernel_launch() {
+#if PDL && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 struct Table { u32 hi0, hi2, lo0, lo2, pick; };  // kept in registers (see decode8)
@@ -228,6 +253,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
         }
         LOAD_STAGE(p, p < steps);
     }
+    wait_for_previous_kernel(wq[0][0][0].x, K);  // x and the outputs: the kernels' before us
 
     auto compute = [&](const int p, const int block_index) {
         // x from L1 (or L2 the first time), loaded here: the decode below covers the latency
@@ -282,6 +308,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     for (int p = 0; p < PIPE - 1; ++p)  // the last blocks, loaded already
         if (j0 + p < steps) compute(p, WARPS * (j0 + p));
 #undef LOAD_STAGE
+    let_next_kernel_launch();  // it waits for this kernel's end before it reads our output
 
     // The CTA's warps add up in warp order; element e of a warp: (r, n, c) = e / 32, lane e % 32.
     constexpr int ELEMENTS = RT * NT * 4 * 32;
@@ -338,13 +365,16 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 '''
 
 
-def source_for(table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int) -> str:
+def source_for(table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
+               programmatic: bool = False) -> str:
     """The kernel's source for one variant: the code table's bytes, the operand type, the
-    absmax storage and the shape as macros."""
+    absmax storage, the shape and whether it is launched with programmatic dependent launch
+    as macros."""
     torch = require_torch()
     high, low = table_words(table, torch.bfloat16 if bf16 else torch.float16)
     defines = {'WARPS': shape.warps, 'RT': shape.row_tiles, 'PIPE': shape.pipe, 'NT': n_tiles,
-               'NESTED': int(nested), 'DTYPE': '"bf16"' if bf16 else '"f16"'}
+               'NESTED': int(nested), 'DTYPE': '"bf16"' if bf16 else '"f16"',
+               'PDL': int(programmatic)}
     defines.update({f'HI{i}': f'{word:#x}u' for i, word in enumerate(high)})
     defines.update({f'LO{i}': f'{word:#x}u' for i, word in enumerate(low)})
     return ''.join(f'#define {key} {value}\n' for key, value in defines.items()) + SOURCE
@@ -353,18 +383,20 @@ def source_for(table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int) 
 _KERNELS: Dict[Tuple, object] = {}
 
 
-def kernel_for(device, table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int):
+def kernel_for(device, table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
+               programmatic: bool = False):
     """The compiled kernel for one variant on ``device`` (compiled once per process)."""
     torch = require_torch()
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, tuple(table), bf16, nested, shape, n_tiles)
+    key = (index, tuple(table), bf16, nested, shape, n_tiles, programmatic)
     kernel = _KERNELS.get(key)
     if kernel is None:
         major, minor = torch.cuda.get_device_capability(index)
         if major < 8:
             raise RuntimeError('the CUDA NF4 kernel needs compute capability 8.0 or newer')
-        cubin = nvrtc.compile_cubin(source_for(table, bf16, nested, shape, n_tiles),
+        cubin = nvrtc.compile_cubin(source_for(table, bf16, nested, shape, n_tiles,
+                                               programmatic),
                                     KERNEL_NAME, f'sm_{major}{minor}')
         kernel = nvrtc.Kernel(cubin, KERNEL_NAME, torch.device('cuda', index))
         _KERNELS[key] = kernel
@@ -373,11 +405,11 @@ def kernel_for(device, table, bf16: bool, nested: bool, shape: CudaShape, n_tile
 
 def launch(x, out, workspace, locks, table, problems, in_features: int, splits: int,
            blocks_per_split: int, *, nested: bool, qblock2: int, bf16: bool,
-           shape: CudaShape) -> None:
+           shape: CudaShape, programmatic: bool = False) -> None:
     """``out[:, columns of weight g] = x @ W_g.T`` for the 1 to 3 ``problems`` (packed,
     absmax, absmax2, code2, offset, out features; out features multiples of 16). ``workspace``:
     ``tiles * splits * 256`` fp32 when ``splits > 1``; ``locks``: one zeroed int32 per CTA row
-    group."""
+    group. ``programmatic``: with programmatic dependent launch (compute capability 9.0+)."""
     rows = x.shape[0]
     n_tiles = 1 if rows <= 8 else 2
     tiles = [problem[5] // 16 for problem in problems]
@@ -390,8 +422,9 @@ def launch(x, out, workspace, locks, table, problems, in_features: int, splits: 
         arguments += [packed, absmax, absmax2, code2, float(offset), int(width)]
     arguments += [rows, in_features, x.stride(0), out.stride(0), tiles1, tiles2, total, splits,
                   blocks_per_split, max(qblock2, 1).bit_length() - 1]
-    kernel = kernel_for(x.device, table, bf16, nested, shape, n_tiles)
-    kernel((-(-total // shape.row_tiles), splits), (32 * shape.warps,), arguments)
+    kernel = kernel_for(x.device, table, bf16, nested, shape, n_tiles, programmatic)
+    kernel((-(-total // shape.row_tiles), splits), (32 * shape.warps,), arguments,
+           programmatic=programmatic)
 
 
 def row_groups(out_features, shape: CudaShape) -> int:

@@ -91,13 +91,18 @@ class NF4Matmul:
     """``x @ W.T + b`` for NF4 weights and ``min_rows`` to :data:`MAX_ROWS` rows of ``x``.
 
     Launches of one instance share workspaces: run them on one stream (as a decode step does).
+    ``overlap_launches``: the CUDA kernel starts with programmatic dependent launch where the
+    GPU has it (compute capability 9.0+): its first weight loads overlap the end of the kernel
+    before it (:mod:`nf4_cuda`).
     """
 
-    def __init__(self, tune: bool = True, min_rows: int = 1):
+    def __init__(self, tune: bool = True, min_rows: int = 1, overlap_launches: bool = True):
         if not 1 <= min_rows <= MAX_ROWS:
             raise ValueError(f'min_rows must be between 1 and {MAX_ROWS}')
         self.tune = tune
         self.min_rows = int(min_rows)
+        self.overlap_launches = bool(overlap_launches)
+        self._programmatic: Dict[int, bool] = {}  # device index: programmatic launch possible
         self._shapes: Dict[Tuple, LaunchShape] = {}
         self._timings: Dict[Tuple, list] = {}
         self._buffers: Dict[Tuple, Tuple[object, object]] = {}
@@ -272,9 +277,17 @@ class NF4Matmul:
             [(weight.packed, weight.absmax, weight.absmax2, weight.code2, weight.offset,
               weight.out_features) for weight in weights],
             first.in_features, shape.splits, -(-blocks // shape.splits), nested=first.nested,
-            qblock2=first.nested_block, bf16=compute == torch.bfloat16, shape=cuda_shape)
+            qblock2=first.nested_block, bf16=compute == torch.bfloat16, shape=cuda_shape,
+            programmatic=self.overlap_launches and self._programmatic_on(flat.device))
         if target is not out:
             out.copy_(target)
+
+    def _programmatic_on(self, device) -> bool:
+        index = device.index if device.index is not None else require_torch().cuda.current_device()
+        if index not in self._programmatic:
+            from . import nvrtc
+            self._programmatic[index] = nvrtc.programmatic_launch_supported(device)
+        return self._programmatic[index]
 
     def _buffers_for(self, device, tiles, shape, groups=None):
         """The fp32 workspace for split partials and the tiles' arrival counters (zero between

@@ -4,7 +4,10 @@ ctypes only (no CUDA toolkit, no compiler on the robot: CUDA builds of torch bri
 :func:`compile_cubin` turns source into a cubin for one architecture (it needs NVRTC, not a
 GPU); :class:`Kernel` loads one onto a device and launches it on torch's current stream, so
 that CUDA-graph capture records it like any other kernel. :func:`unavailable_reason` says why
-not, where NVRTC or the driver cannot be found.
+not, where NVRTC or the driver cannot be found. ``programmatic=True`` launches with programmatic
+dependent launch (compute capability 9.0+, :func:`programmatic_launch_supported`): the kernel
+may start before the previous kernel in the stream ends, and must execute
+``griddepcontrol.wait`` before it touches anything that kernel writes.
 """
 import ctypes
 import glob
@@ -101,6 +104,35 @@ def _driver_check(result: int, what: str) -> None:
                            f'({(text.value or b"?").decode()})')
 
 
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, then a 64-byte union
+    _fields_ = [('id', ctypes.c_int), ('pad', ctypes.c_char * 4), ('value', ctypes.c_int),
+                ('value_rest', ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [('grid', ctypes.c_uint * 3), ('block', ctypes.c_uint * 3),
+                ('shared_bytes', ctypes.c_uint), ('stream', ctypes.c_void_p),
+                ('attributes', ctypes.POINTER(_LaunchAttribute)),
+                ('attribute_count', ctypes.c_uint)]
+
+
+def programmatic_launch_supported(device) -> bool:
+    """Whether kernels on ``device`` can be launched with programmatic dependent launch: compute
+    capability 9.0 or newer and a driver with ``cuLaunchKernelEx`` (CUDA 12)."""
+    torch = require_torch()
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    if torch.cuda.get_device_capability(index)[0] < 9:
+        return False
+    try:
+        return hasattr(_load('cuda'), 'cuLaunchKernelEx')
+    except OSError:
+        return False
+
+
 class Kernel:
     """One ``extern "C"`` kernel of a cubin, loaded on CUDA device ``device``."""
 
@@ -125,9 +157,11 @@ class Kernel:
                                                        self._function), 'attribute')
         return value.value
 
-    def __call__(self, grid, block, arguments, shared_bytes: int = 0) -> None:
+    def __call__(self, grid, block, arguments, shared_bytes: int = 0,
+                 programmatic: bool = False) -> None:
         """Launch on the current stream of the kernel's device. ``arguments``: tensors (their
-        data pointers), ints (``int``), floats (``float``), in the kernel's order."""
+        data pointers), ints (``int``), floats (``float``), in the kernel's order.
+        ``programmatic``: with programmatic dependent launch (see the module's text)."""
         torch = require_torch()
         values = []
         for argument in arguments:
@@ -144,6 +178,16 @@ class Kernel:
         grid = tuple(grid) + (1,) * (3 - len(grid))
         block = tuple(block) + (1,) * (3 - len(block))
         stream = torch.cuda.current_stream(self.device).cuda_stream
+        if programmatic:
+            attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+            config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block),
+                                   shared_bytes, ctypes.c_void_p(stream),
+                                   ctypes.pointer(attribute), 1)
+            with torch.cuda.device(self.device):
+                _driver_check(_load('cuda').cuLaunchKernelEx(
+                    ctypes.byref(config), self._function, pointers, None),
+                    f'launching {self.name} (programmatic)')
+            return
         with torch.cuda.device(self.device):  # the launch goes to the current context
             _driver_check(_load('cuda').cuLaunchKernel(
                 self._function, *[ctypes.c_uint(value) for value in grid],

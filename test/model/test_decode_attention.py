@@ -156,7 +156,8 @@ def test_the_decode_step_with_the_kernel_matches_the_sdpa_step_in_the_interprete
 @pytest.mark.parametrize('capability', [87, 90])
 def test_kernel_builds_for_a_jetson_orin_and_an_h200_without_a_gpu(capability):
     """Triton compiles every variant the step launches (bf16 and fp16, the cache written and the
-    q/k norm applied by the kernel, or not) down to a cubin for sm_87 and sm_90, here."""
+    q/k norm applied by the kernel, or not; on sm_90 with programmatic dependent launch) down
+    to a cubin for sm_87 and sm_90, here."""
     from qwen_vl_perception.model import decode_attention
     names = inspect.signature(decode_attention.decode_attention_kernel.fn).parameters
     pointers = {'valid_ptr': '*i1', 'position_ptr': '*i64', 'ws_ptr': '*fp32',
@@ -164,7 +165,8 @@ def test_kernel_builds_for_a_jetson_orin_and_an_h200_without_a_gpu(capability):
     for dtype in ('bf16', 'fp16'):
         for write, rotate in ((False, False), (True, True)):
             constexprs = dict(GROUPS=4, HEAD_DIM=128, SPLIT_KEYS=decode_attention.SPLIT,
-                              BLOCK=decode_attention.BLOCK_KEYS, WRITE=write, NORM_ROPE=rotate)
+                              BLOCK=decode_attention.BLOCK_KEYS, WRITE=write, NORM_ROPE=rotate,
+                              OVERLAP=capability >= 90)  # programmatic launch: sm_90+
             signature = {name: 'constexpr' if name in constexprs
                          else pointers.get(name, '*' + dtype) if name.endswith('_ptr')
                          else 'fp32' if name in ('scale', 'eps') else 'i32' for name in names}

@@ -507,3 +507,62 @@ def test_decoder_prefill_falls_back_to_the_layers_own_path_when_the_kernel_fails
     forced.kernel_choices.nf4_for = lambda device: _CountingMatmul(fail=True)
     with pytest.raises(RuntimeError, match='kernel failed'):
         forced(model, inputs, 6, STOPS)
+
+
+@cuda
+def test_overlapped_launches_give_the_bits_of_plain_ones_in_a_graph():
+    """A decode layer's chain as a graph replays it: a kernel writes x, the grouped q/k/v
+    launch reads it, the attention kernel reads their outputs and the o launch the attention's.
+    With programmatic dependent launch (each kernel may start before the previous one ends, on
+    compute capability 9.0+) every replay gives the bits of plain launches."""
+    from qwen_vl_perception.model import decode_attention, nvrtc
+    heads, groups, head_dim, cache_len, hidden = 8, 4, 128, 384, 2560
+    width = heads * groups * head_dim
+    q_proj, k_proj, v_proj = (nf4_linear(size, hidden, torch.bfloat16, bias=False, seed=seed)
+                              for seed, size in enumerate((width, heads * head_dim,
+                                                           heads * head_dim)))
+    o_proj = nf4_linear(hidden, width, torch.bfloat16, bias=False, seed=3)
+    matmul = NF4Matmul()
+    qkv, o = matmul.group_linear_for([q_proj, k_proj, v_proj]), matmul.linear_for(o_proj)
+    source = torch.randn(1, hidden, device='cuda', dtype=torch.bfloat16)
+    keys, values = (torch.randn(1, heads, cache_len, head_dim, device='cuda',
+                                dtype=torch.bfloat16) for _ in range(2))
+    key_valid = torch.ones(1, cache_len, dtype=torch.bool, device='cuda')
+    position = torch.tensor([200], device='cuda')
+    workspace = torch.zeros(decode_attention.workspace_floats(1, heads, cache_len, head_dim),
+                            device='cuda')
+    locks = torch.zeros(heads, dtype=torch.int32, device='cuda')
+    overlap = decode_attention.overlap_supported('cuda')
+    assert overlap == nvrtc.programmatic_launch_supported('cuda')
+
+    def layer(overlapped):
+        matmul.overlap_launches = overlapped
+        x = source * 1.5  # a kernel before the chain writes its input
+        q, k, v = qkv(x)
+        out = torch.empty(1, heads, groups, head_dim, device='cuda', dtype=torch.bfloat16)
+        decode_attention.launch(q.view(1, heads, groups, head_dim), keys, values, key_valid,
+                                position, out, workspace, locks, 0.088,
+                                new_keys=k.view(1, heads, head_dim),
+                                new_values=v.view(1, heads, head_dim),
+                                overlap=overlapped and overlap)
+        return o(out.view(1, width))
+
+    graphs = {}
+    for overlapped in (False, True):
+        layer(overlapped)  # tunes and compiles outside the capture
+        graphs[overlapped] = torch.cuda.CUDAGraph(), None
+        with torch.cuda.graph(graphs[overlapped][0]):
+            graphs[overlapped] = graphs[overlapped][0], layer(overlapped)
+    previous = None
+    for where in (5, 127, 128, 383):
+        position.fill_(where)
+        source.copy_(torch.randn_like(source))
+        results = {}
+        for overlapped in (True, False):
+            graphs[overlapped][0].replay()
+            results[overlapped] = graphs[overlapped][1].clone()
+        assert torch.equal(results[True], results[False]), where
+        assert results[True].abs().max() > 0 and not results[True].isnan().any()
+        assert previous is None or not torch.equal(previous, results[True])
+        previous = results[True]
+    assert not locks.any()

@@ -32,3 +32,15 @@ def test_every_variant_of_the_kernel_compiles(arch):
                 assert nvrtc.compile_cubin(source, nf4_cuda.KERNEL_NAME, arch)[:4] == b'\x7fELF'
     with pytest.raises(RuntimeError, match='does not compile'):
         nvrtc.compile_cubin('extern "C" __global__ void k() { undefined(); }', 'k', arch)
+
+
+def test_the_launch_structures_have_the_driver_api_layout():
+    """cuLaunchKernelEx reads CUlaunchConfig and CUlaunchAttribute as cuda.h lays them out
+    (64-bit): a wrong size or offset would launch with garbage."""
+    import ctypes
+    assert ctypes.sizeof(nvrtc._LaunchAttribute) == 72  # id, padding, a 64-byte union
+    assert nvrtc._LaunchAttribute.value.offset == 8
+    assert ctypes.sizeof(nvrtc._LaunchConfig) == 56
+    assert (nvrtc._LaunchConfig.shared_bytes.offset, nvrtc._LaunchConfig.stream.offset,
+            nvrtc._LaunchConfig.attributes.offset,
+            nvrtc._LaunchConfig.attribute_count.offset) == (24, 32, 40, 48)

@@ -80,10 +80,11 @@ class Benchmark:
         if save:
             self.save()
 
-    def new_decoder(self, fuse=None, nf4_kernel=None):
+    def new_decoder(self, fuse=None, nf4_kernel=None, overlap_launches=True):
         """A decoder with the command line's choices, unless told otherwise."""
         return FastGreedyDecoder(fuse_elementwise=self.fuse if fuse is None else fuse,
-                                 nf4_kernel=self.nf4_kernel if nf4_kernel is None else nf4_kernel)
+                                 nf4_kernel=self.nf4_kernel if nf4_kernel is None else nf4_kernel,
+                                 overlap_launches=overlap_launches)
 
     def time_ours(self, decoder, batch, new_tokens, label, repeats=None):
         """``decoder`` on ``batch`` test images, ``new_tokens`` forced (a run's figures)."""
@@ -192,6 +193,21 @@ class Benchmark:
         plain.clear()
         self.save()
 
+    def overlap_check(self, label):
+        """Our engine without programmatic dependent launch, beside the runs with it."""
+        if not (self.args.overlap_check and self.on_cuda):
+            return
+        plain = self.new_decoder(overlap_launches=False)
+        for batch in self.args.batch_sizes:
+            try:
+                run = self.time_ours(plain, batch, self.args.new_tokens[0],
+                                     label + ', launches not overlapped')
+            except Exception as error:
+                self.error(f'ours {label} b{batch} not overlapped', error)
+                continue
+            plain.clear()
+            self.add_run(run)
+
     def bnb_check(self, label):
         if not self.args.bnb_check:
             return
@@ -261,6 +277,7 @@ class Benchmark:
         self.check_agreement(label)
         self.our_runs(label)
         self.unfused_check(label)
+        self.overlap_check(label)
         self.bnb_check(label)
         self.linear_check()
         self.lm_head_check()
