@@ -96,9 +96,10 @@ class FastGreedyDecoder:
     its step's graph. Warm-up and kernel tuning before
     each capture run on one side stream per device, so that the CUDA libraries' per-stream
     workspaces are not allocated again for every capture (the capture itself uses PyTorch's
-    capture stream). ``overlap_launches``: the NF4 and decode attention kernels start with
+    capture stream). ``overlap_launches=True``: the NF4 and decode attention kernels start with
     programmatic dependent launch on GPUs of compute capability 9.0+ (their first loads overlap
-    the end of the kernel before them). The instance is callable like ``hf_decode``; not
+    the end of the kernel before them; off by default: no gain measured in the whole step yet,
+    ``results/benchmark/README.md``). The instance is callable like ``hf_decode``; not
     thread-safe (the engine serialises calls).
     """
 
@@ -107,7 +108,7 @@ class FastGreedyDecoder:
                  sync_interval: int = 8, max_sessions: int = 4,
                  nf4_kernel: Optional[bool] = None, static_prefill: Optional[bool] = None,
                  prefill_bucket: int = 64, max_prefill_shapes: int = 4,
-                 overlap_launches: bool = True):
+                 overlap_launches: bool = False):
         if min(cache_bucket, sync_interval, max_sessions, prefill_bucket,
                max_prefill_shapes) < 1:
             raise ValueError('cache_bucket, sync_interval, max_sessions, prefill_bucket and '

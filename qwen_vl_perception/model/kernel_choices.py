@@ -30,11 +30,11 @@ class KernelChoices:
     ``static_prefill``: ``None`` means "with CUDA graphs (captured per shape), until it fails
     once", True "always (graphed with CUDA graphs, else eager)", False "never";
     ``overlap_launches``: the NF4 and decode attention kernels start with programmatic
-    dependent launch where the GPU has it (compute capability 9.0+)."""
+    dependent launch where the GPU has it (compute capability 9.0+; off by default)."""
 
     def __init__(self, nf4_kernel: Optional[bool] = None,
                  fuse_elementwise: Optional[bool] = None,
-                 static_prefill: Optional[bool] = None, overlap_launches: bool = True):
+                 static_prefill: Optional[bool] = None, overlap_launches: bool = False):
         self.nf4_kernel = nf4_kernel
         self.fuse_elementwise = fuse_elementwise
         self.static_prefill = static_prefill

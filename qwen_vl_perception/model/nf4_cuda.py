@@ -20,11 +20,13 @@ The 4-bit codes become table values by byte permutes, as :func:`nf4_codes.lookup
 with the output pairs in column order.
 
 Launched with programmatic dependent launch (``programmatic=True``, compute capability 9.0+),
-a CTA may start while the kernel before it in the stream is still finishing: it loads its first
-``PIPE`` blocks of weights and absmax (which no kernel writes) and only then waits
-(``griddepcontrol.wait``) before it reads ``x`` or writes anything; once every warp is past its
-loop it lets the next kernel launch (``griddepcontrol.launch_dependents``). Without that launch
-attribute both instructions change nothing.
+a CTA may start while the kernel before it in the stream is still finishing: it issues the loads
+of its first ``PIPE`` blocks of weights and absmax (which no kernel writes; in the sm_90 SASS all
+of them come before the wait), and waits (``griddepcontrol.wait``, once the first of them has
+arrived) before it reads ``x`` or writes anything; every CTA waits, so the kernel ends after the
+one before it. ``x`` is then read through L2 (``ld.global.cg``: the non-coherent path assumes
+data that no one writes while the kernel lives). Past its loop a CTA lets the next kernel launch
+(``griddepcontrol.launch_dependents``; that kernel still waits for this one's end).
 """
 from dataclasses import dataclass
 from typing import Dict, Tuple
@@ -57,9 +59,13 @@ __device__ __forceinline__ void load_weight(uint2& v, const u8* p, bool on) {
                  : "+r"(v.x), "+r"(v.y) : "l"(p), "r"((int)on));
 }
 
+#if PDL  // x may be written while this kernel already runs (before its wait): not .nc
+#define X_LOAD " @q ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
+#else
+#define X_LOAD " @q ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
+#endif
 __device__ __forceinline__ void load_x(uint4& v, const u16* p, bool on) {
-    asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n"
-                 " @q ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
+    asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n" X_LOAD
                  : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w) : "l"(p), "r"((int)on));
 }
 

@@ -93,10 +93,10 @@ class NF4Matmul:
     Launches of one instance share workspaces: run them on one stream (as a decode step does).
     ``overlap_launches``: the CUDA kernel starts with programmatic dependent launch where the
     GPU has it (compute capability 9.0+): its first weight loads overlap the end of the kernel
-    before it (:mod:`nf4_cuda`).
+    before it (:mod:`nf4_cuda`); off by default.
     """
 
-    def __init__(self, tune: bool = True, min_rows: int = 1, overlap_launches: bool = True):
+    def __init__(self, tune: bool = True, min_rows: int = 1, overlap_launches: bool = False):
         if not 1 <= min_rows <= MAX_ROWS:
             raise ValueError(f'min_rows must be between 1 and {MAX_ROWS}')
         self.tune = tune

@@ -6,8 +6,10 @@ GPU); :class:`Kernel` loads one onto a device and launches it on torch's current
 that CUDA-graph capture records it like any other kernel. :func:`unavailable_reason` says why
 not, where NVRTC or the driver cannot be found. ``programmatic=True`` launches with programmatic
 dependent launch (compute capability 9.0+, :func:`programmatic_launch_supported`): the kernel
-may start before the previous kernel in the stream ends, and must execute
-``griddepcontrol.wait`` before it touches anything that kernel writes.
+may start before the previous kernel in the stream ends, and every one of its CTAs must execute
+``griddepcontrol.wait`` before it reads anything an earlier kernel writes or writes anything an
+earlier kernel reads (then each kernel ends after the one before it, and the order holds along
+the stream).
 """
 import ctypes
 import glob
@@ -121,16 +123,22 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
 
 def programmatic_launch_supported(device) -> bool:
     """Whether kernels on ``device`` can be launched with programmatic dependent launch: compute
-    capability 9.0 or newer and a driver with ``cuLaunchKernelEx`` (CUDA 12)."""
+    capability 9.0 or newer and a CUDA 12.3+ driver (``cuLaunchKernelEx``; graph capture of
+    programmatic launches)."""
     torch = require_torch()
     index = torch.device(device).index
     index = torch.cuda.current_device() if index is None else index
     if torch.cuda.get_device_capability(index)[0] < 9:
         return False
     try:
-        return hasattr(_load('cuda'), 'cuLaunchKernelEx')
+        driver = _load('cuda')
     except OSError:
         return False
+    version = ctypes.c_int()
+    if not hasattr(driver, 'cuLaunchKernelEx') or driver.cuDriverGetVersion(
+            ctypes.byref(version)) != 0:
+        return False
+    return version.value >= 12030
 
 
 class Kernel:

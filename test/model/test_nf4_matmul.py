@@ -514,8 +514,13 @@ def test_overlapped_launches_give_the_bits_of_plain_ones_in_a_graph():
     """A decode layer's chain as a graph replays it: a kernel writes x, the grouped q/k/v
     launch reads it, the attention kernel reads their outputs and the o launch the attention's.
     With programmatic dependent launch (each kernel may start before the previous one ends, on
-    compute capability 9.0+) every replay gives the bits of plain launches."""
+    compute capability 9.0+) every replay gives the bits of plain launches. (It cannot tell
+    whether the launches did overlap: their timing decides that.)"""
     from qwen_vl_perception.model import decode_attention, nvrtc
+    if not (decode_attention.overlap_supported('cuda')
+            and nvrtc.programmatic_launch_supported('cuda')):
+        pytest.skip('programmatic dependent launch needs compute capability 9.0+, a CUDA 12.3 '
+                    'driver and a Triton with it')
     heads, groups, head_dim, cache_len, hidden = 8, 4, 128, 384, 2560
     width = heads * groups * head_dim
     q_proj, k_proj, v_proj = (nf4_linear(size, hidden, torch.bfloat16, bias=False, seed=seed)
@@ -532,8 +537,6 @@ def test_overlapped_launches_give_the_bits_of_plain_ones_in_a_graph():
     workspace = torch.zeros(decode_attention.workspace_floats(1, heads, cache_len, head_dim),
                             device='cuda')
     locks = torch.zeros(heads, dtype=torch.int32, device='cuda')
-    overlap = decode_attention.overlap_supported('cuda')
-    assert overlap == nvrtc.programmatic_launch_supported('cuda')
 
     def layer(overlapped):
         matmul.overlap_launches = overlapped
@@ -544,12 +547,15 @@ def test_overlapped_launches_give_the_bits_of_plain_ones_in_a_graph():
                                 position, out, workspace, locks, 0.088,
                                 new_keys=k.view(1, heads, head_dim),
                                 new_values=v.view(1, heads, head_dim),
-                                overlap=overlapped and overlap)
+                                overlap=overlapped)
         return o(out.view(1, width))
 
+    layer(False)  # tunes outside the capture
+    if any(entry['shape']['kernel'] != 'cuda' for entry in matmul.tuned_shapes()):
+        pytest.skip('the tuner picked the Triton kernel, which has no programmatic launch')
     graphs = {}
     for overlapped in (False, True):
-        layer(overlapped)  # tunes and compiles outside the capture
+        layer(overlapped)  # compiles outside the capture
         graphs[overlapped] = torch.cuda.CUDAGraph(), None
         with torch.cuda.graph(graphs[overlapped][0]):
             graphs[overlapped] = graphs[overlapped][0], layer(overlapped)

@@ -22,13 +22,15 @@ def test_a_missing_compiler_is_a_reason_not_an_error(monkeypatch):
 
 @pytest.mark.skipif(nvrtc.unavailable_reason(need_driver=False) is not None,
                     reason='NVRTC is not installed (CUDA builds of torch bring it)')
-@pytest.mark.parametrize('arch', ['sm_80', 'sm_90'])
+@pytest.mark.parametrize('arch', ['sm_80', 'sm_87', 'sm_90'])
 def test_every_variant_of_the_kernel_compiles(arch):
     for warps, row_tiles, pipe in _CUDA_CONFIGS:
         shape = nf4_cuda.CudaShape(warps, row_tiles, pipe)
         for n_tiles in (1, 2):
-            for bf16, nested in ((True, True), (False, False)):
-                source = nf4_cuda.source_for(NF4_TABLE, bf16, nested, shape, n_tiles)
+            for bf16, nested, programmatic in ((True, True, False), (False, False, False),
+                                               (True, True, True)):
+                source = nf4_cuda.source_for(NF4_TABLE, bf16, nested, shape, n_tiles,
+                                             programmatic)
                 assert nvrtc.compile_cubin(source, nf4_cuda.KERNEL_NAME, arch)[:4] == b'\x7fELF'
     with pytest.raises(RuntimeError, match='does not compile'):
         nvrtc.compile_cubin('extern "C" __global__ void k() { undefined(); }', 'k', arch)

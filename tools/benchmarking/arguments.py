@@ -68,7 +68,7 @@ def add_check_arguments(parser):
     parser.add_argument('--unfused-check', action='store_true',
                         help='also time our engine unfused (batch 1, first --new-tokens)')
     parser.add_argument('--overlap-check', action='store_true',
-                        help='CUDA: also time our engine without programmatic dependent launch '
+                        help='CUDA: also time our engine with programmatic dependent launch '
                              '(nf4 variant, each --batch-sizes, first --new-tokens)')
     parser.add_argument('--nf4-kernel', default='auto', choices=('auto', 'on', 'off'),
                         help="NF4 decode linears through the project's fused Triton kernel "
