@@ -11,7 +11,8 @@ Unreadable images are reported and skipped.
 With ``--server URL`` the model is the one an OpenAI-compatible server (vLLM, SGLang, ...)
 serves, through the node's ``openai`` backend (same prompt, parser and scores; ``--batch-size``
 requests in flight); ``--model`` is then optional, the served model's folder, read only for its
-detection_prompt.json and pixel budget. A failed request skips its images (reported).
+detection_prompt.json and pixel budget. A failed batch is tried again an image at a time
+(``--retries``); an image that still fails is skipped (reported, and listed in the summary).
 """
 import argparse
 import json
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--batch-size', type=int, default=1,
                         help='images decoded together, or with --server requests in flight '
                              '(default %(default)s)')
+    parser.add_argument('--retries', type=int, default=1,
+                        help='times a failed batch\'s images are tried again, one at a time, '
+                             'before they are skipped (default %(default)s; 0: never)')
     parser.add_argument('--score-threshold', type=float, default=0.0,
                         help='drop detections scoring below this (default 0: keep all; the '
                              'evaluate tool thresholds later)')
@@ -139,6 +143,8 @@ def detection_settings(args, model_dir: Optional[Path]) -> DetectionSettings:
         template = trained.get('prompt_template')
     if args.batch_size < 1:
         raise ToolError('--batch-size must be at least 1')
+    if args.retries < 0:
+        raise ToolError('--retries must be 0 or more')
     return DetectionSettings(categories=tuple(categories), describe=bool(describe),
                              attributes=tuple(attributes), prompt_template=template or None,
                              score_threshold=args.score_threshold,
@@ -198,7 +204,7 @@ def run(args) -> int:
     print(f'instruction: {prepared.instruction}')
 
     names = dict(zip(images, output_names(images)))
-    records, skipped = [], []
+    records, skipped, retried = [], [], []
     counts = Counter()
     detect_seconds = 0.0
     bar = tqdm(total=len(images), desc='images', unit='image')
@@ -213,21 +219,18 @@ def run(args) -> int:
                 bar.update(1)
         if not batch:
             continue
-        try:
-            frames = detector.detect([rgb for _, rgb in batch])
-        except RuntimeError as error:  # e.g. CUDA out of memory on a large batch
-            for path, _ in batch:
+        for path, rgb, frame, shared, error in _detect_batch(detector, batch, args.retries,
+                                                             retried):
+            if frame is None:
                 skipped.append({'image': path.name, 'reason': f'detection failed: {error}'})
-            tqdm.write(f'detection failed for {", ".join(p.name for p, _ in batch)}: {error}',
-                       file=sys.stderr)
-            bar.update(len(batch))
-            continue
-        detect_seconds += frames[0].seconds
-        for (path, rgb), frame in zip(batch, frames):
+                tqdm.write(f'detection failed for {path.name}: {error}', file=sys.stderr)
+                bar.update(1)
+                continue
+            detect_seconds += frame.seconds / shared  # a batch's time, shared out
             records.append(_write_outputs(out, names[path], path, rgb, frame, settings))
             counts.update(detection.label for detection in frame.detections)
             if not args.quiet:
-                tqdm.write(describe_frame(path, frame, len(batch)))
+                tqdm.write(describe_frame(path, frame, shared))
             bar.update(1)
     bar.close()
 
@@ -238,6 +241,7 @@ def run(args) -> int:
         'instruction': prepared.instruction, 'settings': _settings_dict(prepared.settings),
         'min_pixels': min_pixels, 'max_pixels': max_pixels,
         'images': len(images), 'processed': processed, 'skipped': skipped,
+        'retried': retried,
         'detections': sum(counts.values()), 'counts': dict(sorted(counts.items())),
         'timing': {'model_load_s': load_seconds, 'detect_s': detect_seconds,
                    'per_image_s': detect_seconds / processed if processed else None,
@@ -249,10 +253,43 @@ def run(args) -> int:
     engine.close()
     found = ', '.join(f'{count} {label}' for label, count in sorted(counts.items()))
     per_image = f', {detect_seconds / processed:.2f} s per image' if processed else ''
-    print(f'{processed} of {len(images)} images processed ({len(skipped)} skipped){per_image}; '
-          f'found {found or "nothing"}')
+    again = f', {len(retried)} tried again' if retried else ''
+    print(f'{processed} of {len(images)} images processed ({len(skipped)} skipped{again})'
+          f'{per_image}; found {found or "nothing"}')
     print(f'wrote {out / PREDICTIONS_DIR}, {out / ANNOTATED_DIR} and {out / SUMMARY_FILE}')
     return 0 if processed else 1
+
+
+def _detect_batch(detector, batch, retries: int, retried: list):
+    """(path, rgb, frame or None, images it was decoded with, error) for each image of
+    ``batch``.
+
+    A failed batch (a request the server did not answer, CUDA out of memory on a large batch,
+    ...) is tried again an image at a time, up to ``retries`` times each; every image tried
+    again is appended to ``retried`` with the first error, so the summary says so."""
+    try:
+        frames = detector.detect([rgb for _, rgb in batch])
+    except RuntimeError as error:
+        if not retries:
+            return [(path, rgb, None, len(batch), error) for path, rgb in batch]
+        tqdm.write(f'{", ".join(path.name for path, _ in batch)}: {error}; trying again, '
+                   'an image at a time', file=sys.stderr)
+        results = []
+        for path, rgb in batch:
+            retried.append({'image': path.name, 'reason': str(error)})
+            last = error
+            for _ in range(retries):
+                try:
+                    frame, = detector.detect([rgb])
+                except RuntimeError as again:
+                    last = again
+                    continue
+                results.append((path, rgb, frame, 1, None))
+                break
+            else:
+                results.append((path, rgb, None, 1, last))
+        return results
+    return [(path, rgb, frame, len(batch), None) for (path, rgb), frame in zip(batch, frames)]
 
 
 def served_engine(args, model_dir: Optional[Path]):

@@ -11,6 +11,8 @@ CONFIG keys (all optional):
   completion without log-probabilities, whose text is ``content``); ``body`` is sent as it
   is, so it can be anything, bad JSON included;
 - ``models_status``, ``models_body``: the same for ``GET /v1/models``;
+- ``fail_first``: only the first this many chat completions answer ``status`` and ``body``,
+  later ones 200 and the chat completion (a server that fails for a while);
 - ``delay_s``: seconds to wait before answering a chat completion;
 - ``record``: a file each request's method, path and Authorization header are appended to
   (as JSON lines);
@@ -32,6 +34,7 @@ def main(config: dict) -> None:
         'choices': [{'index': 0, 'finish_reason': 'stop',
                      'message': {'role': 'assistant', 'content': content}}],
         'usage': {'prompt_tokens': 10, 'completion_tokens': 3, 'total_tokens': 13}})
+    chats = iter(range(1 << 62))  # next() is atomic under the GIL: requests' order
     models_body = config.get('models_body', json.dumps(
         {'object': 'list', 'data': [{'id': name, 'object': 'model'} for name in models]}))
 
@@ -71,6 +74,9 @@ def main(config: dict) -> None:
                 self._send(404, json.dumps({'detail': 'Not Found'}))
                 return
             time.sleep(config.get('delay_s', 0))
+            if next(chats) >= config.get('fail_first', float('inf')):
+                self._send(200, default_chat)
+                return
             self._send(config.get('status', 200), config.get('body', default_chat))
 
     server = ThreadingHTTPServer(('127.0.0.1', config.get('port', 0)), Handler)

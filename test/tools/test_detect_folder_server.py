@@ -1,11 +1,12 @@
 """tools/detect_folder.py --server (the openai backend): a server it cannot use is reported
-before anything is written, failed requests skip their images. No torch needed (the tool's
+before anything is written, a failed batch is tried again an image at a time, images that
+still fail are skipped. No torch needed (the tool's
 tests on the model pipeline's fixtures: test_detect_folder.py)."""
 import json
 import subprocess
 import sys
 
-from http_servers import IMAGE, AnswerServer, free_port
+from http_servers import ANSWER, IMAGE, AnswerServer, free_port
 from locations import REPO_ROOT
 
 
@@ -37,3 +38,31 @@ def test_detect_folder_reports_a_server_it_cannot_use(tmp_path):
     summary = json.loads((out / 'summary.json').read_text())
     assert summary['processed'] == 0 and len(summary['skipped']) == 2
     assert summary['server'] == server.url and summary['server_model'] == 'default'
+
+
+def test_detect_folder_tries_a_failed_batch_again_an_image_at_a_time(tmp_path):
+    from PIL import Image
+    images = tmp_path / 'images'
+    images.mkdir()
+    for name in ('a.png', 'b.png', 'c.png'):
+        Image.fromarray(IMAGE).save(images / name)
+    body = json.dumps({'error': {'message': 'busy'}})
+    for retries, processed in ((1, 3), (0, 1)):
+        out = tmp_path / f'out{retries}'
+        # the first request fails: its batch (a, b; the other request answered) fails whole
+        with AnswerServer(status=503, body=body, fail_first=1, content=ANSWER) as server:
+            code, stdout, stderr = _detect_folder(
+                '--server', server.url, '--images', images, '--out', out, '--categories',
+                'cup', '--batch-size', 2, '--retries', retries, '--quiet')
+        assert code == 0, stdout + stderr
+        summary = json.loads((out / 'summary.json').read_text())
+        assert summary['processed'] == processed, stdout + stderr
+        assert summary['detections'] == processed  # the answer's one cup each
+        if retries:
+            assert summary['skipped'] == []
+            assert [entry['image'] for entry in summary['retried']] == ['a.png', 'b.png']
+            assert 'HTTP 503' in summary['retried'][0]['reason'] and 'busy' in stderr
+            assert '3 of 3 images processed (0 skipped, 2 tried again)' in stdout
+        else:
+            assert [entry['image'] for entry in summary['skipped']] == ['a.png', 'b.png']
+            assert summary['retried'] == [] and stderr.count('detection failed for') == 2
