@@ -6,10 +6,13 @@ run).
 plus the answer's room, rounded up) with an additive mask, and costs ~14 us per layer on an
 H200, mostly fixed. Here, for one key/value head of one row, the query heads that share it
 (grouped-query attention, padded to 16 rows for the tensor cores) attend to keys ``0 ..
-cache_position`` that ``key_valid`` allows (left padding), split into ``SPLIT`` parts that run
-side by side; each part keeps a running max, sum and weighted sum in fp32 (online softmax) and
-the last part of a head to finish adds the parts up in part order (deterministic; its counter
-is reset for the next launch). Probabilities are rounded to the value dtype before they weight
+cache_position`` that ``key_valid`` allows (left padding), split into parts of ``SPLIT`` keys
+that run side by side; only the parts holding keys up to the position do anything. Each keeps
+a running max, sum and weighted sum in fp32 (online softmax); a lone part writes its answer,
+otherwise the last part of a head to finish adds the parts up in a fixed order (deterministic;
+its counter is reset for the next launch), loading every part's max and sum at once and the
+weighted sums of up to eight parts at a time, so that it waits for memory a few times, not
+twice per part. Probabilities are rounded to the value dtype before they weight
 the values, as flash attention does.
 
 Given this step's key and value (``new_keys``, ``new_values``), the kernel also writes them into
@@ -36,6 +39,9 @@ except ImportError:
 SPLIT = 128
 """Keys per part."""
 BLOCK_KEYS = 64
+ADDED_ROWS = 32
+"""Query rows x parts whose weighted sums the last part loads at once (8 parts of 4 rows: 32
+fp32 registers per thread at 4 warps)."""
 
 
 @triton.jit
@@ -65,7 +71,8 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, valid_ptr
                             HEAD_DIM: tl.constexpr,
                             SPLIT_KEYS: tl.constexpr, BLOCK: tl.constexpr,
                             WRITE: tl.constexpr, NORM_ROPE: tl.constexpr,
-                            OVERLAP: tl.constexpr):
+                            OVERLAP: tl.constexpr, PARTS: tl.constexpr,
+                            GROUP_ROWS: tl.constexpr, CHUNK: tl.constexpr):
     ROWS: tl.constexpr = 16  # query heads padded to the tensor cores' smallest tile
     if OVERLAP:  # programmatic dependent launch: wait for the projection, let the next start
         gdc_wait()
@@ -89,72 +96,105 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, valid_ptr
                        tl.load(q_weight_ptr + d)[None, :], tl.load(q_weight_ptr + swap)[None, :],
                        cos[None, :], sin[None, :], sign[None, :], eps, HEAD_DIM, 1)
     last = tl.load(position_ptr)  # keys past the current position are not written yet
-    start = part * SPLIT_KEYS
-    end = tl.minimum(tl.minimum(start + SPLIT_KEYS, last + 1), cache_len)
-    best = tl.full((ROWS,), float('-inf'), tl.float32)
-    total = tl.zeros((ROWS,), tl.float32)
-    acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    if WRITE:  # this step's key and value: into the cache by the part that holds them
-        new_k = tl.load(new_k_ptr + b * stride_nkb + h * stride_nkh + d)
-        if NORM_ROPE:
-            new_k = _norm_rope(new_k, tl.load(new_k_ptr + b * stride_nkb + h * stride_nkh + swap),
-                               tl.load(k_weight_ptr + d), tl.load(k_weight_ptr + swap), cos, sin,
-                               sign, eps, HEAD_DIM, 0)
-        new_v = tl.load(new_v_ptr + b * stride_nvb + h * stride_nvh + d)
-        here = d < tl.where((start <= last) & (last < start + SPLIT_KEYS) & (last < cache_len),
-                            HEAD_DIM, 0)
-        tl.store(k_base + last * stride_kl + d, new_k, mask=here)
-        tl.store(v_base + last * stride_vl + d, new_v, mask=here)
-    for first in range(start, end, BLOCK):
-        keys = first + tl.arange(0, BLOCK)
-        inside = keys < end
-        allowed = inside & (tl.load(valid_ptr + b * stride_valid + keys, mask=inside,
-                                    other=0) != 0)
-        k = tl.load(k_base + keys[:, None] * stride_kl + d[None, :], mask=inside[:, None],
-                    other=0.0)
-        if WRITE:  # the current position from registers (its store above may not be seen)
-            k = tl.where((keys == last)[:, None], new_k[None, :], k)
-        scores = tl.dot(q, tl.trans(k)) * scale
-        scores = tl.where(allowed[None, :], scores, float('-inf'))
-        new_best = tl.maximum(best, tl.max(scores, axis=1))
-        safe = tl.where(new_best == float('-inf'), 0.0, new_best)  # no key allowed yet
-        weights = tl.exp(scores - safe[:, None])
-        keep = tl.exp(best - safe)
-        total = total * keep + tl.sum(weights, axis=1)
-        v = tl.load(v_base + keys[:, None] * stride_vl + d[None, :], mask=inside[:, None],
-                    other=0.0)
-        if WRITE:
-            v = tl.where((keys == last)[:, None], new_v[None, :], v)
-        acc = acc * keep[:, None] + tl.dot(weights.to(v.dtype), v)
-        best = new_best
-    # this part's (max, sum, weighted sum) to the workspace, then the last part adds up
-    part_ws = ws_ptr + (row_head * splits + part) * (ROWS * (HEAD_DIM + 2))
-    tl.store(part_ws + g * (HEAD_DIM + 2), best)
-    tl.store(part_ws + g * (HEAD_DIM + 2) + 1, total)
-    tl.store(part_ws + g[:, None] * (HEAD_DIM + 2) + 2 + d[None, :], acc)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(lock_ptr + row_head, 1, sem='acq_rel', scope='gpu')
-    if arrived == splits - 1:
-        head_ws = ws_ptr + row_head * splits * (ROWS * (HEAD_DIM + 2))
-        overall = tl.full((ROWS,), float('-inf'), tl.float32)
-        for s in range(0, splits):
-            overall = tl.maximum(overall, tl.load(head_ws + s * (ROWS * (HEAD_DIM + 2))
-                                                  + g * (HEAD_DIM + 2), cache_modifier='.cg'))
-        safe = tl.where(overall == float('-inf'), 0.0, overall)
-        denominator = tl.zeros((ROWS,), tl.float32)
-        numerator = tl.zeros((ROWS, HEAD_DIM), tl.float32)
-        for s in range(0, splits):
-            one = head_ws + s * (ROWS * (HEAD_DIM + 2))
-            factor = tl.exp(tl.load(one + g * (HEAD_DIM + 2), cache_modifier='.cg') - safe)
-            denominator += factor * tl.load(one + g * (HEAD_DIM + 2) + 1, cache_modifier='.cg')
-            numerator += factor[:, None] * tl.load(
-                one + g[:, None] * (HEAD_DIM + 2) + 2 + d[None, :], cache_modifier='.cg')
-        result = numerator / tl.where(denominator == 0.0, 1.0, denominator)[:, None]
-        tl.store(out_ptr + b * stride_ob + h * stride_oh + g[:, None] * stride_og + d[None, :],
-                 result.to(out_ptr.dtype.element_ty), mask=real[:, None])
-        tl.atomic_xchg(lock_ptr + row_head, 0)
+    live = tl.minimum(last // SPLIT_KEYS + 1, splits)  # the parts holding keys 0 .. last
+    if part < live:  # a part past the position has nothing to add, nor to write
+        start = part * SPLIT_KEYS
+        end = tl.minimum(tl.minimum(start + SPLIT_KEYS, last + 1), cache_len)
+        best = tl.full((ROWS,), float('-inf'), tl.float32)
+        total = tl.zeros((ROWS,), tl.float32)
+        acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
+        k_base = k_ptr + b * stride_kb + h * stride_kh
+        v_base = v_ptr + b * stride_vb + h * stride_vh
+        if WRITE:  # this step's key and value: into the cache by the part that holds them
+            new_k = tl.load(new_k_ptr + b * stride_nkb + h * stride_nkh + d)
+            if NORM_ROPE:
+                new_k = _norm_rope(new_k,
+                                   tl.load(new_k_ptr + b * stride_nkb + h * stride_nkh + swap),
+                                   tl.load(k_weight_ptr + d), tl.load(k_weight_ptr + swap), cos,
+                                   sin, sign, eps, HEAD_DIM, 0)
+            new_v = tl.load(new_v_ptr + b * stride_nvb + h * stride_nvh + d)
+            here = d < tl.where((start <= last) & (last < start + SPLIT_KEYS)
+                                & (last < cache_len), HEAD_DIM, 0)
+            tl.store(k_base + last * stride_kl + d, new_k, mask=here)
+            tl.store(v_base + last * stride_vl + d, new_v, mask=here)
+        for first in range(start, end, BLOCK):
+            keys = first + tl.arange(0, BLOCK)
+            inside = keys < end
+            allowed = inside & (tl.load(valid_ptr + b * stride_valid + keys, mask=inside,
+                                        other=0) != 0)
+            k = tl.load(k_base + keys[:, None] * stride_kl + d[None, :], mask=inside[:, None],
+                        other=0.0)
+            if WRITE:  # the current position from registers (its store may not be seen)
+                k = tl.where((keys == last)[:, None], new_k[None, :], k)
+            scores = tl.dot(q, tl.trans(k)) * scale
+            scores = tl.where(allowed[None, :], scores, float('-inf'))
+            new_best = tl.maximum(best, tl.max(scores, axis=1))
+            safe = tl.where(new_best == float('-inf'), 0.0, new_best)  # no key allowed yet
+            weights = tl.exp(scores - safe[:, None])
+            keep = tl.exp(best - safe)
+            total = total * keep + tl.sum(weights, axis=1)
+            v = tl.load(v_base + keys[:, None] * stride_vl + d[None, :], mask=inside[:, None],
+                        other=0.0)
+            if WRITE:
+                v = tl.where((keys == last)[:, None], new_v[None, :], v)
+            acc = acc * keep[:, None] + tl.dot(weights.to(v.dtype), v)
+            best = new_best
+        if live == 1:  # the only part: its answer, without the workspace
+            result = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+            tl.store(out_ptr + b * stride_ob + h * stride_oh + g[:, None] * stride_og
+                     + d[None, :], result.to(out_ptr.dtype.element_ty), mask=real[:, None])
+        else:
+            # this part's (max, sum, weighted sum) to the workspace, then the last adds up
+            part_ws = ws_ptr + (row_head * splits + part) * (ROWS * (HEAD_DIM + 2))
+            tl.store(part_ws + g * (HEAD_DIM + 2), best, mask=real)
+            tl.store(part_ws + g * (HEAD_DIM + 2) + 1, total, mask=real)
+            tl.store(part_ws + g[:, None] * (HEAD_DIM + 2) + 2 + d[None, :], acc,
+                     mask=real[:, None])
+            tl.debug_barrier()
+            arrived = tl.atomic_add(lock_ptr + row_head, 1, sem='acq_rel', scope='gpu')
+            if arrived == live - 1:
+                result = _added_parts(ws_ptr + row_head * splits * (ROWS * (HEAD_DIM + 2)),
+                                      live, GROUPS, GROUP_ROWS, ROWS, HEAD_DIM, PARTS, CHUNK)
+                r = tl.arange(0, GROUP_ROWS)
+                tl.store(out_ptr + b * stride_ob + h * stride_oh + r[:, None] * stride_og
+                         + d[None, :], result.to(out_ptr.dtype.element_ty),
+                         mask=(r < GROUPS)[:, None])
+                tl.atomic_xchg(lock_ptr + row_head, 0)
+
+
+@triton.jit
+def _added_parts(head_ws, live, GROUPS: tl.constexpr, GROUP_ROWS: tl.constexpr,
+                 ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PARTS: tl.constexpr,
+                 CHUNK: tl.constexpr):
+    """The attention of a head's ``GROUPS`` query rows (``GROUP_ROWS``: padded to a power of
+    two) from ``live`` parts' (max, sum, weighted sum) in ``head_ws``. Every part's max and sum
+    come in one load, the weighted sums in loads of ``CHUNK`` parts, each independent of the
+    others: a few memory round trips, not two per part. Deterministic."""
+    STRIDE: tl.constexpr = ROWS * (HEAD_DIM + 2)
+    ROW: tl.constexpr = HEAD_DIM + 2
+    r = tl.arange(0, GROUP_ROWS)
+    d = tl.arange(0, HEAD_DIM)
+    s = tl.arange(0, PARTS)
+    c = tl.arange(0, CHUNK)
+    real = r < GROUPS
+    on = (s < live)[:, None] & real[None, :]
+    stats = head_ws + s[:, None] * STRIDE + r[None, :] * ROW
+    maxima = tl.load(stats, mask=on, other=float('-inf'), cache_modifier='.cg')
+    totals = tl.load(stats + 1, mask=on, other=0.0, cache_modifier='.cg')
+    overall = tl.max(maxima, axis=0)
+    safe = tl.where(overall == float('-inf'), 0.0, overall)
+    denominator = tl.sum(tl.exp(maxima - safe[None, :]) * totals, axis=0)
+    numerator = tl.zeros((GROUP_ROWS, HEAD_DIM), tl.float32)
+    for first in range(0, live, CHUNK):
+        parts = first + c
+        here = (parts < live)[:, None] & real[None, :]
+        rows = head_ws + parts[:, None] * STRIDE + r[None, :] * ROW
+        weighted = tl.load(rows[:, :, None] + 2 + d[None, None, :], mask=here[:, :, None],
+                           other=0.0, cache_modifier='.cg')
+        factors = tl.exp(tl.load(rows, mask=here, other=float('-inf'), cache_modifier='.cg')
+                         - safe[None, :])  # 0 past ``live`` and in padded rows
+        numerator += tl.sum(factors[:, :, None] * weighted, axis=0)
+    return numerator / tl.where(denominator == 0.0, 1.0, denominator)[:, None]
 
 
 def launch(q, keys, values, key_valid, cache_position, out, workspace, locks, scale: float,
@@ -199,6 +239,7 @@ def launch(q, keys, values, key_valid, cache_position, out, workspace, locks, sc
         raise ValueError(f'split must be a power of two of at least 16, got {split}')
     splits = -(-keys.shape[2] // split)
     options = {'launch_pdl': True} if overlap else {}
+    group_rows = triton.next_power_of_2(groups)
     decode_attention_kernel[(batch * heads, splits)](
         q, keys, values, new_keys, new_values, key_valid, cache_position, out, workspace, locks,
         heads, splits, scale, q.stride(0), q.stride(1), q.stride(2), keys.stride(0),
@@ -207,7 +248,10 @@ def launch(q, keys, values, key_valid, cache_position, out, workspace, locks, sc
         key_valid.stride(0), out.stride(0), out.stride(1), out.stride(2), q_weight, k_weight,
         cos, sin, cos.stride(0), sin.stride(0), float(eps), keys.shape[2], GROUPS=groups,
         HEAD_DIM=head_dim, SPLIT_KEYS=split, BLOCK=min(BLOCK_KEYS, split), WRITE=write,
-        NORM_ROPE=norm_rope is not None, OVERLAP=bool(overlap), num_warps=num_warps, **options)
+        NORM_ROPE=norm_rope is not None, OVERLAP=bool(overlap),
+        PARTS=triton.next_power_of_2(splits), GROUP_ROWS=group_rows,
+        CHUNK=min(triton.next_power_of_2(splits), max(1, ADDED_ROWS // group_rows)),
+        num_warps=num_warps, **options)
 
 
 def overlap_supported(device) -> bool:

@@ -166,6 +166,7 @@ def test_kernel_builds_for_a_jetson_orin_and_an_h200_without_a_gpu(capability):
         for write, rotate in ((False, False), (True, True)):
             constexprs = dict(GROUPS=4, HEAD_DIM=128, SPLIT_KEYS=decode_attention.SPLIT,
                               BLOCK=decode_attention.BLOCK_KEYS, WRITE=write, NORM_ROPE=rotate,
+                              PARTS=8, GROUP_ROWS=4, CHUNK=8,  # a 1024-key cache
                               OVERLAP=capability >= 90  # programmatic launch: sm_90+
                               and decode_attention.gdc_wait is not None)
             signature = {name: 'constexpr' if name in constexprs

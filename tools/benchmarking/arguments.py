@@ -81,8 +81,14 @@ def add_check_arguments(parser):
                              "every layer's seven) at these row counts, fused kernel against "
                              'bitsandbytes')
     parser.add_argument('--linears-only', action='store_true',
-                        help='CUDA: quantize as the nf4 variant, run --linear-rows and '
-                             '--lm-head-check, nothing else')
+                        help='CUDA: quantize as the nf4 variant, run --linear-rows, '
+                             '--lm-head-check and --attention-splits, nothing else')
+    parser.add_argument('--attention-splits', type=int, nargs='*', default=[],
+                        metavar='KEYS',
+                        help="CUDA: time one decode step's attention alone (every layer, a CUDA "
+                             'graph) with the decode attention kernel at these keys per part '
+                             '(powers of two >= 16, e.g. 64 128 256 1024) against SDPA, at '
+                             'each --batch-sizes')
     parser.add_argument('--lm-head-check', action='store_true',
                         help='CUDA: time lm_head in bf16 against an 8-bit (fp8, per-row '
                              'scales) decode-only copy, and their top-1 agreement on the '

@@ -1,4 +1,5 @@
-"""Single layers' device time in CUDA graphs: a decode step's NF4 linears; lm_head, bf16 vs fp8."""
+"""Single layers' device time in CUDA graphs: a decode step's NF4 linears; lm_head, bf16 vs fp8;
+a decode step's attention."""
 from functools import partial
 
 from qwen_vl_perception.model.kernel_choices import SHARED_INPUT_LINEARS
@@ -257,3 +258,66 @@ def head_agreement(torch, model, tensors, head, head8):
             'bf16_vs_fp32': float((bf16 == exact).float().mean()),
             'fp8_vs_fp32': float((eight == exact).float().mean()),
             'fp8_vs_bf16': float((eight == bf16).float().mean())}
+
+
+# -- one decode step's attention -----------------------------------------------------------
+
+def attention_check(torch, model, batch_sizes, cache_len, position, splits, dtype, replays=50):
+    """Device time of one decode step's attention, every layer (one CUDA graph, each layer its
+    own cache, so the keys stream from memory as in a step), per batch size: the decode
+    attention kernel at each of ``splits`` keys per part (it also norms, rotates and writes
+    the step's key and value, as the decoder runs it) against ``scaled_dot_product_attention``
+    over the whole static cache with the step's mask (what the unfused step runs, without
+    the norm, rotation and cache write), at ``position``. The kernel's correctness is the
+    tests' (test_decode_attention.py)."""
+    from qwen_vl_perception.model.decode_session import decode_attention_step
+    from qwen_vl_perception.model.fast_decode import text_model_parts
+    parts = text_model_parts(model)
+    layers, heads, groups = len(parts.layers), parts.num_kv_heads, \
+        parts.num_heads // parts.num_kv_heads
+    head_dim = parts.head_dim
+    device = parts.embed_tokens.weight.device
+    results = {'layers': layers, 'cache_len': cache_len, 'position': position, 'runs': []}
+    for batch in batch_sizes:
+        def randn(*shape):
+            return torch.randn(*shape, device=device, dtype=dtype)
+        keys = [randn(batch, heads, cache_len, head_dim) for _ in range(layers)]
+        values = [randn(batch, heads, cache_len, head_dim) for _ in range(layers)]
+        q = randn(batch, heads, groups, head_dim)
+        new_keys, new_values = randn(batch, heads, head_dim), randn(batch, heads, head_dim)
+        valid = torch.ones(batch, cache_len, dtype=torch.bool, device=device)
+        where = torch.tensor([position], device=device)
+        angles = torch.rand(batch, head_dim // 2, device=device).repeat(1, 2)
+        ones = torch.ones(head_dim, device=device, dtype=dtype)
+        norm_rope = (ones, ones, 1e-6, angles.cos().to(dtype), angles.sin().to(dtype))
+        scale = head_dim ** -0.5
+        entry = {'batch': batch}
+        mask = torch.where(valid & (torch.arange(cache_len, device=device) <= position), 0.0,
+                           float('-inf')).to(dtype)[:, None, None, :]
+        flat = q.reshape(batch, heads * groups, 1, head_dim)
+
+        def sdpa(layer):
+            return torch.nn.functional.scaled_dot_product_attention(
+                flat, keys[layer], values[layer], attn_mask=mask, scale=scale,
+                enable_gqa=True)
+        ms, _ = graph_ms(torch, [partial(sdpa, layer) for layer in range(layers)], replays)
+        entry['sdpa_us_per_layer'] = 1000 * ms / layers
+        for split in splits:
+            step = decode_attention_step(torch, batch, parts, cache_len, device, split=split)
+
+            def kernel(layer, step=step):
+                return step(q, keys[layer], values[layer], valid, where, scale, new_keys,
+                            new_values, norm_rope)
+            try:
+                ms, _ = graph_ms(torch, [partial(kernel, layer) for layer in range(layers)],
+                                 replays)
+            except Exception as error:  # a split the kernel cannot take: said, not fatal
+                entry[f'split_{split}_error'] = f'{type(error).__name__}: {error}'
+                continue
+            entry[f'split_{split}_us_per_layer'] = 1000 * ms / layers
+        results['runs'].append(entry)
+        print(f'decode attention, batch {batch}, cache {cache_len}, position {position}: '
+              + ', '.join(f'{key[:-len("_us_per_layer")]} {value:.1f} us'
+                          for key, value in entry.items() if key.endswith('_us_per_layer'))
+              + ' per layer', flush=True)
+    return results

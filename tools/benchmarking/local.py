@@ -9,7 +9,7 @@ from qwen_vl_perception.model.torch_support import require, require_torch
 from .arguments import TRISTATE, parse_pair
 from .checks import agreement, agreement_text, instruction_prefill, profile_step
 from .inputs import article_instruction, make_input_builder, test_image
-from .layer_checks import linear_step, lm_head_check
+from .layer_checks import attention_check, linear_step, lm_head_check
 from .memory import memory_processes
 from .models import (SIZE_KEYS, SKIPPED, build_model, dtype_name, quantize_linears,
                      set_compute_dtype)
@@ -228,6 +228,22 @@ class Benchmark:
             self.error('linears', error)
         self.save()
 
+    def attention_check(self):
+        """``--attention-splits``: one step's attention, kernel per split against SDPA, at the
+        cache the decoder makes for the first ``--new-tokens``, half-way through the answer."""
+        if not (self.args.attention_splits and self.on_cuda):
+            return
+        prompt, new_tokens = self.results['prompt_tokens'], self.args.new_tokens[0]
+        bucket = self.decoder.cache_bucket
+        cache_len = -(-(prompt + new_tokens) // bucket) * bucket
+        try:
+            self.results['decode_attention'] = attention_check(
+                self.torch, self.model, self.args.batch_sizes, cache_len,
+                prompt + new_tokens // 2, self.args.attention_splits, self.dtype)
+        except Exception as error:
+            self.error('attention', error)
+        self.save()
+
     def lm_head_check(self):
         if not (self.args.lm_head_check and self.on_cuda):
             return
@@ -281,6 +297,7 @@ class Benchmark:
         self.bnb_check(label)
         self.linear_check()
         self.lm_head_check()
+        self.attention_check()
         self.prefix_check()
         self.profile(label)
         self.memory_check(f'after {label} runs')
@@ -317,3 +334,4 @@ class Benchmark:
         self.quantize('nf4')
         self.linear_check()
         self.lm_head_check()
+        self.attention_check()
