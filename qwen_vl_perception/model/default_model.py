@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
 from ..trained_prompt import PROMPT_FILE
+from .cache_trust import untrusted_above, untrusted_entry
 from .pixel_budget import write_pixel_budget
 from .checkpoint_files import write_input_files
 from .torch_support import require, require_torch
@@ -214,37 +215,17 @@ def verify_cached(folder: PathLike) -> Path:
     return folder
 
 
-def _trusted_owner(uid: int) -> bool:
-    return uid in (0, os.geteuid())
-
-
 def _check_trusted(path: Path, kind) -> None:
-    """``path`` (not followed if a link) is a ``kind`` file of a trusted owner, not writable
-    by group or others."""
-    info = os.lstat(path)
-    if not kind(info.st_mode):
-        what = 'folder' if kind is stat.S_ISDIR else 'file'
-        raise DefaultModelError(f'{path}: not a plain {what} (a link or other entry); '
-                                'refusing the cached default model')
-    if not _trusted_owner(info.st_uid):
-        raise DefaultModelError(f'{path} belongs to uid {info.st_uid}, neither this user '
-                                f'({os.geteuid()}) nor root; refusing the cached default model')
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise DefaultModelError(f'{path} is writable by group or others '
-                                f'({stat.filemode(info.st_mode)}); refusing the cached '
-                                'default model')
+    reason = untrusted_entry(path, kind)
+    if reason is not None:
+        raise DefaultModelError(f'{reason}; refusing the cached default model')
 
 
 def _check_trusted_above(folder: Path) -> None:
-    """No one but the owner or root can swap ``folder`` or a folder above it."""
-    for path in [folder.resolve(), *folder.resolve().parents]:
-        info = os.stat(path)
-        writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if not _trusted_owner(info.st_uid) or (writable and not info.st_mode & stat.S_ISVTX):
-            raise DefaultModelError(
-                f'{path} ({stat.filemode(info.st_mode)}, uid {info.st_uid}) can be changed by '
-                'other users; refusing the cached default model below it (README, '
-                '"Reliability and security")')
+    reason = untrusted_above(folder)
+    if reason is not None:
+        raise DefaultModelError(f'{reason}; refusing the cached default model below it '
+                                '(README, "Reliability and security")')
 
 
 def _sha256(path: Path) -> str:

@@ -2,8 +2,9 @@
 ctypes only (no CUDA toolkit, no compiler on the robot: CUDA builds of torch bring NVRTC).
 
 :func:`compile_cubin` turns source into a cubin for one architecture (it needs NVRTC, not a
-GPU); :class:`Kernel` loads one onto a device and launches it on torch's current stream, so
-that CUDA-graph capture records it like any other kernel. :func:`unavailable_reason` says why
+GPU), kept on disk for the next start (:func:`kernel_cache_dir`); :class:`Kernel` loads one
+onto a device and launches it on torch's current stream, so that CUDA-graph capture records it
+like any other kernel. :func:`unavailable_reason` says why
 not, where NVRTC or the driver cannot be found. ``programmatic=True`` launches with programmatic
 dependent launch (compute capability 9.0+, :func:`programmatic_launch_supported`): the kernel
 may start before the previous kernel in the stream ends, and every one of its CTAs must execute
@@ -13,10 +14,16 @@ the stream).
 """
 import ctypes
 import glob
+import hashlib
 import os
+import stat
 import sys
-from typing import Dict, Optional, Sequence
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
 
+from .cache_trust import untrusted_above, untrusted_entry
 from .torch_support import require_torch
 
 _LIBRARIES: Dict[str, object] = {}
@@ -65,9 +72,119 @@ def unavailable_reason(need_driver: bool = True) -> Optional[str]:
     return None
 
 
-def compile_cubin(source: str, name: str, arch: str, options: Sequence[str] = ()) -> bytes:
+KERNEL_CACHE_ENV = 'QWEN_VL_PERCEPTION_KERNEL_CACHE'
+"""A folder for compiled kernels (default: ``kernels/`` in the model cache, ``cache_root()``);
+``off`` (or ``0``, ``none``, empty) compiles every time."""
+_CACHE_MAGIC = b'QVPCUBIN1\n'
+_cache_warned = []
+
+
+def kernel_cache_dir() -> Optional[Path]:
+    """Where compiled cubins are kept, or None when the cache is off."""
+    configured = os.environ.get(KERNEL_CACHE_ENV)
+    if configured is None:
+        from .default_model import cache_root
+        return cache_root() / 'kernels'
+    if configured.strip().lower() in ('', '0', 'off', 'none', 'false'):
+        return None
+    return Path(configured).expanduser()
+
+
+def nvrtc_version() -> Tuple[int, int]:
+    """NVRTC's (major, minor)."""
+    nvrtc = _load('nvrtc')
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    _nvrtc_check(nvrtc, nvrtc.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)))
+    return major.value, minor.value
+
+
+def compile_cubin(source: str, name: str, arch: str, options: Sequence[str] = (),
+                  cache: bool = True) -> bytes:
     """The cubin of ``source`` for ``arch`` (e.g. ``'sm_90'``); RuntimeError with NVRTC's log
-    if it does not compile."""
+    if it does not compile. With ``cache`` (and the cache on: :func:`kernel_cache_dir`) a
+    cubin compiled before by the same NVRTC from the same source and options is read from
+    disk (~0.6-1 s saved per kernel variant; a node compiles 6-12 at start-up). Only a cache
+    no one else can have changed is used (as the default model's: :mod:`cache_trust`); a file
+    that does not check out is compiled again and replaced; a cache that cannot be used or
+    written is warned about once and left alone."""
+    folder = kernel_cache_dir() if cache else None
+    if folder is not None:
+        reason = _untrusted_folder(folder)
+        if reason is not None:
+            _warn_once(('untrusted', folder), f'not using the kernel cache {folder}: {reason} '
+                       f'(set {KERNEL_CACHE_ENV} to a folder of your own, or to off)')
+            folder = None
+    if folder is None:
+        return _compiled(source, name, arch, options)
+    key = hashlib.sha256('\0'.join([repr(nvrtc_version()), arch, *options, name, source])
+                         .encode()).hexdigest()[:40]
+    path = folder / f'{name}-{arch}-{key}.cubin'
+    cubin = _read_cached(path)
+    if cubin is not None:
+        return cubin
+    cubin = _compiled(source, name, arch, options)
+    _write_cached(path, cubin)
+    return cubin
+
+
+def _untrusted_folder(folder: Path) -> Optional[str]:
+    """Why ``folder`` (or, while it does not exist, the folder it will be made in) could be
+    changed by someone else, or None."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if existing == folder:
+            return untrusted_entry(folder, stat.S_ISDIR) or untrusted_above(folder.parent)
+        return untrusted_above(existing)
+    except OSError as error:
+        return str(error)
+
+
+def _read_cached(path: Path) -> Optional[bytes]:
+    try:
+        if untrusted_entry(path) is not None:
+            return None  # compiled again, and replaced in this (trusted) folder
+        data = path.read_bytes()
+    except OSError:
+        return None
+    header = len(_CACHE_MAGIC) + 32
+    cubin = data[header:]
+    if (data[:len(_CACHE_MAGIC)] != _CACHE_MAGIC or cubin[:4] != b'\x7fELF'
+            or hashlib.sha256(cubin).digest() != data[len(_CACHE_MAGIC):header]):
+        return None  # torn or damaged: compiled again and replaced
+    return cubin
+
+
+def _write_cached(path: Path, cubin: bytes) -> None:
+    """Write ``path`` whole or not at all (a temporary file renamed into place), so that a
+    concurrent reader sees the old file, none, or this one; 0644 in 0755 folders (a cache
+    filled by root can be shared)."""
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix='.' + path.name)
+        try:
+            with os.fdopen(handle, 'wb') as stream:
+                stream.write(_CACHE_MAGIC + hashlib.sha256(cubin).digest() + cubin)
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+    except OSError as error:
+        _warn_once(('unwritable', path.parent),
+                   f'cannot keep compiled kernels in {path.parent} ({error}); they are '
+                   f'compiled at every start (set {KERNEL_CACHE_ENV} to a writable folder, '
+                   'or to off)')
+
+
+def _warn_once(key, message: str) -> None:
+    if key not in _cache_warned:
+        _cache_warned.append(key)
+        warnings.warn(message, RuntimeWarning)
+
+
+def _compiled(source: str, name: str, arch: str, options: Sequence[str]) -> bytes:
     nvrtc = _load('nvrtc')
     program = ctypes.c_void_p()
     _nvrtc_check(nvrtc, nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(),

@@ -20,20 +20,31 @@ def test_a_missing_compiler_is_a_reason_not_an_error(monkeypatch):
         nvrtc.compile_cubin('extern "C" __global__ void k() {}', 'k', 'sm_90')
 
 
-@pytest.mark.skipif(nvrtc.unavailable_reason(need_driver=False) is not None,
-                    reason='NVRTC is not installed (CUDA builds of torch bring it)')
+no_nvrtc = pytest.mark.skipif(nvrtc.unavailable_reason(need_driver=False) is not None,
+                              reason='NVRTC is not installed (CUDA builds of torch bring it)')
+KERNEL = 'extern "C" __global__ void k(float* x) { x[threadIdx.x] += %d.0f; }'
+
+
+@no_nvrtc
 @pytest.mark.parametrize('arch', ['sm_80', 'sm_87', 'sm_90'])
 def test_every_variant_of_the_kernel_compiles(arch):
-    for warps, row_tiles, pipe in _CUDA_CONFIGS:
-        shape = nf4_cuda.CudaShape(warps, row_tiles, pipe)
-        for n_tiles in (1, 2):
-            for bf16, nested, programmatic in ((True, True, False), (False, False, False),
-                                               (True, True, True)):
-                source = nf4_cuda.source_for(NF4_TABLE, bf16, nested, shape, n_tiles,
-                                             programmatic)
-                assert nvrtc.compile_cubin(source, nf4_cuda.KERNEL_NAME, arch)[:4] == b'\x7fELF'
+    """Every shape the tuner tries, for the Jetson Orin (sm_87) and the H200 (sm_90); the
+    default shape for sm_80 (what compiles for sm_87 compiles there)."""
+    from concurrent.futures import ThreadPoolExecutor
+    configs = _CUDA_CONFIGS[:1] if arch == 'sm_80' else _CUDA_CONFIGS
+    sources = [nf4_cuda.source_for(NF4_TABLE, bf16, nested, nf4_cuda.CudaShape(*config), n_tiles,
+                                   programmatic)
+               for config in configs for n_tiles in (1, 2)
+               for bf16, nested, programmatic in ((True, True, False), (False, False, False),
+                                                  (True, True, True))]
+    with ThreadPoolExecutor(2) as pool:  # NVRTC runs outside the GIL
+        cubins = list(pool.map(lambda source: nvrtc.compile_cubin(
+            source, nf4_cuda.KERNEL_NAME, arch, cache=False), sources))
+    assert len(cubins) == 6 * len(configs)
+    assert all(cubin[:4] == b'\x7fELF' for cubin in cubins)
     with pytest.raises(RuntimeError, match='does not compile'):
-        nvrtc.compile_cubin('extern "C" __global__ void k() { undefined(); }', 'k', arch)
+        nvrtc.compile_cubin('extern "C" __global__ void k() { undefined(); }', 'k', arch,
+                            cache=False)
 
 
 def test_the_launch_structures_have_the_driver_api_layout():
@@ -46,3 +57,105 @@ def test_the_launch_structures_have_the_driver_api_layout():
     assert (nvrtc._LaunchConfig.shared_bytes.offset, nvrtc._LaunchConfig.stream.offset,
             nvrtc._LaunchConfig.attributes.offset,
             nvrtc._LaunchConfig.attribute_count.offset) == (24, 32, 40, 48)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """NVRTC's compiles, counted (the real compiler behind)."""
+    calls = []
+    compiled = nvrtc._compiled
+
+    def counting(*args):
+        calls.append(args[1:3])
+        return compiled(*args)
+    monkeypatch.setattr(nvrtc, '_compiled', counting)
+    return calls
+
+
+@no_nvrtc
+def test_compiled_kernels_are_kept_on_disk_and_reused(tmp_path, monkeypatch, counted):
+    folder = tmp_path / 'kernels'
+    monkeypatch.setenv(nvrtc.KERNEL_CACHE_ENV, str(folder))
+    first = nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_90')
+    assert first[:4] == b'\x7fELF' and len(counted) == 1
+    files = list(folder.iterdir())
+    assert len(files) == 1 and files[0].name.startswith('k-sm_90-')
+    assert nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_90') == first and len(counted) == 1
+    # another source, architecture or option: another cubin
+    nvrtc.compile_cubin(KERNEL % 2, 'k', 'sm_90')
+    nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_87')
+    nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_90', ['-DX=1'])
+    assert len(counted) == 4 and len(list(folder.iterdir())) == 4
+    # a damaged file is compiled again and replaced
+    data = bytearray(files[0].read_bytes())
+    data[-10] ^= 0xFF
+    files[0].write_bytes(bytes(data))
+    assert nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_90') == first and len(counted) == 5
+    assert nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_90') == first and len(counted) == 5
+    files[0].write_bytes(b'')  # torn
+    assert nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_90') == first and len(counted) == 6
+    # another NVRTC: compiled again
+    monkeypatch.setattr(nvrtc, 'nvrtc_version', lambda: (99, 0))
+    assert nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_90') == first and len(counted) == 7
+    assert not [path for path in folder.iterdir() if path.name.startswith('.')]  # no leftovers
+
+
+@no_nvrtc
+def test_the_kernel_cache_can_be_off_and_a_read_only_one_is_warned_about_once(
+        tmp_path, monkeypatch, counted):
+    monkeypatch.setenv(nvrtc.KERNEL_CACHE_ENV, 'off')
+    assert nvrtc.kernel_cache_dir() is None
+    nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_90')
+    nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_90')
+    assert len(counted) == 2 and not list(tmp_path.iterdir())
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('')
+    monkeypatch.setenv(nvrtc.KERNEL_CACHE_ENV, str(blocker / 'kernels'))  # cannot be made
+    monkeypatch.setattr(nvrtc, '_cache_warned', [])
+    with pytest.warns(RuntimeWarning, match='cannot keep compiled kernels in .*a-file'):
+        assert nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_90')[:4] == b'\x7fELF'
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # once
+        nvrtc.compile_cubin(KERNEL % 2, 'k', 'sm_90')
+    assert len(counted) == 4
+
+
+@no_nvrtc
+def test_a_kernel_cache_others_can_change_is_not_used(tmp_path, monkeypatch, counted):
+    """As the default model's cache: a folder (or one above it) that group or others can
+    write is not used at all; a cached file they can write is compiled again and replaced."""
+    folder = tmp_path / 'shared' / 'kernels'
+    folder.mkdir(parents=True)
+    monkeypatch.setenv(nvrtc.KERNEL_CACHE_ENV, str(folder))
+    monkeypatch.setattr(nvrtc, '_cache_warned', [])
+    first = nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_90')
+    cached, = folder.iterdir()
+    assert cached.stat().st_mode & 0o777 == 0o644
+    cached.chmod(0o666)
+    assert nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_90') == first and len(counted) == 2
+    assert cached.stat().st_mode & 0o777 == 0o644  # replaced
+    assert nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_90') == first and len(counted) == 2
+    (tmp_path / 'shared').chmod(0o777)  # someone else could swap the folder below
+    try:
+        with pytest.warns(RuntimeWarning, match='not using the kernel cache .* can be changed '
+                                                'by other users'):
+            assert nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_90') == first
+        assert len(counted) == 3
+        fresh = tmp_path / 'shared' / 'not-yet'  # not made yet: the folder above decides
+        monkeypatch.setenv(nvrtc.KERNEL_CACHE_ENV, str(fresh / 'kernels'))
+        with pytest.warns(RuntimeWarning, match='not using the kernel cache'):
+            nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_90')
+        assert not fresh.exists() and len(counted) == 4
+    finally:
+        (tmp_path / 'shared').chmod(0o755)
+
+
+def test_the_kernel_cache_defaults_to_the_model_cache(tmp_path, monkeypatch):
+    from qwen_vl_perception.model.default_model import CACHE_ENV
+    monkeypatch.delenv(nvrtc.KERNEL_CACHE_ENV, raising=False)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    assert nvrtc.kernel_cache_dir() == tmp_path / 'kernels'
+    monkeypatch.setenv(nvrtc.KERNEL_CACHE_ENV, '~/k')
+    assert str(nvrtc.kernel_cache_dir()).endswith('/k') and '~' not in str(
+        nvrtc.kernel_cache_dir())
