@@ -11,8 +11,9 @@ Unreadable images are reported and skipped.
 With ``--server URL`` the model is the one an OpenAI-compatible server (vLLM, SGLang, ...)
 serves, through the node's ``openai`` backend (same prompt, parser and scores; ``--batch-size``
 requests in flight); ``--model`` is then optional, the served model's folder, read only for its
-detection_prompt.json and pixel budget. A failed batch is tried again an image at a time
-(``--retries``); an image that still fails is skipped (reported, and listed in the summary).
+detection_prompt.json and pixel budget. A failed batch is tried again (``--retries``: whole
+with ``--server``, else an image at a time; a retry that fails too stops retrying for the
+run); an image that still fails is skipped (reported, and listed in the summary).
 """
 import argparse
 import json
@@ -91,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help='images decoded together, or with --server requests in flight '
                              '(default %(default)s)')
     parser.add_argument('--retries', type=int, default=1,
-                        help='times a failed batch\'s images are tried again, one at a time, '
-                             'before they are skipped (default %(default)s; 0: never)')
+                        help='times a failed batch is tried again before its images are '
+                             'skipped: whole with --server, else an image at a time; a retry '
+                             'that fails too stops retrying for the run (default '
+                             '%(default)s; 0: never)')
     parser.add_argument('--score-threshold', type=float, default=0.0,
                         help='drop detections scoring below this (default 0: keep all; the '
                              'evaluate tool thresholds later)')
@@ -205,6 +208,7 @@ def run(args) -> int:
 
     names = dict(zip(images, output_names(images)))
     records, skipped, retried = [], [], []
+    retries = RetryPolicy(args.retries, whole_batch=served is not None)
     counts = Counter()
     detect_seconds = 0.0
     bar = tqdm(total=len(images), desc='images', unit='image')
@@ -219,7 +223,7 @@ def run(args) -> int:
                 bar.update(1)
         if not batch:
             continue
-        for path, rgb, frame, shared, error in _detect_batch(detector, batch, args.retries,
+        for path, rgb, frame, shared, error in _detect_batch(detector, batch, retries,
                                                              retried):
             if frame is None:
                 skipped.append({'image': path.name, 'reason': f'detection failed: {error}'})
@@ -260,34 +264,51 @@ def run(args) -> int:
     return 0 if processed else 1
 
 
-def _detect_batch(detector, batch, retries: int, retried: list):
-    """(path, rgb, frame or None, images it was decoded with, error) for each image of
-    ``batch``.
+class RetryPolicy:
+    """How a run tries failed batches again: ``times`` more attempts each, the batch whole
+    when its requests go to a server at once (one more round of requests: at most one more
+    time-out), else an image at a time (a batch too large for the GPU). A retry that fails
+    too stops retrying for the rest of the run: a server that is down or does not answer
+    then costs one more attempt, not one per image."""
 
-    A failed batch (a request the server did not answer, CUDA out of memory on a large batch,
-    ...) is tried again an image at a time, up to ``retries`` times each; every image tried
-    again is appended to ``retried`` with the first error, so the summary says so."""
+    def __init__(self, times: int, whole_batch: bool):
+        self.times, self.whole_batch, self.stopped = times, whole_batch, False
+
+
+def _detect_batch(detector, batch, policy: RetryPolicy, retried: list):
+    """(path, rgb, frame or None, images it was decoded with, error) for each image of
+    ``batch``; images tried again are appended to ``retried`` with the first error, so that
+    the summary says so."""
     try:
         frames = detector.detect([rgb for _, rgb in batch])
     except RuntimeError as error:
-        if not retries:
+        if not policy.times or policy.stopped:
             return [(path, rgb, None, len(batch), error) for path, rgb in batch]
-        tqdm.write(f'{", ".join(path.name for path, _ in batch)}: {error}; trying again, '
-                   'an image at a time', file=sys.stderr)
+        how = 'the batch' if policy.whole_batch or len(batch) == 1 else 'an image at a time'
+        tqdm.write(f'{", ".join(path.name for path, _ in batch)}: {error}; trying again '
+                   f'({how})', file=sys.stderr)
+        units = [batch] if policy.whole_batch else [[item] for item in batch]
         results = []
-        for path, rgb in batch:
-            retried.append({'image': path.name, 'reason': str(error)})
-            last = error
-            for _ in range(retries):
-                try:
-                    frame, = detector.detect([rgb])
-                except RuntimeError as again:
-                    last = again
-                    continue
-                results.append((path, rgb, frame, 1, None))
-                break
+        for unit in units:
+            answers, last = None, error
+            if not policy.stopped:
+                retried.extend({'image': path.name, 'reason': f'detection failed: {error}'}
+                               for path, _ in unit)
+                for _ in range(policy.times):
+                    try:
+                        answers = detector.detect([rgb for _, rgb in unit])
+                        break
+                    except RuntimeError as again:
+                        last = again
+                if answers is None:
+                    policy.stopped = True
+                    tqdm.write('trying again did not help: failed batches are skipped from '
+                               'now on', file=sys.stderr)
+            if answers is None:
+                results += [(path, rgb, None, len(unit), last) for path, rgb in unit]
             else:
-                results.append((path, rgb, None, 1, last))
+                results += [(path, rgb, frame, len(unit), None)
+                            for (path, rgb), frame in zip(unit, answers)]
         return results
     return [(path, rgb, frame, len(batch), None) for (path, rgb), frame in zip(batch, frames)]
 

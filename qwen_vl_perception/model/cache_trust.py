@@ -18,7 +18,12 @@ def trusted_owner(uid: int) -> bool:
 def untrusted_entry(path: Path, kind=stat.S_ISREG) -> Optional[str]:
     """Why ``path`` (not followed if a link) is not a trusted ``kind`` entry (``stat.S_ISREG``
     or ``stat.S_ISDIR``), or None."""
-    info = os.lstat(path)
+    return untrusted_status(path, os.lstat(path), kind)
+
+
+def untrusted_status(path: Path, info: os.stat_result, kind=stat.S_ISREG) -> Optional[str]:
+    """As :func:`untrusted_entry`, from ``info`` (``os.fstat`` of a file opened without
+    following links, so that what is checked is what is read)."""
     if not kind(info.st_mode):
         what = 'folder' if kind is stat.S_ISDIR else 'file'
         return f'{path}: not a plain {what} (a link or other entry)'
@@ -40,3 +45,19 @@ def untrusted_above(folder: Path) -> Optional[str]:
             return (f'{path} ({stat.filemode(info.st_mode)}, uid {info.st_uid}) can be changed '
                     'by other users')
     return None
+
+
+def make_folders(folder: Path, mode: int = 0o755) -> None:
+    """Make ``folder`` and the folders above it that are missing, each with ``mode`` whatever
+    the umask (``mkdir(parents=True)`` leaves the umask's to all but the last: a umask of 002
+    would make folders that the checks above then refuse)."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:  # made meanwhile by someone else: the checks decide
+            continue
+        path.chmod(mode)

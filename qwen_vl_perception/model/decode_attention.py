@@ -11,9 +11,9 @@ that run side by side; only the parts holding keys up to the position do anythin
 a running max, sum and weighted sum in fp32 (online softmax); a lone part writes its answer,
 otherwise the last part of a head to finish adds the parts up in a fixed order (deterministic;
 its counter is reset for the next launch), loading every part's max and sum at once and the
-weighted sums of up to eight parts at a time, so that it waits for memory a few times, not
-twice per part. Probabilities are rounded to the value dtype before they weight
-the values, as flash attention does.
+weighted sums of several parts at a time (``ADDED_ROWS`` query rows x parts), so that it waits
+for memory a few times, not twice per part. Probabilities are rounded to the value dtype
+before they weight the values, as flash attention does.
 
 Given this step's key and value (``new_keys``, ``new_values``), the kernel also writes them into
 the cache at ``cache_position`` (the part holding that position stores them, and uses them from
@@ -40,8 +40,8 @@ SPLIT = 128
 """Keys per part."""
 BLOCK_KEYS = 64
 ADDED_ROWS = 32
-"""Query rows x parts whose weighted sums the last part loads at once (8 parts of 4 rows: 32
-fp32 registers per thread at 4 warps)."""
+"""Query rows x parts whose weighted sums the last part loads at once (8 parts of 4 query rows
+at a head size of 128: 32 fp32 registers per thread at 4 warps)."""
 
 
 @triton.jit
@@ -84,6 +84,7 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, valid_ptr
     g = tl.arange(0, ROWS)
     d = tl.arange(0, HEAD_DIM)
     real = g < GROUPS
+    # q (and its norm) before the position is known: their loads overlap the position's
     q_rows = q_ptr + b * stride_qb + h * stride_qh + g[:, None] * stride_qg
     q = tl.load(q_rows + d[None, :], mask=real[:, None], other=0.0)
     if NORM_ROPE:
@@ -235,6 +236,8 @@ def launch(q, keys, values, key_valid, cache_position, out, workspace, locks, sc
         eps = 0.0
     if q.stride(-1) != 1:
         raise ValueError('q must have a contiguous last dimension')
+    if not 1 <= groups <= 16:
+        raise ValueError(f'1 to 16 query heads per key head, not {groups}')
     if split < 16 or split & (split - 1):
         raise ValueError(f'split must be a power of two of at least 16, got {split}')
     splits = -(-keys.shape[2] // split)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Union
 
 from ..trained_prompt import PROMPT_FILE
-from .cache_trust import untrusted_above, untrusted_entry
+from .cache_trust import make_folders, untrusted_above, untrusted_entry
 from .pixel_budget import write_pixel_budget
 from .checkpoint_files import write_input_files
 from .torch_support import require, require_torch
@@ -265,9 +265,7 @@ def _build_once(target: Path, build: Callable[[Path], object],
                 log: Callable[[str], None]) -> Path:
     if target.exists() or target.is_symlink():
         return verify_cached(target)
-    if not target.parent.exists():
-        target.parent.mkdir(parents=True)
-        target.parent.chmod(0o755)  # readable by all, writable by its owner only
+    make_folders(target.parent)  # readable by all, writable by their owner only
     for stale in target.parent.glob(target.name + '.*'):  # left by a build that was killed
         if time.time() - stale.stat().st_mtime > _STALE_BUILD_SECONDS:
             shutil.rmtree(stale, ignore_errors=True)

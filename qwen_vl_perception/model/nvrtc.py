@@ -23,10 +23,11 @@ import warnings
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
-from .cache_trust import untrusted_above, untrusted_entry
+from .cache_trust import make_folders, untrusted_above, untrusted_entry, untrusted_status
 from .torch_support import require_torch
 
 _LIBRARIES: Dict[str, object] = {}
+_LIBRARY_NAMES: Dict[str, str] = {}
 
 
 def _load(kind: str):
@@ -57,6 +58,7 @@ def _load(kind: str):
             errors.append(str(error))
             continue
         _LIBRARIES[kind] = library
+        _LIBRARY_NAMES[kind] = name
         return library
     raise OSError(f'cannot load {kind}: ' + ('; '.join(errors[:3]) or 'not found'))
 
@@ -116,8 +118,8 @@ def compile_cubin(source: str, name: str, arch: str, options: Sequence[str] = ()
             folder = None
     if folder is None:
         return _compiled(source, name, arch, options)
-    key = hashlib.sha256('\0'.join([repr(nvrtc_version()), arch, *options, name, source])
-                         .encode()).hexdigest()[:40]
+    fields = [repr(nvrtc_version()), _library_identity('nvrtc'), arch, *options, name, source]
+    key = hashlib.sha256(repr(fields).encode()).hexdigest()[:40]
     path = folder / f'{name}-{arch}-{key}.cubin'
     cubin = _read_cached(path)
     if cubin is not None:
@@ -125,6 +127,33 @@ def compile_cubin(source: str, name: str, arch: str, options: Sequence[str] = ()
     cubin = _compiled(source, name, arch, options)
     _write_cached(path, cubin)
     return cubin
+
+
+def _library_identity(kind: str) -> str:
+    """The loaded library's file, size and modification time (NVRTC's version says major and
+    minor only: an update within them may change its code), or its name where the file is
+    not found."""
+    _load(kind)
+    name = _LIBRARY_NAMES[kind]
+    path = name if os.sep in name else _mapped_path(os.path.basename(name).split('.so')[0])
+    try:
+        info = os.stat(path)
+    except (OSError, TypeError):
+        return name
+    return f'{os.path.realpath(path)}:{info.st_size}:{info.st_mtime_ns}'
+
+
+def _mapped_path(stem: str) -> Optional[str]:
+    """The file of a library this process has mapped whose name starts with ``stem``."""
+    try:
+        with open('/proc/self/maps') as maps:
+            for line in maps:
+                path = line.split(maxsplit=5)[-1].strip()
+                if os.path.basename(path).startswith(stem + '.so'):
+                    return path
+    except OSError:
+        pass
+    return None
 
 
 def _untrusted_folder(folder: Path) -> Optional[str]:
@@ -142,12 +171,14 @@ def _untrusted_folder(folder: Path) -> Optional[str]:
 
 
 def _read_cached(path: Path) -> Optional[bytes]:
-    try:
-        if untrusted_entry(path) is not None:
-            return None  # compiled again, and replaced in this (trusted) folder
-        data = path.read_bytes()
+    try:  # opened without following a link; checked as opened
+        handle = os.open(path, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0))
     except OSError:
         return None
+    with os.fdopen(handle, 'rb') as stream:
+        if untrusted_status(path, os.fstat(stream.fileno())) is not None:
+            return None  # compiled again, and replaced in this (trusted) folder
+        data = stream.read()
     header = len(_CACHE_MAGIC) + 32
     cubin = data[header:]
     if (data[:len(_CACHE_MAGIC)] != _CACHE_MAGIC or cubin[:4] != b'\x7fELF'
@@ -161,7 +192,7 @@ def _write_cached(path: Path, cubin: bytes) -> None:
     concurrent reader sees the old file, none, or this one; 0644 in 0755 folders (a cache
     filled by root can be shared)."""
     try:
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        make_folders(path.parent)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix='.' + path.name)
         try:
             with os.fdopen(handle, 'wb') as stream:

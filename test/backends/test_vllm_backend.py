@@ -333,11 +333,16 @@ def test_the_tools_detect_and_benchmark_through_the_server(
         server, scenes, default_cache, tmp_path):
     truth, _, folder = scenes
     tools = REPO_ROOT / 'tools'
-    done = subprocess.run(
-        [sys.executable, str(tools / 'detect_folder.py'), '--server', server.url, '--model',
-         'default', '--images', str(folder / 'images'), '--out', str(tmp_path / 'run'),
-         '--batch-size', '4', '--server-timeout', str(RESULT_S), '--quiet'],
-        capture_output=True, text=True, timeout=RESULT_S * 3)  # a retry after a time-out
+    try:
+        done = subprocess.run(
+            [sys.executable, str(tools / 'detect_folder.py'), '--server', server.url,
+             '--model', 'default', '--images', str(folder / 'images'), '--out',
+             str(tmp_path / 'run'), '--batch-size', '4', '--server-timeout', str(RESULT_S),
+             '--quiet'], capture_output=True, text=True,
+            timeout=RESULT_S * 3)  # room for a time-out and its retry
+    except subprocess.TimeoutExpired as late:
+        pytest.fail(f'detect_folder ran past {late.timeout} s: {late.stderr!r}\n'
+                    f'the server log:\n{server.log_tail(60)}')
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((tmp_path / 'run' / 'summary.json').read_text())
     assert (summary['server'], summary['server_model']) == (server.url, 'default')

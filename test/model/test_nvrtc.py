@@ -1,5 +1,7 @@
 """Run-time compilation of the CUDA NF4 kernel: every variant compiles for the GPUs it targets
 where NVRTC is found (it needs no GPU); elsewhere the reason says what is missing."""
+import os
+
 import pytest
 
 torch = pytest.importorskip('torch')
@@ -110,6 +112,7 @@ def test_the_kernel_cache_can_be_off_and_a_read_only_one_is_warned_about_once(
     assert len(counted) == 2 and not list(tmp_path.iterdir())
     blocker = tmp_path / 'a-file'
     blocker.write_text('')
+    blocker.chmod(0o644)
     monkeypatch.setenv(nvrtc.KERNEL_CACHE_ENV, str(blocker / 'kernels'))  # cannot be made
     monkeypatch.setattr(nvrtc, '_cache_warned', [])
     with pytest.warns(RuntimeWarning, match='cannot keep compiled kernels in .*a-file'):
@@ -127,6 +130,8 @@ def test_a_kernel_cache_others_can_change_is_not_used(tmp_path, monkeypatch, cou
     write is not used at all; a cached file they can write is compiled again and replaced."""
     folder = tmp_path / 'shared' / 'kernels'
     folder.mkdir(parents=True)
+    for made in (folder.parent, folder):  # whatever the umask
+        made.chmod(0o755)
     monkeypatch.setenv(nvrtc.KERNEL_CACHE_ENV, str(folder))
     monkeypatch.setattr(nvrtc, '_cache_warned', [])
     first = nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_90')
@@ -149,6 +154,28 @@ def test_a_kernel_cache_others_can_change_is_not_used(tmp_path, monkeypatch, cou
         assert not fresh.exists() and len(counted) == 4
     finally:
         (tmp_path / 'shared').chmod(0o755)
+
+
+@no_nvrtc
+def test_the_folders_the_kernel_cache_makes_pass_its_checks_under_any_umask(
+        tmp_path, monkeypatch, counted):
+    """With a umask of 002 (Ubuntu's for ordinary users) the folders made for the cache are
+    0755 all the way down, so the next start uses them."""
+    import warnings
+    folder = tmp_path / 'home' / '.cache' / 'qvp' / 'kernels'
+    monkeypatch.setenv(nvrtc.KERNEL_CACHE_ENV, str(folder))
+    monkeypatch.setattr(nvrtc, '_cache_warned', [])
+    old = os.umask(0o002)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_90')
+            nvrtc.compile_cubin(KERNEL % 1, 'k', 'sm_90')
+    finally:
+        os.umask(old)
+    assert len(counted) == 1
+    for made in (folder, *list(folder.parents)[:3]):
+        assert made.stat().st_mode & 0o777 == 0o755, made
 
 
 def test_the_kernel_cache_defaults_to_the_model_cache(tmp_path, monkeypatch):

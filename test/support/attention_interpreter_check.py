@@ -57,6 +57,7 @@ def check(q, keys, values, key_valid, position, workspace, locks, scale, write, 
     else:
         expected = reference(q, keys, values, key_valid, position, scale)
     out = torch.full_like(q, float('nan'))
+    workspace.fill_(float('nan'))  # as torch.empty may leave it: only what a launch wrote counts
     decode_attention.launch(q, keys, values, key_valid, torch.tensor([position]), out,
                             workspace, locks, scale, split=split, **new)
     error = (out - expected).abs().max().item()
@@ -109,7 +110,7 @@ def main():
     checked = check_fp16_rotated()
     split = decode_attention.SPLIT
     cases = [(3, 2, 4, 32, 300, split), (1, 1, 16, 16, 64, split), (2, 1, 1, 64, 130, split),
-             (3, 2, 4, 32, 300, 32)]
+             (3, 2, 4, 32, 300, 32), (2, 2, 3, 16, 600, 16)]
     for batch, heads, groups, head_dim, cache_len, split in cases:
         q = torch.randn(batch, heads, groups, head_dim)
         keys = torch.randn(batch, heads, cache_len, head_dim)
@@ -121,12 +122,20 @@ def main():
                                                                   head_dim, split))
         locks = torch.zeros(batch * heads, dtype=torch.int32)
         scale = head_dim ** -0.5
-        for position in sorted({5, 63, 64, 127, 128, 200, cache_len - 1} & set(range(cache_len))):
+        # positions going down as well as up: parts a launch does not use hold what an
+        # earlier one wrote there (NaN here), which must not count
+        positions = sorted({5, 63, 64, 127, 128, 200, cache_len - 1} & set(range(cache_len)))
+        up = ((False, False), (True, False), (True, True))
+        for position, kinds in [(p, up) for p in positions] + [
+                (p, up[:1]) for p in positions[::-1][1:]]:
             if not key_valid[:, :position + 1].any(dim=1).all():
                 continue
-            for write, rotate in ((False, False), (True, False), (True, True)):
+            for write, rotate in kinds:
                 checked += check(q, keys, values, key_valid, position, workspace, locks, scale,
                                  write, split, rotate)
+        # a position past the cache (not met in decoding): every key, nothing written
+        checked += check(q, keys, values, key_valid, cache_len + 5, workspace, locks, scale,
+                         False, split)
     print(f'{checked} cases')
 
 

@@ -292,14 +292,14 @@ def attention_check(torch, model, batch_sizes, cache_len, position, splits, dtyp
         norm_rope = (ones, ones, 1e-6, angles.cos().to(dtype), angles.sin().to(dtype))
         scale = head_dim ** -0.5
         entry = {'batch': batch}
-        mask = torch.where(valid & (torch.arange(cache_len, device=device) <= position), 0.0,
-                           float('-inf')).to(dtype)[:, None, None, :]
-        flat = q.reshape(batch, heads * groups, 1, head_dim)
+        # as the unfused step calls it: a key head's query heads as its query positions,
+        # the additive mask of the dtype's lowest value
+        allowed = valid & (torch.arange(cache_len, device=device) <= position)
+        mask = torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
 
         def sdpa(layer):
             return torch.nn.functional.scaled_dot_product_attention(
-                flat, keys[layer], values[layer], attn_mask=mask, scale=scale,
-                enable_gqa=True)
+                q, keys[layer], values[layer], attn_mask=mask, scale=scale)
         ms, _ = graph_ms(torch, [partial(sdpa, layer) for layer in range(layers)], replays)
         entry['sdpa_us_per_layer'] = 1000 * ms / layers
         for split in splits:
