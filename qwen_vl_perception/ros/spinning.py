@@ -4,7 +4,10 @@
 multi-threaded executor's worker) may still trigger it, which raises ``InvalidHandle ...
 destruction was requested`` in that thread. Here one thread calls ``spin_once`` on a
 single-threaded executor until told to stop; :meth:`Spinner.stop` joins it first and only then
-shuts the executor down, so no callback can still be running. The demo and the tests use it.
+shuts the executor down, so no callback can still be running. Stop it before a node's
+subscriptions or publishers go (a lifecycle shutdown destroys them) when that happens outside
+the spinning thread: a wait set being built at that moment meets a destroyed handle. The demo
+and the tests use it.
 """
 import threading
 

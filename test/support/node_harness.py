@@ -79,9 +79,11 @@ class Harness:
         return future.result().results
 
     def close(self):
-        # The spinning thread must have stopped before the nodes go (ros/spinning.py says why).
-        self.node.shutdown()
+        # The spinning thread must have stopped before anything of the nodes goes (shutting the
+        # node down destroys its subscriptions: a wait set being built in that thread at the
+        # same moment met a destroyed handle, InvalidHandle; ros/spinning.py says more).
         self.spinner.stop()
+        self.node.shutdown()
         self.node.destroy_node()
         self.peer.destroy_node()
         rclpy.try_shutdown(context=self.context)
