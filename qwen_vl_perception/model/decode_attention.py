@@ -6,7 +6,7 @@ run).
 plus the answer's room, rounded up) with an additive mask, and costs ~14 us per layer on an
 H200, mostly fixed. Here, for one key/value head of one row, the query heads that share it
 (grouped-query attention, padded to 16 rows for the tensor cores) attend to keys ``0 ..
-cache_position`` that ``key_valid`` allows (left padding), split into parts of ``SPLIT`` keys
+cache_position`` that ``key_valid`` allows (left padding), split into parts of 32 to 128 keys
 that run side by side; only the parts holding keys up to the position do anything. Each keeps
 a running max, sum and weighted sum in fp32 (online softmax); a lone part writes its answer,
 otherwise the last part of a head to finish adds the parts up in a fixed order (deterministic;
@@ -37,7 +37,9 @@ except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
 SPLIT = 128
-"""Keys per part."""
+"""Keys per part, at most (:func:`split_for`)."""
+MIN_SPLIT = 32
+"""Keys per part, at least (:func:`split_for`)."""
 BLOCK_KEYS = 64
 ADDED_ROWS = 32
 """Query rows x parts whose weighted sums the last part loads at once (8 parts of 4 query rows
@@ -265,6 +267,17 @@ def overlap_supported(device) -> bool:
     device = torch.device(device)
     return (gdc_wait is not None and device.type == 'cuda'
             and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def split_for(batch: int, heads: int, cache_len: int, multiprocessors: int) -> int:
+    """Keys per part for a launch: :data:`SPLIT`, halved down to :data:`MIN_SPLIT` while the
+    launch would have fewer programs (rows x key heads x parts) than the GPU has
+    multiprocessors. One frame on an H200 (8 key heads, 132 multiprocessors) runs 48 programs
+    over a 768-key cache in parts of 128 keys, which leaves most of the GPU idle."""
+    split = SPLIT
+    while split > MIN_SPLIT and batch * heads * -(-cache_len // split) < multiprocessors:
+        split //= 2
+    return split
 
 
 def workspace_floats(batch: int, heads: int, cache_len: int, head_dim: int,

@@ -156,11 +156,14 @@ def decode_attention_step(torch, batch, parts, cache_len, device, split=None,
     norm_rope)`` through :mod:`decode_attention` with its own workspace: q and this step's key
     before Qwen3's q/k norm and rotary embedding, which the kernel applies; it writes the key
     and value into the cache (no checks of the device or dtype here: see
-    :func:`_decode_attention_for`). ``split``: keys per part (the kernel's default);
-    ``overlap``: launched with programmatic dependent launch (sm_90+ only)."""
+    :func:`_decode_attention_for`). ``split``: keys per part (by default
+    :func:`decode_attention.split_for` this GPU); ``overlap``: launched with programmatic
+    dependent launch (sm_90+ only)."""
     from . import decode_attention
     head_dim = parts.head_dim
-    split = split or decode_attention.SPLIT
+    split = split or decode_attention.split_for(
+        batch, parts.num_kv_heads, cache_len,
+        torch.cuda.get_device_properties(device).multi_processor_count)
     workspace = torch.empty(decode_attention.workspace_floats(
         batch, parts.num_kv_heads, cache_len, head_dim, split), dtype=torch.float32,
         device=device)

@@ -175,3 +175,14 @@ def test_kernel_builds_for_a_jetson_orin_and_an_h200_without_a_gpu(capability):
             cubin = compile_for_gpu(decode_attention.decode_attention_kernel, signature,
                                     constexprs, capability)
             assert cubin[:4] == b'\x7fELF', (dtype, write, rotate)
+
+
+def test_parts_shrink_until_the_launch_fills_the_gpu():
+    pytest.importorskip('triton')
+    from qwen_vl_perception.model.decode_attention import MIN_SPLIT, SPLIT, split_for
+    # an H200 (132 multiprocessors), 8 key heads, a 768-key cache
+    assert split_for(1, 8, 768, 132) == 32  # 48 programs at 128 keys, 96 at 64, 192 at 32
+    assert split_for(2, 8, 768, 132) == 64
+    assert split_for(8, 8, 768, 132) == SPLIT
+    assert split_for(1, 8, 768, 16) == SPLIT  # a Jetson AGX Orin's 16
+    assert split_for(1, 8, 64, 132) == MIN_SPLIT  # never below

@@ -270,6 +270,7 @@ def attention_check(torch, model, batch_sizes, cache_len, position, splits, dtyp
     over the whole static cache with the step's mask (what the unfused step runs, without
     the norm, rotation and cache write), at ``position``. The kernel's correctness is the
     tests' (test_decode_attention.py)."""
+    from qwen_vl_perception.model.decode_attention import split_for
     from qwen_vl_perception.model.decode_session import decode_attention_step
     from qwen_vl_perception.model.fast_decode import text_model_parts
     parts = text_model_parts(model)
@@ -291,7 +292,9 @@ def attention_check(torch, model, batch_sizes, cache_len, position, splits, dtyp
         ones = torch.ones(head_dim, device=device, dtype=dtype)
         norm_rope = (ones, ones, 1e-6, angles.cos().to(dtype), angles.sin().to(dtype))
         scale = head_dim ** -0.5
-        entry = {'batch': batch}
+        multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+        entry = {'batch': batch,
+                 'split_chosen': split_for(batch, heads, cache_len, multiprocessors)}
         # as the unfused step calls it: a key head's query heads as its query positions,
         # the additive mask of the dtype's lowest value
         allowed = valid & (torch.arange(cache_len, device=device) <= position)
@@ -319,5 +322,5 @@ def attention_check(torch, model, batch_sizes, cache_len, position, splits, dtyp
         print(f'decode attention, batch {batch}, cache {cache_len}, position {position}: '
               + ', '.join(f'{key[:-len("_us_per_layer")]} {value:.1f} us'
                           for key, value in entry.items() if key.endswith('_us_per_layer'))
-              + ' per layer', flush=True)
+              + f" per layer (the decoder's split: {entry['split_chosen']})", flush=True)
     return results
