@@ -17,7 +17,13 @@ interleaved blocks of the same ``RT`` row tiles and add up their sums through sh
 warp order; with ``splits > 1`` CTAs also split the reduction and the last one of a row group
 adds the partials up in split order, as the Triton kernel does. Deterministic either way.
 The 4-bit codes become table values by byte permutes, as :func:`nf4_codes.lookup_asm` does,
-with the output pairs in column order.
+with the output pairs in column order; or (``CudaShape.table`` > 0) each packed byte is looked
+up in a shared-memory table of its two values, which the CTA builds by those permutes before
+its loop: one shared load and two instructions per byte instead of about four and a half
+integer-pipe instructions, whose pipe is half as wide as the others. ``table`` copies of the
+table's 256 words interleaved word by word spread a warp's lookups over more banks (lane
+``l`` reads copy ``l % table``). Same values, same ``mma`` order: both decodes give the same
+bits.
 
 Launched with programmatic dependent launch (``programmatic=True``, compute capability 9.0+),
 a CTA may start while the kernel before it in the stream is still finishing: it issues the loads
@@ -40,10 +46,29 @@ KERNEL_NAME = 'nf4_mma'
 
 @dataclass(frozen=True)
 class CudaShape:
-    """A compiled variant's shape: warps per CTA, row tiles of 16 per warp, blocks in flight."""
+    """A compiled variant's shape: warps per CTA, row tiles of 16 per warp, blocks in flight,
+    copies of the shared-memory decode table (0: decode by byte permutes in registers)."""
     warps: int = 4
     row_tiles: int = 1
     pipe: int = 4
+    table: int = 0
+
+
+TABLE_COPIES = (0, 2, 4, 8, 16)
+"""The ``CudaShape.table`` values the kernel compiles (a power of two: copy = lane modulo it)."""
+STATIC_SHARED_LIMIT = 48 * 1024
+"""Bytes of static shared memory a CTA may declare."""
+
+
+def shared_bytes(shape: CudaShape, n_tiles: int) -> int:
+    """Static shared memory of one variant: the warps' partial sums, the flag, the table."""
+    return shape.warps * shape.row_tiles * n_tiles * 4 * 32 * 4 + 4 + 1024 * shape.table
+
+
+def fits(shape: CudaShape, n_tiles: int = 2) -> bool:
+    """Whether a variant compiles: a known table size and static shared memory in the limit
+    (``n_tiles`` 2, rows 9-16, takes the most)."""
+    return shape.table in TABLE_COPIES and shared_bytes(shape, n_tiles) <= STATIC_SHARED_LIMIT
 
 
 SOURCE = r'''
@@ -140,6 +165,32 @@ __device__ __forceinline__ void decode8(const Table& tb, u32 w, u32& o0, u32& o1
     o3 = pick(l, h, 0x6273u);
 }
 
+#if TABLE
+// Word b * TABLE + c: the two table values of packed byte b (high nibble first, in the low
+// half), copy c. Lane l reads copy l % TABLE: lanes of one copy share banks.
+__shared__ u32 pairs[256 * TABLE];
+
+__device__ __forceinline__ u32 pair_at(u32 offset) {  // offset in bytes
+    return *reinterpret_cast<const u32*>(reinterpret_cast<const u8*>(pairs) + offset);
+}
+
+// 8 codes (4 packed bytes) -> o0..o3 as decode8 gives them, from the table: per byte its word
+// offset by a shift on the multiply-add pipe and one lop3 (the copy's 4 * c in the low bits).
+__device__ __forceinline__ void decode8_table(u32 w, u32 copy4, u32& o0, u32& o1, u32& o2,
+                                              u32& o3) {
+    constexpr u32 MASK = 0xFFu << TABLE_SHIFT;
+    u32 a0, a1, a2, a3;
+    asm("mul.lo.u32 %0, %1, %2;" : "=r"(a0) : "r"(w), "n"(1u << TABLE_SHIFT));
+    asm("mul.hi.u32 %0, %1, %2;" : "=r"(a1) : "r"(w), "n"(1u << (24 + TABLE_SHIFT)));
+    asm("mul.hi.u32 %0, %1, %2;" : "=r"(a2) : "r"(w), "n"(1u << (16 + TABLE_SHIFT)));
+    asm("mul.hi.u32 %0, %1, %2;" : "=r"(a3) : "r"(w), "n"(1u << (8 + TABLE_SHIFT)));
+    o0 = pair_at((a0 & MASK) | copy4);
+    o1 = pair_at((a1 & MASK) | copy4);
+    o2 = pair_at((a2 & MASK) | copy4);
+    o3 = pair_at((a3 & MASK) | copy4);
+}
+#endif
+
 __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32." DTYPE "." DTYPE ".f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
@@ -217,9 +268,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
         const int tile = min(blockIdx.x * RT + r, tiles - 1);
         q[r] = problem_of(tile, tiles1, tiles2, p0, a0, s0, c0, f0, n0, p1, a1, s1, c1, f1, n1,
                           p2, a2, s2, c2, f2);
-        wp[r] = q[r].packed + (size_t)(q[r].row0 + g) * row_bytes + 8 * t + 32 * start;
         index[r] = (q[r].row0 + g) * blocks + start;
+#if TILED  // per tile of 16 rows, block after block: 16 rows x 32 bytes, absmax 16 rows
+        wp[r] = q[r].packed + (size_t)q[r].row0 * row_bytes + 32 * g + 8 * t + 512 * start;
+        ap[r] = (const u8*)q[r].absmax
+                + ((size_t)q[r].row0 * blocks + 16 * start + g) * (NESTED ? 1 : 4);
+#else
+        wp[r] = q[r].packed + (size_t)(q[r].row0 + g) * row_bytes + 8 * t + 32 * start;
         ap[r] = (const u8*)q[r].absmax + (size_t)index[r] * (NESTED ? 1 : 4);
+#endif
     }
     const u16* xp[NT];  // rows past M read row M - 1: they only reach output columns past M
 #pragma unroll
@@ -239,14 +296,20 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 
     uint2 wq[PIPE][RT][2];
     u32 aq[PIPE][RT][2];
+#if TILED
+    constexpr int W_STEP = 512 * WARPS, A_STEP = 16 * WARPS * (NESTED ? 1 : 4);
+    const int w_second = 256, a_second = 8 * (NESTED ? 1 : 4);  // row g + 8
+#else
     constexpr int W_STEP = 32 * WARPS, A_STEP = WARPS * (NESTED ? 1 : 4);
+    const int w_second = 8 * row_bytes, a_second = 8 * blocks * (NESTED ? 1 : 4);
+#endif
 
 #define LOAD_STAGE(p, on) do { \
         _Pragma("unroll") for (int r = 0; r < RT; ++r) { \
             load_weight(wq[p][r][0], wp[r] + (p) * W_STEP, on); \
-            load_weight(wq[p][r][1], wp[r] + 8 * row_bytes + (p) * W_STEP, on); \
+            load_weight(wq[p][r][1], wp[r] + w_second + (p) * W_STEP, on); \
             load_absmax(aq[p][r][0], ap[r] + (p) * A_STEP, on); \
-            load_absmax(aq[p][r][1], ap[r] + 8 * blocks * (NESTED ? 1 : 4) + (p) * A_STEP, on); \
+            load_absmax(aq[p][r][1], ap[r] + a_second + (p) * A_STEP, on); \
         } \
     } while (0)
 
@@ -259,6 +322,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
         }
         LOAD_STAGE(p, p < steps);
     }
+#if TABLE  // built while the first loads are on their way
+    for (int i = threadIdx.x; i < 256 * TABLE; i += WARPS * 32) {
+        u32 o0, o1, o2, o3;
+        decode8(tb, (u32)(i / TABLE), o0, o1, o2, o3);
+        pairs[i] = o0;
+    }
+    __syncthreads();
+    const u32 copy4 = (u32)(lane % TABLE) * 4u;
+#endif
     wait_for_previous_kernel(wq[0][0][0].x, K);  // x and the outputs: the kernels' before us
 
     auto compute = [&](const int p, const int block_index) {
@@ -273,10 +345,17 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 #pragma unroll
         for (int r = 0; r < RT; ++r) {
             u32 lo[8], hi[8];  // rows g and g + 8, columns 16t .. 16t + 15 of the block
+#if TABLE
+            decode8_table(wq[p][r][0].x, copy4, lo[0], lo[1], lo[2], lo[3]);
+            decode8_table(wq[p][r][0].y, copy4, lo[4], lo[5], lo[6], lo[7]);
+            decode8_table(wq[p][r][1].x, copy4, hi[0], hi[1], hi[2], hi[3]);
+            decode8_table(wq[p][r][1].y, copy4, hi[4], hi[5], hi[6], hi[7]);
+#else
             decode8(tb, wq[p][r][0].x, lo[0], lo[1], lo[2], lo[3]);
             decode8(tb, wq[p][r][0].y, lo[4], lo[5], lo[6], lo[7]);
             decode8(tb, wq[p][r][1].x, hi[0], hi[1], hi[2], hi[3]);
             decode8(tb, wq[p][r][1].y, hi[4], hi[5], hi[6], hi[7]);
+#endif
             const float sg = scale_of(q[r], aq[p][r][0], index[r] + block_index, qb2_log2);
             const float sh = scale_of(q[r], aq[p][r][1], index[r] + 8 * blocks + block_index,
                                       qb2_log2);
@@ -371,16 +450,32 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 '''
 
 
+def tiled(packed, absmax, out_features: int, in_features: int):
+    """Copies of bitsandbytes' packed weight and absmax in the tiled layout (``tiled=True``
+    launches): per tile of 16 rows, its 64-blocks one after the other, each the 16 rows' 32
+    bytes (512 contiguous bytes, which a warp's two loads take whole), and its absmax the 16
+    rows' values of one block in a row. The same bytes, moved within each tile."""
+    tiles, blocks = out_features // 16, in_features // 64
+    packed = packed.reshape(tiles, 16, blocks, 32).transpose(1, 2).contiguous().view(-1)
+    absmax = absmax.reshape(tiles, 16, blocks).transpose(1, 2).contiguous().view(-1)
+    return packed, absmax
+
+
 def source_for(table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
-               programmatic: bool = False) -> str:
+               programmatic: bool = False, tiled: bool = False) -> str:
     """The kernel's source for one variant: the code table's bytes, the operand type, the
     absmax storage, the shape and whether it is launched with programmatic dependent launch
     as macros."""
     torch = require_torch()
     high, low = table_words(table, torch.bfloat16 if bf16 else torch.float16)
+    if not fits(shape, n_tiles):
+        raise ValueError(f'{shape} does not compile: table copies one of {TABLE_COPIES}, '
+                         f'static shared memory {shared_bytes(shape, n_tiles)} bytes of at '
+                         f'most {STATIC_SHARED_LIMIT}')
     defines = {'WARPS': shape.warps, 'RT': shape.row_tiles, 'PIPE': shape.pipe, 'NT': n_tiles,
                'NESTED': int(nested), 'DTYPE': '"bf16"' if bf16 else '"f16"',
-               'PDL': int(programmatic)}
+               'PDL': int(programmatic), 'TABLE': shape.table, 'TILED': int(tiled),
+               'TABLE_SHIFT': 2 + max(shape.table, 1).bit_length() - 1}
     defines.update({f'HI{i}': f'{word:#x}u' for i, word in enumerate(high)})
     defines.update({f'LO{i}': f'{word:#x}u' for i, word in enumerate(low)})
     return ''.join(f'#define {key} {value}\n' for key, value in defines.items()) + SOURCE
@@ -390,19 +485,19 @@ _KERNELS: Dict[Tuple, object] = {}
 
 
 def kernel_for(device, table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
-               programmatic: bool = False):
+               programmatic: bool = False, tiled: bool = False):
     """The compiled kernel for one variant on ``device`` (compiled once per process)."""
     torch = require_torch()
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, tuple(table), bf16, nested, shape, n_tiles, programmatic)
+    key = (index, tuple(table), bf16, nested, shape, n_tiles, programmatic, tiled)
     kernel = _KERNELS.get(key)
     if kernel is None:
         major, minor = torch.cuda.get_device_capability(index)
         if major < 8:
             raise RuntimeError('the CUDA NF4 kernel needs compute capability 8.0 or newer')
         cubin = nvrtc.compile_cubin(source_for(table, bf16, nested, shape, n_tiles,
-                                               programmatic),
+                                               programmatic, tiled),
                                     KERNEL_NAME, f'sm_{major}{minor}')
         kernel = nvrtc.Kernel(cubin, KERNEL_NAME, torch.device('cuda', index))
         _KERNELS[key] = kernel
@@ -411,11 +506,12 @@ def kernel_for(device, table, bf16: bool, nested: bool, shape: CudaShape, n_tile
 
 def launch(x, out, workspace, locks, table, problems, in_features: int, splits: int,
            blocks_per_split: int, *, nested: bool, qblock2: int, bf16: bool,
-           shape: CudaShape, programmatic: bool = False) -> None:
+           shape: CudaShape, programmatic: bool = False, tiled: bool = False) -> None:
     """``out[:, columns of weight g] = x @ W_g.T`` for the 1 to 3 ``problems`` (packed,
     absmax, absmax2, code2, offset, out features; out features multiples of 16). ``workspace``:
     ``tiles * splits * 256`` fp32 when ``splits > 1``; ``locks``: one zeroed int32 per CTA row
-    group. ``programmatic``: with programmatic dependent launch (compute capability 9.0+)."""
+    group. ``programmatic``: with programmatic dependent launch (compute capability 9.0+).
+    ``tiled``: the weights are in :func:`tiled`'s layout."""
     rows = x.shape[0]
     n_tiles = 1 if rows <= 8 else 2
     tiles = [problem[5] // 16 for problem in problems]
@@ -428,7 +524,7 @@ def launch(x, out, workspace, locks, table, problems, in_features: int, splits: 
         arguments += [packed, absmax, absmax2, code2, float(offset), int(width)]
     arguments += [rows, in_features, x.stride(0), out.stride(0), tiles1, tiles2, total, splits,
                   blocks_per_split, max(qblock2, 1).bit_length() - 1]
-    kernel = kernel_for(x.device, table, bf16, nested, shape, n_tiles, programmatic)
+    kernel = kernel_for(x.device, table, bf16, nested, shape, n_tiles, programmatic, tiled)
     kernel((-(-total // shape.row_tiles), splits), (32 * shape.warps,), arguments,
            programmatic=programmatic)
 

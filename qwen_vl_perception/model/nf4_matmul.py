@@ -55,22 +55,29 @@ _SPLIT_TARGETS = (1, 2, 4)  # programs per multiprocessor that split counts aim 
 _MAX_SPLITS = 16  # the last program of a tile adds the partials up
 
 
-_CUDA_CONFIGS = ((4, 1, 8), (4, 2, 4), (8, 1, 4), (4, 1, 4), (4, 1, 6), (4, 2, 2))
-"""The CUDA kernel's (warps, row tiles of 16 per warp, blocks in flight per warp), from a sweep
-on an H200 (the 4B model's layer shapes at 1, 8 and 16 rows; ``results/benchmark``)."""
+_CUDA_CONFIGS = ((4, 1, 8), (4, 2, 4), (8, 1, 4), (4, 1, 4), (4, 1, 6), (4, 2, 2), (8, 1, 2))
+"""The CUDA kernel's (warps, row tiles of 16 per warp, blocks in flight per warp), from sweeps
+on an H200 (the 4B model's layer shapes at 1, 8 and 16 rows; ``results/benchmark``; (8, 1, 2)
+was the fastest for q+k+v and down in ``gpu_table_sweep.json``)."""
 _CUDA_SPLITS = (1, 2, 4)
+_CUDA_TABLES = (0,)
+"""Decodes the tuner tries per CUDA shape: byte permutes (0) or a shared-memory table of that
+many copies. The table is not tried: on the H200 it is slower on every launch of a decode step
+but k alone (``results/benchmark/gpu_table_sweep.json``)."""
 
 
 @dataclass(frozen=True)
 class LaunchShape:
     """A launch of the Triton kernel (``kernel='triton'``: ``block_n`` weight rows per program,
     warps, pipeline stages) or of the CUDA one (``kernel='cuda'``: ``block_n`` = 16 x row tiles
-    per warp, ``num_stages`` = blocks in flight per warp); ``splits`` parts of the reduction."""
+    per warp, ``num_stages`` = blocks in flight per warp, ``table`` copies of its shared-memory
+    decode table or 0 to decode in registers); ``splits`` parts of the reduction."""
     block_n: int
     splits: int
     num_warps: int = 4
     num_stages: int = 3
     kernel: str = 'triton'
+    table: int = 0
 
 
 def kernel_unavailable_reason(device=None) -> Optional[str]:
@@ -235,6 +242,8 @@ class NF4Matmul:
     def _launch(self, flat, out, weights, shape):
         if shape.kernel == 'cuda':
             return self._launch_cuda(flat, out, weights, shape)
+        if weights[0].tiled:
+            raise ValueError('weights in the tiled layout take the CUDA kernel only')
         from . import nf4_triton
         torch = require_torch()
         first = weights[0]
@@ -266,7 +275,8 @@ class NF4Matmul:
             x = x.clone(memory_format=torch.contiguous_format)
         target = out if out.dtype == compute else torch.empty(out.shape, dtype=compute,
                                                               device=out.device)
-        cuda_shape = nf4_cuda.CudaShape(shape.num_warps, shape.block_n // 16, shape.num_stages)
+        cuda_shape = nf4_cuda.CudaShape(shape.num_warps, shape.block_n // 16, shape.num_stages,
+                                        shape.table)
         tiles = sum(weight.out_features // 16 for weight in weights)
         workspace, locks = self._buffers_for(
             flat.device, tiles, shape, groups=nf4_cuda.row_groups(
@@ -278,7 +288,8 @@ class NF4Matmul:
               weight.out_features) for weight in weights],
             first.in_features, shape.splits, -(-blocks // shape.splits), nested=first.nested,
             qblock2=first.nested_block, bf16=compute == torch.bfloat16, shape=cuda_shape,
-            programmatic=self.overlap_launches and self._programmatic_on(flat.device))
+            programmatic=self.overlap_launches and self._programmatic_on(flat.device),
+            tiled=first.tiled)
         if target is not out:
             out.copy_(target)
 
@@ -383,11 +394,16 @@ class NF4Matmul:
                 splits = -(-blocks // -(-blocks // splits))  # no empty last split
                 shapes.append(LaunchShape(block_n, splits, warps, stages))
         if cuda and not any(width % 16 for width in widths):
+            from .nf4_cuda import CudaShape, fits
             for warps, row_tiles, pipe in _CUDA_CONFIGS:
-                for splits in _CUDA_SPLITS:
-                    if blocks // splits >= warps:
-                        splits = -(-blocks // -(-blocks // splits))
-                        shapes.append(LaunchShape(16 * row_tiles, splits, warps, pipe, 'cuda'))
+                for table in _CUDA_TABLES:
+                    if not fits(CudaShape(warps, row_tiles, pipe, table)):
+                        continue
+                    for splits in _CUDA_SPLITS:
+                        if blocks // splits >= warps:
+                            splits = -(-blocks // -(-blocks // splits))
+                            shapes.append(LaunchShape(16 * row_tiles, splits, warps, pipe,
+                                                      'cuda', table))
         return list(dict.fromkeys(shapes))
 
     def _timed(self, flat, weights, candidates) -> list:

@@ -29,11 +29,14 @@ class NF4Weight:
     asm: str = ''
     table: tuple = ()
     """The 16 code values (host copies, for kernels that build the table into their code)."""
+    tiled: bool = False
+    """``packed`` and ``absmax`` in the CUDA kernel's tiled layout (:func:`nf4_cuda.tiled`),
+    not as bitsandbytes stores them."""
 
     def group_key(self) -> tuple:
         """What weights launched together must share."""
         return (self.in_features, self.compute_dtype, self.nested, self.nested_block,
-                self.asm, str(self.packed.device), self.absmax.dtype)
+                self.asm, str(self.packed.device), self.absmax.dtype, self.tiled)
 
 
 def nf4_weight(module, require_cuda: bool = True) -> Optional[NF4Weight]:

@@ -74,6 +74,44 @@ def test_launch_shapes_split_the_reduction_into_non_empty_parts():
     assert (default.block_n, default.splits, default.num_warps) == (128, 7, 4)
 
 
+def test_cuda_table_variants_compile_only_within_shared_memory():
+    from qwen_vl_perception.model import nf4_cuda, nf4_matmul
+    assert nf4_cuda.fits(nf4_cuda.CudaShape(4, 1, 4, 16))
+    assert not nf4_cuda.fits(nf4_cuda.CudaShape(4, 1, 4, 3))  # copies: a power of two
+    assert not nf4_cuda.fits(nf4_cuda.CudaShape(16, 2, 4, 16))  # partial sums + table > 48 KB
+    source = nf4_cuda.source_for(NF4_TABLE, True, True, nf4_cuda.CudaShape(4, 1, 4, 8), 1)
+    assert '#define TABLE 8\n' in source and '#define TABLE_SHIFT 5\n' in source
+    plain = nf4_cuda.source_for(NF4_TABLE, True, True, nf4_cuda.CudaShape(), 1)
+    assert '#define TABLE 0\n' in plain
+    with pytest.raises(ValueError, match='does not compile'):
+        nf4_cuda.source_for(NF4_TABLE, True, True, nf4_cuda.CudaShape(4, 1, 4, 64), 1)
+    shapes = NF4Matmul.candidates([4096, 1024, 1024], 2560, 132, cuda=True)
+    tables = {shape.table for shape in shapes if shape.kernel == 'cuda'}
+    assert tables == set(nf4_matmul._CUDA_TABLES)
+    assert all(shape.table == 0 for shape in shapes if shape.kernel == 'triton')
+    assert all(nf4_cuda.fits(nf4_cuda.CudaShape(shape.num_warps, shape.block_n // 16,
+                                                shape.num_stages, shape.table))
+               for shape in shapes if shape.kernel == 'cuda')
+
+
+def test_tiled_layout_puts_each_tiles_blocks_one_after_the_other():
+    from qwen_vl_perception.model import nf4_cuda
+    out_features, in_features = 48, 192  # 3 tiles of 16 rows, 3 blocks of 64
+    row_bytes, blocks = in_features // 2, in_features // 64
+    packed = torch.randint(0, 256, (out_features * row_bytes,), dtype=torch.uint8)
+    absmax = torch.rand(out_features * blocks)
+    tiled_packed, tiled_absmax = nf4_cuda.tiled(packed, absmax, out_features, in_features)
+    assert tiled_packed.shape == packed.shape and tiled_absmax.shape == absmax.shape
+    for row in range(out_features):
+        tile, g = divmod(row, 16)
+        for block in range(blocks):
+            start = tile * 16 * row_bytes + block * 512 + g * 32  # where the kernel reads
+            assert torch.equal(tiled_packed[start:start + 32],
+                               packed[row * row_bytes + block * 32:][:32])
+            assert tiled_absmax[tile * 16 * blocks + block * 16 + g] == absmax[row * blocks
+                                                                               + block]
+
+
 def test_rows_up_to_8_and_9_to_16_get_their_own_launch_shape():
     """The CUDA kernel takes 9-16 rows in two mma column tiles: a shape tuned at one row must
     not be reused there (each layer shape is tuned once per bucket)."""
@@ -304,6 +342,34 @@ def test_cuda_split_reduction_is_deterministic_and_leaves_its_counters_reset(sha
         assert not any(locks.any() for _, locks in matmul._buffers.values())
     expected = dequantized_reference(module, x)
     assert (first.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
+@cuda
+@pytest.mark.parametrize('compute_dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('nested', [True, False])
+def test_shared_memory_table_decode_gives_the_bits_of_the_register_decode(compute_dtype, nested):
+    """Every table size, rows in one and two mma column tiles, split or not, grouped."""
+    from qwen_vl_perception.model.nf4_cuda import TABLE_COPIES, CudaShape, fits
+    modules = [nf4_linear(width, 1280, compute_dtype, nested=nested, bias=False, seed=seed)
+               for seed, width in enumerate((256, 64, 64))]
+    weights = [nf4_weight(module) for module in modules]
+    matmul = NF4Matmul()
+    compared = 0
+    for warps, row_tiles, pipe, splits in ((4, 1, 4, 1), (4, 2, 2, 2), (8, 1, 4, 1)):
+        plain = LaunchShape(16 * row_tiles, splits, warps, pipe, 'cuda')
+        for rows in (1, 8, 9, MAX_ROWS):
+            x = torch.randn(rows, 1280, device='cuda', dtype=compute_dtype)
+            expected = matmul.grouped(x, weights, plain)
+            single = matmul(x, weights[0], plain)
+            for table in TABLE_COPIES[1:]:
+                if not fits(CudaShape(warps, row_tiles, pipe, table)):
+                    continue
+                shape = LaunchShape(16 * row_tiles, splits, warps, pipe, 'cuda', table)
+                for out, reference in zip(matmul.grouped(x, weights, shape), expected):
+                    assert torch.equal(out, reference), (shape, rows)
+                assert torch.equal(matmul(x, weights[0], shape), single), (shape, rows)
+                compared += 1
+    assert compared >= 3 * 4 * 3
 
 
 @cuda

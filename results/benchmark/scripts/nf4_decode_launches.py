@@ -6,9 +6,17 @@ bitsandbytes:
   Compute (``gpu_ncu_nf4_cuda.txt``): ``ncu --profile-from-start off -k nf4_mma ... python3
   results/benchmark/scripts/nf4_decode_launches.py profile``;
 - ``tune-repeat``: tune three times in a row in this fresh process and print each tuner's
-  picks and best timings (``gpu_tuner_repeat.txt``).
+  picks and best timings (``gpu_tuner_repeat.txt``);
+- ``sweep``: every CUDA launch shape (warps, row tiles, blocks in flight, split, decode table
+  copies) of each launch at 1 and 8 rows, timed as a decode step meets it: a CUDA graph of
+  the launch over enough copies of the layer (distinct weights) that they stream from memory,
+  us per launch (``gpu_table_sweep.json`` with ``--out``).
 """
 import argparse
+import dataclasses
+import itertools
+import json
+import math
 import subprocess
 import sys
 import time
@@ -17,7 +25,8 @@ import bitsandbytes as bnb
 import torch
 
 sys.path.insert(0, '.')
-from qwen_vl_perception.model.nf4_matmul import NF4Matmul  # noqa: E402
+from qwen_vl_perception.model import nf4_cuda  # noqa: E402
+from qwen_vl_perception.model.nf4_matmul import LaunchShape, NF4Matmul, nf4_weight  # noqa: E402
 from tools.benchmarking.models import nf4_linear  # noqa: E402
 
 SHAPES = (('k', [(1024, 2560)]), ('qkv', [(4096, 2560), (1024, 2560), (1024, 2560)]),
@@ -89,12 +98,109 @@ def tune_repeat(sets, attempts=3):
                   round(timed[-1][0] * 1000, 1))
 
 
+def streamed_us(launch, copies, repeats=10):
+    """us per launch of ``launch(i)`` for i over ``copies`` layer copies, in one graph."""
+    for i in range(copies):  # compile and make the buffers outside the capture
+        launch(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            launch(i)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    graph.reset()
+    return start.elapsed_time(end) * 1000 / repeats / copies
+
+
+def tiled_copy(weight):
+    """``weight`` with its packed bytes and absmax in the kernel's tiled layout."""
+    packed, absmax = nf4_cuda.tiled(weight.packed, weight.absmax, weight.out_features,
+                                    weight.in_features)
+    return dataclasses.replace(weight, packed=packed, absmax=absmax, tiled=True)
+
+
+def sweep(out_path, tables, layouts, row_counts, streamed_bytes=240e6):
+    torch.manual_seed(0)
+    matmul = NF4Matmul()
+    results = {'streamed_bytes': streamed_bytes, 'sm_clock_before': sm_clock(), 'runs': []}
+    for name, shapes in SHAPES:
+        weight_bytes = sum(outputs * inputs // 2 for outputs, inputs in shapes)
+        copies = max(4, math.ceil(streamed_bytes / weight_bytes))
+        layer_copies = [[nf4_weight(nf4_linear(bnb, torch.nn.Linear(
+            inputs, outputs, bias=False, device='cuda', dtype=torch.bfloat16), torch.bfloat16,
+            True)) for outputs, inputs in shapes] for _ in range(copies)]
+        if 'tiled' in layouts:
+            tiled_copies = [[tiled_copy(weight) for weight in layers] for layers in layer_copies]
+        widths = [outputs for outputs, _ in shapes]
+        blocks = shapes[0][1] // 64
+        for rows in row_counts:
+            x = torch.randn(rows, shapes[0][1], device='cuda', dtype=torch.bfloat16)
+            timed = []
+            for warps, row_tiles, pipe, table, splits, layout in itertools.product(
+                    (4, 8), (1, 2), (2, 4, 8), tables, (1, 2, 4), layouts):
+                if not nf4_cuda.fits(nf4_cuda.CudaShape(warps, row_tiles, pipe, table)):
+                    continue
+                if blocks // splits < warps:
+                    continue
+                shape = LaunchShape(16 * row_tiles, splits, warps, pipe, 'cuda', table)
+                weights = tiled_copies if layout == 'tiled' else layer_copies
+                if layout == 'tiled':  # the same bits as the stored layout gives
+                    assert all(torch.equal(a, b) for a, b in zip(
+                        matmul.grouped(x, tiled_copies[0], shape),
+                        matmul.grouped(x, layer_copies[0], shape))), (name, shape)
+                us = streamed_us(lambda i: matmul.grouped(x, weights[i], shape), copies)
+                timed.append((us, f'w{warps}r{row_tiles}p{pipe}t{table}s{splits}'
+                                  + ('-tiled' if layout == 'tiled' else '')))
+            tuner = NF4Matmul()  # the tuner's own pick (both kernels), streamed the same way
+            tuner.grouped(x, layer_copies[0])
+            picked = tuner.tuned_shapes()[0]['shape']
+            tuned_us = streamed_us(lambda i: tuner.grouped(x, layer_copies[i]), copies)
+            timed.sort()
+            best = {}
+            for us, key in timed:
+                kind = ('table' if 't0s' not in key else 'register') + (
+                    ' tiled' if key.endswith('-tiled') else '')
+                best.setdefault(kind, (us, key))
+            run = {'launch': name, 'rows': rows, 'widths': widths, 'in_features': shapes[0][1],
+                   'copies': copies, 'weight_mb': weight_bytes / 1e6, 'best': best,
+                   'tuner_pick': picked, 'tuner_pick_us': tuned_us,
+                   'tb_per_s_best': weight_bytes / (timed[0][0] * 1e-6) / 1e12,
+                   'timed_us': timed}
+            results['runs'].append(run)
+            print(name, rows, {kind: (round(us, 2), key) for kind, (us, key) in best.items()},
+                  'tuner', round(tuned_us, 2), picked, 'top5',
+                  [(round(us, 2), key) for us, key in timed[:5]], flush=True)
+        layer_copies.clear()
+        if 'tiled' in layouts:
+            tiled_copies.clear()
+        torch.cuda.empty_cache()
+    results['sm_clock_after'] = sm_clock()
+    if out_path:
+        with open(out_path, 'w') as handle:
+            json.dump(results, handle, indent=1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('mode', choices=('profile', 'tune-repeat'))
-    mode = parser.parse_args().mode
+    parser.add_argument('mode', choices=('profile', 'tune-repeat', 'sweep'))
+    parser.add_argument('--out', help='sweep: write the timings here as JSON')
+    parser.add_argument('--tables', type=int, nargs='+', default=list(nf4_cuda.TABLE_COPIES),
+                        help='sweep: decode table copies (0: in registers)')
+    parser.add_argument('--layouts', nargs='+', choices=('stored', 'tiled'),
+                        default=['stored'], help='sweep: weight layouts')
+    parser.add_argument('--rows', type=int, nargs='+', default=[1, 8], help='sweep: rows')
+    arguments = parser.parse_args()
+    if arguments.mode == 'sweep':
+        sweep(arguments.out, arguments.tables, arguments.layouts, arguments.rows)
+        return
     sets = layer_sets()
-    if mode == 'profile':
+    if arguments.mode == 'profile':
         profile(sets)
     else:
         tune_repeat(sets)
