@@ -6,12 +6,18 @@ answers recorded in ``test/support/data/default_model_answers.json``: the defaul
 answer texts on 12 held-out scenes, float32 and NF4, greedy, on the CPU, through the node's
 Engine + Detector path. Identical text means identical detections (labels, boxes, colours).
 
+The answers are computed in a child process with ATen's portable CPU kernels
+(``ATEN_CPU_CAPABILITY=default``): the vectorized ones round differently per instruction set
+(AVX2, AVX-512), and two NF4 answers changed with the machine (2026-12-02, same packages).
+
 The reference was written by this file's own code
 (``python test/model/test_default_model_reference.py --update``, run in the 3.11 venv with
 transformers 5.24); regenerate it only when the default model itself changes.
 """
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +29,19 @@ from locations import DATA_DIR  # noqa: E402
 REFERENCE = DATA_DIR / 'default_model_answers.json'
 SCENES = 12
 SEED = 31_000  # none of the seeds used in training (0, 1), the recipe (10000) or e2e (30000)
+
+
+PORTABLE = dict(os.environ, ATEN_CPU_CAPABILITY='default')
+"""The child process's environment: ATen's CPU kernels without instruction-set variants."""
+
+
+def portable_answers(quantization, cache):
+    """:func:`answers` computed in a child process with :data:`PORTABLE`."""
+    result = subprocess.run([sys.executable, __file__, '--answers', quantization, '--cache',
+                             str(cache)], env=PORTABLE, capture_output=True, text=True,
+                            timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 def answers(quantization, cache):
@@ -48,7 +67,7 @@ def cache(tmp_path_factory):
 def test_default_model_answers_match_the_reference(cache, quantization):
     import transformers
     reference = json.loads(REFERENCE.read_text())[quantization]
-    got = answers(quantization, cache)
+    got = portable_answers(quantization, cache)
     different = [i for i, (a, b) in enumerate(zip(got['answers'], reference['answers']))
                  if a != b]
     assert not different, (
@@ -62,16 +81,24 @@ def test_default_model_answers_match_the_reference(cache, quantization):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--update', action='store_true', help='rewrite the reference file')
+    parser.add_argument('--answers', choices=('none', 'nf4'),
+                        help='print one quantization\'s answers as JSON (the test\'s child)')
+    parser.add_argument('--cache', type=Path, help='with --answers: the default model cache')
     args = parser.parse_args(argv)
+    if args.answers:
+        if os.environ.get('ATEN_CPU_CAPABILITY') != 'default':
+            parser.error('--answers needs ATEN_CPU_CAPABILITY=default')
+        print(json.dumps(answers(args.answers, args.cache)))
+        return 0
     if not args.update:
-        parser.error('nothing to do without --update')
+        parser.error('nothing to do without --update or --answers')
     import tempfile
 
     import transformers
     with tempfile.TemporaryDirectory() as cache:
         data = {}
         for quantization in ('none', 'nf4'):
-            data[quantization] = dict(answers(quantization, Path(cache)),
+            data[quantization] = dict(portable_answers(quantization, Path(cache)),
                                       transformers=transformers.__version__)
     REFERENCE.parent.mkdir(exist_ok=True)
     REFERENCE.write_text(json.dumps(data, indent=1, ensure_ascii=False) + '\n')
