@@ -208,6 +208,8 @@ class NF4Matmul:
 
     def dequantize(self, weight: NF4Weight):
         """The weight as an ``(out, in)`` tensor in the compute dtype (bitsandbytes' values)."""
+        if weight.tiled:
+            raise ValueError('weights in the tiled layout take the CUDA kernel only')
         torch = require_torch()
         from . import nf4_triton
         out = torch.empty(weight.out_features, weight.in_features, dtype=weight.compute_dtype,

@@ -10,8 +10,8 @@ bnb = pytest.importorskip('bitsandbytes')
 
 from qwen_vl_perception.model.fast_decode import FastGreedyDecoder  # noqa: E402
 from qwen_vl_perception.model.nf4_matmul import (  # noqa: E402
-    MAX_ROWS, NF4_TABLE, LaunchShape, NF4Matmul, asm_constraints, kernel_unavailable_reason,
-    lookup_asm, nf4_weight)
+    MAX_ROWS, NF4_TABLE, LaunchShape, NF4Matmul, NF4Weight, asm_constraints,
+    kernel_unavailable_reason, lookup_asm, nf4_weight)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -110,6 +110,12 @@ def test_tiled_layout_puts_each_tiles_blocks_one_after_the_other():
                                packed[row * row_bytes + block * 32:][:32])
             assert tiled_absmax[tile * 16 * blocks + block * 16 + g] == absmax[row * blocks
                                                                                + block]
+    weight = NF4Weight(packed=tiled_packed, absmax=tiled_absmax, absmax2=None, code2=None,
+                       code=None, offset=0.0, nested=False, nested_block=1,
+                       out_features=out_features, in_features=in_features, bias=None,
+                       compute_dtype=torch.bfloat16, tiled=True)
+    with pytest.raises(ValueError, match='tiled layout'):  # not bitsandbytes' layout
+        NF4Matmul().dequantize(weight)
 
 
 def test_rows_up_to_8_and_9_to_16_get_their_own_launch_shape():

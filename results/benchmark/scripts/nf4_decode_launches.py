@@ -10,7 +10,8 @@ bitsandbytes:
 - ``sweep``: every CUDA launch shape (warps, row tiles, blocks in flight, split, decode table
   copies) of each launch at 1 and 8 rows, timed as a decode step meets it: a CUDA graph of
   the launch over enough copies of the layer (distinct weights) that they stream from memory,
-  us per launch (``gpu_table_sweep.json`` with ``--out``).
+  us per launch (``--out``: ``gpu_table_sweep.json``; with ``--tables 0 --layouts stored
+  tiled``: ``gpu_tiled_sweep.json``).
 """
 import argparse
 import dataclasses
