@@ -19,12 +19,18 @@ from collections import OrderedDict
 from typing import Optional, Sequence
 
 from . import cuda_graphs
+from .nf4_weights import nf4_weight
 from .generation import DecodeStep, StepHook, trim_at_stop
 from .qwen3_vl_prefill import TextModelParts
 
 MAX_STOP_IDS = 8
 """Stop ids live in a fixed-size device buffer so that one captured graph serves any set."""
 _NO_TOKEN = -1
+_SILU_ACTIVATIONS = ('SiLU', 'SiLUActivation')  # torch's and transformers' classes
+
+
+class FoldFailed(RuntimeError):
+    """A decode step's NF4 launch with folded elementwise work failed (the cause chained)."""
 
 
 def _rms_norm(torch, hidden, weight, eps: float):
@@ -194,7 +200,7 @@ class DecodeSession:
     def __init__(self, torch, model, parts: TextModelParts, batch: int, cache_len: int, dtype,
                  device, kernels: StepKernels, nf4_matmul=None, linears=None,
                  compact_head=None, groups=None, decode_attention: bool = True,
-                 overlap_launches: bool = False):
+                 overlap_launches: bool = False, fold_elementwise: bool = False):
         self.torch = torch
         self.model_ref = model
         self.parts = parts
@@ -227,6 +233,9 @@ class DecodeSession:
         self.attention = _decode_attention_for(
             torch, kernels, batch, parts, cache_len, dtype, device,
             overlap_launches) if decode_attention else None
+        self.fold_elementwise = bool(fold_elementwise)
+        self._folds = None  # per layer, its four launches' NF4 weights; [] when not folding
+        self.squares = None  # the residual stream's sums of squares per 16 columns (folding)
         self.graph = None
         self.pool = None  # the memory pool of this session's CUDA graphs (step and prefills)
         self.prefills = OrderedDict()  # shape -> its StaticPrefill (static_prefill.py)
@@ -274,6 +283,91 @@ class DecodeSession:
             return group(x)
         return [self.project(module, x) for module in modules]
 
+    @property
+    def folds(self) -> bool:
+        """Whether the step folds its residual adds, RMSNorms and SiLU x up into the NF4
+        launches (:meth:`NF4Matmul.folded`): four launches and the attention kernel per layer,
+        no elementwise kernel between them. Decided at the first step: every layer's
+        projections through the CUDA NF4 kernel (tuned fastest), the decode attention kernel,
+        fused elementwise kernels, SiLU, and the compute dtype the step's."""
+        if self._folds is None:
+            self._folds = self._fold_weights()
+            if self._folds:
+                hidden = self._folds[0][1][0].out_features
+                self.squares = self.torch.empty(hidden, dtype=self.torch.float32,
+                                                device=self.device)
+        return bool(self._folds)
+
+    def _fold_weights(self) -> list:
+        nf4, parts = self.nf4_matmul, self.parts
+        if not (self.fold_elementwise and nf4 is not None and self.attention is not None
+                and self.kernels.fused and self.torch.device(self.device).type == 'cuda'):
+            return []
+        layers = []
+        for layer in parts.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if type(mlp.act_fn).__name__ not in _SILU_ACTIVATIONS:
+                return []
+            norms = (layer.input_layernorm, layer.post_attention_layernorm, parts.norm)
+            if any(norm.weight.dtype != self.dtype for norm in norms):
+                return []
+            launches = []
+            for modules in ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,),
+                            (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)):
+                if len(modules) > 1 and modules not in self.groups:
+                    return []
+                if any(self.linears.get(module, module) is module for module in modules):
+                    return []
+                weights = [nf4_weight(module) for module in modules]
+                if any(weight is None or weight.compute_dtype != self.dtype
+                       for weight in weights) or not nf4.foldable(self.batch, weights):
+                    return []
+                launches.append(weights)
+            layers.append(launches)
+        return layers
+
+    def without_folds(self) -> None:
+        """Launch the step's elementwise work apart from now on (after a failure)."""
+        self._folds, self.squares = [], None
+
+    def _folded_layers(self, hidden, cos, sin):
+        """The layers with their elementwise work folded into the NF4 launches (``folds``):
+        ``hidden`` (batch, 1, hidden size) is updated in place; returns the final norm's
+        output."""
+        parts, nf4, squares = self.parts, self.nf4_matmul, self.squares
+        batch, head_dim = self.batch, parts.head_dim
+        groups = parts.num_heads // parts.num_kv_heads
+        stream = hidden.view(batch, -1)
+        first = parts.layers[0].input_layernorm
+        normed = self.kernels.rms_norm(hidden, first.weight, first.variance_epsilon)
+        try:
+            for index, (layer, (qkv, o, gate_up, down), keys, values) in enumerate(zip(
+                    parts.layers, self._folds, self.keys, self.values)):
+                attn = layer.self_attn
+                if index == 0:
+                    q, k, v = nf4.grouped(normed.view(batch, -1), qkv)
+                else:
+                    norm = layer.input_layernorm
+                    q, k, v = nf4.folded(stream, qkv, norm=(
+                        norm.weight, norm.variance_epsilon, squares))
+                out = self.attention(
+                    q.view(batch, parts.num_kv_heads, groups, head_dim), keys, values,
+                    self.key_valid, self.cache_position, attn.scaling,
+                    k.view(batch, -1, head_dim), v.view(batch, -1, head_dim),
+                    (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon,
+                     cos[:, 0], sin[:, 0]))
+                nf4.folded(out.reshape(batch, -1), o, residual=(stream, squares))
+                norm = layer.post_attention_layernorm
+                gated = nf4.folded(stream, gate_up, norm=(norm.weight, norm.variance_epsilon,
+                                                          squares))
+                nf4.folded(gated[0].as_strided((batch, 2 * gated[0].shape[1]),
+                                               (gated[0].stride(0), 1)),
+                           down, act=True, residual=(stream, squares))
+        except Exception as error:
+            raise FoldFailed(f'a folded NF4 launch failed ({type(error).__name__}: {error})') \
+                from error
+        return self.kernels.rms_norm(hidden, parts.norm.weight, parts.norm.variance_epsilon)
+
     def step(self):
         """Feed ``token`` at ``cache_position``; record the next token; advance the state."""
         torch = self.torch
@@ -283,6 +377,10 @@ class DecodeSession:
         hidden = parts.embed_tokens(self.token).unsqueeze(1)
         cos, sin = parts.rotary_emb(hidden, self.position.unsqueeze(-1))
         mask = None  # the additive mask, for scaled_dot_product_attention only
+        if self.folds:
+            normed = self._folded_layers(hidden.contiguous(), cos, sin)
+            self._pick(normed)
+            return
         first_norm = parts.layers[0].input_layernorm
         normed = kernels.rms_norm(hidden, first_norm.weight, first_norm.variance_epsilon)
         # Each residual add is fused with the RMSNorm that follows it (the next layer's
@@ -323,6 +421,11 @@ class DecodeSession:
             hidden, normed = kernels.add_rms_norm(
                 hidden, project(mlp.down_proj, gated), next_norm.weight,
                 next_norm.variance_epsilon)
+        self._pick(normed)
+
+    def _pick(self, normed):
+        """The next token from the final norm's output; the state advanced."""
+        kernels, parts = self.kernels, self.parts
         if self.compact_head is not None:
             best, prob = self.compact_head.best(normed[:, 0])
             best, prob, done = kernels.finish(best, prob, self.finished, self.stop_ids,
@@ -364,10 +467,12 @@ class DecodeSession:
     def without_decode_attention(self) -> None:
         """Attend through ``scaled_dot_product_attention`` from now on (after a failure)."""
         self.attention = None
+        self.without_folds()
 
     def without_nf4(self) -> None:
         """Route every linear through its own module from now on (after a failed capture)."""
         self.nf4_matmul, self.linears, self.groups = None, {}, {}
+        self.without_folds()
         self.drop_prefills()
 
     def drop_prefills(self) -> None:

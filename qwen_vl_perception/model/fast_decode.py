@@ -99,8 +99,11 @@ class FastGreedyDecoder:
     capture stream). ``overlap_launches=True``: the NF4 and decode attention kernels start with
     programmatic dependent launch on GPUs of compute capability 9.0+ (their first loads overlap
     the end of the kernel before them; off by default: no gain measured in the whole step yet,
-    ``results/benchmark/README.md``). The instance is callable like ``hf_decode``; not
-    thread-safe (the engine serialises calls).
+    ``results/benchmark/README.md``). ``fold_elementwise``: the decode step folds its residual
+    adds, RMSNorms and SiLU x up into the NF4 kernel's launches where it can
+    (``DecodeSession.folds``; off by default: on the H200 the folded launches cost more than
+    the kernels they replace, ``results/benchmark/README.md``). The instance is callable like
+    ``hf_decode``; not thread-safe (the engine serialises calls).
     """
 
     def __init__(self, use_cuda_graphs: Optional[bool] = None,
@@ -108,7 +111,7 @@ class FastGreedyDecoder:
                  sync_interval: int = 8, max_sessions: int = 4,
                  nf4_kernel: Optional[bool] = None, static_prefill: Optional[bool] = None,
                  prefill_bucket: int = 64, max_prefill_shapes: int = 4,
-                 overlap_launches: bool = False):
+                 overlap_launches: bool = False, fold_elementwise: bool = False):
         if min(cache_bucket, sync_interval, max_sessions, prefill_bucket,
                max_prefill_shapes) < 1:
             raise ValueError('cache_bucket, sync_interval, max_sessions, prefill_bucket and '
@@ -120,7 +123,7 @@ class FastGreedyDecoder:
         self.prefill_bucket = int(prefill_bucket)
         self.max_prefill_shapes = int(max_prefill_shapes)
         self.kernel_choices = KernelChoices(nf4_kernel, fuse_elementwise, static_prefill,
-                                            overlap_launches)
+                                            overlap_launches, fold_elementwise)
         """Which optional kernels run and what fell back (:class:`KernelChoices`)."""
         self.last_timing = DecodeTiming()
         self._capture_streams: Dict[str, object] = {}
@@ -186,6 +189,13 @@ class FastGreedyDecoder:
         ``torch.compile`` (False before any call, after :meth:`clear`, or after a fallback)."""
         session = self._last_session()
         return bool(session is not None and session.kernels.fused)
+
+    @property
+    def last_session_folds(self) -> bool:
+        """Whether the session of the last call folds its elementwise work into the NF4
+        launches (``DecodeSession.folds``; False before any call or after :meth:`clear`)."""
+        session = self._last_session()
+        return bool(session is not None and session.folds)
 
     @property
     def last_session_nf4_layers(self) -> int:
@@ -335,7 +345,9 @@ class FastGreedyDecoder:
                                 linears, choices.compact_head(torch, model, parts.lm_head),
                                 choices.nf4_groups(parts, nf4, linears),
                                 decode_attention=not choices.attention_failed,
-                                overlap_launches=choices.overlap_launches)
+                                overlap_launches=choices.overlap_launches,
+                                fold_elementwise=choices.fold_elementwise
+                                and not choices.fold_failed)
         if graphs:
             choices.capture(session, self._capture_stream(torch, device),
                             lambda: self._kernels_for(torch, False))

@@ -30,15 +30,22 @@ class KernelChoices:
     ``static_prefill``: ``None`` means "with CUDA graphs (captured per shape), until it fails
     once", True "always (graphed with CUDA graphs, else eager)", False "never";
     ``overlap_launches``: the NF4 and decode attention kernels start with programmatic
-    dependent launch where the GPU has it (compute capability 9.0+; off by default)."""
+    dependent launch where the GPU has it (compute capability 9.0+; off by default);
+    ``fold_elementwise``: decode steps fold their residual adds, RMSNorms and SiLU x up into
+    the NF4 launches where every layer allows it (``DecodeSession.folds``), until it fails
+    once (off by default: slower so far, ``results/benchmark/README.md``)."""
 
     def __init__(self, nf4_kernel: Optional[bool] = None,
                  fuse_elementwise: Optional[bool] = None,
-                 static_prefill: Optional[bool] = None, overlap_launches: bool = False):
+                 static_prefill: Optional[bool] = None, overlap_launches: bool = False,
+                 fold_elementwise: bool = False):
         self.nf4_kernel = nf4_kernel
         self.fuse_elementwise = fuse_elementwise
         self.static_prefill = static_prefill
         self.overlap_launches = bool(overlap_launches)
+        self.fold_elementwise = bool(fold_elementwise)
+        self.fold_failed = False
+        """True once a decode step with folded elementwise work failed: not folded again."""
         self.static_prefill_failed = False
         """True once the static prefill failed: the model's own forward from then on."""
         self.nf4_failed = False
@@ -190,13 +197,20 @@ class KernelChoices:
         """Capture ``session``'s step in a CUDA graph, falling back on failure: without the
         decode attention kernel if the failure came from it, else first without the NF4
         kernel, then without fused elementwise kernels (``unfused_kernels()`` gives those).
+        A failure of the folded step (``FoldFailed``) comes first: without folding.
         Each fallback is warned about and remembered; a failure with none left is raised."""
         while True:
             try:
                 session.capture(stream)
                 return
             except Exception as error:
-                if session.attention is not None and _raised_in(error, 'decode_attention'):
+                from .decode_session import FoldFailed
+                if isinstance(error, FoldFailed):
+                    warnings.warn(f'{error}; launching the elementwise work apart',
+                                  RuntimeWarning)
+                    self.fold_failed = True
+                    session.without_folds()
+                elif session.attention is not None and _raised_in(error, 'decode_attention'):
                     warnings.warn('the decode attention kernel failed '
                                   f'({type(error).__name__}: {error}); using '
                                   'scaled_dot_product_attention', RuntimeWarning)

@@ -33,6 +33,15 @@ arrived) before it reads ``x`` or writes anything; every CTA waits, so the kerne
 one before it. ``x`` is then read through L2 (``ld.global.cg``: the non-coherent path assumes
 data that no one writes while the kernel lives). Past its loop a CTA lets the next kernel launch
 (``griddepcontrol.launch_dependents``; that kernel still waits for this one's end).
+
+A decode step's elementwise work can be folded into its launches (``x_fold``, ``residual``):
+RMSNorm into the ``x`` loads of q+k+v and gate+up (``x`` is then the residual stream times the
+norm's weight, one packed multiply per two elements; each row's 1 / rms, from the sums of
+squares per 16 columns that the launch before wrote, scales the sums at the end), SiLU(gate) *
+up into down's ``x`` loads, and the residual add into the o and down epilogues (``out += x @
+W.T`` in place, rounded as torch adds two tensors, and the rows' sums of squares per tile for
+the next norm). The norm's roundings differ from transformers' (no rounding of ``h * rstd``
+before the weight).
 """
 from dataclasses import dataclass
 from typing import Dict, Tuple
@@ -61,14 +70,23 @@ STATIC_SHARED_LIMIT = 48 * 1024
 
 
 def shared_bytes(shape: CudaShape, n_tiles: int) -> int:
-    """Static shared memory of one variant: the warps' partial sums, the flag, the table."""
-    return shape.warps * shape.row_tiles * n_tiles * 4 * 32 * 4 + 4 + 1024 * shape.table
+    """Static shared memory of one variant: the warps' partial sums, the flag, the table, and
+    the folded variants' row statistics and residual sums at most (:data:`FOLDS`)."""
+    return (shape.warps * shape.row_tiles * n_tiles * 4 * 32 * 4 + 4 + 1024 * shape.table
+            + 64 + 1024 * shape.row_tiles)
 
 
 def fits(shape: CudaShape, n_tiles: int = 2) -> bool:
     """Whether a variant compiles: a known table size and static shared memory in the limit
     (``n_tiles`` 2, rows 9-16, takes the most)."""
     return shape.table in TABLE_COPIES and shared_bytes(shape, n_tiles) <= STATIC_SHARED_LIMIT
+
+
+FOLD_NONE, FOLD_NORM, FOLD_ACT = 0, 1, 2
+"""What a launch does to ``x`` before the product (``x_fold``): nothing; Qwen3's RMSNorm (``x``
+is the residual stream, the kernel before wrote its sums of squares per 16 columns); SiLU(gate)
+* up (``x`` holds gate, up lies ``act_offset`` columns further on)."""
+FOLDS = (FOLD_NONE, FOLD_NORM, FOLD_ACT)
 
 
 SOURCE = r'''
@@ -204,6 +222,44 @@ __device__ __forceinline__ u16 to_out(float v) {
     return r;
 }
 
+__device__ __forceinline__ float from_out(u16 v) {
+#if IS_BF16
+    return __uint_as_float((u32)v << 16);
+#else
+    float r;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(v));
+    return r;
+#endif
+}
+
+__device__ __forceinline__ u32 pair_of(u16 lo, u16 hi) { return (u32)lo | ((u32)hi << 16); }
+
+// Two fp32 values -> their pair in the compute dtype (lo in the low half), one instruction
+__device__ __forceinline__ u32 pair_from(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn." DTYPE "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+#if XFORM == 1
+// Two elements of the norm's weight times h, one packed multiply; 1 / rms scales the sums
+__device__ __forceinline__ u32 times_pair(u32 h, u32 w) {
+    u32 r;
+    asm("fma.rn." DTYPE "x2 %0, %1, %2, %3;" : "=r"(r) : "r"(h), "r"(w), "r"(0x80008000u));
+    return r;
+}
+#elif XFORM == 2
+__device__ __forceinline__ float silu_times(float g, float u) {
+    return __fdividef(g, 1.f + __expf(-g)) * u;
+}
+
+// Two elements of SiLU(gate) * up, in fp32 and rounded once
+__device__ __forceinline__ u32 act_pair(u32 g, u32 u) {
+    return pair_from(silu_times(from_out((u16)g), from_out((u16)u)),
+                     silu_times(from_out((u16)(g >> 16)), from_out((u16)(u >> 16))));
+}
+#endif
+
 struct Problem {
     const u8* packed; const void* absmax; const float* absmax2; const float* code2;
     float offset; int column; int row0;
@@ -243,7 +299,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
         const u8* p1, const void* a1, const float* s1, const float* c1, float f1, int n1,
         const u8* p2, const void* a2, const float* s2, const float* c2, float f2, int n2,
         int M, int K, int stride_x, int stride_out, int tiles1, int tiles2, int tiles,
-        int splits, int blocks_per_split, int qb2_log2) {
+        int splits, int blocks_per_split, int qb2_log2,
+        const u16* __restrict__ norm_w, const float* __restrict__ squares_in, float eps,
+        int act_offset, float* __restrict__ squares_out) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int blocks = K >> 6, row_bytes = K >> 1;
@@ -332,6 +390,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     const u32 copy4 = (u32)(lane % TABLE) * 4u;
 #endif
     wait_for_previous_kernel(wq[0][0][0].x, K);  // x and the outputs: the kernels' before us
+#if XFORM == 1
+    const u16* np = norm_w + 16 * t + 64 * start;  // the norm's weights of this thread's columns
+#endif
 
     auto compute = [&](const int p, const int block_index) {
         // x from L1 (or L2 the first time), loaded here: the decode below covers the latency
@@ -342,6 +403,35 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
             load_x(xq[n][0], xp[n] + block_index * 64, true);
             load_x(xq[n][1], xp[n] + block_index * 64 + 8, true);
         }
+#if XFORM == 1  // x = the norm's weight times h (these 16 columns); 1 / rms scales the sums
+        {
+            uint4 wn[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+            load_x(wn[0], np + block_index * 64, true);
+            load_x(wn[1], np + block_index * 64 + 8, true);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                xq[n][0] = make_uint4(times_pair(xq[n][0].x, wn[0].x),
+                                      times_pair(xq[n][0].y, wn[0].y),
+                                      times_pair(xq[n][0].z, wn[0].z),
+                                      times_pair(xq[n][0].w, wn[0].w));
+                xq[n][1] = make_uint4(times_pair(xq[n][1].x, wn[1].x),
+                                      times_pair(xq[n][1].y, wn[1].y),
+                                      times_pair(xq[n][1].z, wn[1].z),
+                                      times_pair(xq[n][1].w, wn[1].w));
+            }
+        }
+#elif XFORM == 2  // x = SiLU(gate) * up: x holds gate, up lies act_offset columns on
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            uint4 up[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+            load_x(up[0], xp[n] + act_offset + block_index * 64, true);
+            load_x(up[1], xp[n] + act_offset + block_index * 64 + 8, true);
+            xq[n][0] = make_uint4(act_pair(xq[n][0].x, up[0].x), act_pair(xq[n][0].y, up[0].y),
+                                  act_pair(xq[n][0].z, up[0].z), act_pair(xq[n][0].w, up[0].w));
+            xq[n][1] = make_uint4(act_pair(xq[n][1].x, up[1].x), act_pair(xq[n][1].y, up[1].y),
+                                  act_pair(xq[n][1].z, up[1].z), act_pair(xq[n][1].w, up[1].w));
+        }
+#endif
 #pragma unroll
         for (int r = 0; r < RT; ++r) {
             u32 lo[8], hi[8];  // rows g and g + 8, columns 16t .. 16t + 15 of the block
@@ -395,10 +485,56 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 #undef LOAD_STAGE
     let_next_kernel_launch();  // it waits for this kernel's end before it reads our output
 
+#if XFORM == 1
+    // Each row's 1 / rms from the kernel before's sums of squares per 16 columns, added up in
+    // one fixed order (8 lanes per row, then across them): every CTA gets the same bits. The
+    // barrier below publishes them.
+    __shared__ float row_rstd[16];
+    {
+        const int m = threadIdx.x >> 3, c = threadIdx.x & 7;
+        float sum = 0.f;
+        if (m < M)
+            for (int i = c; i < (K >> 4); i += 8) sum += __ldcg(squares_in + (size_t)i * 16 + m);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        if (m < 16 && c == 0) row_rstd[m] = rsqrtf(sum / (float)K + eps);
+    }
+#endif
     // The CTA's warps add up in warp order; element e of a warp: (r, n, c) = e / 32, lane e % 32.
     constexpr int ELEMENTS = RT * NT * 4 * 32;
     __shared__ float partial[WARPS][ELEMENTS];
     __shared__ int is_last;
+#if RESIDUAL  // out += the product (one weight); the rows' sums of squares per tile of 16
+    __shared__ float finals[RT][16][16];
+#endif
+#if XFORM == 1
+    auto scaled = [&](float sum, int m) { return sum * row_rstd[m]; };
+#else
+    auto scaled = [&](float sum, int) { return sum; };
+#endif
+#if RESIDUAL  // hidden + delta rounded as torch adds two tensors of the compute dtype
+    auto store_out = [&](u16* o, float sum, int r, int m, int feature) {
+        const u16 v = to_out(from_out(to_out(scaled(sum, m))) + from_out(*o));
+        *o = v;
+        finals[r][m][feature] = from_out(v);
+    };
+    auto write_squares = [&](float* squares, int tiles_, int rows) {  // per (tile, row), in order
+        __syncthreads();
+        for (int e = threadIdx.x; e < RT * 16; e += WARPS * 32) {
+            const int r = e >> 4, m = e & 15, tile = blockIdx.x * RT + r;
+            if (tile < tiles_ && m < rows) {
+                float sum = 0.f;
+#pragma unroll
+                for (int f = 0; f < 16; ++f) sum += finals[r][m][f] * finals[r][m][f];
+                squares[(size_t)tile * 16 + m] = sum;
+            }
+        }
+    };
+#else
+    auto store_out = [&](u16* o, float sum, int, int m, int) { *o = to_out(scaled(sum, m)); };
+    auto write_squares = [&](float*, int, int) {};
+#endif
 #pragma unroll
     for (int r = 0; r < RT; ++r)
 #pragma unroll
@@ -420,13 +556,17 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
             if (splits == 1) {
                 const Problem pq = problem_of(tile, tiles1, tiles2, p0, a0, s0, c0, f0, n0,
                                               p1, a1, s1, c1, f1, n1, p2, a2, s2, c2, f2);
-                out[(size_t)m * stride_out + pq.column + pq.row0 + feature] = to_out(sum);
+                store_out(out + (size_t)m * stride_out + pq.column + pq.row0 + feature, sum,
+                          r, m, feature);
             } else {
                 ws[((size_t)tile * splits + split) * 256 + m * 16 + feature] = sum;
             }
         }
     }
-    if (splits == 1) return;
+    if (splits == 1) {
+        write_squares(squares_out, tiles, M);
+        return;
+    }
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) is_last = atomicAdd(locks + blockIdx.x, 1) == splits - 1;
@@ -442,9 +582,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
                 sum += __ldcg(ws + ((size_t)tile * splits + s) * 256 + m * 16 + feature);
             const Problem pq = problem_of(tile, tiles1, tiles2, p0, a0, s0, c0, f0, n0,
                                           p1, a1, s1, c1, f1, n1, p2, a2, s2, c2, f2);
-            out[(size_t)m * stride_out + pq.column + pq.row0 + feature] = to_out(sum);
+            store_out(out + (size_t)m * stride_out + pq.column + pq.row0 + feature, sum, r, m,
+                      feature);
         }
     }
+    write_squares(squares_out, tiles, M);
     if (threadIdx.x == 0) atomicExch(locks + blockIdx.x, 0);
 }
 '''
@@ -462,10 +604,15 @@ def tiled(packed, absmax, out_features: int, in_features: int):
 
 
 def source_for(table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
-               programmatic: bool = False, tiled: bool = False) -> str:
+               programmatic: bool = False, tiled: bool = False, x_fold: int = FOLD_NONE,
+               residual: bool = False) -> str:
     """The kernel's source for one variant: the code table's bytes, the operand type, the
-    absmax storage, the shape and whether it is launched with programmatic dependent launch
-    as macros."""
+    absmax storage, the shape, whether it is launched with programmatic dependent launch,
+    what it folds into its ``x`` loads (:data:`FOLDS`) and whether it adds its product to
+    ``out`` (a residual stream) and writes the sums of squares the next norm needs, as
+    macros."""
+    if x_fold not in FOLDS:
+        raise ValueError(f'x_fold must be one of {FOLDS}, not {x_fold!r}')
     torch = require_torch()
     high, low = table_words(table, torch.bfloat16 if bf16 else torch.float16)
     if not fits(shape, n_tiles):
@@ -475,7 +622,8 @@ def source_for(table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
     defines = {'WARPS': shape.warps, 'RT': shape.row_tiles, 'PIPE': shape.pipe, 'NT': n_tiles,
                'NESTED': int(nested), 'DTYPE': '"bf16"' if bf16 else '"f16"',
                'PDL': int(programmatic), 'TABLE': shape.table, 'TILED': int(tiled),
-               'TABLE_SHIFT': 2 + max(shape.table, 1).bit_length() - 1}
+               'TABLE_SHIFT': 2 + max(shape.table, 1).bit_length() - 1, 'IS_BF16': int(bf16),
+               'XFORM': int(x_fold), 'RESIDUAL': int(residual)}
     defines.update({f'HI{i}': f'{word:#x}u' for i, word in enumerate(high)})
     defines.update({f'LO{i}': f'{word:#x}u' for i, word in enumerate(low)})
     return ''.join(f'#define {key} {value}\n' for key, value in defines.items()) + SOURCE
@@ -485,19 +633,21 @@ _KERNELS: Dict[Tuple, object] = {}
 
 
 def kernel_for(device, table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
-               programmatic: bool = False, tiled: bool = False):
+               programmatic: bool = False, tiled: bool = False, x_fold: int = FOLD_NONE,
+               residual: bool = False):
     """The compiled kernel for one variant on ``device`` (compiled once per process)."""
     torch = require_torch()
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, tuple(table), bf16, nested, shape, n_tiles, programmatic, tiled)
+    key = (index, tuple(table), bf16, nested, shape, n_tiles, programmatic, tiled, x_fold,
+           residual)
     kernel = _KERNELS.get(key)
     if kernel is None:
         major, minor = torch.cuda.get_device_capability(index)
         if major < 8:
             raise RuntimeError('the CUDA NF4 kernel needs compute capability 8.0 or newer')
         cubin = nvrtc.compile_cubin(source_for(table, bf16, nested, shape, n_tiles,
-                                               programmatic, tiled),
+                                               programmatic, tiled, x_fold, residual),
                                     KERNEL_NAME, f'sm_{major}{minor}')
         kernel = nvrtc.Kernel(cubin, KERNEL_NAME, torch.device('cuda', index))
         _KERNELS[key] = kernel
@@ -506,12 +656,24 @@ def kernel_for(device, table, bf16: bool, nested: bool, shape: CudaShape, n_tile
 
 def launch(x, out, workspace, locks, table, problems, in_features: int, splits: int,
            blocks_per_split: int, *, nested: bool, qblock2: int, bf16: bool,
-           shape: CudaShape, programmatic: bool = False, tiled: bool = False) -> None:
+           shape: CudaShape, programmatic: bool = False, tiled: bool = False,
+           norm=None, act_offset: int = 0, squares_out=None) -> None:
     """``out[:, columns of weight g] = x @ W_g.T`` for the 1 to 3 ``problems`` (packed,
     absmax, absmax2, code2, offset, out features; out features multiples of 16). ``workspace``:
     ``tiles * splits * 256`` fp32 when ``splits > 1``; ``locks``: one zeroed int32 per CTA row
     group. ``programmatic``: with programmatic dependent launch (compute capability 9.0+).
-    ``tiled``: the weights are in :func:`tiled`'s layout."""
+    ``tiled``: the weights are in :func:`tiled`'s layout.
+
+    Folded work (each at most one of the first two): ``norm = (weight, squares, eps)``: the
+    product of RMSNorm(x) (``squares``: fp32 ``(in_features / 16, 16)``, each row's sum of
+    squares per 16 columns, as a ``squares_out`` launch writes them). ``act_offset > 0``: of
+    SiLU(x[:, :in]) * x[:, act_offset:act_offset + in]. ``squares_out`` (one weight): ``out``
+    becomes ``out + x @ W.T`` (rounded as two tensors' sum) and its sums of squares per 16
+    columns go to ``squares_out``."""
+    if norm is not None and act_offset:
+        raise ValueError('one launch folds a norm or an activation into x, not both')
+    if squares_out is not None and len(problems) != 1:
+        raise ValueError('a residual launch takes one weight')
     rows = x.shape[0]
     n_tiles = 1 if rows <= 8 else 2
     tiles = [problem[5] // 16 for problem in problems]
@@ -524,7 +686,11 @@ def launch(x, out, workspace, locks, table, problems, in_features: int, splits: 
         arguments += [packed, absmax, absmax2, code2, float(offset), int(width)]
     arguments += [rows, in_features, x.stride(0), out.stride(0), tiles1, tiles2, total, splits,
                   blocks_per_split, max(qblock2, 1).bit_length() - 1]
-    kernel = kernel_for(x.device, table, bf16, nested, shape, n_tiles, programmatic, tiled)
+    norm_weight, squares_in, eps = norm if norm is not None else (None, None, 0.0)
+    arguments += [norm_weight, squares_in, float(eps), int(act_offset), squares_out]
+    x_fold = FOLD_NORM if norm is not None else FOLD_ACT if act_offset else FOLD_NONE
+    kernel = kernel_for(x.device, table, bf16, nested, shape, n_tiles, programmatic, tiled,
+                        x_fold, squares_out is not None)
     kernel((-(-total // shape.row_tiles), splits), (32 * shape.warps,), arguments,
            programmatic=programmatic)
 

@@ -206,6 +206,89 @@ class NF4Matmul:
             start += width
         return outputs
 
+    def foldable(self, rows: int, weights: Sequence[NF4Weight]) -> bool:
+        """Whether ``weights`` (one, or a group sharing their input) at ``rows`` rows launch
+        the CUDA kernel, so that :meth:`folded` can fold the decode step's elementwise work
+        into them: no bias, and the CUDA kernel tuned fastest for their shape (timed now if
+        this shape is new: call it outside CUDA-graph capture)."""
+        torch = require_torch()
+        weights = list(weights)
+        if not (1 <= rows <= MAX_ROWS and 1 <= len(weights) <= MAX_GROUP) or any(
+                weight.bias is not None or weight.tiled for weight in weights):
+            return False
+        first = weights[0]
+        if len({weight.group_key() for weight in weights}) != 1 or first.packed.device.type \
+                != 'cuda' or not _cuda_layout(weights):
+            return False
+        probe = torch.zeros(rows, first.in_features, dtype=first.compute_dtype,
+                            device=first.packed.device)
+        with _on_device(torch, probe.device):
+            return self._shape(probe, weights).kernel == 'cuda'
+
+    def folded(self, x, weights: Sequence[NF4Weight], *, norm=None, act: bool = False,
+               residual=None, shape: Optional[LaunchShape] = None):
+        """One launch of the CUDA kernel for ``weights`` (:meth:`foldable` said yes) with the
+        decode step's elementwise work folded in. ``x``: ``(rows, in)`` in the compute dtype,
+        or ``(rows, 2 * in)`` gate then up with ``act``: the product of SiLU(gate) * up.
+        ``norm = (weight, eps, squares)``: the product of Qwen3's RMSNorm of ``x`` (``x`` the
+        residual stream; ``squares`` as a ``residual`` launch wrote them for it). ``residual =
+        (hidden, squares)`` (one weight): ``hidden`` ``(rows, out)`` becomes ``hidden + x @
+        W.T`` in place, and ``squares`` (fp32, ``(out / 16, 16)``) each row's sums of squares
+        of it per 16 columns. ``shape``: a CUDA launch shape instead of the tuned one.
+        Returns the outputs (none with ``residual``). The folded norm scales the sums by
+        1 / rms instead of rounding ``x * rstd`` first, and the SiLU uses fast exponentials:
+        results differ by roundings from the unfolded step's (the residual add does not)."""
+        torch = require_torch()
+        weights = list(weights)
+        first = weights[0]
+        compute = first.compute_dtype
+        rows, columns = x.shape
+        in_features = first.in_features
+        if columns != in_features * (2 if act else 1):
+            raise ValueError(f'x has {columns} columns for a layer of {in_features} inputs'
+                             + (' (gate and up)' if act else ''))
+        if norm is not None and act:
+            raise ValueError('a launch folds a norm or an activation into x, not both')
+        if x.dtype != compute or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+            raise ValueError('folded launches take x in the compute dtype, rows contiguous and '
+                             '16-byte aligned')
+        if shape is None:
+            shape = self._shapes.get(self._shape_key(x[:, :in_features], weights))
+        if shape is None or shape.kernel != 'cuda':
+            raise ValueError('folded launches need the CUDA kernel tuned for this layer shape '
+                             '(foldable)')
+        fold = {}
+        if norm is not None:
+            weight, eps, squares = norm
+            _check_squares(squares, rows, in_features, 'the norm input')
+            if weight.dtype != compute or weight.shape != (in_features,) or weight.stride(0) != 1:
+                raise ValueError('the norm weight must be contiguous, in the compute dtype')
+            fold['norm'] = (weight, squares, float(eps))
+        if act:
+            fold['act_offset'] = in_features
+        widths = [weight.out_features for weight in weights]
+        if residual is not None:
+            if len(weights) != 1:
+                raise ValueError('a residual launch takes one weight')
+            out, squares = residual
+            _check_squares(squares, rows, widths[0], 'the residual output')
+            if out.shape != (rows, widths[0]) or out.dtype != compute or out.stride(1) != 1:
+                raise ValueError(f'the residual stream must be ({rows}, {widths[0]}) in the '
+                                 'compute dtype')
+            fold['squares_out'] = squares
+        else:
+            out = torch.empty(rows, sum(widths), dtype=compute, device=x.device)
+        self._rows.add(rows)
+        with _on_device(torch, x.device):
+            self._launch_cuda(x, out, weights, shape, **fold)
+        if residual is not None:
+            return []
+        outputs, start = [], 0
+        for width in widths:
+            outputs.append(out[:, start:start + width])
+            start += width
+        return outputs
+
     def dequantize(self, weight: NF4Weight):
         """The weight as an ``(out, in)`` tensor in the compute dtype (bitsandbytes' values)."""
         if weight.tiled:
@@ -264,7 +347,7 @@ class NF4Matmul:
             bf16=first.compute_dtype == torch.bfloat16, block_n=shape.block_n,
             num_warps=shape.num_warps, num_stages=shape.num_stages)
 
-    def _launch_cuda(self, flat, out, weights, shape):
+    def _launch_cuda(self, flat, out, weights, shape, **fold):
         from . import nf4_cuda
         torch = require_torch()
         if not _cuda_layout(weights):
@@ -273,7 +356,7 @@ class NF4Matmul:
         first = weights[0]
         compute = first.compute_dtype
         x = flat if flat.dtype == compute else flat.to(compute)
-        if x.data_ptr() % 16 or x.stride(0) % 8:  # the kernel reads x 16 bytes at a time
+        if not fold and (x.data_ptr() % 16 or x.stride(0) % 8):  # x is read 16 bytes at a time
             x = x.clone(memory_format=torch.contiguous_format)
         target = out if out.dtype == compute else torch.empty(out.shape, dtype=compute,
                                                               device=out.device)
@@ -291,7 +374,7 @@ class NF4Matmul:
             first.in_features, shape.splits, -(-blocks // shape.splits), nested=first.nested,
             qblock2=first.nested_block, bf16=compute == torch.bfloat16, shape=cuda_shape,
             programmatic=self.overlap_launches and self._programmatic_on(flat.device),
-            tiled=first.tiled)
+            tiled=first.tiled, **fold)
         if target is not out:
             out.copy_(target)
 
@@ -325,14 +408,19 @@ class NF4Matmul:
 
     # -- launch shapes -----------------------------------------------------------------------
 
-    def _shape(self, flat, weights) -> LaunchShape:
-        torch = require_torch()
+    @staticmethod
+    def _shape_key(flat, weights) -> Tuple:
         first = weights[0]
         # Rows 1-8 and 9-16 are tuned apart: the CUDA kernel takes the latter in two mma
         # column tiles, which moves its best shape.
-        key = (tuple(weight.out_features for weight in weights), first.in_features,
-               first.compute_dtype, flat.dtype, str(flat.device), first.nested,
-               first.absmax.dtype, _row_bucket(flat.shape[0]))
+        return (tuple(weight.out_features for weight in weights), first.in_features,
+                first.compute_dtype, flat.dtype, str(flat.device), first.nested,
+                first.absmax.dtype, _row_bucket(flat.shape[0]))
+
+    def _shape(self, flat, weights) -> LaunchShape:
+        torch = require_torch()
+        first = weights[0]
+        key = self._shape_key(flat, weights)
         shape = self._shapes.get(key)
         if shape is None:
             if flat.device.type == 'cuda' and torch.cuda.is_current_stream_capturing():
@@ -450,6 +538,14 @@ def _cuda_layout(weights) -> bool:
         if not stored or weight.out_features % 16:
             return False
     return True
+
+
+def _check_squares(squares, rows: int, features: int, what: str) -> None:
+    torch = require_torch()
+    if (squares.dtype != torch.float32 or not squares.is_contiguous()
+            or squares.numel() < features or features % 16 or rows > 16):
+        raise ValueError(f'the sums of squares of {what} must be a contiguous fp32 buffer of '
+                         f'({features // 16}, 16)')
 
 
 def _check_input(x, weight: NF4Weight) -> None:

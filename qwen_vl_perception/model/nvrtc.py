@@ -316,13 +316,16 @@ class Kernel:
     def __call__(self, grid, block, arguments, shared_bytes: int = 0,
                  programmatic: bool = False) -> None:
         """Launch on the current stream of the kernel's device. ``arguments``: tensors (their
-        data pointers), ints (``int``), floats (``float``), in the kernel's order.
+        data pointers), ``None`` (a null pointer), ints (``int``), floats (``float``), in the
+        kernel's order.
         ``programmatic``: with programmatic dependent launch (see the module's text)."""
         torch = require_torch()
         values = []
         for argument in arguments:
             if isinstance(argument, torch.Tensor):
                 values.append(ctypes.c_void_p(argument.data_ptr()))
+            elif argument is None:
+                values.append(ctypes.c_void_p(None))
             elif isinstance(argument, bool) or not isinstance(argument, (int, float)):
                 raise TypeError(f'unsupported kernel argument {type(argument).__name__}')
             elif isinstance(argument, int):

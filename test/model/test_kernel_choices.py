@@ -58,6 +58,10 @@ class CapturingSession:
         self.attention, self.nf4_matmul = 'attention kernel', 'nf4 kernel'
         self.kernels = type('Kernels', (), {'fused': True})()
         self.fail, self.captures = fail, 0
+        self.folding = True
+
+    def without_folds(self):
+        self.folding = False
 
     def capture(self, stream):
         self.captures += 1
@@ -101,3 +105,17 @@ def test_other_capture_failures_drop_the_nf4_kernel_then_fusion_and_keep_the_att
     assert session.nf4_matmul is None and choices.nf4_failed and choices.fusion_failed
     assert session.attention == 'attention kernel' and not choices.attention_failed
     assert session.kernels is unfused and session.captures == 3
+
+
+def test_a_failing_folded_step_is_given_up_alone():
+    from qwen_vl_perception.model.decode_session import FoldFailed
+
+    def fail(session):
+        if session.folding:
+            raise FoldFailed('a folded NF4 launch failed (RuntimeError: no kernel image)')
+    choices, session = KernelChoices(), CapturingSession(fail)
+    with pytest.warns(RuntimeWarning, match='launching the elementwise work apart'):
+        choices.capture(session, None, lambda: None)
+    assert not session.folding and choices.fold_failed and session.captures == 2
+    assert session.nf4_matmul == 'nf4 kernel' and not choices.nf4_failed
+    assert session.attention == 'attention kernel' and session.kernels.fused

@@ -644,3 +644,130 @@ def test_overlapped_launches_give_the_bits_of_plain_ones_in_a_graph():
         assert previous is None or not torch.equal(previous, results[True])
         previous = results[True]
     assert not locks.any()
+
+
+def _cuda_shapes(matmul, widths, in_features):
+    return [shape for shape in matmul.candidates(widths, in_features, 132, cuda=True)
+            if shape.kernel == 'cuda']
+
+
+def _squares(hidden):
+    """Each row's sums of squares per 16 columns, laid out as a residual launch writes them."""
+    rows, features = hidden.shape
+    squares = torch.zeros(features // 16, 16, device=hidden.device)
+    squares[:, :rows] = (hidden.float() ** 2).view(rows, -1, 16).sum(-1).T
+    return squares
+
+
+@cuda
+@pytest.mark.parametrize('compute_dtype', [torch.bfloat16, torch.float16])
+def test_folded_residual_launch_adds_with_torchs_bits_and_writes_the_sums_of_squares(
+        compute_dtype):
+    """The o and down projections' launch: hidden += x @ W.T in place, rounded as torch adds
+    two tensors, for every CUDA shape (split reductions included) and 1-16 rows."""
+    module = nf4_linear(512, 1024, compute_dtype, bias=False)
+    weight, matmul = nf4_weight(module), NF4Matmul()
+    shapes = _cuda_shapes(matmul, [512], 1024)
+    assert any(shape.splits > 1 for shape in shapes)
+    for shape in shapes:
+        for rows in (1, 5, MAX_ROWS):
+            x = torch.randn(rows, 1024, device='cuda', dtype=compute_dtype)
+            hidden = torch.randn(rows, 512, device='cuda', dtype=compute_dtype)
+            expected = hidden + matmul(x, weight, shape)
+            squares = torch.full((32, 16), float('nan'), device='cuda')
+            assert matmul.folded(x, [weight], residual=(hidden, squares), shape=shape) == []
+            assert torch.equal(hidden, expected), shape
+            torch.testing.assert_close(squares[:, :rows], _squares(expected)[:, :rows],
+                                       rtol=1e-5, atol=1e-5)
+        assert not any(locks.any() for _, locks in matmul._buffers.values())
+
+
+@cuda
+@pytest.mark.parametrize('compute_dtype', [torch.bfloat16, torch.float16])
+def test_folded_norm_and_activation_launches_match_the_elementwise_work_done_apart(
+        compute_dtype):
+    """q/k/v and gate/up from the residual stream (RMSNorm folded in, its statistics from the
+    sums of squares), down from gate and up (SiLU x up folded in): as the elementwise kernel
+    followed by the plain launch, within a rounding of the norm's statistics."""
+    from qwen_vl_perception.model.decode_session import _rms_norm
+    modules = [nf4_linear(width, 1024, compute_dtype, bias=False, seed=seed)
+               for seed, width in enumerate((512, 128, 128))]
+    weights = [nf4_weight(module) for module in modules]
+    down = nf4_weight(nf4_linear(256, 1024, compute_dtype, bias=False, seed=5))
+    matmul = NF4Matmul()
+    norm_weight = (1 + 0.3 * torch.randn(1024, device='cuda')).to(compute_dtype)
+    for shape in _cuda_shapes(matmul, [512, 128, 128], 1024):
+        for rows in (1, 7, MAX_ROWS):
+            hidden = 3 * torch.randn(rows, 1024, device='cuda', dtype=compute_dtype)
+            expected = matmul.grouped(_rms_norm(torch, hidden, norm_weight, 1e-6), weights,
+                                      shape)
+            outs = matmul.folded(hidden, weights, norm=(norm_weight, 1e-6, _squares(hidden)),
+                                 shape=shape)
+            for out, want in zip(outs, expected):
+                assert (out.float() - want.float()).abs().max() <= 1e-2 * want.abs().max(), \
+                    shape
+            gate_up = torch.randn(rows, 2048, device='cuda', dtype=compute_dtype)
+            gated = torch.nn.functional.silu(gate_up[:, :1024].float()) * gate_up[:, 1024:]
+            want = matmul(gated.to(compute_dtype), down, shape)
+            out = matmul.folded(gate_up, [down], act=True, shape=shape)[0]
+            assert (out.float() - want.float()).abs().max() <= 1e-2 * want.abs().max(), shape
+
+
+def test_folded_launches_refuse_what_they_cannot_take():
+    module = nf4_linear(128, 256, torch.bfloat16, bias=False, device='cpu')
+    weight, matmul = nf4_weight(module, require_cuda=False), NF4Matmul()
+    assert not matmul.foldable(1, [weight])  # not on CUDA
+    x = torch.zeros(1, 256, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match='columns'):
+        matmul.folded(x, [weight], act=True)
+    with pytest.raises(ValueError, match='compute dtype'):
+        matmul.folded(x.float(), [weight])
+    with pytest.raises(ValueError, match='tuned'):
+        matmul.folded(x, [weight])
+    with pytest.raises(ValueError, match='not both'):
+        matmul.folded(torch.zeros(1, 512, dtype=torch.bfloat16), [weight], act=True,
+                      norm=(torch.ones(256, dtype=torch.bfloat16), 1e-6, torch.zeros(16, 16)))
+    biased = nf4_weight(nf4_linear(128, 256, torch.bfloat16, bias=True, device='cpu'),
+                        require_cuda=False)
+    assert not matmul.foldable(1, [biased])
+
+
+@cuda
+def test_decoder_folding_the_elementwise_work_agrees_with_it_done_apart(monkeypatch):
+    """A Qwen3-VL with layer shapes the CUDA kernel takes (the tiny one's 64 inputs are one
+    64-block, too few): the folded step (four NF4 launches and the attention per layer) picks
+    the tokens of the step with its elementwise kernels, within a rounding of the norms."""
+    import transformers
+
+    from decoding import STOPS, make_inputs
+    from qwen_vl_perception.model.configs import tiny_config
+    # Only CUDA shapes: the tuner may otherwise pick Triton for such small layers
+    candidates = NF4Matmul.candidates
+    monkeypatch.setattr(NF4Matmul, 'candidates', staticmethod(
+        lambda *args, **kwargs: [shape for shape in candidates(*args, **kwargs)
+                                 if shape.kernel == 'cuda']))
+    config = tiny_config()
+    config['text_config'].update(hidden_size=256, intermediate_size=512, head_dim=64,
+                                 initializer_range=0.05)
+    config['vision_config']['out_hidden_size'] = 256
+    torch.manual_seed(4)
+    model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**config))
+    model = model.eval().to('cuda', torch.bfloat16)
+    for layer in model.model.language_model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    setattr(parent, name, _quantized_copy(child))
+    inputs = {k: v.cuda() for k, v in make_inputs([(5, 7, (1, 4, 6)), (2, 3, (1, 6, 8))]).items()}
+    apart = FastGreedyDecoder(nf4_kernel=True)  # folding is off by default
+    reference, _ = apart(model, inputs, 32, [])
+    assert apart.last_session_nf4_layers and not apart.last_session_folds
+    folded = FastGreedyDecoder(nf4_kernel=True, fold_elementwise=True)
+    tokens, _ = folded(model, inputs, 32, STOPS)
+    assert folded.last_session_folds and folded.last_timing.graph_captured
+    assert not folded.kernel_choices.fold_failed and not folded.kernel_choices.nf4_failed
+    choices = folded.choices_given(model, inputs, reference)
+    same = sum(a == b for row, ref in zip(choices, reference) for a, b in zip(row, ref))
+    assert same >= 0.9 * 32 * len(reference)
+    again, _ = folded(model, inputs, 32, STOPS)  # the graph replays the same tokens
+    assert again == tokens

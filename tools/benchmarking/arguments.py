@@ -70,6 +70,10 @@ def add_check_arguments(parser):
     parser.add_argument('--overlap-check', action='store_true',
                         help='CUDA: also time our engine with programmatic dependent launch '
                              '(nf4 variant, each --batch-sizes, first --new-tokens)')
+    parser.add_argument('--fold-check', action='store_true',
+                        help='CUDA: also time our engine with the decode step elementwise work '
+                             'folded into the NF4 launches (nf4 variant, each --batch-sizes, '
+                             'first --new-tokens; with --overlap-check also overlapped)')
     parser.add_argument('--nf4-kernel', default='auto', choices=('auto', 'on', 'off'),
                         help="NF4 decode linears through the project's fused Triton kernel "
                              "(auto: on CUDA with Triton) or bitsandbytes' own path")

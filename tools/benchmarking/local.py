@@ -80,11 +80,13 @@ class Benchmark:
         if save:
             self.save()
 
-    def new_decoder(self, fuse=None, nf4_kernel=None, overlap_launches=False):
+    def new_decoder(self, fuse=None, nf4_kernel=None, overlap_launches=False,
+                    fold_elementwise=False):
         """A decoder with the command line's choices, unless told otherwise."""
         return FastGreedyDecoder(fuse_elementwise=self.fuse if fuse is None else fuse,
                                  nf4_kernel=self.nf4_kernel if nf4_kernel is None else nf4_kernel,
-                                 overlap_launches=overlap_launches)
+                                 overlap_launches=overlap_launches,
+                                 fold_elementwise=fold_elementwise)
 
     def time_ours(self, decoder, batch, new_tokens, label, repeats=None):
         """``decoder`` on ``batch`` test images, ``new_tokens`` forced (a run's figures)."""
@@ -208,6 +210,26 @@ class Benchmark:
             overlapped.clear()
             self.add_run(run)
 
+    def fold_check(self, label):
+        """Our engine with the step's elementwise work folded into the NF4 launches, beside
+        the default runs (each run says whether it folded); with ``--overlap-check`` also
+        folded and overlapped."""
+        if not (self.args.fold_check and self.on_cuda):
+            return
+        configurations = [(False, ', elementwise work folded')]
+        if self.args.overlap_check:
+            configurations.append((True, ', folded, launches overlapped'))
+        for overlapped, suffix in configurations:
+            folded = self.new_decoder(fold_elementwise=True, overlap_launches=overlapped)
+            for batch in self.args.batch_sizes:
+                try:
+                    run = self.time_ours(folded, batch, self.args.new_tokens[0], label + suffix)
+                except Exception as error:
+                    self.error(f'ours {label} b{batch}{suffix}', error)
+                    continue
+                folded.clear()
+                self.add_run(run)
+
     def bnb_check(self, label):
         if not self.args.bnb_check:
             return
@@ -294,6 +316,7 @@ class Benchmark:
         self.our_runs(label)
         self.unfused_check(label)
         self.overlap_check(label)
+        self.fold_check(label)
         self.bnb_check(label)
         self.linear_check()
         self.lm_head_check()

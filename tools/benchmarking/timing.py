@@ -83,6 +83,7 @@ def time_ours(timer, decoder, model, tensors, batch, new_tokens, repeats, label)
         'first_call_s': first_s, 'first_call_captured_graph': captured,
         'prefill_path': '+'.join(sorted(paths)),  # graphed, static or model (a fallback)
         'peak_gb': timer.peak_gb(), 'fused': decoder.last_session_fused,
+        'folded': decoder.last_session_folds,
         'nf4_kernel_layers': decoder.last_session_nf4_layers}
 
 

@@ -11,7 +11,11 @@ bitsandbytes:
   copies) of each launch at 1 and 8 rows, timed as a decode step meets it: a CUDA graph of
   the launch over enough copies of the layer (distinct weights) that they stream from memory,
   us per launch (``--out``: ``gpu_table_sweep.json``; with ``--tables 0 --layouts stored
-  tiled``: ``gpu_tiled_sweep.json``).
+  tiled``: ``gpu_tiled_sweep.json``);
+- ``folds``: each decode launch with the elementwise work folded in (RMSNorm into q+k+v and
+  gate+up, the residual add into o and down, SiLU x up into down) against the plain launch of
+  the same tuned shape, and the step's elementwise kernels that folding removes, each streamed
+  as in ``sweep`` (``--out``: ``gpu_fold_launches.json``).
 """
 import argparse
 import dataclasses
@@ -187,9 +191,73 @@ def sweep(out_path, tables, layouts, row_counts, streamed_bytes=240e6):
             json.dump(results, handle, indent=1)
 
 
+FOLDS = {'qkv': ('norm',), 'o': ('residual',), 'gate_up': ('norm',),
+         'down': ('residual', 'act+residual')}
+"""What each launch of a folded decode step folds in."""
+
+
+def folds(out_path, row_counts, streamed_bytes=240e6):
+    from qwen_vl_perception.model.decode_session import StepKernels
+    torch.manual_seed(0)
+    kernels = StepKernels(torch, True)
+    results = {'streamed_bytes': streamed_bytes, 'sm_clock_before': sm_clock(), 'runs': []}
+    for name, shapes in SHAPES:
+        if name not in FOLDS:
+            continue
+        weight_bytes = sum(outputs * inputs // 2 for outputs, inputs in shapes)
+        copies = max(4, math.ceil(streamed_bytes / weight_bytes))
+        layer_copies = [[nf4_weight(nf4_linear(bnb, torch.nn.Linear(
+            inputs, outputs, bias=False, device='cuda', dtype=torch.bfloat16), torch.bfloat16,
+            True)) for outputs, inputs in shapes] for _ in range(copies)]
+        inputs, width = shapes[0][1], sum(outputs for outputs, _ in shapes)
+        for rows in row_counts:
+            matmul = NF4Matmul()
+            x = torch.randn(rows, inputs, device='cuda', dtype=torch.bfloat16)
+            matmul.grouped(x, layer_copies[0])  # tuned: both kernels, as the engine does
+            shape = matmul.tuned_shapes()[0]['shape']
+            run = {'launch': name, 'rows': rows, 'copies': copies, 'tuned_shape': shape,
+                   'plain_us': streamed_us(lambda i: matmul.grouped(x, layer_copies[i]),
+                                           copies)}
+            if shape['kernel'] == 'cuda':
+                weight = torch.ones(inputs, device='cuda', dtype=torch.bfloat16)
+                squares = torch.rand(inputs, device='cuda')
+                out_squares = torch.zeros(width, device='cuda')
+                hidden = torch.randn(rows, width, device='cuda', dtype=torch.bfloat16)
+                gate_up = torch.randn(rows, 2 * inputs, device='cuda', dtype=torch.bfloat16)
+                for fold in FOLDS[name]:
+                    def launch(i, fold=fold):
+                        if fold == 'norm':
+                            return matmul.folded(x, layer_copies[i], norm=(weight, 1e-6,
+                                                                           squares))
+                        return matmul.folded(gate_up if fold.startswith('act') else x,
+                                             layer_copies[i], act=fold.startswith('act'),
+                                             residual=(hidden, out_squares))
+                    run[f'folded_{fold}_us'] = streamed_us(launch, copies)
+            # the elementwise kernels folding removes, alone (graphed, 100 in a row)
+            h3 = torch.randn(rows, 1, inputs, device='cuda', dtype=torch.bfloat16)
+            w = torch.ones(inputs, device='cuda', dtype=torch.bfloat16)
+            run['rms_norm_us'] = streamed_us(lambda i: kernels.rms_norm(h3, w, 1e-6), 100)
+            run['add_rms_norm_us'] = streamed_us(lambda i: kernels.add_rms_norm(h3, h3, w, 1e-6),
+                                                 100)
+            if name == 'down':
+                act = torch.nn.SiLU()
+                mlp = type('MLP', (), {'act_fn': act})()
+                g = torch.randn(rows, 1, inputs, device='cuda', dtype=torch.bfloat16)
+                run['act_mul_us'] = streamed_us(lambda i: kernels.act_mul(mlp, g, g), 100)
+            results['runs'].append(run)
+            print(name, rows, {key: (round(value, 2) if isinstance(value, float) else value)
+                               for key, value in run.items() if key != 'copies'}, flush=True)
+        layer_copies.clear()
+        torch.cuda.empty_cache()
+    results['sm_clock_after'] = sm_clock()
+    if out_path:
+        with open(out_path, 'w') as handle:
+            json.dump(results, handle, indent=1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('mode', choices=('profile', 'tune-repeat', 'sweep'))
+    parser.add_argument('mode', choices=('profile', 'tune-repeat', 'sweep', 'folds'))
     parser.add_argument('--out', help='sweep: write the timings here as JSON')
     parser.add_argument('--tables', type=int, nargs='+', default=list(nf4_cuda.TABLE_COPIES),
                         help='sweep: decode table copies (0: in registers)')
@@ -199,6 +267,9 @@ def main():
     arguments = parser.parse_args()
     if arguments.mode == 'sweep':
         sweep(arguments.out, arguments.tables, arguments.layouts, arguments.rows)
+        return
+    if arguments.mode == 'folds':
+        folds(arguments.out, arguments.rows)
         return
     sets = layer_sets()
     if arguments.mode == 'profile':
