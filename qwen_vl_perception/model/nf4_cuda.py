@@ -56,11 +56,13 @@ KERNEL_NAME = 'nf4_mma'
 @dataclass(frozen=True)
 class CudaShape:
     """A compiled variant's shape: warps per CTA, row tiles of 16 per warp, blocks in flight,
-    copies of the shared-memory decode table (0: decode by byte permutes in registers)."""
+    copies of the shared-memory decode table (0: decode by byte permutes in registers), and
+    whether each warp loads ``x`` a block ahead (``x_ahead``) or right before its use."""
     warps: int = 4
     row_tiles: int = 1
     pipe: int = 4
     table: int = 0
+    x_ahead: bool = False
 
 
 TABLE_COPIES = (0, 2, 4, 8, 16)
@@ -394,15 +396,36 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     const u16* np = norm_w + 16 * t + 64 * start;  // the norm's weights of this thread's columns
 #endif
 
+#if X_AHEAD  // x one block ahead: loaded while the block before it is decoded and multiplied
+    uint4 x_next[NT][2];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        x_next[n][0] = x_next[n][1] = make_uint4(0, 0, 0, 0);
+        load_x(x_next[n][0], xp[n], steps > 0);
+        load_x(x_next[n][1], xp[n] + 8, steps > 0);
+    }
+#endif
+
     auto compute = [&](const int p, const int block_index) {
-        // x from L1 (or L2 the first time), loaded here: the decode below covers the latency
         uint4 xq[NT][2];
+#if X_AHEAD
+        const bool more = block_index + WARPS < steps * WARPS;  // this warp has a next block
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            xq[n][0] = x_next[n][0];
+            xq[n][1] = x_next[n][1];
+            load_x(x_next[n][0], xp[n] + (block_index + WARPS) * 64, more);
+            load_x(x_next[n][1], xp[n] + (block_index + WARPS) * 64 + 8, more);
+        }
+#else
+        // x from L1 (or L2 the first time), loaded here: the decode below covers the latency
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
             xq[n][0] = xq[n][1] = make_uint4(0, 0, 0, 0);
             load_x(xq[n][0], xp[n] + block_index * 64, true);
             load_x(xq[n][1], xp[n] + block_index * 64 + 8, true);
         }
+#endif
 #if XFORM == 1  // x = the norm's weight times h (these 16 columns); 1 / rms scales the sums
         {
             uint4 wn[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
@@ -623,7 +646,7 @@ def source_for(table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
                'NESTED': int(nested), 'DTYPE': '"bf16"' if bf16 else '"f16"',
                'PDL': int(programmatic), 'TABLE': shape.table, 'TILED': int(tiled),
                'TABLE_SHIFT': 2 + max(shape.table, 1).bit_length() - 1, 'IS_BF16': int(bf16),
-               'XFORM': int(x_fold), 'RESIDUAL': int(residual)}
+               'XFORM': int(x_fold), 'RESIDUAL': int(residual), 'X_AHEAD': int(shape.x_ahead)}
     defines.update({f'HI{i}': f'{word:#x}u' for i, word in enumerate(high)})
     defines.update({f'LO{i}': f'{word:#x}u' for i, word in enumerate(low)})
     return ''.join(f'#define {key} {value}\n' for key, value in defines.items()) + SOURCE

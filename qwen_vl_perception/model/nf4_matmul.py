@@ -60,6 +60,9 @@ _CUDA_CONFIGS = ((4, 1, 8), (4, 2, 4), (8, 1, 4), (4, 1, 4), (4, 1, 6), (4, 2, 2
 on an H200 (the 4B model's layer shapes at 1, 8 and 16 rows; ``results/benchmark``; (8, 1, 2)
 was the fastest for q+k+v and down in ``gpu_table_sweep.json``)."""
 _CUDA_SPLITS = (1, 2, 4)
+_CUDA_X_AHEAD = ((4, 1, 4), (4, 1, 2))
+"""The configs also tried with ``x`` loaded a block ahead: the fastest shapes for down at 1 and
+8 rows in ``gpu_x_ahead_sweep.json`` (13.4 us against 14.4 loaded at use); no gain elsewhere."""
 _CUDA_TABLES = (0,)
 """Decodes the tuner tries per CUDA shape: byte permutes (0) or a shared-memory table of that
 many copies. The table is not tried: on the H200 it is slower on every launch of a decode step
@@ -71,13 +74,15 @@ class LaunchShape:
     """A launch of the Triton kernel (``kernel='triton'``: ``block_n`` weight rows per program,
     warps, pipeline stages) or of the CUDA one (``kernel='cuda'``: ``block_n`` = 16 x row tiles
     per warp, ``num_stages`` = blocks in flight per warp, ``table`` copies of its shared-memory
-    decode table or 0 to decode in registers); ``splits`` parts of the reduction."""
+    decode table or 0 to decode in registers, ``x_ahead``: ``x`` loaded a block ahead);
+    ``splits`` parts of the reduction."""
     block_n: int
     splits: int
     num_warps: int = 4
     num_stages: int = 3
     kernel: str = 'triton'
     table: int = 0
+    x_ahead: bool = False
 
 
 def kernel_unavailable_reason(device=None) -> Optional[str]:
@@ -361,7 +366,7 @@ class NF4Matmul:
         target = out if out.dtype == compute else torch.empty(out.shape, dtype=compute,
                                                               device=out.device)
         cuda_shape = nf4_cuda.CudaShape(shape.num_warps, shape.block_n // 16, shape.num_stages,
-                                        shape.table)
+                                        shape.table, shape.x_ahead)
         tiles = sum(weight.out_features // 16 for weight in weights)
         workspace, locks = self._buffers_for(
             flat.device, tiles, shape, groups=nf4_cuda.row_groups(
@@ -472,7 +477,8 @@ class NF4Matmul:
         widths of a group. For each (rows per program, warps, stages) the reduction is split
         so that about 1, 2 and 4 programs per multiprocessor run (each split at least two
         64-blocks long). With ``cuda`` the CUDA kernel's shapes follow (widths in multiples of
-        16), its reduction split in 1, 2 or 4 (at least a block per warp)."""
+        16), its reduction split in 1, 2 or 4 (at least a block per warp), a few also with
+        ``x`` loaded a block ahead."""
         widths = [out_features] if isinstance(out_features, int) else list(out_features)
         blocks = in_features // QUANT_BLOCK
         most = max(1, min(_MAX_SPLITS, blocks // 2))
@@ -492,8 +498,10 @@ class NF4Matmul:
                     for splits in _CUDA_SPLITS:
                         if blocks // splits >= warps:
                             splits = -(-blocks // -(-blocks // splits))
-                            shapes.append(LaunchShape(16 * row_tiles, splits, warps, pipe,
-                                                      'cuda', table))
+                            for ahead in (False, True) if (warps, row_tiles, pipe) in \
+                                    _CUDA_X_AHEAD else (False,):
+                                shapes.append(LaunchShape(16 * row_tiles, splits, warps, pipe,
+                                                          'cuda', table, ahead))
         return list(dict.fromkeys(shapes))
 
     def _timed(self, flat, weights, candidates) -> list:

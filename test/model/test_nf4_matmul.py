@@ -771,3 +771,27 @@ def test_decoder_folding_the_elementwise_work_agrees_with_it_done_apart(monkeypa
     assert same >= 0.9 * 32 * len(reference)
     again, _ = folded(model, inputs, 32, STOPS)  # the graph replays the same tokens
     assert again == tokens
+
+
+@cuda
+@pytest.mark.parametrize('compute_dtype', [torch.bfloat16, torch.float16])
+def test_x_loaded_a_block_ahead_gives_the_bits_of_x_loaded_at_use(compute_dtype):
+    """``x_ahead`` moves only the x loads: same values, same mma order (split, grouped, 1-16
+    rows, folded launches too)."""
+    import dataclasses
+    modules = [nf4_linear(width, 1024, compute_dtype, bias=False, seed=seed)
+               for seed, width in enumerate((256, 128))]
+    weights = [nf4_weight(module) for module in modules]
+    matmul = NF4Matmul()
+    shapes = _cuda_shapes(matmul, [256, 128], 1024)
+    assert any(shape.splits > 1 for shape in shapes)
+    for shape in shapes:
+        ahead = dataclasses.replace(shape, x_ahead=True)
+        for rows in (1, 8, 9, MAX_ROWS):
+            x = torch.randn(rows, 1024, device='cuda', dtype=compute_dtype)
+            for out, want in zip(matmul.grouped(x, weights, ahead),
+                                 matmul.grouped(x, weights, shape)):
+                assert torch.equal(out, want), (shape, rows)
+            gate_up = torch.randn(rows, 2048, device='cuda', dtype=compute_dtype)
+            assert torch.equal(matmul.folded(gate_up, weights[:1], act=True, shape=ahead)[0],
+                               matmul.folded(gate_up, weights[:1], act=True, shape=shape)[0])

@@ -8,7 +8,7 @@ torch = pytest.importorskip('torch')
 
 from qwen_vl_perception.model import nf4_cuda, nvrtc  # noqa: E402
 from qwen_vl_perception.model.nf4_codes import NF4_TABLE  # noqa: E402
-from qwen_vl_perception.model.nf4_matmul import _CUDA_CONFIGS  # noqa: E402
+from qwen_vl_perception.model.nf4_matmul import _CUDA_CONFIGS, _CUDA_X_AHEAD  # noqa: E402
 
 
 def test_a_missing_compiler_is_a_reason_not_an_error(monkeypatch):
@@ -33,7 +33,9 @@ def test_every_variant_of_the_kernel_compiles(arch):
     """Every shape the tuner tries, for the Jetson Orin (sm_87) and the H200 (sm_90); the
     default shape for sm_80 (what compiles for sm_87 compiles there)."""
     from concurrent.futures import ThreadPoolExecutor
-    configs = _CUDA_CONFIGS[:1] if arch == 'sm_80' else _CUDA_CONFIGS
+    configs = [config + (0, False) for config in _CUDA_CONFIGS]
+    configs += [config + (0, True) for config in _CUDA_X_AHEAD]  # x loaded a block ahead
+    configs = configs[:1] if arch == 'sm_80' else configs
     sources = [nf4_cuda.source_for(NF4_TABLE, bf16, nested, nf4_cuda.CudaShape(*config), n_tiles,
                                    programmatic)
                for config in configs for n_tiles in (1, 2)

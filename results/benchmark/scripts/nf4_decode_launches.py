@@ -11,7 +11,8 @@ bitsandbytes:
   copies) of each launch at 1 and 8 rows, timed as a decode step meets it: a CUDA graph of
   the launch over enough copies of the layer (distinct weights) that they stream from memory,
   us per launch (``--out``: ``gpu_table_sweep.json``; with ``--tables 0 --layouts stored
-  tiled``: ``gpu_tiled_sweep.json``);
+  tiled``: ``gpu_tiled_sweep.json``; with ``--tables 0 --x-ahead 0 1``:
+  ``gpu_x_ahead_sweep.json``);
 - ``folds``: each decode launch with the elementwise work folded in (RMSNorm into q+k+v and
   gate+up, the residual add into o and down, SiLU x up into down) against the plain launch of
   the same tuned shape, and the step's elementwise kernels that folding removes, each streamed
@@ -130,7 +131,7 @@ def tiled_copy(weight):
     return dataclasses.replace(weight, packed=packed, absmax=absmax, tiled=True)
 
 
-def sweep(out_path, tables, layouts, row_counts, streamed_bytes=240e6):
+def sweep(out_path, tables, layouts, row_counts, x_aheads=(False,), streamed_bytes=240e6):
     torch.manual_seed(0)
     matmul = NF4Matmul()
     results = {'streamed_bytes': streamed_bytes, 'sm_clock_before': sm_clock(), 'runs': []}
@@ -147,13 +148,13 @@ def sweep(out_path, tables, layouts, row_counts, streamed_bytes=240e6):
         for rows in row_counts:
             x = torch.randn(rows, shapes[0][1], device='cuda', dtype=torch.bfloat16)
             timed = []
-            for warps, row_tiles, pipe, table, splits, layout in itertools.product(
-                    (4, 8), (1, 2), (2, 4, 8), tables, (1, 2, 4), layouts):
+            for warps, row_tiles, pipe, table, splits, layout, ahead in itertools.product(
+                    (4, 8), (1, 2), (2, 4, 8), tables, (1, 2, 4), layouts, x_aheads):
                 if not nf4_cuda.fits(nf4_cuda.CudaShape(warps, row_tiles, pipe, table)):
                     continue
                 if blocks // splits < warps:
                     continue
-                shape = LaunchShape(16 * row_tiles, splits, warps, pipe, 'cuda', table)
+                shape = LaunchShape(16 * row_tiles, splits, warps, pipe, 'cuda', table, ahead)
                 weights = tiled_copies if layout == 'tiled' else layer_copies
                 if layout == 'tiled':  # the same bits as the stored layout gives
                     assert all(torch.equal(a, b) for a, b in zip(
@@ -161,7 +162,8 @@ def sweep(out_path, tables, layouts, row_counts, streamed_bytes=240e6):
                         matmul.grouped(x, layer_copies[0], shape))), (name, shape)
                 us = streamed_us(lambda i: matmul.grouped(x, weights[i], shape), copies)
                 timed.append((us, f'w{warps}r{row_tiles}p{pipe}t{table}s{splits}'
-                                  + ('-tiled' if layout == 'tiled' else '')))
+                                  + ('-tiled' if layout == 'tiled' else '')
+                                  + ('-ahead' if ahead else '')))
             tuner = NF4Matmul()  # the tuner's own pick (both kernels), streamed the same way
             tuner.grouped(x, layer_copies[0])
             picked = tuner.tuned_shapes()[0]['shape']
@@ -170,7 +172,7 @@ def sweep(out_path, tables, layouts, row_counts, streamed_bytes=240e6):
             best = {}
             for us, key in timed:
                 kind = ('table' if 't0s' not in key else 'register') + (
-                    ' tiled' if key.endswith('-tiled') else '')
+                    ' tiled' if '-tiled' in key else '') + (' x ahead' if '-ahead' in key else '')
                 best.setdefault(kind, (us, key))
             run = {'launch': name, 'rows': rows, 'widths': widths, 'in_features': shapes[0][1],
                    'copies': copies, 'weight_mb': weight_bytes / 1e6, 'best': best,
@@ -264,9 +266,12 @@ def main():
     parser.add_argument('--layouts', nargs='+', choices=('stored', 'tiled'),
                         default=['stored'], help='sweep: weight layouts')
     parser.add_argument('--rows', type=int, nargs='+', default=[1, 8], help='sweep: rows')
+    parser.add_argument('--x-ahead', type=int, nargs='+', choices=(0, 1), default=[0],
+                        help='sweep: x loaded right before its use (0), a block ahead (1)')
     arguments = parser.parse_args()
     if arguments.mode == 'sweep':
-        sweep(arguments.out, arguments.tables, arguments.layouts, arguments.rows)
+        sweep(arguments.out, arguments.tables, arguments.layouts, arguments.rows,
+              [bool(ahead) for ahead in arguments.x_ahead])
         return
     if arguments.mode == 'folds':
         folds(arguments.out, arguments.rows)
