@@ -289,7 +289,9 @@ class DecodeSession:
         launches (:meth:`NF4Matmul.folded`): four launches and the attention kernel per layer,
         no elementwise kernel between them. Decided at the first step: every layer's
         projections through the CUDA NF4 kernel (tuned fastest), the decode attention kernel,
-        fused elementwise kernels, SiLU, and the compute dtype the step's."""
+        fused elementwise kernels, SiLU, bf16 throughout. A folded launch that fails raises
+        :class:`FoldFailed`, which graph capture (``KernelChoices.capture``) turns into an
+        unfolded step; an eager step raises it as is."""
         if self._folds is None:
             self._folds = self._fold_weights()
             if self._folds:
@@ -309,7 +311,10 @@ class DecodeSession:
             if type(mlp.act_fn).__name__ not in _SILU_ACTIVATIONS:
                 return []
             norms = (layer.input_layernorm, layer.post_attention_layernorm, parts.norm)
-            if any(norm.weight.dtype != self.dtype for norm in norms):
+            # bf16 only: the folded norm multiplies h by its weight before 1 / rms, which in
+            # fp16 could overflow where transformers' fp32 statistics do not
+            if self.dtype != self.torch.bfloat16 or any(norm.weight.dtype != self.dtype
+                                                        for norm in norms):
                 return []
             launches = []
             for modules in ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,),
@@ -338,34 +343,35 @@ class DecodeSession:
         batch, head_dim = self.batch, parts.head_dim
         groups = parts.num_heads // parts.num_kv_heads
         stream = hidden.view(batch, -1)
+
+        def folded(x, weights, **fold):
+            try:
+                return nf4.folded(x, weights, **fold)
+            except Exception as error:
+                raise FoldFailed(f'a folded NF4 launch failed ({type(error).__name__}: '
+                                 f'{error})') from error
+
         first = parts.layers[0].input_layernorm
         normed = self.kernels.rms_norm(hidden, first.weight, first.variance_epsilon)
-        try:
-            for index, (layer, (qkv, o, gate_up, down), keys, values) in enumerate(zip(
-                    parts.layers, self._folds, self.keys, self.values)):
-                attn = layer.self_attn
-                if index == 0:
-                    q, k, v = nf4.grouped(normed.view(batch, -1), qkv)
-                else:
-                    norm = layer.input_layernorm
-                    q, k, v = nf4.folded(stream, qkv, norm=(
-                        norm.weight, norm.variance_epsilon, squares))
-                out = self.attention(
-                    q.view(batch, parts.num_kv_heads, groups, head_dim), keys, values,
-                    self.key_valid, self.cache_position, attn.scaling,
-                    k.view(batch, -1, head_dim), v.view(batch, -1, head_dim),
-                    (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon,
-                     cos[:, 0], sin[:, 0]))
-                nf4.folded(out.reshape(batch, -1), o, residual=(stream, squares))
-                norm = layer.post_attention_layernorm
-                gated = nf4.folded(stream, gate_up, norm=(norm.weight, norm.variance_epsilon,
-                                                          squares))
-                nf4.folded(gated[0].as_strided((batch, 2 * gated[0].shape[1]),
-                                               (gated[0].stride(0), 1)),
-                           down, act=True, residual=(stream, squares))
-        except Exception as error:
-            raise FoldFailed(f'a folded NF4 launch failed ({type(error).__name__}: {error})') \
-                from error
+        for index, (layer, (qkv, o, gate_up, down), keys, values) in enumerate(zip(
+                parts.layers, self._folds, self.keys, self.values)):
+            attn = layer.self_attn
+            if index == 0:
+                q, k, v = nf4.grouped(normed.view(batch, -1), qkv)
+            else:
+                norm = layer.input_layernorm
+                q, k, v = folded(stream, qkv, norm=(norm.weight, norm.variance_epsilon, squares))
+            out = self.attention(
+                q.view(batch, parts.num_kv_heads, groups, head_dim), keys, values,
+                self.key_valid, self.cache_position, attn.scaling,
+                k.view(batch, -1, head_dim), v.view(batch, -1, head_dim),
+                (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon,
+                 cos[:, 0], sin[:, 0]))
+            folded(out.reshape(batch, -1), o, residual=(stream, squares))
+            norm = layer.post_attention_layernorm
+            gated = folded(stream, gate_up, norm=(norm.weight, norm.variance_epsilon, squares))
+            folded(gated[0].as_strided((batch, 2 * gated[0].shape[1]), (gated[0].stride(0), 1)),
+                   down, act=True, residual=(stream, squares))
         return self.kernels.rms_norm(hidden, parts.norm.weight, parts.norm.variance_epsilon)
 
     def step(self):

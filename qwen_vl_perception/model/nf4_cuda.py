@@ -509,6 +509,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     let_next_kernel_launch();  // it waits for this kernel's end before it reads our output
 
 #if XFORM == 1
+    static_assert(WARPS * 4 >= 16, "the norm statistics take 8 threads for each of 16 rows");
     // Each row's 1 / rms from the kernel before's sums of squares per 16 columns, added up in
     // one fixed order (8 lanes per row, then across them): every CTA gets the same bits. The
     // barrier below publishes them.

@@ -60,9 +60,10 @@ _CUDA_CONFIGS = ((4, 1, 8), (4, 2, 4), (8, 1, 4), (4, 1, 4), (4, 1, 6), (4, 2, 2
 on an H200 (the 4B model's layer shapes at 1, 8 and 16 rows; ``results/benchmark``; (8, 1, 2)
 was the fastest for q+k+v and down in ``gpu_table_sweep.json``)."""
 _CUDA_SPLITS = (1, 2, 4)
-_CUDA_X_AHEAD = ((4, 1, 4), (4, 1, 2))
-"""The configs also tried with ``x`` loaded a block ahead: the fastest shapes for down at 1 and
-8 rows in ``gpu_x_ahead_sweep.json`` (13.4 us against 14.4 loaded at use); no gain elsewhere."""
+_CUDA_X_AHEAD = ((4, 1, 4),)
+"""Configs of ``_CUDA_CONFIGS`` also tried with ``x`` loaded a block ahead: the fastest shape
+for down at 1 and 8 rows in ``gpu_x_ahead_sweep.json`` (13.4 us against 14.4 loaded at use);
+no gain elsewhere."""
 _CUDA_TABLES = (0,)
 """Decodes the tuner tries per CUDA shape: byte permutes (0) or a shared-memory table of that
 many copies. The table is not tried: on the H200 it is slower on every launch of a decode step
@@ -245,15 +246,22 @@ class NF4Matmul:
         results differ by roundings from the unfolded step's (the residual add does not)."""
         torch = require_torch()
         weights = list(weights)
+        if not 1 <= len(weights) <= MAX_GROUP or len({w.group_key() for w in weights}) != 1:
+            raise ValueError(f'a folded launch takes 1 to {MAX_GROUP} weights sharing input '
+                             'size, compute dtype, layout and device')
         first = weights[0]
         compute = first.compute_dtype
         rows, columns = x.shape
+        if not 1 <= rows <= MAX_ROWS:
+            raise ValueError(f'a folded launch takes 1 to {MAX_ROWS} rows, got {rows}')
         in_features = first.in_features
         if columns != in_features * (2 if act else 1):
             raise ValueError(f'x has {columns} columns for a layer of {in_features} inputs'
                              + (' (gate and up)' if act else ''))
         if norm is not None and act:
             raise ValueError('a launch folds a norm or an activation into x, not both')
+        if norm is not None and residual is not None:
+            raise ValueError('a launch folds a norm into x or adds a residual, not both')
         if x.dtype != compute or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
             raise ValueError('folded launches take x in the compute dtype, rows contiguous and '
                              '16-byte aligned')
@@ -262,12 +270,17 @@ class NF4Matmul:
         if shape is None or shape.kernel != 'cuda':
             raise ValueError('folded launches need the CUDA kernel tuned for this layer shape '
                              '(foldable)')
+        if shape.num_warps < 4 or shape.splits > in_features // QUANT_BLOCK:
+            raise ValueError(f'{shape} cannot fold: at least 4 warps (the norm statistics take '
+                             '8 threads per row), at most a split per 64-block')
         fold = {}
         if norm is not None:
             weight, eps, squares = norm
             _check_squares(squares, rows, in_features, 'the norm input')
-            if weight.dtype != compute or weight.shape != (in_features,) or weight.stride(0) != 1:
-                raise ValueError('the norm weight must be contiguous, in the compute dtype')
+            if (weight.dtype != compute or weight.shape != (in_features,) or weight.stride(0) != 1
+                    or weight.data_ptr() % 16 or weight.device != x.device):
+                raise ValueError('the norm weight must be contiguous, 16-byte aligned, in the '
+                                 "compute dtype, on x's device")
             fold['norm'] = (weight, squares, float(eps))
         if act:
             fold['act_offset'] = in_features
