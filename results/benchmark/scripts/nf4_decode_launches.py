@@ -124,6 +124,24 @@ def streamed_us(launch, copies, repeats=10):
     return start.elapsed_time(end) * 1000 / repeats / copies
 
 
+def streamed_copies(shapes, streamed_bytes):
+    """(bytes of one copy, copies of a launch's NF4 weights): enough distinct copies (at least
+    4) that a graph over them reads ``streamed_bytes`` from memory, as a decode step does."""
+    weight_bytes = sum(outputs * inputs // 2 for outputs, inputs in shapes)
+    copies = max(4, math.ceil(streamed_bytes / weight_bytes))
+    return weight_bytes, [[nf4_weight(nf4_linear(bnb, torch.nn.Linear(
+        inputs, outputs, bias=False, device='cuda', dtype=torch.bfloat16), torch.bfloat16,
+        True)) for outputs, inputs in shapes] for _ in range(copies)]
+
+
+def finish(results, out_path):
+    """The clock after a run, and the results to ``out_path`` as JSON (if given)."""
+    results['sm_clock_after'] = sm_clock()
+    if out_path:
+        with open(out_path, 'w') as handle:
+            json.dump(results, handle, indent=1)
+
+
 def tiled_copy(weight):
     """``weight`` with its packed bytes and absmax in the kernel's tiled layout."""
     packed, absmax = nf4_cuda.tiled(weight.packed, weight.absmax, weight.out_features,
@@ -136,11 +154,8 @@ def sweep(out_path, tables, layouts, row_counts, x_aheads=(False,), streamed_byt
     matmul = NF4Matmul()
     results = {'streamed_bytes': streamed_bytes, 'sm_clock_before': sm_clock(), 'runs': []}
     for name, shapes in SHAPES:
-        weight_bytes = sum(outputs * inputs // 2 for outputs, inputs in shapes)
-        copies = max(4, math.ceil(streamed_bytes / weight_bytes))
-        layer_copies = [[nf4_weight(nf4_linear(bnb, torch.nn.Linear(
-            inputs, outputs, bias=False, device='cuda', dtype=torch.bfloat16), torch.bfloat16,
-            True)) for outputs, inputs in shapes] for _ in range(copies)]
+        weight_bytes, layer_copies = streamed_copies(shapes, streamed_bytes)
+        copies = len(layer_copies)
         if 'tiled' in layouts:
             tiled_copies = [[tiled_copy(weight) for weight in layers] for layers in layer_copies]
         widths = [outputs for outputs, _ in shapes]
@@ -187,10 +202,7 @@ def sweep(out_path, tables, layouts, row_counts, x_aheads=(False,), streamed_byt
         if 'tiled' in layouts:
             tiled_copies.clear()
         torch.cuda.empty_cache()
-    results['sm_clock_after'] = sm_clock()
-    if out_path:
-        with open(out_path, 'w') as handle:
-            json.dump(results, handle, indent=1)
+    finish(results, out_path)
 
 
 FOLDS = {'qkv': ('norm',), 'o': ('residual',), 'gate_up': ('norm',),
@@ -206,11 +218,8 @@ def folds(out_path, row_counts, streamed_bytes=240e6):
     for name, shapes in SHAPES:
         if name not in FOLDS:
             continue
-        weight_bytes = sum(outputs * inputs // 2 for outputs, inputs in shapes)
-        copies = max(4, math.ceil(streamed_bytes / weight_bytes))
-        layer_copies = [[nf4_weight(nf4_linear(bnb, torch.nn.Linear(
-            inputs, outputs, bias=False, device='cuda', dtype=torch.bfloat16), torch.bfloat16,
-            True)) for outputs, inputs in shapes] for _ in range(copies)]
+        weight_bytes, layer_copies = streamed_copies(shapes, streamed_bytes)
+        copies = len(layer_copies)
         inputs, width = shapes[0][1], sum(outputs for outputs, _ in shapes)
         for rows in row_counts:
             matmul = NF4Matmul()
@@ -251,10 +260,7 @@ def folds(out_path, row_counts, streamed_bytes=240e6):
                                for key, value in run.items() if key != 'copies'}, flush=True)
         layer_copies.clear()
         torch.cuda.empty_cache()
-    results['sm_clock_after'] = sm_clock()
-    if out_path:
-        with open(out_path, 'w') as handle:
-            json.dump(results, handle, indent=1)
+    finish(results, out_path)
 
 
 def main():
