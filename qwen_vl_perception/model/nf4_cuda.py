@@ -30,9 +30,12 @@ a CTA may start while the kernel before it in the stream is still finishing: it 
 of its first ``PIPE`` blocks of weights and absmax (which no kernel writes; in the sm_90 SASS all
 of them come before the wait), and waits (``griddepcontrol.wait``, once the first of them has
 arrived) before it reads ``x`` or writes anything; every CTA waits, so the kernel ends after the
-one before it. ``x`` is then read through L2 (``ld.global.cg``: the non-coherent path assumes
-data that no one writes while the kernel lives). Past its loop a CTA lets the next kernel launch
-(``griddepcontrol.launch_dependents``; that kernel still waits for this one's end).
+one before it. ``x`` is then read by plain loads (the wait makes the kernel before's writes
+visible to them; the non-coherent path, ``ld.global.nc``, assumes data that no one writes while
+the kernel lives, and ``ld.global.cg`` skips L1, which the warps of a CTA share ``x`` through:
+4-6% slower, ``gpu_pdl_chain.json``). Right after its wait a CTA lets the next kernel launch
+(``griddepcontrol.launch_dependents``; that kernel in turn waits for this one's end, so at most
+two kernels overlap).
 
 A decode step's elementwise work can be folded into its launches (``x_fold``, ``residual``):
 RMSNorm into the ``x`` loads of q+k+v and gate+up (``x`` is then the residual stream times the
@@ -105,7 +108,7 @@ __device__ __forceinline__ void load_weight(uint2& v, const u8* p, bool on) {
 }
 
 #if PDL  // x may be written while this kernel already runs (before its wait): not .nc
-#define X_LOAD " @q ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
+#define X_LOAD " @q ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
 #else
 #define X_LOAD " @q ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
 #endif
@@ -392,6 +395,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     const u32 copy4 = (u32)(lane % TABLE) * 4u;
 #endif
     wait_for_previous_kernel(wq[0][0][0].x, K);  // x and the outputs: the kernels' before us
+    let_next_kernel_launch();  // it waits for this kernel's end before it reads our output
 #if XFORM == 1
     const u16* np = norm_w + 16 * t + 64 * start;  // the norm's weights of this thread's columns
 #endif
@@ -506,7 +510,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     for (int p = 0; p < PIPE - 1; ++p)  // the last blocks, loaded already
         if (j0 + p < steps) compute(p, WARPS * (j0 + p));
 #undef LOAD_STAGE
-    let_next_kernel_launch();  // it waits for this kernel's end before it reads our output
 
 #if XFORM == 1
     static_assert(WARPS * 4 >= 16, "the norm statistics take 8 threads for each of 16 rows");

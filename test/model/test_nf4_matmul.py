@@ -646,6 +646,59 @@ def test_overlapped_launches_give_the_bits_of_plain_ones_in_a_graph():
     assert not locks.any()
 
 
+@cuda
+def test_overlapped_nf4_launches_that_follow_each_other_give_the_bits_of_plain_ones():
+    """A decode layer's four NF4 launches as the chain they make once nothing stands between
+    them (each reads the output of the one before it, in place), in launch shapes with one and
+    four reduction parts (workspace and counters), two row tiles, the shared-memory decode
+    table and x a block ahead: with programmatic dependent launch (each kernel lets the next
+    in right after its wait; sm_90+), every replay of the graph gives the bits of plain
+    launches, for new inputs each time."""
+    from qwen_vl_perception.model import nvrtc
+    if not nvrtc.programmatic_launch_supported('cuda'):
+        pytest.skip('programmatic dependent launch needs compute capability 9.0+ and a CUDA '
+                    '12.3 driver')
+    hidden, width, inner = 1024, 1536, 2048
+    qkv = [nf4_weight(nf4_linear(size, hidden, torch.bfloat16, bias=False, seed=seed))
+           for seed, size in enumerate((width, 256, 256))]
+    o = [nf4_weight(nf4_linear(hidden, width, torch.bfloat16, bias=False, seed=3))]
+    gate_up = [nf4_weight(nf4_linear(inner, hidden, torch.bfloat16, bias=False, seed=seed))
+               for seed in (4, 5)]
+    down = [nf4_weight(nf4_linear(hidden, inner, torch.bfloat16, bias=False, seed=6))]
+    launches = ((qkv, LaunchShape(16, 1, 8, 2, 'cuda')),
+                (o, LaunchShape(32, 4, 4, 4, 'cuda', table=2)),
+                (gate_up, LaunchShape(16, 2, 8, 4, 'cuda')),
+                (down, LaunchShape(16, 4, 4, 4, 'cuda', x_ahead=True)))
+    matmul = NF4Matmul()
+    source = torch.randn(3, hidden, device='cuda', dtype=torch.bfloat16)
+
+    def chain(overlapped):
+        matmul.overlap_launches = overlapped
+        x = source * 1.5  # a kernel before the chain writes its input
+        for _ in range(2):  # two layers: down's output is the next q+k+v's input
+            for weights, shape in launches:
+                x = matmul.grouped(x, weights, shape)[0]  # the first output: a view
+        return x
+
+    graphs = {}
+    for overlapped in (False, True):
+        chain(overlapped)  # compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            graphs[overlapped] = graph, chain(overlapped)
+    previous = None
+    for _ in range(4):
+        source.copy_(torch.randn_like(source))
+        results = {}
+        for overlapped in (True, False):
+            graphs[overlapped][0].replay()
+            results[overlapped] = graphs[overlapped][1].clone()
+        assert torch.equal(results[True], results[False])
+        assert results[True].abs().max() > 0 and not results[True].isnan().any()
+        assert previous is None or not torch.equal(previous, results[True])
+        previous = results[True]
+
+
 def _cuda_shapes(matmul, widths, in_features):
     return [shape for shape in matmul.candidates(widths, in_features, 132, cuda=True)
             if shape.kernel == 'cuda']

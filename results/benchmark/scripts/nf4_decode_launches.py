@@ -16,7 +16,14 @@ bitsandbytes:
 - ``folds``: each decode launch with the elementwise work folded in (RMSNorm into q+k+v and
   gate+up, the residual add into o and down, SiLU x up into down) against the plain launch of
   the same tuned shape, and the step's elementwise kernels that folding removes, each streamed
-  as in ``sweep`` (``--out``: ``gpu_fold_launches.json``).
+  as in ``sweep`` (``--out``: ``gpu_fold_launches.json``);
+- ``pdl``: a decode step's 144 NF4 launches as a chain (36 layers of distinct weights, each
+  launch reading the one before's output, nothing between them: the step once every
+  elementwise kernel is folded away), graphed, with each launch plain or with programmatic
+  dependent launch in kernel variants: ``x`` through L2 (``ld.global.cg``, before session 14)
+  or by plain loads (since), the next launch let in after the loop (before) or right after the
+  wait (since); the chain's outputs must be bit-identical across variants (``--out``:
+  ``gpu_pdl_chain.json``).
 """
 import argparse
 import dataclasses
@@ -263,9 +270,118 @@ def folds(out_path, row_counts, streamed_bytes=240e6):
     finish(results, out_path)
 
 
+PDL_WAIT = ('    wait_for_previous_kernel(wq[0][0][0].x, K);  // x and the outputs: the '
+            "kernels' before us\n")
+PDL_TRIGGER = ("    let_next_kernel_launch();  // it waits for this kernel's end before it reads "
+               'our output\n')
+PDL_LOOP_END = '#undef LOAD_STAGE\n'
+PDL_LOAD = '#define X_LOAD " @q ld.global.v4.u32'
+PDL_VARIANTS = ('plain', 'pdl-cg-late', 'pdl-ld-late', 'pdl-cg-early', 'pdl-ld-early')
+"""The chain's variants: no programmatic launch; with it, ``x`` loaded through L2 (``cg``, as
+before session 14) or plainly (``ld``, shipped since), the next launch let in after the loop
+(before session 14) or right after the wait (shipped since)."""
+
+
+def pdl_source(variant):
+    """``nf4_cuda.SOURCE`` (``pdl-ld-early``) changed for one of :data:`PDL_VARIANTS`."""
+    source = SHIPPED_SOURCE
+    for text in (PDL_WAIT + PDL_TRIGGER, PDL_LOOP_END, PDL_LOAD):
+        assert source.count(text) == 1, text
+    if '-cg' in variant:
+        source = source.replace(PDL_LOAD, PDL_LOAD.replace('ld.global', 'ld.global.cg'))
+    if variant.endswith('-late'):
+        source = source.replace(PDL_WAIT + PDL_TRIGGER, PDL_WAIT).replace(
+            PDL_LOOP_END, PDL_LOOP_END + PDL_TRIGGER)
+    return source
+
+
+SHIPPED_SOURCE = nf4_cuda.SOURCE
+
+
+def chain_layers(layers=36, gain=1.7):
+    """``layers`` decode layers of distinct NF4 weights (weights scaled by ``gain`` so the
+    chain's values neither vanish nor grow): [q, k, v], [o], [gate, up], [down]."""
+    torch.manual_seed(0)
+    made = []
+    for _ in range(layers):
+        launches = []
+        for _, shapes in SHAPES[1:]:
+            weights = []
+            for outputs, inputs in shapes:
+                linear = torch.nn.Linear(inputs, outputs, bias=False, device='cuda',
+                                         dtype=torch.bfloat16)
+                with torch.no_grad():
+                    linear.weight.mul_(gain)
+                weights.append(nf4_weight(nf4_linear(bnb, linear, torch.bfloat16, True)))
+            launches.append(weights)
+        made.append(launches)
+    return made
+
+
+def chain_step(matmul, layers, h):
+    """The chain: q+k+v of ``h``, o of q, gate+up of o, down of gate, per layer."""
+    outputs = []
+    for qkv, o, gate_up, down in layers:
+        q = matmul.grouped(h, qkv)[0]
+        attended = matmul.grouped(q, o)[0]
+        gate = matmul.grouped(attended, gate_up)[0]
+        h = matmul.grouped(gate, down)[0]
+        outputs.append(h)
+    return outputs
+
+
+def pdl(out_path, row_counts, rounds=5, replays=20):
+    layers = chain_layers()
+    results = {'sm_clock_before': sm_clock(), 'launches': 4 * len(layers), 'runs': []}
+    for rows in row_counts:
+        matmul = NF4Matmul()
+        h = torch.randn(rows, SHAPES[1][1][0][1], device='cuda', dtype=torch.bfloat16)
+        chain_step(matmul, layers, h)  # tuned (both kernels), as the engine does
+        graphs, finals = {}, {}
+        for variant in PDL_VARIANTS:
+            nf4_cuda.SOURCE = pdl_source(variant)
+            nf4_cuda._KERNELS.clear()
+            matmul.overlap_launches = variant != 'plain'
+            chain_step(matmul, layers, h)  # compiled outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = chain_step(matmul, layers, h)
+            graph.replay()
+            torch.cuda.synchronize()
+            graphs[variant] = graph
+            finals[variant] = [out.clone() for out in outputs]
+        nf4_cuda.SOURCE = SHIPPED_SOURCE
+        nf4_cuda._KERNELS.clear()
+        timings = {variant: [] for variant in PDL_VARIANTS}
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(rounds):  # the variants interleaved, so that clock drift hits all
+            for variant, graph in graphs.items():
+                start.record()
+                for _ in range(replays):
+                    graph.replay()
+                end.record()
+                end.synchronize()
+                timings[variant].append(start.elapsed_time(end) / replays)
+        reference = finals['plain']
+        run = {'rows': rows, 'shapes': matmul.tuned_shapes(),
+               'final_abs_mean': float(reference[-1].float().abs().mean()),
+               'ms_per_chain': timings,
+               'best_ms': {variant: min(ms) for variant, ms in timings.items()},
+               'identical_to_plain': {variant: all(torch.equal(a, b) for a, b in zip(
+                   reference, outs)) for variant, outs in finals.items()}}
+        results['runs'].append(run)
+        print(rows, 'rows: best ms per chain', {k: round(v, 4) for k, v in run['best_ms'].items()},
+              'identical', run['identical_to_plain'], 'final |h| mean',
+              round(run['final_abs_mean'], 4), flush=True)
+        for graph in graphs.values():
+            graph.reset()
+    finish(results, out_path)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('mode', choices=('profile', 'tune-repeat', 'sweep', 'folds'))
+    parser.add_argument('mode', choices=('profile', 'tune-repeat', 'sweep', 'folds', 'pdl'))
     parser.add_argument('--out', help='sweep: write the timings here as JSON')
     parser.add_argument('--tables', type=int, nargs='+', default=list(nf4_cuda.TABLE_COPIES),
                         help='sweep: decode table copies (0: in registers)')
@@ -281,6 +397,9 @@ def main():
         return
     if arguments.mode == 'folds':
         folds(arguments.out, arguments.rows)
+        return
+    if arguments.mode == 'pdl':
+        pdl(arguments.out, arguments.rows)
         return
     sets = layer_sets()
     if arguments.mode == 'profile':
