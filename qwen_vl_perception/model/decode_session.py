@@ -26,7 +26,6 @@ from .qwen3_vl_prefill import TextModelParts
 MAX_STOP_IDS = 8
 """Stop ids live in a fixed-size device buffer so that one captured graph serves any set."""
 _NO_TOKEN = -1
-_SILU_ACTIVATIONS = ('SiLU', 'SiLUActivation')  # torch's and transformers' classes
 
 
 class FoldFailed(RuntimeError):
@@ -236,6 +235,7 @@ class DecodeSession:
         self.fold_elementwise = bool(fold_elementwise)
         self._folds = None  # per layer, its four launches' NF4 weights; [] when not folding
         self.squares = None  # the residual stream's sums of squares per 16 columns (folding)
+        self.normed = None  # the next norm's weight times the residual stream (folding)
         self.graph = None
         self.pool = None  # the memory pool of this session's CUDA graphs (step and prefills)
         self.prefills = OrderedDict()  # shape -> its StaticPrefill (static_prefill.py)
@@ -285,11 +285,13 @@ class DecodeSession:
 
     @property
     def folds(self) -> bool:
-        """Whether the step folds its residual adds, RMSNorms and SiLU x up into the NF4
-        launches (:meth:`NF4Matmul.folded`): four launches and the attention kernel per layer,
-        no elementwise kernel between them. Decided at the first step: every layer's
+        """Whether the step folds its residual adds and RMSNorms into the NF4 launches
+        (:meth:`NF4Matmul.folded`): o and down add their product to the residual stream and
+        write, beside it, the next norm's weight times it and its sums of squares, from which
+        q+k+v and gate+up scale their sums by 1 / rms; per layer four launches, the attention
+        kernel and SiLU(gate) x up. Decided at the first step: every layer's
         projections through the CUDA NF4 kernel (tuned fastest), the decode attention kernel,
-        fused elementwise kernels, SiLU, bf16 throughout. A folded launch that fails raises
+        fused elementwise kernels, bf16 throughout. A folded launch that fails raises
         :class:`FoldFailed`, which graph capture (``KernelChoices.capture``) turns into an
         unfolded step; an eager step raises it as is."""
         if self._folds is None:
@@ -298,6 +300,8 @@ class DecodeSession:
                 hidden = self._folds[0][1][0].out_features
                 self.squares = self.torch.empty(hidden, dtype=self.torch.float32,
                                                 device=self.device)
+                self.normed = self.torch.empty(self.batch, hidden, dtype=self.dtype,
+                                               device=self.device)
         return bool(self._folds)
 
     def _fold_weights(self) -> list:
@@ -308,8 +312,6 @@ class DecodeSession:
         layers = []
         for layer in parts.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            if type(mlp.act_fn).__name__ not in _SILU_ACTIVATIONS:
-                return []
             norms = (layer.input_layernorm, layer.post_attention_layernorm, parts.norm)
             # bf16 only: the folded norm multiplies h by its weight before 1 / rms, which in
             # fp16 could overflow where transformers' fp32 statistics do not
@@ -333,7 +335,7 @@ class DecodeSession:
 
     def without_folds(self) -> None:
         """Launch the step's elementwise work apart from now on (after a failure)."""
-        self._folds, self.squares = [], None
+        self._folds, self.squares, self.normed = [], None, None
 
     def _folded_layers(self, hidden, cos, sin):
         """The layers with their elementwise work folded into the NF4 launches (``folds``):
@@ -353,25 +355,30 @@ class DecodeSession:
 
         first = parts.layers[0].input_layernorm
         normed = self.kernels.rms_norm(hidden, first.weight, first.variance_epsilon)
-        for index, (layer, (qkv, o, gate_up, down), keys, values) in enumerate(zip(
-                parts.layers, self._folds, self.keys, self.values)):
+        x = self.normed  # the next norm's weight times the stream, as o and down write it
+        next_norms = [layer.input_layernorm for layer in parts.layers[1:]] + [None]
+        for index, (layer, next_norm, (qkv, o, gate_up, down), keys, values) in enumerate(zip(
+                parts.layers, next_norms, self._folds, self.keys, self.values)):
             attn = layer.self_attn
             if index == 0:
                 q, k, v = nf4.grouped(normed.view(batch, -1), qkv)
             else:
-                norm = layer.input_layernorm
-                q, k, v = folded(stream, qkv, norm=(norm.weight, norm.variance_epsilon, squares))
+                q, k, v = folded(x, qkv, scale=(layer.input_layernorm.variance_epsilon,
+                                                squares))
             out = self.attention(
                 q.view(batch, parts.num_kv_heads, groups, head_dim), keys, values,
                 self.key_valid, self.cache_position, attn.scaling,
                 k.view(batch, -1, head_dim), v.view(batch, -1, head_dim),
                 (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon,
                  cos[:, 0], sin[:, 0]))
-            folded(out.reshape(batch, -1), o, residual=(stream, squares))
             norm = layer.post_attention_layernorm
-            gated = folded(stream, gate_up, norm=(norm.weight, norm.variance_epsilon, squares))
-            folded(gated[0].as_strided((batch, 2 * gated[0].shape[1]), (gated[0].stride(0), 1)),
-                   down, act=True, residual=(stream, squares))
+            folded(out.reshape(batch, -1), o, residual=(stream, squares),
+                   norm_out=(norm.weight, x))
+            gate, up = folded(x, gate_up, scale=(norm.variance_epsilon, squares))
+            gated = self.kernels.act_mul(layer.mlp, gate.view(batch, 1, -1),
+                                         up.view(batch, 1, -1))
+            folded(gated.view(batch, -1), down, residual=(stream, squares),
+                   norm_out=None if next_norm is None else (next_norm.weight, x))
         return self.kernels.rms_norm(hidden, parts.norm.weight, parts.norm.variance_epsilon)
 
     def step(self):

@@ -100,7 +100,7 @@ class FastGreedyDecoder:
     programmatic dependent launch on GPUs of compute capability 9.0+ (their first loads overlap
     the end of the kernel before them; off by default: no gain measured in the whole step yet,
     ``results/benchmark/README.md``). ``fold_elementwise``: the decode step folds its residual
-    adds, RMSNorms and SiLU x up into the NF4 kernel's launches where it can
+    adds and RMSNorms into the NF4 kernel's launches where it can
     (``DecodeSession.folds``; off by default: on the H200 the folded launches cost more than
     the kernels they replace, ``results/benchmark/README.md``). The instance is callable like
     ``hf_decode``; not thread-safe (the engine serialises calls).

@@ -31,7 +31,7 @@ class KernelChoices:
     once", True "always (graphed with CUDA graphs, else eager)", False "never";
     ``overlap_launches``: the NF4 and decode attention kernels start with programmatic
     dependent launch where the GPU has it (compute capability 9.0+; off by default);
-    ``fold_elementwise``: decode steps fold their residual adds, RMSNorms and SiLU x up into
+    ``fold_elementwise``: decode steps fold their residual adds and RMSNorms into
     the NF4 launches where every layer allows it (``DecodeSession.folds``), until it fails
     once (off by default: slower so far, ``results/benchmark/README.md``)."""
 

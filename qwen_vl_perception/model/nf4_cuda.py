@@ -87,11 +87,14 @@ def fits(shape: CudaShape, n_tiles: int = 2) -> bool:
     return shape.table in TABLE_COPIES and shared_bytes(shape, n_tiles) <= STATIC_SHARED_LIMIT
 
 
-FOLD_NONE, FOLD_NORM, FOLD_ACT = 0, 1, 2
+FOLD_NONE, FOLD_NORM, FOLD_ACT, FOLD_SCALE = 0, 1, 2, 3
 """What a launch does to ``x`` before the product (``x_fold``): nothing; Qwen3's RMSNorm (``x``
 is the residual stream, the kernel before wrote its sums of squares per 16 columns); SiLU(gate)
-* up (``x`` holds gate, up lies ``act_offset`` columns further on)."""
-FOLDS = (FOLD_NONE, FOLD_NORM, FOLD_ACT)
+* up (``x`` holds gate, up lies ``act_offset`` columns further on); the rest of the RMSNorm
+(``x`` is the norm's weight times the residual stream, as a residual launch with ``norm_out``
+wrote it beside the stream, and its sums of squares: 1 / rms scales the sums, nothing touches
+``x``)."""
+FOLDS = (FOLD_NONE, FOLD_NORM, FOLD_ACT, FOLD_SCALE)
 
 
 SOURCE = r'''
@@ -246,14 +249,15 @@ __device__ __forceinline__ u32 pair_from(float lo, float hi) {
     return r;
 }
 
-#if XFORM == 1
+#if XFORM == 1 || NORM_OUT
 // Two elements of the norm's weight times h, one packed multiply; 1 / rms scales the sums
 __device__ __forceinline__ u32 times_pair(u32 h, u32 w) {
     u32 r;
     asm("fma.rn." DTYPE "x2 %0, %1, %2, %3;" : "=r"(r) : "r"(h), "r"(w), "r"(0x80008000u));
     return r;
 }
-#elif XFORM == 2
+#endif
+#if XFORM == 2
 __device__ __forceinline__ float silu_times(float g, float u) {
     return __fdividef(g, 1.f + __expf(-g)) * u;
 }
@@ -306,7 +310,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
         int M, int K, int stride_x, int stride_out, int tiles1, int tiles2, int tiles,
         int splits, int blocks_per_split, int qb2_log2,
         const u16* __restrict__ norm_w, const float* __restrict__ squares_in, float eps,
-        int act_offset, float* __restrict__ squares_out) {
+        int act_offset, float* __restrict__ squares_out, u16* __restrict__ x_out) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int blocks = K >> 6, row_bytes = K >> 1;
@@ -511,7 +515,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
         if (j0 + p < steps) compute(p, WARPS * (j0 + p));
 #undef LOAD_STAGE
 
-#if XFORM == 1
+#if XFORM == 1 || XFORM == 3
     static_assert(WARPS * 4 >= 16, "the norm statistics take 8 threads for each of 16 rows");
     // Each row's 1 / rms from the kernel before's sums of squares per 16 columns, added up in
     // one fixed order (8 lanes per row, then across them): every CTA gets the same bits. The
@@ -532,10 +536,13 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     constexpr int ELEMENTS = RT * NT * 4 * 32;
     __shared__ float partial[WARPS][ELEMENTS];
     __shared__ int is_last;
+#if NORM_OUT && !RESIDUAL
+#error "the next norm's x is written beside the residual stream: a residual launch"
+#endif
 #if RESIDUAL  // out += the product (one weight); the rows' sums of squares per tile of 16
     __shared__ float finals[RT][16][16];
 #endif
-#if XFORM == 1
+#if XFORM == 1 || XFORM == 3
     auto scaled = [&](float sum, int m) { return sum * row_rstd[m]; };
 #else
     auto scaled = [&](float sum, int) { return sum; };
@@ -545,6 +552,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
         const u16 v = to_out(from_out(to_out(scaled(sum, m))) + from_out(*o));
         *o = v;
         finals[r][m][feature] = from_out(v);
+#if NORM_OUT  // beside h: the next norm's weight times it (as the norm-folded x loads make it)
+        const size_t at = (size_t)(o - out);
+        x_out[at] = (u16)times_pair(v, norm_w[at - (size_t)m * stride_out]);
+#endif
     };
     auto write_squares = [&](float* squares, int tiles_, int rows) {  // per (tile, row), in order
         __syncthreads();
@@ -632,14 +643,17 @@ def tiled(packed, absmax, out_features: int, in_features: int):
 
 def source_for(table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
                programmatic: bool = False, tiled: bool = False, x_fold: int = FOLD_NONE,
-               residual: bool = False) -> str:
+               residual: bool = False, norm_out: bool = False) -> str:
     """The kernel's source for one variant: the code table's bytes, the operand type, the
     absmax storage, the shape, whether it is launched with programmatic dependent launch,
-    what it folds into its ``x`` loads (:data:`FOLDS`) and whether it adds its product to
-    ``out`` (a residual stream) and writes the sums of squares the next norm needs, as
+    what it folds into its ``x`` loads (:data:`FOLDS`), whether it adds its product to
+    ``out`` (a residual stream) and writes the sums of squares the next norm needs, and
+    whether it also writes the next norm's weight times the new stream (``norm_out``), as
     macros."""
     if x_fold not in FOLDS:
         raise ValueError(f'x_fold must be one of {FOLDS}, not {x_fold!r}')
+    if norm_out and not residual:
+        raise ValueError("norm_out writes the next norm's x beside a residual stream")
     torch = require_torch()
     high, low = table_words(table, torch.bfloat16 if bf16 else torch.float16)
     if not fits(shape, n_tiles):
@@ -650,7 +664,8 @@ def source_for(table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
                'NESTED': int(nested), 'DTYPE': '"bf16"' if bf16 else '"f16"',
                'PDL': int(programmatic), 'TABLE': shape.table, 'TILED': int(tiled),
                'TABLE_SHIFT': 2 + max(shape.table, 1).bit_length() - 1, 'IS_BF16': int(bf16),
-               'XFORM': int(x_fold), 'RESIDUAL': int(residual), 'X_AHEAD': int(shape.x_ahead)}
+               'XFORM': int(x_fold), 'RESIDUAL': int(residual), 'X_AHEAD': int(shape.x_ahead),
+               'NORM_OUT': int(norm_out)}
     defines.update({f'HI{i}': f'{word:#x}u' for i, word in enumerate(high)})
     defines.update({f'LO{i}': f'{word:#x}u' for i, word in enumerate(low)})
     return ''.join(f'#define {key} {value}\n' for key, value in defines.items()) + SOURCE
@@ -661,20 +676,21 @@ _KERNELS: Dict[Tuple, object] = {}
 
 def kernel_for(device, table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
                programmatic: bool = False, tiled: bool = False, x_fold: int = FOLD_NONE,
-               residual: bool = False):
+               residual: bool = False, norm_out: bool = False):
     """The compiled kernel for one variant on ``device`` (compiled once per process)."""
     torch = require_torch()
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (index, tuple(table), bf16, nested, shape, n_tiles, programmatic, tiled, x_fold,
-           residual)
+           residual, norm_out)
     kernel = _KERNELS.get(key)
     if kernel is None:
         major, minor = torch.cuda.get_device_capability(index)
         if major < 8:
             raise RuntimeError('the CUDA NF4 kernel needs compute capability 8.0 or newer')
         cubin = nvrtc.compile_cubin(source_for(table, bf16, nested, shape, n_tiles,
-                                               programmatic, tiled, x_fold, residual),
+                                               programmatic, tiled, x_fold, residual,
+                                               norm_out),
                                     KERNEL_NAME, f'sm_{major}{minor}')
         kernel = nvrtc.Kernel(cubin, KERNEL_NAME, torch.device('cuda', index))
         _KERNELS[key] = kernel
@@ -684,7 +700,8 @@ def kernel_for(device, table, bf16: bool, nested: bool, shape: CudaShape, n_tile
 def launch(x, out, workspace, locks, table, problems, in_features: int, splits: int,
            blocks_per_split: int, *, nested: bool, qblock2: int, bf16: bool,
            shape: CudaShape, programmatic: bool = False, tiled: bool = False,
-           norm=None, act_offset: int = 0, squares_out=None) -> None:
+           norm=None, act_offset: int = 0, squares_out=None, scale=None,
+           norm_out=None) -> None:
     """``out[:, columns of weight g] = x @ W_g.T`` for the 1 to 3 ``problems`` (packed,
     absmax, absmax2, code2, offset, out features; out features multiples of 16). ``workspace``:
     ``tiles * splits * 256`` fp32 when ``splits > 1``; ``locks``: one zeroed int32 per CTA row
@@ -694,11 +711,16 @@ def launch(x, out, workspace, locks, table, problems, in_features: int, splits: 
     Folded work (each at most one of the first two): ``norm = (weight, squares, eps)``: the
     product of RMSNorm(x) (``squares``: fp32 ``(in_features / 16, 16)``, each row's sum of
     squares per 16 columns, as a ``squares_out`` launch writes them). ``act_offset > 0``: of
-    SiLU(x[:, :in]) * x[:, act_offset:act_offset + in]. ``squares_out`` (one weight): ``out``
+    SiLU(x[:, :in]) * x[:, act_offset:act_offset + in]. ``scale = (squares, eps)``: ``x`` is
+    the norm's weight times the residual stream (a ``norm_out`` launch wrote it), the sums are
+    scaled by each row's 1 / rms from ``squares``. ``squares_out`` (one weight): ``out``
     becomes ``out + x @ W.T`` (rounded as two tensors' sum) and its sums of squares per 16
-    columns go to ``squares_out``."""
-    if norm is not None and act_offset:
-        raise ValueError('one launch folds a norm or an activation into x, not both')
+    columns go to ``squares_out``; with ``norm_out = (weight, x_out)`` also ``x_out`` (the
+    stride of ``out``) = the next norm's ``weight`` times the new ``out``."""
+    if sum((norm is not None, bool(act_offset), scale is not None)) > 1:
+        raise ValueError('one launch folds a norm, an activation or a scale into x, not more')
+    if norm_out is not None and squares_out is None:
+        raise ValueError("norm_out writes the next norm's x beside a residual stream")
     if squares_out is not None and len(problems) != 1:
         raise ValueError('a residual launch takes one weight')
     rows = x.shape[0]
@@ -714,10 +736,16 @@ def launch(x, out, workspace, locks, table, problems, in_features: int, splits: 
     arguments += [rows, in_features, x.stride(0), out.stride(0), tiles1, tiles2, total, splits,
                   blocks_per_split, max(qblock2, 1).bit_length() - 1]
     norm_weight, squares_in, eps = norm if norm is not None else (None, None, 0.0)
-    arguments += [norm_weight, squares_in, float(eps), int(act_offset), squares_out]
-    x_fold = FOLD_NORM if norm is not None else FOLD_ACT if act_offset else FOLD_NONE
+    if scale is not None:
+        squares_in, eps = scale
+    x_out = None
+    if norm_out is not None:
+        norm_weight, x_out = norm_out
+    arguments += [norm_weight, squares_in, float(eps), int(act_offset), squares_out, x_out]
+    x_fold = (FOLD_NORM if norm is not None else FOLD_ACT if act_offset
+              else FOLD_SCALE if scale is not None else FOLD_NONE)
     kernel = kernel_for(x.device, table, bf16, nested, shape, n_tiles, programmatic, tiled,
-                        x_fold, squares_out is not None)
+                        x_fold, squares_out is not None, norm_out is not None)
     kernel((-(-total // shape.row_tiles), splits), (32 * shape.warps,), arguments,
            programmatic=programmatic)
 

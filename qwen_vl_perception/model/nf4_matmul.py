@@ -232,7 +232,7 @@ class NF4Matmul:
             return self._shape(probe, weights).kernel == 'cuda'
 
     def folded(self, x, weights: Sequence[NF4Weight], *, norm=None, act: bool = False,
-               residual=None, shape: Optional[LaunchShape] = None):
+               residual=None, scale=None, norm_out=None, shape: Optional[LaunchShape] = None):
         """One launch of the CUDA kernel for ``weights`` (:meth:`foldable` said yes) with the
         decode step's elementwise work folded in. ``x``: ``(rows, in)`` in the compute dtype,
         or ``(rows, 2 * in)`` gate then up with ``act``: the product of SiLU(gate) * up.
@@ -240,10 +240,15 @@ class NF4Matmul:
         residual stream; ``squares`` as a ``residual`` launch wrote them for it). ``residual =
         (hidden, squares)`` (one weight): ``hidden`` ``(rows, out)`` becomes ``hidden + x @
         W.T`` in place, and ``squares`` (fp32, ``(out / 16, 16)``) each row's sums of squares
-        of it per 16 columns. ``shape``: a CUDA launch shape instead of the tuned one.
-        Returns the outputs (none with ``residual``). The folded norm scales the sums by
-        1 / rms instead of rounding ``x * rstd`` first, and the SiLU uses fast exponentials:
-        results differ by roundings from the unfolded step's (the residual add does not)."""
+        of it per 16 columns. ``norm_out = (weight, normed)`` (with ``residual``): also
+        ``normed`` ``(rows, out)``, laid out as ``hidden``, = the next norm's ``weight`` times
+        the new ``hidden``, the ``x`` of a ``scale`` launch. ``scale = (eps, squares)``: the
+        product of Qwen3's RMSNorm with ``x`` already its weight times the residual stream
+        (``squares`` its sums of squares): the norm fold's bits, with nothing done to ``x`` in
+        the launch. ``shape``: a CUDA launch shape instead of the tuned one. Returns the
+        outputs (none with ``residual``). The folded norm scales the sums by 1 / rms instead of
+        rounding ``x * rstd`` first, and the SiLU uses fast exponentials: results differ by
+        roundings from the unfolded step's (the residual add does not)."""
         torch = require_torch()
         weights = list(weights)
         if not 1 <= len(weights) <= MAX_GROUP or len({w.group_key() for w in weights}) != 1:
@@ -258,10 +263,12 @@ class NF4Matmul:
         if columns != in_features * (2 if act else 1):
             raise ValueError(f'x has {columns} columns for a layer of {in_features} inputs'
                              + (' (gate and up)' if act else ''))
-        if norm is not None and act:
-            raise ValueError('a launch folds a norm or an activation into x, not both')
+        if sum((norm is not None, act, scale is not None)) > 1:
+            raise ValueError('a launch folds a norm, an activation or a scale into x, not two')
         if norm is not None and residual is not None:
             raise ValueError('a launch folds a norm into x or adds a residual, not both')
+        if norm_out is not None and residual is None:
+            raise ValueError("norm_out writes the next norm's x beside a residual stream")
         if x.dtype != compute or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
             raise ValueError('folded launches take x in the compute dtype, rows contiguous and '
                              '16-byte aligned')
@@ -284,6 +291,10 @@ class NF4Matmul:
             fold['norm'] = (weight, squares, float(eps))
         if act:
             fold['act_offset'] = in_features
+        if scale is not None:
+            eps, squares = scale
+            _check_squares(squares, rows, in_features, 'the norm input')
+            fold['scale'] = (squares, float(eps))
         widths = [weight.out_features for weight in weights]
         if residual is not None:
             if len(weights) != 1:
@@ -294,6 +305,17 @@ class NF4Matmul:
                 raise ValueError(f'the residual stream must be ({rows}, {widths[0]}) in the '
                                  'compute dtype')
             fold['squares_out'] = squares
+            if norm_out is not None:
+                weight, normed = norm_out
+                if (weight.dtype != compute or weight.shape != (widths[0],)
+                        or weight.stride(0) != 1 or weight.device != x.device):
+                    raise ValueError('the next norm weight must be contiguous, in the compute '
+                                     "dtype, on x's device, one per output")
+                if (normed.shape != out.shape or normed.stride() != out.stride()
+                        or normed.dtype != compute or normed.device != x.device):
+                    raise ValueError('the normed output must be laid out as the residual '
+                                     'stream')
+                fold['norm_out'] = (weight, normed)
         else:
             out = torch.empty(rows, sum(widths), dtype=compute, device=x.device)
         self._rows.add(rows)

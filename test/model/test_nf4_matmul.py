@@ -768,6 +768,35 @@ def test_folded_norm_and_activation_launches_match_the_elementwise_work_done_apa
             assert (out.float() - want.float()).abs().max() <= 1e-2 * want.abs().max(), shape
 
 
+@cuda
+def test_residual_launch_writes_the_next_norms_x_and_a_scale_launch_gives_the_norm_folds_bits():
+    """o's and down's epilogue (``norm_out``) writes, beside the new residual stream, the next
+    norm's weight times it as torch multiplies them; q+k+v and gate+up reading that
+    (``scale``) give the bits of the norm folded into their x loads, in every launch shape."""
+    producer = nf4_weight(nf4_linear(1024, 512, torch.bfloat16, bias=False, seed=7))
+    consumers = [nf4_weight(nf4_linear(width, 1024, torch.bfloat16, bias=False, seed=seed))
+                 for seed, width in enumerate((512, 128, 128))]
+    matmul = NF4Matmul()
+    norm_weight = (1 + 0.3 * torch.randn(1024, device='cuda')).to(torch.bfloat16)
+    for rows in (1, 6, MAX_ROWS):
+        for shape in _cuda_shapes(matmul, [1024], 512):
+            x = torch.randn(rows, 512, device='cuda', dtype=torch.bfloat16)
+            hidden = (3 * torch.randn(rows, 1024, device='cuda')).to(torch.bfloat16)
+            expected = hidden + matmul(x, producer, shape)
+            squares = torch.full((64, 16), float('nan'), device='cuda')
+            normed = torch.full_like(hidden, float('nan'))
+            assert matmul.folded(x, [producer], residual=(hidden, squares),
+                                 norm_out=(norm_weight, normed), shape=shape) == []
+            assert torch.equal(hidden, expected), shape
+            assert torch.equal(normed, expected * norm_weight), shape
+        for shape in _cuda_shapes(matmul, [512, 128, 128], 1024):
+            want = matmul.folded(hidden, consumers, norm=(norm_weight, 1e-6, squares),
+                                 shape=shape)
+            got = matmul.folded(normed, consumers, scale=(1e-6, squares), shape=shape)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), shape
+            assert all(out.abs().max() > 0 for out in got)
+
+
 def test_folded_launches_refuse_what_they_cannot_take():
     module = nf4_linear(128, 256, torch.bfloat16, bias=False, device='cpu')
     weight, matmul = nf4_weight(module, require_cuda=False), NF4Matmul()
@@ -779,9 +808,15 @@ def test_folded_launches_refuse_what_they_cannot_take():
         matmul.folded(x.float(), [weight])
     with pytest.raises(ValueError, match='tuned'):
         matmul.folded(x, [weight])
-    with pytest.raises(ValueError, match='not both'):
+    with pytest.raises(ValueError, match='not two'):
         matmul.folded(torch.zeros(1, 512, dtype=torch.bfloat16), [weight], act=True,
                       norm=(torch.ones(256, dtype=torch.bfloat16), 1e-6, torch.zeros(16, 16)))
+    with pytest.raises(ValueError, match='not two'):
+        matmul.folded(x, [weight], scale=(1e-6, torch.zeros(16, 16)),
+                      norm=(torch.ones(256, dtype=torch.bfloat16), 1e-6, torch.zeros(16, 16)))
+    with pytest.raises(ValueError, match='beside a residual'):
+        matmul.folded(x, [weight], norm_out=(torch.ones(128, dtype=torch.bfloat16),
+                                             torch.zeros(1, 128, dtype=torch.bfloat16)))
     with pytest.raises(ValueError, match='rows'):
         matmul.folded(torch.zeros(MAX_ROWS + 1, 256, dtype=torch.bfloat16), [weight])
     with pytest.raises(ValueError, match='residual, not both'):

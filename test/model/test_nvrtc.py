@@ -55,20 +55,24 @@ def test_every_variant_of_the_kernel_compiles(arch):
 @pytest.mark.parametrize('arch', ['sm_87', 'sm_90'])
 def test_the_folded_variants_compile(arch):
     """The decode step's folded launches (RMSNorm or SiLU x up into x, the residual add and
-    its sums of squares out), bf16 and fp16, with programmatic launch on sm_90; an unknown
-    fold is refused."""
+    its sums of squares out, with the next norm's x beside it, the norm's scale alone), bf16
+    and fp16, with programmatic launch on sm_90; an unknown fold is refused."""
     from concurrent.futures import ThreadPoolExecutor
     sources = [nf4_cuda.source_for(NF4_TABLE, bf16, True, nf4_cuda.CudaShape(*config), n_tiles,
-                                   arch == 'sm_90', False, fold, residual)
+                                   arch == 'sm_90', False, fold, residual, norm_out)
                for config in _CUDA_CONFIGS[:2] for n_tiles in (1, 2) for bf16 in (True, False)
-               for fold, residual in ((nf4_cuda.FOLD_NORM, False), (nf4_cuda.FOLD_NONE, True),
-                                      (nf4_cuda.FOLD_ACT, True))]
+               for fold, residual, norm_out in (
+                   (nf4_cuda.FOLD_NORM, False, False), (nf4_cuda.FOLD_NONE, True, False),
+                   (nf4_cuda.FOLD_ACT, True, False), (nf4_cuda.FOLD_NONE, True, True),
+                   (nf4_cuda.FOLD_SCALE, False, False))]
     with ThreadPoolExecutor(2) as pool:
         cubins = list(pool.map(lambda source: nvrtc.compile_cubin(
             source, nf4_cuda.KERNEL_NAME, arch, cache=False), sources))
-    assert len(cubins) == 24 and all(cubin[:4] == b'\x7fELF' for cubin in cubins)
+    assert len(cubins) == 40 and all(cubin[:4] == b'\x7fELF' for cubin in cubins)
     with pytest.raises(ValueError, match='x_fold'):
-        nf4_cuda.source_for(NF4_TABLE, True, True, nf4_cuda.CudaShape(), 1, x_fold=3)
+        nf4_cuda.source_for(NF4_TABLE, True, True, nf4_cuda.CudaShape(), 1, x_fold=4)
+    with pytest.raises(ValueError, match='residual'):
+        nf4_cuda.source_for(NF4_TABLE, True, True, nf4_cuda.CudaShape(), 1, norm_out=True)
 
 
 def test_the_launch_structures_have_the_driver_api_layout():
