@@ -33,9 +33,9 @@ arrived) before it reads ``x`` or writes anything; every CTA waits, so the kerne
 one before it. ``x`` is then read by plain loads (the wait makes the kernel before's writes
 visible to them; the non-coherent path, ``ld.global.nc``, assumes data that no one writes while
 the kernel lives, and ``ld.global.cg`` skips L1, which the warps of a CTA share ``x`` through:
-4-6% slower, ``gpu_pdl_chain.json``). Right after its wait a CTA lets the next kernel launch
-(``griddepcontrol.launch_dependents``; that kernel in turn waits for this one's end, so at most
-two kernels overlap).
+5% slower at 1 row, 9-11% at 8, ``gpu_pdl_chain.json``). Right after its wait a CTA lets the
+next kernel launch (``griddepcontrol.launch_dependents``; that kernel in turn waits for this
+one's end, so at most two kernels overlap).
 
 A decode step's elementwise work can be folded into its launches (``x_fold``, ``residual``):
 RMSNorm into the ``x`` loads of q+k+v and gate+up (``x`` is then the residual stream times the
@@ -43,8 +43,11 @@ norm's weight, one packed multiply per two elements; each row's 1 / rms, from th
 squares per 16 columns that the launch before wrote, scales the sums at the end), SiLU(gate) *
 up into down's ``x`` loads, and the residual add into the o and down epilogues (``out += x @
 W.T`` in place, rounded as torch adds two tensors, and the rows' sums of squares per tile for
-the next norm). The norm's roundings differ from transformers' (no rounding of ``h * rstd``
-before the weight).
+the next norm). The decode step folds the norm the other way (``norm_out``, ``FOLD_SCALE``):
+the o and down epilogues also write the next norm's weight times the new stream beside it (the
+same packed multiply), and q+k+v and gate+up read that plainly and only scale their sums; SiLU
+* up stays a kernel of its own. The norm's roundings differ from transformers' (no rounding of
+``h * rstd`` before the weight).
 """
 from dataclasses import dataclass
 from typing import Dict, Tuple
