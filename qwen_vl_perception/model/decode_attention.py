@@ -24,9 +24,11 @@ end), which saves the step the two kernels of its compiled q/k norm per layer.
 
 With ``overlap=True`` (compute capability 9.0+, :func:`overlap_supported`) the kernel is launched
 with programmatic dependent launch: its programs may start while the projection before it
-finishes and wait (``griddepcontrol.wait``) before they read anything, and they let the next
-kernel (the output projection, :mod:`nf4_cuda`) launch at once, so that its weight loads run
-beside the attention.
+finishes; they load the position, ``key_valid`` and their first block of cached keys and
+values, which that projection does not write, then wait (``griddepcontrol.wait``) before they
+read its q, k and v, and let the next kernel (the output projection, :mod:`nf4_cuda`) launch
+at once, so that its weight loads run beside the attention. (Without ``new_keys`` the caller
+wrote this step's key, perhaps in the kernel just before: then the wait comes first.)
 """
 import triton
 import triton.language as tl
@@ -76,9 +78,6 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, valid_ptr
                             OVERLAP: tl.constexpr, PARTS: tl.constexpr,
                             GROUP_ROWS: tl.constexpr, CHUNK: tl.constexpr):
     ROWS: tl.constexpr = 16  # query heads padded to the tensor cores' smallest tile
-    if OVERLAP:  # programmatic dependent launch: wait for the projection, let the next start
-        gdc_wait()
-        gdc_launch_dependents()
     row_head = tl.program_id(0)
     part = tl.program_id(1)
     b = row_head // heads
@@ -86,7 +85,27 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, valid_ptr
     g = tl.arange(0, ROWS)
     d = tl.arange(0, HEAD_DIM)
     real = g < GROUPS
-    # q (and its norm) before the position is known: their loads overlap the position's
+    if OVERLAP and not WRITE:  # the caller wrote this step's key: maybe the kernel just before
+        gdc_wait()
+    # The position, key_valid and the part's first block of cached keys and values, which the
+    # kernel just before does not write (with WRITE): loaded before the wait below, beside it
+    last = tl.load(position_ptr)  # keys past the current position are not written yet
+    live = tl.minimum(last // SPLIT_KEYS + 1, splits)  # the parts holding keys 0 .. last
+    start = part * SPLIT_KEYS
+    end = tl.minimum(tl.minimum(start + SPLIT_KEYS, last + 1), cache_len)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    first_keys = start + tl.arange(0, BLOCK)
+    inside = first_keys < tl.where(part < live, end, start)  # none for a part past the position
+    k_next = tl.load(k_base + first_keys[:, None] * stride_kl + d[None, :],
+                     mask=inside[:, None], other=0.0)
+    v_next = tl.load(v_base + first_keys[:, None] * stride_vl + d[None, :],
+                     mask=inside[:, None], other=0.0)
+    valid_next = tl.load(valid_ptr + b * stride_valid + first_keys, mask=inside, other=0)
+    if OVERLAP:  # programmatic dependent launch: wait for the projection, let the next start
+        if WRITE:
+            gdc_wait()
+        gdc_launch_dependents()
     q_rows = q_ptr + b * stride_qb + h * stride_qh + g[:, None] * stride_qg
     q = tl.load(q_rows + d[None, :], mask=real[:, None], other=0.0)
     if NORM_ROPE:
@@ -98,16 +117,10 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, valid_ptr
         q = _norm_rope(q, tl.load(q_rows + swap[None, :], mask=real[:, None], other=0.0),
                        tl.load(q_weight_ptr + d)[None, :], tl.load(q_weight_ptr + swap)[None, :],
                        cos[None, :], sin[None, :], sign[None, :], eps, HEAD_DIM, 1)
-    last = tl.load(position_ptr)  # keys past the current position are not written yet
-    live = tl.minimum(last // SPLIT_KEYS + 1, splits)  # the parts holding keys 0 .. last
     if part < live:  # a part past the position has nothing to add, nor to write
-        start = part * SPLIT_KEYS
-        end = tl.minimum(tl.minimum(start + SPLIT_KEYS, last + 1), cache_len)
         best = tl.full((ROWS,), float('-inf'), tl.float32)
         total = tl.zeros((ROWS,), tl.float32)
         acc = tl.zeros((ROWS, HEAD_DIM), tl.float32)
-        k_base = k_ptr + b * stride_kb + h * stride_kh
-        v_base = v_ptr + b * stride_vb + h * stride_vh
         if WRITE:  # this step's key and value: into the cache by the part that holds them
             new_k = tl.load(new_k_ptr + b * stride_nkb + h * stride_nkh + d)
             if NORM_ROPE:
@@ -120,13 +133,18 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, valid_ptr
                                 & (last < cache_len), HEAD_DIM, 0)
             tl.store(k_base + last * stride_kl + d, new_k, mask=here)
             tl.store(v_base + last * stride_vl + d, new_v, mask=here)
-        for first in range(start, end, BLOCK):
+        for first in range(start, end, BLOCK):  # each block's loads one block ahead
             keys = first + tl.arange(0, BLOCK)
-            inside = keys < end
-            allowed = inside & (tl.load(valid_ptr + b * stride_valid + keys, mask=inside,
-                                        other=0) != 0)
-            k = tl.load(k_base + keys[:, None] * stride_kl + d[None, :], mask=inside[:, None],
-                        other=0.0)
+            allowed = (keys < end) & (valid_next != 0)
+            k = k_next
+            v = v_next
+            ahead = keys + BLOCK
+            on = ahead < end
+            k_next = tl.load(k_base + ahead[:, None] * stride_kl + d[None, :], mask=on[:, None],
+                             other=0.0)
+            v_next = tl.load(v_base + ahead[:, None] * stride_vl + d[None, :], mask=on[:, None],
+                             other=0.0)
+            valid_next = tl.load(valid_ptr + b * stride_valid + ahead, mask=on, other=0)
             if WRITE:  # the current position from registers (its store may not be seen)
                 k = tl.where((keys == last)[:, None], new_k[None, :], k)
             scores = tl.dot(q, tl.trans(k)) * scale
@@ -136,8 +154,6 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, valid_ptr
             weights = tl.exp(scores - safe[:, None])
             keep = tl.exp(best - safe)
             total = total * keep + tl.sum(weights, axis=1)
-            v = tl.load(v_base + keys[:, None] * stride_vl + d[None, :], mask=inside[:, None],
-                        other=0.0)
             if WRITE:
                 v = tl.where((keys == last)[:, None], new_v[None, :], v)
             acc = acc * keep[:, None] + tl.dot(weights.to(v.dtype), v)
@@ -211,7 +227,9 @@ def launch(q, keys, values, key_valid, cache_position, out, workspace, locks, sc
     ``norm_rope = (q_weight, k_weight, eps, cos, sin)`` (weights ``head_dim``, ``cos`` and
     ``sin`` ``batch x head_dim``), ``q`` and ``new_keys`` are taken before Qwen3's q/k RMSNorm
     and rotary embedding, which the kernel applies. ``overlap``: launched with programmatic
-    dependent launch (only where :func:`overlap_supported`)."""
+    dependent launch (only where :func:`overlap_supported`); with ``new_keys``, the kernel just
+before must not write ``cache_position``, ``key_valid`` or the cache (they are read before
+its wait)."""
     batch, heads, groups, head_dim = q.shape
     write = new_keys is not None
     if write != (new_values is not None):

@@ -79,9 +79,11 @@ STATIC_SHARED_LIMIT = 48 * 1024
 
 def shared_bytes(shape: CudaShape, n_tiles: int) -> int:
     """Static shared memory of one variant: the warps' partial sums, the flag, the table, and
-    the folded variants' row statistics and residual sums at most (:data:`FOLDS`)."""
+    the folded variants' row statistics (the sums of squares in flight and the warps' row
+    sums) and residual sums at most (:data:`FOLDS`)."""
+    stat_quads = (3 if shape.warps >= 8 else 5) * 32 * shape.warps  # STAT_PRE x threads
     return (shape.warps * shape.row_tiles * n_tiles * 4 * 32 * 4 + 4 + 1024 * shape.table
-            + 64 + 1024 * shape.row_tiles)
+            + 16 * stat_quads + 64 * shape.warps + 1024 * shape.row_tiles)
 
 
 def fits(shape: CudaShape, n_tiles: int = 2) -> bool:
@@ -155,6 +157,13 @@ __device__ __forceinline__ void let_next_kernel_launch() {
 #if PDL && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+
+// 16 bytes from global to shared memory through L2, no registers (zero-filled when !on)
+__device__ __forceinline__ void copy16_async(void* to, const void* from, bool on) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :: "r"((u32)__cvta_generic_to_shared(to)), "l"(from), "r"(on ? 16 : 0)
+                 : "memory");
 }
 
 struct Table { u32 hi0, hi2, lo0, lo2, pick; };  // kept in registers (see decode8)
@@ -403,6 +412,61 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 #endif
     wait_for_previous_kernel(wq[0][0][0].x, K);  // x and the outputs: the kernels' before us
     let_next_kernel_launch();  // it waits for this kernel's end before it reads our output
+    constexpr int THREADS = WARPS * 32;
+    // The CTA's warps add up in warp order; element e of a warp: (r, n, c) = e / 32, lane e % 32.
+    constexpr int ELEMENTS = RT * NT * 4 * 32;
+#if XFORM == 1 || XFORM == 3
+    // The rows' sums of squares per 16 columns ((K / 16) x 16 fp32, the kernel before's), on
+    // their way to shared memory while the loop runs (read after it). float4 f holds rows
+    // 4 (f % 4) .. 4 (f % 4) + 3 of 16 columns; thread i takes f = i, i + THREADS, ...: always
+    // the same four rows. STAT_PRE covers K = 2560 (the 4B model's hidden size); more columns
+    // are loaded after the loop.
+    constexpr int STAT_PRE = WARPS >= 8 ? 3 : 5;
+    __shared__ float4 stat_buf[STAT_PRE][THREADS];
+    const int quads = K >> 2;
+#pragma unroll
+    for (int j = 0; j < STAT_PRE; ++j) {
+        const int f = threadIdx.x + j * THREADS;
+        copy16_async(&stat_buf[j][threadIdx.x], squares_in + 4 * (f < quads ? f : 0), f < quads);
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+    // Where this thread's j-th output element goes (false: none): with one split, from the
+    // warps' partial sums (element threadIdx.x + j THREADS); with more, from the workspace
+    // (256 per tile) in the last CTA of the row group.
+    auto slot_of = [&](int j, int& r, int& m, int& feature) {
+        const int e = threadIdx.x + j * THREADS;
+        if (splits == 1) {
+            const int slot = e >> 5, owner = e & 31;
+            r = slot / (NT * 4);
+            const int n = (slot >> 2) % NT, c = slot & 3;
+            m = 8 * n + 2 * (owner & 3) + (c & 1);
+            feature = (owner >> 2) + 8 * (c >> 1);
+            return e < ELEMENTS && blockIdx.x * RT + r < tiles && m < M;
+        }
+        r = e >> 8;
+        m = (e >> 4) & 15;
+        feature = e & 15;
+        return e < RT * 256 && blockIdx.x * RT + r < tiles && m < M;
+    };
+    constexpr int SLOTS = (RT * 256 + THREADS - 1) / THREADS;  // >= ELEMENTS / THREADS
+#if RESIDUAL
+    // The stream's values this thread will add to (and the next norm's weights there), loaded
+    // now: the loop hides their latency. One weight: tile t's rows are columns 16 t ...
+    u32 held[SLOTS], held_w[SLOTS];
+#pragma unroll
+    for (int j = 0; j < SLOTS; ++j) {
+        int r = 0, m = 0, feature = 0;
+        held[j] = held_w[j] = 0;
+        if (slot_of(j, r, m, feature)) {
+            const int column = (blockIdx.x * RT + r) * 16 + feature;
+            held[j] = out[(size_t)m * stride_out + column];
+#if NORM_OUT
+            held_w[j] = norm_w[column];
+#endif
+        }
+    }
+#endif
 #if XFORM == 1
     const u16* np = norm_w + 16 * t + 64 * start;  // the norm's weights of this thread's columns
 #endif
@@ -519,24 +583,32 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 #undef LOAD_STAGE
 
 #if XFORM == 1 || XFORM == 3
-    static_assert(WARPS * 4 >= 16, "the norm statistics take 8 threads for each of 16 rows");
-    // Each row's 1 / rms from the kernel before's sums of squares per 16 columns, added up in
-    // one fixed order (8 lanes per row, then across them): every CTA gets the same bits. The
-    // barrier below publishes them.
-    __shared__ float row_rstd[16];
+    // Each row's sum of squares: this thread's four rows, over the lanes of the same rows, then
+    // (after the barrier below, in ``scaled``) over the warps, in one fixed order: every CTA gets
+    // the same bits.
+    __shared__ float row_sums[WARPS][16];
     {
-        const int m = threadIdx.x >> 3, c = threadIdx.x & 7;
-        float sum = 0.f;
-        if (m < M)
-            for (int i = c; i < (K >> 4); i += 8) sum += __ldcg(squares_in + (size_t)i * 16 + m);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 4);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        if (m < 16 && c == 0) row_rstd[m] = rsqrtf(sum / (float)K + eps);
+        float s[4] = {0.f, 0.f, 0.f, 0.f};
+        asm volatile("cp.async.wait_all;" ::: "memory");
+#pragma unroll
+        for (int j = 0; j < STAT_PRE; ++j)
+            if (threadIdx.x + j * THREADS < quads) {
+                const float4 v = stat_buf[j][threadIdx.x];
+                s[0] += v.x; s[1] += v.y; s[2] += v.z; s[3] += v.w;
+            }
+        for (int f = threadIdx.x + STAT_PRE * THREADS; f < quads; f += THREADS) {
+            const float4 v = __ldcg(reinterpret_cast<const float4*>(squares_in) + f);
+            s[0] += v.x; s[1] += v.y; s[2] += v.z; s[3] += v.w;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            s[i] += __shfl_xor_sync(0xffffffffu, s[i], 4);
+            s[i] += __shfl_xor_sync(0xffffffffu, s[i], 8);
+            s[i] += __shfl_xor_sync(0xffffffffu, s[i], 16);
+            if (lane < 4) row_sums[warp][4 * lane + i] = s[i];
+        }
     }
 #endif
-    // The CTA's warps add up in warp order; element e of a warp: (r, n, c) = e / 32, lane e % 32.
-    constexpr int ELEMENTS = RT * NT * 4 * 32;
     __shared__ float partial[WARPS][ELEMENTS];
     __shared__ int is_last;
 #if NORM_OUT && !RESIDUAL
@@ -546,18 +618,22 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     __shared__ float finals[RT][16][16];
 #endif
 #if XFORM == 1 || XFORM == 3
-    auto scaled = [&](float sum, int m) { return sum * row_rstd[m]; };
+    auto scaled = [&](float sum, int m) {
+        float total = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) total += row_sums[w][m];
+        return sum * rsqrtf(total / (float)K + eps);
+    };
 #else
     auto scaled = [&](float sum, int) { return sum; };
 #endif
 #if RESIDUAL  // hidden + delta rounded as torch adds two tensors of the compute dtype
-    auto store_out = [&](u16* o, float sum, int r, int m, int feature) {
-        const u16 v = to_out(from_out(to_out(scaled(sum, m))) + from_out(*o));
+    auto store_out = [&](u16* o, float sum, int r, int m, int feature, int j) {
+        const u16 v = to_out(from_out(to_out(scaled(sum, m))) + from_out((u16)held[j]));
         *o = v;
         finals[r][m][feature] = from_out(v);
 #if NORM_OUT  // beside h: the next norm's weight times it (as the norm-folded x loads make it)
-        const size_t at = (size_t)(o - out);
-        x_out[at] = (u16)times_pair(v, norm_w[at - (size_t)m * stride_out]);
+        x_out[o - out] = (u16)times_pair(v, held_w[j]);
 #endif
     };
     auto write_squares = [&](float* squares, int tiles_, int rows) {  // per (tile, row), in order
@@ -573,7 +649,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
         }
     };
 #else
-    auto store_out = [&](u16* o, float sum, int, int m, int) { *o = to_out(scaled(sum, m)); };
+    auto store_out = [&](u16* o, float sum, int, int m, int, int) {
+        *o = to_out(scaled(sum, m));
+    };
     auto write_squares = [&](float*, int, int) {};
 #endif
 #pragma unroll
@@ -584,7 +662,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
             for (int c = 0; c < 4; ++c)
                 partial[warp][((r * NT + n) * 4 + c) * 32 + lane] = acc[r][n][c];
     __syncthreads();
-    for (int e = threadIdx.x; e < ELEMENTS; e += WARPS * 32) {
+#pragma unroll
+    for (int j = 0; j < (ELEMENTS + THREADS - 1) / THREADS; ++j) {  // as slot_of counts them
+        const int e = threadIdx.x + j * THREADS;
+        if (e >= ELEMENTS) break;
         float sum = 0.f;
 #pragma unroll
         for (int v = 0; v < WARPS; ++v) sum += partial[v][e];
@@ -598,7 +679,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
                 const Problem pq = problem_of(tile, tiles1, tiles2, p0, a0, s0, c0, f0, n0,
                                               p1, a1, s1, c1, f1, n1, p2, a2, s2, c2, f2);
                 store_out(out + (size_t)m * stride_out + pq.column + pq.row0 + feature, sum,
-                          r, m, feature);
+                          r, m, feature, j);
             } else {
                 ws[((size_t)tile * splits + split) * 256 + m * 16 + feature] = sum;
             }
@@ -614,17 +695,18 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    for (int e = threadIdx.x; e < RT * 256; e += WARPS * 32) {
-        const int r = e >> 8, m = (e >> 4) & 15, feature = e & 15;
-        const int tile = blockIdx.x * RT + r;
-        if (tile < tiles && m < M) {
+#pragma unroll
+    for (int j = 0; j < SLOTS; ++j) {
+        int r, m, feature;
+        if (slot_of(j, r, m, feature)) {
+            const int tile = blockIdx.x * RT + r;
             float sum = 0.f;
             for (int s = 0; s < splits; ++s)
                 sum += __ldcg(ws + ((size_t)tile * splits + s) * 256 + m * 16 + feature);
             const Problem pq = problem_of(tile, tiles1, tiles2, p0, a0, s0, c0, f0, n0,
                                           p1, a1, s1, c1, f1, n1, p2, a2, s2, c2, f2);
             store_out(out + (size_t)m * stride_out + pq.column + pq.row0 + feature, sum, r, m,
-                      feature);
+                      feature, j);
         }
     }
     write_squares(squares_out, tiles, M);

@@ -278,8 +278,8 @@ class NF4Matmul:
             raise ValueError('folded launches need the CUDA kernel tuned for this layer shape '
                              '(foldable)')
         if shape.num_warps < 4 or shape.splits > in_features // QUANT_BLOCK:
-            raise ValueError(f'{shape} cannot fold: at least 4 warps (the norm statistics take '
-                             '8 threads per row), at most a split per 64-block')
+            raise ValueError(f'{shape} cannot fold: at least 4 warps, at most a split per '
+                             '64-block')
         fold = {}
         if norm is not None:
             weight, eps, squares = norm
@@ -586,9 +586,10 @@ def _cuda_layout(weights) -> bool:
 def _check_squares(squares, rows: int, features: int, what: str) -> None:
     torch = require_torch()
     if (squares.dtype != torch.float32 or not squares.is_contiguous()
-            or squares.numel() < features or features % 16 or rows > 16):
-        raise ValueError(f'the sums of squares of {what} must be a contiguous fp32 buffer of '
-                         f'({features // 16}, 16)')
+            or squares.numel() < features or features % 16 or rows > 16
+            or squares.data_ptr() % 16):
+        raise ValueError(f'the sums of squares of {what} must be a contiguous, 16-byte aligned '
+                         f'fp32 buffer of ({features // 16}, 16)')
 
 
 def _check_input(x, weight: NF4Weight) -> None:

@@ -769,6 +769,27 @@ def test_folded_norm_and_activation_launches_match_the_elementwise_work_done_apa
 
 
 @cuda
+def test_norm_fold_adds_up_statistics_past_what_it_loads_during_the_loop():
+    """The folded norm's sums of squares: the first ones are loaded while the loop runs (enough
+    for 2560 columns), the rest after it; at 4096 columns, 4 and 8 warps, both parts count."""
+    from qwen_vl_perception.model.decode_session import _rms_norm
+    weight = nf4_weight(nf4_linear(256, 4096, torch.bfloat16, bias=False, seed=3))
+    matmul = NF4Matmul()
+    norm_weight = (1 + 0.3 * torch.randn(4096, device='cuda')).to(torch.bfloat16)
+    shapes = [shape for shape in _cuda_shapes(matmul, [256], 4096) if shape.splits == 1]
+    assert {shape.num_warps for shape in shapes} >= {4, 8}
+    for shape in shapes:
+        for rows in (1, MAX_ROWS):
+            hidden = torch.randn(rows, 4096, device='cuda').to(torch.bfloat16)
+            hidden[:, 3000:] *= 8  # the columns whose statistics come after the loop matter
+            want = matmul(_rms_norm(torch, hidden, norm_weight, 1e-6), weight, shape)
+            out = matmul.folded(hidden, [weight], norm=(norm_weight, 1e-6, _squares(hidden)),
+                                shape=shape)[0]
+            error = (out.float() - want.float()).abs().amax(-1)
+            assert (error <= 1e-2 * want.float().abs().amax(-1)).all(), (shape, rows)
+
+
+@cuda
 def test_residual_launch_writes_the_next_norms_x_and_a_scale_launch_gives_the_norm_folds_bits():
     """o's and down's epilogue (``norm_out``) writes, beside the new residual stream, the next
     norm's weight times it as torch multiplies them; q+k+v and gate+up reading that

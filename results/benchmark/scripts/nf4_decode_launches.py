@@ -23,12 +23,19 @@ bitsandbytes:
   dependent launch in kernel variants: ``x`` through L2 (``ld.global.cg``, before session 14)
   or by plain loads (since), the next launch let in after the loop (before) or right after the
   wait (since); the chain's outputs must be bit-identical across variants (``--out``:
-  ``gpu_pdl_chain.json``).
+  ``gpu_pdl_chain.json``);
+- ``folds-v2``: each decode launch as the folded step (v2, session 14) runs it: q+k+v and
+  gate+up with the norm's 1 / rms (``scale``), o and down adding to the residual stream and
+  writing the next norm's x (``norm_out``), against the plain launch of the same tuned shape,
+  streamed as in ``sweep``; with ``--baseline FILE`` (an older ``nf4_cuda.py``) its kernel's
+  folded launches too, and their largest difference from this one's (``--out``:
+  ``gpu_fold_v2_launches.json``).
 """
 import argparse
 import dataclasses
 import itertools
 import json
+import ast
 import math
 import subprocess
 import sys
@@ -270,6 +277,85 @@ def folds(out_path, row_counts, streamed_bytes=240e6):
     finish(results, out_path)
 
 
+FOLDS_V2 = {'qkv': 'scale', 'o': 'residual', 'gate_up': 'scale', 'down': 'residual'}
+"""What each launch of the folded step (v2) folds in."""
+
+
+def folds_v2(out_path, row_counts, baseline=None, streamed_bytes=240e6):
+    from qwen_vl_perception.model.decode_session import StepKernels
+    torch.manual_seed(0)
+    kernels = StepKernels(torch, True)
+    sources = {'this': SHIPPED_SOURCE}
+    if baseline:
+        with open(baseline) as handle:  # its SOURCE string, without importing the module
+            sources['baseline'] = next(
+                node.value.value for node in ast.parse(handle.read()).body
+                if isinstance(node, ast.Assign) and getattr(node.targets[0], 'id', '') == 'SOURCE')
+    results = {'streamed_bytes': streamed_bytes, 'sm_clock_before': sm_clock(),
+               'sources': list(sources), 'runs': []}
+    hidden_size = SHAPES[1][1][0][1]
+    for name, shapes in SHAPES:
+        if name not in FOLDS_V2:
+            continue
+        weight_bytes, layer_copies = streamed_copies(shapes, streamed_bytes)
+        copies = len(layer_copies)
+        inputs, width = shapes[0][1], sum(outputs for outputs, _ in shapes)
+        for rows in row_counts:
+            matmul = NF4Matmul()
+            x = torch.randn(rows, inputs, device='cuda', dtype=torch.bfloat16)
+            matmul.grouped(x, layer_copies[0])  # tuned: both kernels, as the engine does
+            shape = matmul.tuned_shapes()[0]['shape']
+            run = {'launch': name, 'fold': FOLDS_V2[name], 'rows': rows, 'copies': copies,
+                   'tuned_shape': shape,
+                   'plain_us': streamed_us(lambda i: matmul.grouped(x, layer_copies[i]),
+                                           copies)}
+            if shape['kernel'] == 'cuda':
+                squares = torch.rand(inputs, device='cuda')
+                weight = torch.ones(width, device='cuda', dtype=torch.bfloat16)
+                hidden = torch.randn(rows, width, device='cuda', dtype=torch.bfloat16)
+                start_hidden = hidden.clone()
+                normed = torch.empty_like(hidden)
+                out_squares = torch.zeros(width, device='cuda')
+                firsts = {}
+                for label, source in sources.items():
+                    nf4_cuda.SOURCE = source
+                    nf4_cuda._KERNELS.clear()
+
+                    def launch(i):
+                        if FOLDS_V2[name] == 'scale':
+                            return matmul.folded(x, layer_copies[i], scale=(1e-6, squares))
+                        return matmul.folded(x, layer_copies[i], residual=(hidden, out_squares),
+                                             norm_out=(weight, normed))
+                    hidden.copy_(start_hidden)
+                    outs = launch(0)
+                    firsts[label] = [out.clone() for out in outs] or [hidden.clone(),
+                                                                      normed.clone()]
+                    run[f'folded_{label}_us'] = streamed_us(launch, copies)
+                nf4_cuda.SOURCE = SHIPPED_SOURCE
+                nf4_cuda._KERNELS.clear()
+                if 'baseline' in firsts:
+                    run['max_abs_difference'] = max(
+                        float((a.float() - b.float()).abs().max())
+                        for a, b in zip(firsts['this'], firsts['baseline']))
+            # the elementwise kernels folding v2 removes (graphed, 100 in a row), at the width
+            # the step runs them: the norms over the hidden size, SiLU x up after gate+up
+            h3 = torch.randn(rows, 1, hidden_size, device='cuda', dtype=torch.bfloat16)
+            w = torch.ones(hidden_size, device='cuda', dtype=torch.bfloat16)
+            if FOLDS_V2[name] == 'residual':
+                run['add_rms_norm_us'] = streamed_us(
+                    lambda i: kernels.add_rms_norm(h3, h3, w, 1e-6), 100)
+            if name == 'gate_up':
+                mlp = type('MLP', (), {'act_fn': torch.nn.SiLU()})()
+                g = torch.randn(rows, 1, shapes[0][0], device='cuda', dtype=torch.bfloat16)
+                run['act_mul_us'] = streamed_us(lambda i: kernels.act_mul(mlp, g, g), 100)
+            results['runs'].append(run)
+            print(name, rows, {key: (round(value, 3) if isinstance(value, float) else value)
+                               for key, value in run.items() if key != 'copies'}, flush=True)
+        layer_copies.clear()
+        torch.cuda.empty_cache()
+    finish(results, out_path)
+
+
 PDL_WAIT = ('    wait_for_previous_kernel(wq[0][0][0].x, K);  // x and the outputs: the '
             "kernels' before us\n")
 PDL_TRIGGER = ("    let_next_kernel_launch();  // it waits for this kernel's end before it reads "
@@ -381,7 +467,8 @@ def pdl(out_path, row_counts, rounds=5, replays=20):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('mode', choices=('profile', 'tune-repeat', 'sweep', 'folds', 'pdl'))
+    parser.add_argument('mode', choices=('profile', 'tune-repeat', 'sweep', 'folds', 'pdl',
+                                         'folds-v2'))
     parser.add_argument('--out', help='sweep: write the timings here as JSON')
     parser.add_argument('--tables', type=int, nargs='+', default=list(nf4_cuda.TABLE_COPIES),
                         help='sweep: decode table copies (0: in registers)')
@@ -390,7 +477,11 @@ def main():
     parser.add_argument('--rows', type=int, nargs='+', default=[1, 8], help='sweep: rows')
     parser.add_argument('--x-ahead', type=int, nargs='+', choices=(0, 1), default=[0],
                         help='sweep: x loaded right before its use (0), a block ahead (1)')
+    parser.add_argument('--baseline', help='folds-v2: an older nf4_cuda.py to time beside')
     arguments = parser.parse_args()
+    if arguments.mode == 'folds-v2':
+        folds_v2(arguments.out, arguments.rows, arguments.baseline)
+        return
     if arguments.mode == 'sweep':
         sweep(arguments.out, arguments.tables, arguments.layouts, arguments.rows,
               [bool(ahead) for ahead in arguments.x_ahead])
