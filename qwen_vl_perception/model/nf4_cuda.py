@@ -47,7 +47,9 @@ the next norm). The decode step folds the norm the other way (``norm_out``, ``FO
 the o and down epilogues also write the next norm's weight times the new stream beside it (the
 same packed multiply), and q+k+v and gate+up read that plainly and only scale their sums; SiLU
 * up stays a kernel of its own. The norm's roundings differ from transformers' (no rounding of
-``h * rstd`` before the weight).
+``h * rstd`` before the weight). What the epilogues need is read early so that the loop hides
+its latency: the sums of squares go to shared memory (``cp.async``) right after the wait, the
+stream's values and the next norm's weights are loaded before the loop.
 """
 from dataclasses import dataclass
 from typing import Dict, Tuple
