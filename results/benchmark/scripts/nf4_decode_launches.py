@@ -219,6 +219,17 @@ def sweep(out_path, tables, layouts, row_counts, x_aheads=(False,), streamed_byt
     finish(results, out_path)
 
 
+def tuned_plain(layer_copies, rows, inputs):
+    """A matmul tuned on the first copy (both kernels, as the engine does), its ``x``, the
+    tuned shape, and the plain launch streamed over the copies (us)."""
+    matmul = NF4Matmul()
+    x = torch.randn(rows, inputs, device='cuda', dtype=torch.bfloat16)
+    matmul.grouped(x, layer_copies[0])
+    shape = matmul.tuned_shapes()[0]['shape']
+    return matmul, x, shape, streamed_us(lambda i: matmul.grouped(x, layer_copies[i]),
+                                         len(layer_copies))
+
+
 FOLDS = {'qkv': ('norm',), 'o': ('residual',), 'gate_up': ('norm',),
          'down': ('residual', 'act+residual')}
 """What each launch of a folded decode step folds in."""
@@ -236,13 +247,9 @@ def folds(out_path, row_counts, streamed_bytes=240e6):
         copies = len(layer_copies)
         inputs, width = shapes[0][1], sum(outputs for outputs, _ in shapes)
         for rows in row_counts:
-            matmul = NF4Matmul()
-            x = torch.randn(rows, inputs, device='cuda', dtype=torch.bfloat16)
-            matmul.grouped(x, layer_copies[0])  # tuned: both kernels, as the engine does
-            shape = matmul.tuned_shapes()[0]['shape']
+            matmul, x, shape, plain_us = tuned_plain(layer_copies, rows, inputs)
             run = {'launch': name, 'rows': rows, 'copies': copies, 'tuned_shape': shape,
-                   'plain_us': streamed_us(lambda i: matmul.grouped(x, layer_copies[i]),
-                                           copies)}
+                   'plain_us': plain_us}
             if shape['kernel'] == 'cuda':
                 weight = torch.ones(inputs, device='cuda', dtype=torch.bfloat16)
                 squares = torch.rand(inputs, device='cuda')
@@ -301,14 +308,9 @@ def folds_v2(out_path, row_counts, baseline=None, streamed_bytes=240e6):
         copies = len(layer_copies)
         inputs, width = shapes[0][1], sum(outputs for outputs, _ in shapes)
         for rows in row_counts:
-            matmul = NF4Matmul()
-            x = torch.randn(rows, inputs, device='cuda', dtype=torch.bfloat16)
-            matmul.grouped(x, layer_copies[0])  # tuned: both kernels, as the engine does
-            shape = matmul.tuned_shapes()[0]['shape']
+            matmul, x, shape, plain_us = tuned_plain(layer_copies, rows, inputs)
             run = {'launch': name, 'fold': FOLDS_V2[name], 'rows': rows, 'copies': copies,
-                   'tuned_shape': shape,
-                   'plain_us': streamed_us(lambda i: matmul.grouped(x, layer_copies[i]),
-                                           copies)}
+                   'tuned_shape': shape, 'plain_us': plain_us}
             if shape['kernel'] == 'cuda':
                 squares = torch.rand(inputs, device='cuda')
                 weight = torch.ones(width, device='cuda', dtype=torch.bfloat16)
