@@ -64,6 +64,22 @@ def _rotate_half(torch, x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+RECOMPILE_LIMIT = 64
+"""Compilations allowed per compiled function (torch's default, 8, counts every decoder's
+and every shape's: a process with sessions of many batch sizes, cache lengths or decoders
+would otherwise reach it, and a capture would fail)."""
+
+
+def allow_recompiles(torch, limit: int = RECOMPILE_LIMIT) -> None:
+    """Raise ``torch._dynamo``'s per-function recompile limit to ``limit`` (never lower it).
+    Each step piece is compiled once per shape (``dynamic=False``: one kernel per batch size
+    and cache length) and again for each decoder, all against one limit per function."""
+    config = torch._dynamo.config
+    name = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'
+    if getattr(config, name) < limit:
+        setattr(config, name, limit)
+
+
 class StepKernels:
     """The step's elementwise functions; with ``fuse`` each is compiled (CUDA only)."""
 
@@ -111,6 +127,7 @@ class StepKernels:
         self.pick_eager = pick
         self.finish = finish
         if fuse:
+            allow_recompiles(torch)
             compile_options = dict(fullgraph=True, dynamic=False)
             self.rms_norm = torch.compile(rms_norm, **compile_options)
             self.add_rms_norm = torch.compile(add_rms_norm, **compile_options)

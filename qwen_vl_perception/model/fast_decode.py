@@ -96,14 +96,15 @@ class FastGreedyDecoder:
     its step's graph. Warm-up and kernel tuning before
     each capture run on one side stream per device, so that the CUDA libraries' per-stream
     workspaces are not allocated again for every capture (the capture itself uses PyTorch's
-    capture stream). ``overlap_launches=True``: the NF4 and decode attention kernels start with
-    programmatic dependent launch on GPUs of compute capability 9.0+ (their first loads overlap
-    the end of the kernel before them; off by default: no gain measured in the whole step yet,
-    ``results/benchmark/README.md``). ``fold_elementwise``: the decode step folds its residual
-    adds and RMSNorms into the NF4 kernel's launches where it can
-    (``DecodeSession.folds``; off by default: on the H200 the folded launches cost more than
-    the kernels they replace, ``results/benchmark/README.md``). The instance is callable like
-    ``hf_decode``; not thread-safe (the engine serialises calls).
+    capture stream). ``overlap_launches`` (``None``: on): the NF4 and decode attention kernels
+    start with programmatic dependent launch on GPUs of compute capability 9.0+ (their first
+    loads overlap the end of the kernel before them). ``fold_elementwise``: the decode step
+    folds its residual adds and RMSNorms into the NF4 kernel's launches where it can
+    (``DecodeSession.folds``); ``None`` means "where the launches overlap" (folded and
+    overlapped is the fastest step measured on the H200, each alone is not,
+    ``results/benchmark/README.md``; on a GPU without programmatic launch, such as a Jetson
+    Orin, neither is on by default). The instance is callable like ``hf_decode``; not
+    thread-safe (the engine serialises calls).
     """
 
     def __init__(self, use_cuda_graphs: Optional[bool] = None,
@@ -111,7 +112,8 @@ class FastGreedyDecoder:
                  sync_interval: int = 8, max_sessions: int = 4,
                  nf4_kernel: Optional[bool] = None, static_prefill: Optional[bool] = None,
                  prefill_bucket: int = 64, max_prefill_shapes: int = 4,
-                 overlap_launches: bool = False, fold_elementwise: bool = False):
+                 overlap_launches: Optional[bool] = None,
+                 fold_elementwise: Optional[bool] = None):
         if min(cache_bucket, sync_interval, max_sessions, prefill_bucket,
                max_prefill_shapes) < 1:
             raise ValueError('cache_bucket, sync_interval, max_sessions, prefill_bucket and '
@@ -346,8 +348,7 @@ class FastGreedyDecoder:
                                 choices.nf4_groups(parts, nf4, linears),
                                 decode_attention=not choices.attention_failed,
                                 overlap_launches=choices.overlap_launches,
-                                fold_elementwise=choices.fold_elementwise
-                                and not choices.fold_failed)
+                                fold_elementwise=choices.folds_for(device))
         if graphs:
             choices.capture(session, self._capture_stream(torch, device),
                             lambda: self._kernels_for(torch, False))

@@ -30,20 +30,23 @@ class KernelChoices:
     ``static_prefill``: ``None`` means "with CUDA graphs (captured per shape), until it fails
     once", True "always (graphed with CUDA graphs, else eager)", False "never";
     ``overlap_launches``: the NF4 and decode attention kernels start with programmatic
-    dependent launch where the GPU has it (compute capability 9.0+; off by default);
+    dependent launch where the GPU has it (compute capability 9.0+; ``None`` means on);
     ``fold_elementwise``: decode steps fold their residual adds and RMSNorms into
     the NF4 launches where every layer allows it (``DecodeSession.folds``), until it fails
-    once (off by default: slower so far, ``results/benchmark/README.md``)."""
+    once; ``None`` means "where the launches overlap" (:meth:`folds_for`: folded and
+    overlapped is the fastest decode step measured on the H200, folded alone is not,
+    ``results/benchmark/README.md``)."""
 
     def __init__(self, nf4_kernel: Optional[bool] = None,
                  fuse_elementwise: Optional[bool] = None,
-                 static_prefill: Optional[bool] = None, overlap_launches: bool = False,
-                 fold_elementwise: bool = False):
+                 static_prefill: Optional[bool] = None,
+                 overlap_launches: Optional[bool] = None,
+                 fold_elementwise: Optional[bool] = None):
         self.nf4_kernel = nf4_kernel
         self.fuse_elementwise = fuse_elementwise
         self.static_prefill = static_prefill
-        self.overlap_launches = bool(overlap_launches)
-        self.fold_elementwise = bool(fold_elementwise)
+        self.overlap_launches = overlap_launches is not False
+        self.fold_elementwise = fold_elementwise
         self.fold_failed = False
         """True once a decode step with folded elementwise work failed: not folded again."""
         self.static_prefill_failed = False
@@ -190,6 +193,25 @@ class KernelChoices:
         if self.fuse_elementwise is not None:
             return bool(self.fuse_elementwise)
         return graphs and triton_missing_reason() is None
+
+    # -- folding ----------------------------------------------------------------------------
+
+    def folds_for(self, device) -> bool:
+        """Whether a new session on ``device`` tries to fold its elementwise work (it still
+        needs every layer to allow it): as ``fold_elementwise`` says, else where both the NF4
+        kernel and the decode attention kernel launch overlapped; never after folding failed
+        once."""
+        if self.fold_failed or self.fold_elementwise is False:
+            return False
+        if self.fold_elementwise:
+            return True
+        from .torch_support import require_torch
+        if (not self.overlap_launches or require_torch().device(device).type != 'cuda'
+                or triton_missing_reason() is not None):
+            return False
+        from .decode_attention import overlap_supported
+        from .nvrtc import programmatic_launch_supported
+        return overlap_supported(device) and programmatic_launch_supported(device)
 
     # -- capturing a decode session -------------------------------------------------------
 

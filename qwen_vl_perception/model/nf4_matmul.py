@@ -118,6 +118,7 @@ class NF4Matmul:
         self._programmatic: Dict[int, bool] = {}  # device index: programmatic launch possible
         self._shapes: Dict[Tuple, LaunchShape] = {}
         self._timings: Dict[Tuple, list] = {}
+        self._fold_shapes: Dict[Tuple, Optional[LaunchShape]] = {}  # the fastest that can fold
         self._buffers: Dict[Tuple, Tuple[object, object]] = {}
         self._sm_count: Dict[int, int] = {}
         self._rows: set = set()
@@ -213,10 +214,13 @@ class NF4Matmul:
         return outputs
 
     def foldable(self, rows: int, weights: Sequence[NF4Weight]) -> bool:
-        """Whether ``weights`` (one, or a group sharing their input) at ``rows`` rows launch
-        the CUDA kernel, so that :meth:`folded` can fold the decode step's elementwise work
-        into them: no bias, and the CUDA kernel tuned fastest for their shape (timed now if
-        this shape is new: call it outside CUDA-graph capture)."""
+        """Whether ``weights`` (one, or a group sharing their input) at ``rows`` rows can
+        launch the CUDA kernel with the decode step's elementwise work folded in
+        (:meth:`folded`): no bias, and a CUDA shape that can fold among those the tuner timed
+        for their shape (timed now if this shape is new: call it outside CUDA-graph capture).
+        The folded launch takes the fastest of those even where the tuner's pick for the plain
+        launch is another (the Triton kernel, within timing noise of it, say), so that the
+        step's folding does not hang on that noise."""
         torch = require_torch()
         weights = list(weights)
         if not (1 <= rows <= MAX_ROWS and 1 <= len(weights) <= MAX_GROUP) or any(
@@ -229,7 +233,19 @@ class NF4Matmul:
         probe = torch.zeros(rows, first.in_features, dtype=first.compute_dtype,
                             device=first.packed.device)
         with _on_device(torch, probe.device):
-            return self._shape(probe, weights).kernel == 'cuda'
+            return self._fold_shape(probe, weights) is not None
+
+    def _fold_shape(self, flat, weights) -> Optional[LaunchShape]:
+        """The fastest timed CUDA shape for ``flat`` and ``weights`` that can fold (4 warps or
+        more, at most a split per 64-block), or None; the shape is tuned first if new."""
+        key = self._shape_key(flat, weights)
+        if key not in self._fold_shapes:
+            tuned = self._shape(flat, weights)
+            blocks = weights[0].in_features // QUANT_BLOCK
+            fits = [(ms, shape) for ms, shape in self._timings.get(key) or [(0.0, tuned)]
+                    if shape.kernel == 'cuda' and shape.num_warps >= 4 and shape.splits <= blocks]
+            self._fold_shapes[key] = min(fits, key=lambda item: item[0])[1] if fits else None
+        return self._fold_shapes[key]
 
     def folded(self, x, weights: Sequence[NF4Weight], *, norm=None, act: bool = False,
                residual=None, scale=None, norm_out=None, shape: Optional[LaunchShape] = None):
@@ -273,7 +289,8 @@ class NF4Matmul:
             raise ValueError('folded launches take x in the compute dtype, rows contiguous and '
                              '16-byte aligned')
         if shape is None:
-            shape = self._shapes.get(self._shape_key(x[:, :in_features], weights))
+            key = self._shape_key(x[:, :in_features], weights)
+            shape = self._fold_shapes.get(key) or self._shapes.get(key)
         if shape is None or shape.kernel != 'cuda':
             raise ValueError('folded launches need the CUDA kernel tuned for this layer shape '
                              '(foldable)')
@@ -355,9 +372,14 @@ class NF4Matmul:
     def tuned_shapes(self) -> List[dict]:
         """The launch shapes picked so far, one entry per layer shape and row bucket: the
         weights' widths, input size, compute dtype, rows (``'1-8'`` or ``'9-16'``), the shape,
-        and every candidate's median milliseconds."""
+        the folded launches' shape where :meth:`foldable` was asked (None: cannot fold), and
+        every candidate's median milliseconds."""
+        def fold_shape(key):
+            fold = self._fold_shapes.get(key)
+            return None if fold is None else dataclasses.asdict(fold)
         return [{'widths': list(key[0]), 'in_features': key[1], 'compute_dtype': str(key[2]),
                  'rows': key[-1], 'shape': dataclasses.asdict(shape),
+                 'fold_shape': fold_shape(key),
                  'timed_ms': [(round(ms, 5), dataclasses.asdict(candidate))
                               for ms, candidate in self._timings.get(key, [])]}
                 for key, shape in self._shapes.items()]

@@ -234,3 +234,26 @@ def test_two_stage_greedy_pick_is_argmax_and_its_softmax_probability(vocab):
     assert best[0] == 3 and best[1] == 4 and best[3] == 0
     expected = torch.softmax(logits.float(), dim=-1).gather(1, best[:, None])[:, 0]
     assert torch.allclose(prob, expected, rtol=1e-5, atol=0)
+
+
+def test_fused_step_pieces_may_compile_more_often_than_torchs_default_limit():
+    """Every decoder and every session shape compiles the step's pieces again, all against
+    one dynamo limit per function: the fused kernels raise it (torch's 8 would fail the
+    ninth capture of a long-running node)."""
+    from qwen_vl_perception.model.decode_session import RECOMPILE_LIMIT, StepKernels
+    StepKernels(torch, False)
+    StepKernels(torch, True)
+    config = torch._dynamo.config
+    limit = getattr(config, 'recompile_limit', None) or config.cache_size_limit
+    assert limit >= RECOMPILE_LIMIT > 8
+
+
+@cuda
+def test_act_mul_compiles_for_more_shapes_and_decoders_than_torchs_default_limit():
+    from qwen_vl_perception.model.decode_session import StepKernels
+    mlp = torch.nn.Module()
+    mlp.act_fn = torch.nn.functional.silu
+    for rows in range(1, 11):  # a new StepKernels (a decoder's) and a new shape each time
+        gate, up = (torch.randn(rows, 1, 64, device='cuda') for _ in range(2))
+        got = StepKernels(torch, True).act_mul(mlp, gate, up)
+        assert torch.allclose(got, torch.nn.functional.silu(gate) * up, atol=1e-6)

@@ -119,3 +119,24 @@ def test_a_failing_folded_step_is_given_up_alone():
     assert not session.folding and choices.fold_failed and session.captures == 2
     assert session.nf4_matmul == 'nf4 kernel' and not choices.nf4_failed
     assert session.attention == 'attention kernel' and session.kernels.fused
+    assert not choices.folds_for('cpu')  # and never again after the failure
+    assert not KernelChoices(fold_elementwise=True, overlap_launches=False).fold_failed
+
+
+def test_folding_is_on_where_asked_and_by_default_only_where_launches_overlap():
+    """``fold_elementwise=None`` folds only where the launches overlap (programmatic launch,
+    compute capability 9.0+): never on the CPU, nor with ``overlap_launches=False``; True and
+    False are taken as said, False also on a GPU that could."""
+    assert KernelChoices().overlap_launches and KernelChoices().fold_elementwise is None
+    assert not KernelChoices().folds_for('cpu')
+    assert KernelChoices(fold_elementwise=True).folds_for('cpu')  # the session still checks
+    assert not KernelChoices(fold_elementwise=False).folds_for('cpu')
+    assert not KernelChoices(overlap_launches=False).folds_for('cpu')
+    assert not KernelChoices(overlap_launches=False).overlap_launches
+    if torch.cuda.is_available():
+        from qwen_vl_perception.model.decode_attention import overlap_supported
+        from qwen_vl_perception.model.nvrtc import programmatic_launch_supported
+        both = overlap_supported('cuda') and programmatic_launch_supported('cuda')
+        assert KernelChoices().folds_for('cuda') == both
+        assert not KernelChoices(overlap_launches=False).folds_for('cuda')
+        assert not KernelChoices(fold_elementwise=False).folds_for('cuda')

@@ -856,6 +856,34 @@ def test_folded_launches_refuse_what_they_cannot_take():
 
 
 @cuda
+def test_a_shape_tuned_to_triton_still_folds_with_its_fastest_cuda_shape_that_can(
+        monkeypatch):
+    """Where the tuner's pick for the plain launch is the Triton kernel (here made so: its
+    timings read 0), the folded launch takes the fastest timed CUDA shape with 4+ warps, so
+    that folding a step does not hang on the tuner's noise between two close kernels."""
+    timed = NF4Matmul._timed
+
+    def triton_first(self, flat, weights, candidates):
+        return [(0.0 if shape.kernel == 'triton' else ms, shape)
+                for ms, shape in timed(self, flat, weights, candidates)]
+    monkeypatch.setattr(NF4Matmul, '_timed', triton_first)
+    module = nf4_linear(512, 1024, torch.bfloat16, bias=False)
+    weight, matmul = nf4_weight(module), NF4Matmul()
+    assert matmul.foldable(1, [weight])
+    entry, = matmul.tuned_shapes()
+    assert entry['shape']['kernel'] == 'triton'
+    fold = entry['fold_shape']
+    cuda_timed = [(ms, shape) for ms, shape in entry['timed_ms']
+                  if shape['kernel'] == 'cuda' and shape['num_warps'] >= 4]
+    assert fold == min(cuda_timed, key=lambda item: item[0])[1]
+    x = torch.randn(1, 1024, device='cuda', dtype=torch.bfloat16)
+    hidden = torch.randn(1, 512, device='cuda', dtype=torch.bfloat16)
+    expected = hidden + matmul(x, weight)
+    matmul.folded(x, [weight], residual=(hidden, torch.zeros(32, 16, device='cuda')))
+    torch.testing.assert_close(hidden, expected, rtol=0.02, atol=0.05)  # Triton's sum order
+
+
+@cuda
 def test_decoder_folding_the_elementwise_work_agrees_with_it_done_apart(monkeypatch):
     """A Qwen3-VL with layer shapes the CUDA kernel takes (the tiny one's 64 inputs are one
     64-block, too few): the folded step (four NF4 launches and the attention per layer) picks
@@ -882,9 +910,12 @@ def test_decoder_folding_the_elementwise_work_agrees_with_it_done_apart(monkeypa
                 if isinstance(child, torch.nn.Linear):
                     setattr(parent, name, _quantized_copy(child))
     inputs = {k: v.cuda() for k, v in make_inputs([(5, 7, (1, 4, 6)), (2, 3, (1, 6, 8))]).items()}
-    apart = FastGreedyDecoder(nf4_kernel=True)  # folding is off by default
+    apart = FastGreedyDecoder(nf4_kernel=True, fold_elementwise=False)
     reference, _ = apart(model, inputs, 32, [])
     assert apart.last_session_nf4_layers and not apart.last_session_folds
+    default = FastGreedyDecoder(nf4_kernel=True)  # folds where the launches overlap
+    default(model, inputs, 8, STOPS)
+    assert default.last_session_folds == default.kernel_choices.folds_for('cuda')
     folded = FastGreedyDecoder(nf4_kernel=True, fold_elementwise=True)
     tokens, _ = folded(model, inputs, 32, STOPS)
     assert folded.last_session_folds and folded.last_timing.graph_captured

@@ -8,7 +8,8 @@ VARIANTS = ('bf16', 'nf4', 'nf4-all', 'article')
 """What ``--variants`` can time; "article" is the model of the blog post the project grew from
 ("Qwen3-VL + LoRA SFT + 4-bit quantization", see README.md): NF4 with float16 compute."""
 TRISTATE = {'auto': None, 'on': True, 'off': False}
-"""``--fuse`` and ``--nf4-kernel`` as FastGreedyDecoder takes them."""
+"""``--fuse``, ``--nf4-kernel``, ``--overlap`` and ``--fold`` as FastGreedyDecoder takes
+them."""
 
 
 def parse_pair(text):
@@ -67,13 +68,18 @@ def add_check_arguments(parser):
                         help='fuse the decode step elementwise work with torch.compile')
     parser.add_argument('--unfused-check', action='store_true',
                         help='also time our engine unfused (batch 1, first --new-tokens)')
-    parser.add_argument('--overlap-check', action='store_true',
-                        help='CUDA: also time our engine with programmatic dependent launch '
-                             '(nf4 variant, each --batch-sizes, first --new-tokens)')
-    parser.add_argument('--fold-check', action='store_true',
-                        help='CUDA: also time our engine with the decode step elementwise work '
-                             'folded into the NF4 launches (nf4 variant, each --batch-sizes, '
-                             'first --new-tokens; with --overlap-check also overlapped)')
+    parser.add_argument('--overlap', default='auto', choices=('auto', 'on', 'off'),
+                        help='CUDA: start the NF4 and decode attention kernels with '
+                             'programmatic dependent launch (auto: on, where the GPU has it)')
+    parser.add_argument('--fold', default='auto', choices=('auto', 'on', 'off'),
+                        help="CUDA: fold the decode step's residual adds and RMSNorms into the "
+                             'NF4 launches (auto: where the launches overlap)')
+    parser.add_argument('--step-check', '--overlap-check', '--fold-check',
+                        dest='step_check', action='store_true',
+                        help='CUDA: also time our engine with each of the four decode steps '
+                             '(folded or not, overlapped or not; nf4 variant, each '
+                             '--batch-sizes, first --new-tokens) and add them to the '
+                             'agreement check')
     parser.add_argument('--nf4-kernel', default='auto', choices=('auto', 'on', 'off'),
                         help="NF4 decode linears through the project's fused Triton kernel "
                              "(auto: on CUDA with Triton) or bitsandbytes' own path")

@@ -16,6 +16,12 @@ from .models import (SIZE_KEYS, SKIPPED, build_model, dtype_name, quantize_linea
 from .report import new_results, row_text, table, write_json
 from .timing import Timer, time_generate, time_ours
 
+STEPS = ((False, False, ', launches apart, not overlapped'),
+         (False, True, ', launches overlapped'),
+         (True, False, ', elementwise work folded'),
+         (True, True, ', folded, launches overlapped'))
+"""``--step-check``'s decode steps: (folded, overlapped, label suffix of their runs)."""
+
 
 def local_benchmark(args, script: Path):
     """The local benchmark of ``args``; ``script`` runs the fresh memory processes."""
@@ -60,10 +66,12 @@ class Benchmark:
         self.dtype_name = dtype_name(self.dtype)
         self.fuse = TRISTATE[args.fuse]
         self.nf4_kernel = TRISTATE[args.nf4_kernel]
+        self.overlap, self.fold = TRISTATE[args.overlap], TRISTATE[args.fold]
         self.width, self.height = parse_pair(args.image)
         self.timer = Timer(torch, device, cpu_time=args.cpu_time)
         self.builder = self.instruction = self.model = self.decoder = None
         self.batches, self.mixed = {}, None
+        self.steps = None  # --step-check's decoders, once made
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -80,13 +88,26 @@ class Benchmark:
         if save:
             self.save()
 
-    def new_decoder(self, fuse=None, nf4_kernel=None, overlap_launches=False,
-                    fold_elementwise=False):
+    def new_decoder(self, fuse=None, nf4_kernel=None, overlap_launches=None,
+                    fold_elementwise=None):
         """A decoder with the command line's choices, unless told otherwise."""
-        return FastGreedyDecoder(fuse_elementwise=self.fuse if fuse is None else fuse,
-                                 nf4_kernel=self.nf4_kernel if nf4_kernel is None else nf4_kernel,
-                                 overlap_launches=overlap_launches,
-                                 fold_elementwise=fold_elementwise)
+        def given(value, default):
+            return default if value is None else value
+        return FastGreedyDecoder(fuse_elementwise=given(fuse, self.fuse),
+                                 nf4_kernel=given(nf4_kernel, self.nf4_kernel),
+                                 overlap_launches=given(overlap_launches, self.overlap),
+                                 fold_elementwise=given(fold_elementwise, self.fold))
+
+    def step_decoders(self) -> dict:
+        """``--step-check``: a decoder per decode step, folded or not, overlapped or not
+        (each says in its runs whether it folded), by the label suffix of its runs."""
+        if not (self.args.step_check and self.on_cuda):
+            return {}
+        if self.steps is None:  # made once: tuned and captured once for agreement and runs
+            self.steps = {suffix: self.new_decoder(overlap_launches=overlapped,
+                                                   fold_elementwise=folded)
+                          for folded, overlapped, suffix in STEPS}
+        return self.steps
 
     def time_ours(self, decoder, batch, new_tokens, label, repeats=None):
         """``decoder`` on ``batch`` test images, ``new_tokens`` forced (a run's figures)."""
@@ -150,12 +171,17 @@ class Benchmark:
                 self.add_run(run)
             self.decoder.clear()  # peak memory per batch size, not all sizes' caches at once
 
-    def check_agreement(self, label):
+    def check_agreement(self, label, steps=False):
+        """Our tokens against ``model.generate``'s: the default decoder, on CUDA unfused too,
+        and with ``steps`` every ``--step-check`` decoder."""
         if self.args.agreement_tokens <= 0:
             return
         decoders = {'default': self.decoder}
         if self.on_cuda and self.fuse is not False:
             decoders['unfused'] = self.new_decoder(fuse=False)
+        if steps:
+            decoders.update((suffix.lstrip(', '), decoder)
+                            for suffix, decoder in self.step_decoders().items())
         try:
             entry = agreement(self.model, decoders, self.mixed, self.args.agreement_tokens,
                               label)
@@ -195,39 +221,17 @@ class Benchmark:
         plain.clear()
         self.save()
 
-    def overlap_check(self, label):
-        """Our engine with programmatic dependent launch, beside the runs without it."""
-        if not (self.args.overlap_check and self.on_cuda):
-            return
-        overlapped = self.new_decoder(overlap_launches=True)
-        for batch in self.args.batch_sizes:
-            try:
-                run = self.time_ours(overlapped, batch, self.args.new_tokens[0],
-                                     label + ', launches overlapped')
-            except Exception as error:
-                self.error(f'ours {label} b{batch} overlapped', error)
-                continue
-            overlapped.clear()
-            self.add_run(run)
-
-    def fold_check(self, label):
-        """Our engine with the step's elementwise work folded into the NF4 launches, beside
-        the default runs (each run says whether it folded); with ``--overlap-check`` also
-        folded and overlapped."""
-        if not (self.args.fold_check and self.on_cuda):
-            return
-        configurations = [(False, ', elementwise work folded')]
-        if self.args.overlap_check:
-            configurations.append((True, ', folded, launches overlapped'))
-        for overlapped, suffix in configurations:
-            folded = self.new_decoder(fold_elementwise=True, overlap_launches=overlapped)
+    def step_check(self, label):
+        """Our engine with each decode step (folded or not, overlapped or not), beside the
+        default runs."""
+        for suffix, decoder in self.step_decoders().items():
             for batch in self.args.batch_sizes:
                 try:
-                    run = self.time_ours(folded, batch, self.args.new_tokens[0], label + suffix)
+                    run = self.time_ours(decoder, batch, self.args.new_tokens[0], label + suffix)
                 except Exception as error:
                     self.error(f'ours {label} b{batch}{suffix}', error)
                     continue
-                folded.clear()
+                decoder.clear()
                 self.add_run(run)
 
     def bnb_check(self, label):
@@ -312,11 +316,10 @@ class Benchmark:
     def run_nf4(self):
         """The language model NF4, vision tower unquantized (the node's on-load quantization)."""
         label = f'nf4, {self.dtype_name} compute, vision {self.dtype_name}'
-        self.check_agreement(label)
+        self.check_agreement(label, steps=True)
         self.our_runs(label)
         self.unfused_check(label)
-        self.overlap_check(label)
-        self.fold_check(label)
+        self.step_check(label)
         self.bnb_check(label)
         self.linear_check()
         self.lm_head_check()

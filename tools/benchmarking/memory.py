@@ -42,7 +42,9 @@ def frame_peaks(torch, device, model, tensors, args):
     weights = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     decoder = FastGreedyDecoder(fuse_elementwise=TRISTATE[args.fuse],
-                                nf4_kernel=TRISTATE[args.nf4_kernel])
+                                nf4_kernel=TRISTATE[args.nf4_kernel],
+                                overlap_launches=TRISTATE[args.overlap],
+                                fold_elementwise=TRISTATE[args.fold])
     decoder(model, tensors, new_tokens, [])
     first = torch.cuda.max_memory_allocated(device)
     first_reserved = torch.cuda.max_memory_reserved(device)
@@ -77,7 +79,8 @@ def memory_command(args, variant, script: Path):
     """The command line of one ``--memory-only`` process, with this run's model and choices."""
     command = [sys.executable, str(script), '--memory-only', variant,
                '--image', args.image, '--new-tokens', str(args.new_tokens[0]),
-               '--nf4-kernel', args.nf4_kernel, '--fuse', args.fuse]
+               '--nf4-kernel', args.nf4_kernel, '--fuse', args.fuse, '--overlap', args.overlap,
+               '--fold', args.fold]
     if args.tiny:
         command.append('--tiny')
     if args.model is not None:
