@@ -206,12 +206,27 @@ def decode_attention_step(torch, batch, parts, cache_len, device, split=None,
     return attention
 
 
+def _is_silu(torch, act_fn) -> bool:
+    """Whether ``act_fn`` computes SiLU (on a few values across its range, on the CPU)."""
+    probe = torch.linspace(-8, 8, 33)
+    try:
+        return bool(torch.allclose(act_fn(probe), torch.nn.functional.silu(probe)))
+    except Exception:  # an activation that does not take a CPU tensor: not ours to fold
+        return False
+
+
 def _last_contiguous(tensor):
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
 class DecodeSession:
     """Static KV cache, state buffers and the (optionally graph-captured) decode step."""
+
+    FOLD_ACT_OUT = False
+    """Whether a folded step's gate+up launch writes SiLU(gate) * up itself
+    (``NF4Matmul.folded(act_out=True)``, where every layer's gate+up has a shape for it and
+    the MLP's activation is SiLU) instead of gate and up for a kernel of its own. Off: not yet
+    timed on a GPU (issue #16)."""
 
     def __init__(self, torch, model, parts: TextModelParts, batch: int, cache_len: int, dtype,
                  device, kernels: StepKernels, nf4_matmul=None, linears=None,
@@ -251,6 +266,8 @@ class DecodeSession:
             overlap_launches) if decode_attention else None
         self.fold_elementwise = bool(fold_elementwise)
         self._folds = None  # per layer, its four launches' NF4 weights; [] when not folding
+        self.act_out_folded = False
+        """Whether the folded step's gate+up launches write SiLU(gate) * up (FOLD_ACT_OUT)."""
         self.squares = None  # the residual stream's sums of squares per 16 columns (folding)
         self.normed = None  # the next norm's weight times the residual stream (folding)
         self.graph = None
@@ -306,9 +323,10 @@ class DecodeSession:
         (:meth:`NF4Matmul.folded`): o and down add their product to the residual stream and
         write, beside it, the next norm's weight times it and its sums of squares, from which
         q+k+v and gate+up scale their sums by 1 / rms; per layer four launches, the attention
-        kernel and SiLU(gate) x up. Decided at the first step: every layer's
-        projections through the CUDA NF4 kernel (tuned fastest), the decode attention kernel,
-        fused elementwise kernels, bf16 throughout. A folded launch that fails raises
+        kernel and SiLU(gate) x up (written by gate+up itself with ``FOLD_ACT_OUT``). Decided
+        at the first step: every layer's projections through the CUDA NF4 kernel (a timed CUDA
+        shape that can fold), the decode attention kernel, fused elementwise kernels, bf16
+        throughout. A folded launch that fails raises
         :class:`FoldFailed`, which graph capture (``KernelChoices.capture``) turns into an
         unfolded step; an eager step raises it as is."""
         if self._folds is None:
@@ -348,11 +366,16 @@ class DecodeSession:
                     return []
                 launches.append(weights)
             layers.append(launches)
+        self.act_out_folded = bool(self.FOLD_ACT_OUT) and all(
+            _is_silu(self.torch, layer.mlp.act_fn) and nf4.foldable(self.batch, launches[2],
+                                                                    act_out=True)
+            for layer, launches in zip(parts.layers, layers))
         return layers
 
     def without_folds(self) -> None:
         """Launch the step's elementwise work apart from now on (after a failure)."""
         self._folds, self.squares, self.normed = [], None, None
+        self.act_out_folded = False
 
     def _folded_layers(self, hidden, cos, sin):
         """The layers with their elementwise work folded into the NF4 launches (``folds``):
@@ -391,9 +414,13 @@ class DecodeSession:
             norm = layer.post_attention_layernorm
             folded(out.reshape(batch, -1), o, residual=(stream, squares),
                    norm_out=(norm.weight, x))
-            gate, up = folded(x, gate_up, scale=(norm.variance_epsilon, squares))
-            gated = self.kernels.act_mul(layer.mlp, gate.view(batch, 1, -1),
-                                         up.view(batch, 1, -1))
+            if self.act_out_folded:
+                gated, = folded(x, gate_up, scale=(norm.variance_epsilon, squares),
+                                act_out=True)
+            else:
+                gate, up = folded(x, gate_up, scale=(norm.variance_epsilon, squares))
+                gated = self.kernels.act_mul(layer.mlp, gate.view(batch, 1, -1),
+                                             up.view(batch, 1, -1))
             folded(gated.view(batch, -1), down, residual=(stream, squares),
                    norm_out=None if next_norm is None else (next_norm.weight, x))
         return self.kernels.rms_norm(hidden, parts.norm.weight, parts.norm.variance_epsilon)

@@ -200,6 +200,13 @@ class FastGreedyDecoder:
         return bool(session is not None and session.folds)
 
     @property
+    def last_session_folds_act_out(self) -> bool:
+        """Whether the folded step of the last call has its gate+up launches write SiLU(gate)
+        * up (``DecodeSession.FOLD_ACT_OUT``)."""
+        session = self._last_session()
+        return bool(session is not None and session.folds and session.act_out_folded)
+
+    @property
     def last_session_nf4_layers(self) -> int:
         """How many NF4 layers the session of the last call routes through
         :class:`~qwen_vl_perception.model.nf4_matmul.NF4Matmul`; 0 before any call or after

@@ -46,10 +46,12 @@ W.T`` in place, rounded as torch adds two tensors, and the rows' sums of squares
 the next norm). The decode step folds the norm the other way (``norm_out``, ``FOLD_SCALE``):
 the o and down epilogues also write the next norm's weight times the new stream beside it (the
 same packed multiply), and q+k+v and gate+up read that plainly and only scale their sums; SiLU
-* up stays a kernel of its own. The norm's roundings differ from transformers' (no rounding of
-``h * rstd`` before the weight). What the epilogues need is read early so that the loop hides
-its latency: the sums of squares go to shared memory (``cp.async``) right after the wait, the
-stream's values and the next norm's weights are loaded before the loop.
+* up is a kernel of its own, or gate+up's epilogue writes it (``act_out``: the CTA takes gate's
+and up's tiles of the same rows in turn, so an even ``row_tiles``). The norm's roundings
+differ from transformers' (no rounding of ``h * rstd`` before the weight). What the epilogues
+need is read early so that the loop hides its latency: the sums of squares go to shared memory
+(``cp.async``) right after the wait, the stream's values and the next norm's weights are loaded
+before the loop.
 """
 from dataclasses import dataclass
 from typing import Dict, Tuple
@@ -271,11 +273,12 @@ __device__ __forceinline__ u32 times_pair(u32 h, u32 w) {
     return r;
 }
 #endif
-#if XFORM == 2
+#if XFORM == 2 || ACT_OUT
 __device__ __forceinline__ float silu_times(float g, float u) {
     return __fdividef(g, 1.f + __expf(-g)) * u;
 }
-
+#endif
+#if XFORM == 2
 // Two elements of SiLU(gate) * up, in fp32 and rounded once
 __device__ __forceinline__ u32 act_pair(u32 g, u32 u) {
     return pair_from(silu_times(from_out((u16)g), from_out((u16)u)),
@@ -294,6 +297,9 @@ __device__ __forceinline__ Problem problem_of(
         const u8* p1, const void* a1, const float* s1, const float* c1, float f1, int n1,
         const u8* p2, const void* a2, const float* s2, const float* c2, float f2) {
     Problem q;
+#if ACT_OUT  // gate and up interleaved tile by tile: tile 2i is gate's tile i, 2i + 1 up's
+    tile = (tile & 1) * tiles1 + (tile >> 1);
+#endif
     if (tile < tiles1) {
         q.packed = p0; q.absmax = a0; q.absmax2 = s0; q.code2 = c0; q.offset = f0;
         q.column = 0; q.row0 = tile * 16;
@@ -638,7 +644,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
         x_out[o - out] = (u16)times_pair(v, held_w[j]);
 #endif
     };
-    auto write_squares = [&](float* squares, int tiles_, int rows) {  // per (tile, row), in order
+    auto after_stores = [&](float* squares, int tiles_, int rows) {  // per (tile, row), in order
         __syncthreads();
         for (int e = threadIdx.x; e < RT * 16; e += WARPS * 32) {
             const int r = e >> 4, m = e & 15, tile = blockIdx.x * RT + r;
@@ -650,11 +656,30 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
             }
         }
     };
+#elif ACT_OUT  // SiLU(gate) * up: the CTA's gate and up tiles in turn, rounded as stored
+    __shared__ u16 act_in[RT][16][16];
+    auto store_out = [&](u16*, float sum, int r, int m, int feature, int) {
+        act_in[r][m][feature] = to_out(scaled(sum, m));
+    };
+    auto after_stores = [&](float*, int tiles_, int rows) {  // out: gate's columns only
+        __syncthreads();
+        for (int e = threadIdx.x; e < RT * 128; e += THREADS) {
+            const int pair = e >> 8, m = (e >> 4) & 15, feature = e & 15;
+            const int tile = blockIdx.x * RT + 2 * pair;  // gate's tile (tile >> 1)
+            if (tile < tiles_ && m < rows)
+                out[(size_t)m * stride_out + (tile >> 1) * 16 + feature] = to_out(silu_times(
+                    from_out(act_in[2 * pair][m][feature]),
+                    from_out(act_in[2 * pair + 1][m][feature])));
+        }
+    };
 #else
     auto store_out = [&](u16* o, float sum, int, int m, int, int) {
         *o = to_out(scaled(sum, m));
     };
-    auto write_squares = [&](float*, int, int) {};
+    auto after_stores = [&](float*, int, int) {};
+#endif
+#if ACT_OUT && (RESIDUAL || RT % 2)
+#error "SiLU(gate) * up out: no residual, gate and up tiles in pairs (even RT)"
 #endif
 #pragma unroll
     for (int r = 0; r < RT; ++r)
@@ -688,7 +713,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
         }
     }
     if (splits == 1) {
-        write_squares(squares_out, tiles, M);
+        after_stores(squares_out, tiles, M);
         return;
     }
     __threadfence();
@@ -711,7 +736,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
                       feature, j);
         }
     }
-    write_squares(squares_out, tiles, M);
+    after_stores(squares_out, tiles, M);
     if (threadIdx.x == 0) atomicExch(locks + blockIdx.x, 0);
 }
 '''
@@ -730,17 +755,21 @@ def tiled(packed, absmax, out_features: int, in_features: int):
 
 def source_for(table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
                programmatic: bool = False, tiled: bool = False, x_fold: int = FOLD_NONE,
-               residual: bool = False, norm_out: bool = False) -> str:
+               residual: bool = False, norm_out: bool = False, act_out: bool = False) -> str:
     """The kernel's source for one variant: the code table's bytes, the operand type, the
     absmax storage, the shape, whether it is launched with programmatic dependent launch,
     what it folds into its ``x`` loads (:data:`FOLDS`), whether it adds its product to
     ``out`` (a residual stream) and writes the sums of squares the next norm needs, and
-    whether it also writes the next norm's weight times the new stream (``norm_out``), as
+    whether it also writes the next norm's weight times the new stream (``norm_out``), and
+    whether it writes SiLU(gate) * up of its two weights instead of them (``act_out``), as
     macros."""
     if x_fold not in FOLDS:
         raise ValueError(f'x_fold must be one of {FOLDS}, not {x_fold!r}')
     if norm_out and not residual:
         raise ValueError("norm_out writes the next norm's x beside a residual stream")
+    if act_out and (residual or shape.row_tiles % 2):
+        raise ValueError('act_out takes gate and up tiles in pairs (even row_tiles), no '
+                         'residual')
     torch = require_torch()
     high, low = table_words(table, torch.bfloat16 if bf16 else torch.float16)
     if not fits(shape, n_tiles):
@@ -752,7 +781,7 @@ def source_for(table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
                'PDL': int(programmatic), 'TABLE': shape.table, 'TILED': int(tiled),
                'TABLE_SHIFT': 2 + max(shape.table, 1).bit_length() - 1, 'IS_BF16': int(bf16),
                'XFORM': int(x_fold), 'RESIDUAL': int(residual), 'X_AHEAD': int(shape.x_ahead),
-               'NORM_OUT': int(norm_out)}
+               'NORM_OUT': int(norm_out), 'ACT_OUT': int(act_out)}
     defines.update({f'HI{i}': f'{word:#x}u' for i, word in enumerate(high)})
     defines.update({f'LO{i}': f'{word:#x}u' for i, word in enumerate(low)})
     return ''.join(f'#define {key} {value}\n' for key, value in defines.items()) + SOURCE
@@ -763,13 +792,13 @@ _KERNELS: Dict[Tuple, object] = {}
 
 def kernel_for(device, table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
                programmatic: bool = False, tiled: bool = False, x_fold: int = FOLD_NONE,
-               residual: bool = False, norm_out: bool = False):
+               residual: bool = False, norm_out: bool = False, act_out: bool = False):
     """The compiled kernel for one variant on ``device`` (compiled once per process)."""
     torch = require_torch()
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (index, tuple(table), bf16, nested, shape, n_tiles, programmatic, tiled, x_fold,
-           residual, norm_out)
+           residual, norm_out, act_out)
     kernel = _KERNELS.get(key)
     if kernel is None:
         major, minor = torch.cuda.get_device_capability(index)
@@ -777,7 +806,7 @@ def kernel_for(device, table, bf16: bool, nested: bool, shape: CudaShape, n_tile
             raise RuntimeError('the CUDA NF4 kernel needs compute capability 8.0 or newer')
         cubin = nvrtc.compile_cubin(source_for(table, bf16, nested, shape, n_tiles,
                                                programmatic, tiled, x_fold, residual,
-                                               norm_out),
+                                               norm_out, act_out),
                                     KERNEL_NAME, f'sm_{major}{minor}')
         kernel = nvrtc.Kernel(cubin, KERNEL_NAME, torch.device('cuda', index))
         _KERNELS[key] = kernel
@@ -788,7 +817,7 @@ def launch(x, out, workspace, locks, table, problems, in_features: int, splits: 
            blocks_per_split: int, *, nested: bool, qblock2: int, bf16: bool,
            shape: CudaShape, programmatic: bool = False, tiled: bool = False,
            norm=None, act_offset: int = 0, squares_out=None, scale=None,
-           norm_out=None) -> None:
+           norm_out=None, act_out: bool = False) -> None:
     """``out[:, columns of weight g] = x @ W_g.T`` for the 1 to 3 ``problems`` (packed,
     absmax, absmax2, code2, offset, out features; out features multiples of 16). ``workspace``:
     ``tiles * splits * 256`` fp32 when ``splits > 1``; ``locks``: one zeroed int32 per CTA row
@@ -803,13 +832,21 @@ def launch(x, out, workspace, locks, table, problems, in_features: int, splits: 
     scaled by each row's 1 / rms from ``squares``. ``squares_out`` (one weight): ``out``
     becomes ``out + x @ W.T`` (rounded as two tensors' sum) and its sums of squares per 16
     columns go to ``squares_out``; with ``norm_out = (weight, x_out)`` also ``x_out`` (the
-    stride of ``out``) = the next norm's ``weight`` times the new ``out``."""
+    stride of ``out``) = the next norm's ``weight`` times the new ``out``. ``act_out`` (two
+    weights of one width, gate and up; ``shape.row_tiles`` even): ``out`` ``(rows, width)``
+    = SiLU(x @ gate.T) * (x @ up.T), each product rounded to the compute dtype first (as
+    the two outputs would be), the SiLU in fp32 with fast exponentials; each CTA takes gate's
+    and up's tiles in turn."""
     if sum((norm is not None, bool(act_offset), scale is not None)) > 1:
         raise ValueError('one launch folds a norm, an activation or a scale into x, not more')
     if norm_out is not None and squares_out is None:
         raise ValueError("norm_out writes the next norm's x beside a residual stream")
     if squares_out is not None and len(problems) != 1:
         raise ValueError('a residual launch takes one weight')
+    if act_out and (len(problems) != 2 or problems[0][5] != problems[1][5] or act_offset
+                    or squares_out is not None or shape.row_tiles % 2):
+        raise ValueError('act_out takes two weights of one width (gate, up), an even '
+                         'row_tiles, no activation into x and no residual')
     rows = x.shape[0]
     n_tiles = 1 if rows <= 8 else 2
     tiles = [problem[5] // 16 for problem in problems]
@@ -832,7 +869,7 @@ def launch(x, out, workspace, locks, table, problems, in_features: int, splits: 
     x_fold = (FOLD_NORM if norm is not None else FOLD_ACT if act_offset
               else FOLD_SCALE if scale is not None else FOLD_NONE)
     kernel = kernel_for(x.device, table, bf16, nested, shape, n_tiles, programmatic, tiled,
-                        x_fold, squares_out is not None, norm_out is not None)
+                        x_fold, squares_out is not None, norm_out is not None, act_out)
     kernel((-(-total // shape.row_tiles), splits), (32 * shape.warps,), arguments,
            programmatic=programmatic)
 

@@ -118,7 +118,8 @@ class NF4Matmul:
         self._programmatic: Dict[int, bool] = {}  # device index: programmatic launch possible
         self._shapes: Dict[Tuple, LaunchShape] = {}
         self._timings: Dict[Tuple, list] = {}
-        self._fold_shapes: Dict[Tuple, Optional[LaunchShape]] = {}  # the fastest that can fold
+        # (shape key, act_out) -> the fastest timed shape that can fold, or None
+        self._fold_shapes: Dict[Tuple, Optional[LaunchShape]] = {}
         self._buffers: Dict[Tuple, Tuple[object, object]] = {}
         self._sm_count: Dict[int, int] = {}
         self._rows: set = set()
@@ -213,14 +214,15 @@ class NF4Matmul:
             start += width
         return outputs
 
-    def foldable(self, rows: int, weights: Sequence[NF4Weight]) -> bool:
+    def foldable(self, rows: int, weights: Sequence[NF4Weight], act_out: bool = False) -> bool:
         """Whether ``weights`` (one, or a group sharing their input) at ``rows`` rows can
         launch the CUDA kernel with the decode step's elementwise work folded in
         (:meth:`folded`): no bias, and a CUDA shape that can fold among those the tuner timed
         for their shape (timed now if this shape is new: call it outside CUDA-graph capture).
         The folded launch takes the fastest of those even where the tuner's pick for the plain
         launch is another (the Triton kernel, within timing noise of it, say), so that the
-        step's folding does not hang on that noise."""
+        step's folding does not hang on that noise. ``act_out``: as :meth:`folded` with
+        ``act_out`` (gate and up of one width; a shape of an even number of row tiles)."""
         torch = require_torch()
         weights = list(weights)
         if not (1 <= rows <= MAX_ROWS and 1 <= len(weights) <= MAX_GROUP) or any(
@@ -230,25 +232,31 @@ class NF4Matmul:
         if len({weight.group_key() for weight in weights}) != 1 or first.packed.device.type \
                 != 'cuda' or not _cuda_layout(weights):
             return False
+        if act_out and (len(weights) != 2 or weights[0].out_features != weights[1].out_features):
+            return False
         probe = torch.zeros(rows, first.in_features, dtype=first.compute_dtype,
                             device=first.packed.device)
         with _on_device(torch, probe.device):
-            return self._fold_shape(probe, weights) is not None
+            return self._fold_shape(probe, weights, act_out) is not None
 
-    def _fold_shape(self, flat, weights) -> Optional[LaunchShape]:
+    def _fold_shape(self, flat, weights, act_out: bool = False) -> Optional[LaunchShape]:
         """The fastest timed CUDA shape for ``flat`` and ``weights`` that can fold (4 warps or
-        more, at most a split per 64-block), or None; the shape is tuned first if new."""
+        more, at most a split per 64-block; with ``act_out`` an even number of row tiles), or
+        None; the shape is tuned first if new."""
         key = self._shape_key(flat, weights)
-        if key not in self._fold_shapes:
+        if (key, act_out) not in self._fold_shapes:
             tuned = self._shape(flat, weights)
             blocks = weights[0].in_features // QUANT_BLOCK
             fits = [(ms, shape) for ms, shape in self._timings.get(key) or [(0.0, tuned)]
-                    if shape.kernel == 'cuda' and shape.num_warps >= 4 and shape.splits <= blocks]
-            self._fold_shapes[key] = min(fits, key=lambda item: item[0])[1] if fits else None
-        return self._fold_shapes[key]
+                    if shape.kernel == 'cuda' and shape.num_warps >= 4 and shape.splits <= blocks
+                    and not (act_out and shape.block_n % 32)]
+            self._fold_shapes[key, act_out] = (min(fits, key=lambda item: item[0])[1] if fits
+                                               else None)
+        return self._fold_shapes[key, act_out]
 
     def folded(self, x, weights: Sequence[NF4Weight], *, norm=None, act: bool = False,
-               residual=None, scale=None, norm_out=None, shape: Optional[LaunchShape] = None):
+               residual=None, scale=None, norm_out=None, act_out: bool = False,
+               shape: Optional[LaunchShape] = None):
         """One launch of the CUDA kernel for ``weights`` (:meth:`foldable` said yes) with the
         decode step's elementwise work folded in. ``x``: ``(rows, in)`` in the compute dtype,
         or ``(rows, 2 * in)`` gate then up with ``act``: the product of SiLU(gate) * up.
@@ -261,10 +269,13 @@ class NF4Matmul:
         the new ``hidden``, the ``x`` of a ``scale`` launch. ``scale = (eps, squares)``: the
         product of Qwen3's RMSNorm with ``x`` already its weight times the residual stream
         (``squares`` its sums of squares): the norm fold's bits, with nothing done to ``x`` in
-        the launch. ``shape``: a CUDA launch shape instead of the tuned one. Returns the
-        outputs (none with ``residual``). The folded norm scales the sums by 1 / rms instead of
-        rounding ``x * rstd`` first, and the SiLU uses fast exponentials: results differ by
-        roundings from the unfolded step's (the residual add does not)."""
+        the launch. ``act_out`` (``weights`` gate and up, one width): one output,
+        SiLU(x @ gate.T) * (x @ up.T), each product rounded first (needs a shape of an even
+        number of row tiles). ``shape``: a CUDA launch shape instead of the one
+        :meth:`foldable` found. Returns the outputs (none with ``residual``). The folded norm
+        scales the sums by 1 / rms instead of rounding ``x * rstd`` first, and the SiLU uses
+        fast exponentials: results differ by roundings from the unfolded step's (the residual
+        add does not)."""
         torch = require_torch()
         weights = list(weights)
         if not 1 <= len(weights) <= MAX_GROUP or len({w.group_key() for w in weights}) != 1:
@@ -288,16 +299,25 @@ class NF4Matmul:
         if x.dtype != compute or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
             raise ValueError('folded launches take x in the compute dtype, rows contiguous and '
                              '16-byte aligned')
+        if act_out and (len(weights) != 2 or weights[0].out_features != weights[1].out_features
+                        or residual is not None or act):
+            raise ValueError('act_out takes gate and up (two weights of one width), no residual '
+                             'and no activation into x')
         if shape is None:
             key = self._shape_key(x[:, :in_features], weights)
-            shape = self._fold_shapes.get(key) or self._shapes.get(key)
+            shape = self._fold_shapes.get((key, act_out))
+            if shape is None and not act_out:
+                shape = self._shapes.get(key)
         if shape is None or shape.kernel != 'cuda':
             raise ValueError('folded launches need the CUDA kernel tuned for this layer shape '
                              '(foldable)')
         if shape.num_warps < 4 or shape.splits > in_features // QUANT_BLOCK:
             raise ValueError(f'{shape} cannot fold: at least 4 warps, at most a split per '
                              '64-block')
-        fold = {}
+        if act_out and shape.block_n % 32:
+            raise ValueError(f'{shape} cannot write SiLU(gate) * up: gate and up tiles go in '
+                             'pairs (block_n a multiple of 32)')
+        fold = {'act_out': True} if act_out else {}
         if norm is not None:
             weight, eps, squares = norm
             _check_squares(squares, rows, in_features, 'the norm input')
@@ -334,12 +354,15 @@ class NF4Matmul:
                                      'stream')
                 fold['norm_out'] = (weight, normed)
         else:
-            out = torch.empty(rows, sum(widths), dtype=compute, device=x.device)
+            out = torch.empty(rows, widths[0] if act_out else sum(widths), dtype=compute,
+                              device=x.device)
         self._rows.add(rows)
         with _on_device(torch, x.device):
             self._launch_cuda(x, out, weights, shape, **fold)
         if residual is not None:
             return []
+        if act_out:
+            return [out]
         outputs, start = [], 0
         for width in widths:
             outputs.append(out[:, start:start + width])
@@ -372,14 +395,16 @@ class NF4Matmul:
     def tuned_shapes(self) -> List[dict]:
         """The launch shapes picked so far, one entry per layer shape and row bucket: the
         weights' widths, input size, compute dtype, rows (``'1-8'`` or ``'9-16'``), the shape,
-        the folded launches' shape where :meth:`foldable` was asked (None: cannot fold), and
+        the folded launches' shapes where :meth:`foldable` was asked (without and with
+        ``act_out``; None: cannot fold or not asked), and
         every candidate's median milliseconds."""
         def fold_shape(key):
             fold = self._fold_shapes.get(key)
             return None if fold is None else dataclasses.asdict(fold)
         return [{'widths': list(key[0]), 'in_features': key[1], 'compute_dtype': str(key[2]),
                  'rows': key[-1], 'shape': dataclasses.asdict(shape),
-                 'fold_shape': fold_shape(key),
+                 'fold_shape': fold_shape((key, False)),
+                 'act_out_fold_shape': fold_shape((key, True)),
                  'timed_ms': [(round(ms, 5), dataclasses.asdict(candidate))
                               for ms, candidate in self._timings.get(key, [])]}
                 for key, shape in self._shapes.items()]

@@ -818,6 +818,42 @@ def test_residual_launch_writes_the_next_norms_x_and_a_scale_launch_gives_the_no
             assert all(out.abs().max() > 0 for out in got)
 
 
+@cuda
+@pytest.mark.parametrize('compute_dtype', [torch.bfloat16, torch.float16])
+def test_gate_up_launch_writing_silu_times_up_gives_the_act_of_its_two_products(compute_dtype):
+    """gate+up with ``act_out``: each CTA takes a gate tile and the up tile of the same rows;
+    the products are the bits of the plain grouped launch of the same shape (the same sums in
+    the same order), SiLU(gate) * up of them in fp32 rounded once (fast exponentials: within a
+    rounding of torch's), in every CUDA shape of paired row tiles (split reductions too),
+    1-16 rows, plain x and x scaled by the norm's 1 / rms."""
+    gate, up = (nf4_weight(nf4_linear(512, 1024, compute_dtype, bias=False, seed=seed))
+                for seed in (5, 6))
+    matmul = NF4Matmul()
+    shapes = [shape for shape in _cuda_shapes(matmul, [512, 512], 1024)
+              if shape.block_n % 32 == 0 and shape.num_warps >= 4]
+    assert shapes and any(shape.splits > 1 for shape in shapes)
+    step = 2 ** -7 if compute_dtype == torch.bfloat16 else 2 ** -10
+    for shape in shapes:
+        for rows in (1, 5, 9, MAX_ROWS):
+            x = torch.randn(rows, 1024, device='cuda', dtype=compute_dtype)
+            squares = _squares(x)
+            for fold in ({}, {'scale': (1e-6, squares)}):
+                g, u = matmul.folded(x, [gate, up], shape=shape, **fold)
+                out, = matmul.folded(x, [gate, up], act_out=True, shape=shape, **fold)
+                assert out.shape == (rows, 512)
+                want = (torch.nn.functional.silu(g.float()) * u.float()).to(compute_dtype)
+                torch.testing.assert_close(out, want, rtol=step, atol=1e-6,
+                                           msg=lambda text: f'{shape} {rows} {fold}: {text}')
+                assert out.abs().max() > 0
+        assert not any(locks.any() for _, locks in matmul._buffers.values())
+    assert matmul.foldable(1, [gate, up], act_out=True)
+    assert matmul.tuned_shapes()[0]['act_out_fold_shape']['block_n'] % 32 == 0
+    with pytest.raises(ValueError, match='pairs'):
+        matmul.folded(x, [gate, up], act_out=True,
+                      shape=next(shape for shape in _cuda_shapes(matmul, [512, 512], 1024)
+                                 if shape.block_n == 16))
+
+
 def test_folded_launches_refuse_what_they_cannot_take():
     module = nf4_linear(128, 256, torch.bfloat16, bias=False, device='cpu')
     weight, matmul = nf4_weight(module, require_cuda=False), NF4Matmul()
@@ -829,6 +865,9 @@ def test_folded_launches_refuse_what_they_cannot_take():
         matmul.folded(x.float(), [weight])
     with pytest.raises(ValueError, match='tuned'):
         matmul.folded(x, [weight])
+    with pytest.raises(ValueError, match='gate and up'):
+        matmul.folded(x, [weight], act_out=True)  # one weight
+    assert not matmul.foldable(1, [weight, weight], act_out=True)  # not on CUDA
     with pytest.raises(ValueError, match='not two'):
         matmul.folded(torch.zeros(1, 512, dtype=torch.bfloat16), [weight], act=True,
                       norm=(torch.ones(256, dtype=torch.bfloat16), 1e-6, torch.zeros(16, 16)))
@@ -925,6 +964,16 @@ def test_decoder_folding_the_elementwise_work_agrees_with_it_done_apart(monkeypa
     assert same >= 0.9 * 32 * len(reference)
     again, _ = folded(model, inputs, 32, STOPS)  # the graph replays the same tokens
     assert again == tokens
+    assert not folded.last_session_folds_act_out  # off by default (not yet timed)
+    from qwen_vl_perception.model.decode_session import DecodeSession
+    monkeypatch.setattr(DecodeSession, 'FOLD_ACT_OUT', True)
+    act_out = FastGreedyDecoder(nf4_kernel=True, fold_elementwise=True)
+    act_out(model, inputs, 32, STOPS)
+    assert act_out.last_session_folds and act_out.last_session_folds_act_out
+    assert not act_out.kernel_choices.fold_failed and act_out.last_timing.graph_captured
+    choices = act_out.choices_given(model, inputs, reference)
+    same = sum(a == b for row, ref in zip(choices, reference) for a, b in zip(row, ref))
+    assert same >= 0.9 * 32 * len(reference)
 
 
 @cuda

@@ -55,8 +55,9 @@ def test_every_variant_of_the_kernel_compiles(arch):
 @pytest.mark.parametrize('arch', ['sm_87', 'sm_90'])
 def test_the_folded_variants_compile(arch):
     """The decode step's folded launches (RMSNorm or SiLU x up into x, the residual add and
-    its sums of squares out, with the next norm's x beside it, the norm's scale alone), bf16
-    and fp16, with programmatic launch on sm_90; an unknown fold is refused."""
+    its sums of squares out, with the next norm's x beside it, the norm's scale alone, SiLU
+    x up out of gate+up), bf16 and fp16, with programmatic launch on sm_90; an unknown fold
+    and SiLU x up out of unpaired tiles are refused."""
     from concurrent.futures import ThreadPoolExecutor
     sources = [nf4_cuda.source_for(NF4_TABLE, bf16, True, nf4_cuda.CudaShape(*config), n_tiles,
                                    arch == 'sm_90', False, fold, residual, norm_out)
@@ -65,10 +66,17 @@ def test_the_folded_variants_compile(arch):
                    (nf4_cuda.FOLD_NORM, False, False), (nf4_cuda.FOLD_NONE, True, False),
                    (nf4_cuda.FOLD_ACT, True, False), (nf4_cuda.FOLD_NONE, True, True),
                    (nf4_cuda.FOLD_SCALE, False, False))]
+    # gate+up writing SiLU(gate) * up (row tiles in pairs), scaled by the norm or not
+    sources += [nf4_cuda.source_for(NF4_TABLE, bf16, True, nf4_cuda.CudaShape(4, 2, 4),
+                                    n_tiles, arch == 'sm_90', False, fold, act_out=True)
+                for n_tiles in (1, 2) for bf16 in (True, False)
+                for fold in (nf4_cuda.FOLD_NONE, nf4_cuda.FOLD_SCALE)]
     with ThreadPoolExecutor(2) as pool:
         cubins = list(pool.map(lambda source: nvrtc.compile_cubin(
             source, nf4_cuda.KERNEL_NAME, arch, cache=False), sources))
-    assert len(cubins) == 40 and all(cubin[:4] == b'\x7fELF' for cubin in cubins)
+    assert len(cubins) == 48 and all(cubin[:4] == b'\x7fELF' for cubin in cubins)
+    with pytest.raises(ValueError, match='even row_tiles'):
+        nf4_cuda.source_for(NF4_TABLE, True, True, nf4_cuda.CudaShape(4, 1, 4), 1, act_out=True)
     with pytest.raises(ValueError, match='x_fold'):
         nf4_cuda.source_for(NF4_TABLE, True, True, nf4_cuda.CudaShape(), 1, x_fold=4)
     with pytest.raises(ValueError, match='residual'):

@@ -74,6 +74,10 @@ def add_check_arguments(parser):
     parser.add_argument('--fold', default='auto', choices=('auto', 'on', 'off'),
                         help="CUDA: fold the decode step's residual adds and RMSNorms into the "
                              'NF4 launches (auto: where the launches overlap)')
+    parser.add_argument('--fold-act-out', action='store_true',
+                        help="CUDA, experimental: folded steps' gate+up launches write "
+                             'SiLU(gate) * up themselves (DecodeSession.FOLD_ACT_OUT, every '
+                             'decoder of this run)')
     parser.add_argument('--step-check', '--overlap-check', '--fold-check',
                         dest='step_check', action='store_true',
                         help='CUDA: also time our engine with each of the four decode steps '

@@ -29,6 +29,9 @@ def local_benchmark(args, script: Path):
     transformers = require('transformers', 'to build Qwen3-VL')
     device = pick_device(torch, args)
     bench = Benchmark(args, torch, device, new_results(args, torch, device))
+    if args.fold_act_out:
+        from qwen_vl_perception.model.decode_session import DecodeSession
+        DecodeSession.FOLD_ACT_OUT = True
     if args.memory_processes and bench.on_cuda:  # first, while this process holds no GPU memory
         bench.memory_processes(script)
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():

@@ -29,7 +29,9 @@ bitsandbytes:
   writing the next norm's x (``norm_out``), against the plain launch of the same tuned shape,
   streamed as in ``sweep``; with ``--baseline FILE`` (an older ``nf4_cuda.py``) its kernel's
   folded launches too, and their largest difference from this one's (``--out``:
-  ``gpu_fold_v2_launches.json``).
+  ``gpu_fold_v2_launches.json``); gate+up also writing SiLU(gate) * up itself
+  (``act_out``, session 16: ``folded_act_out_us`` against ``folded_this_us`` plus
+  ``act_mul_us``).
 """
 import argparse
 import dataclasses
@@ -335,6 +337,11 @@ def folds_v2(out_path, row_counts, baseline=None, streamed_bytes=240e6):
                     run[f'folded_{label}_us'] = streamed_us(launch, copies)
                 nf4_cuda.SOURCE = SHIPPED_SOURCE
                 nf4_cuda._KERNELS.clear()
+                if name == 'gate_up' and matmul.foldable(rows, layer_copies[0], act_out=True):
+                    # SiLU(gate) * up written by the launch itself (this kernel only)
+                    run['act_out_shape'] = matmul.tuned_shapes()[0]['act_out_fold_shape']
+                    run['folded_act_out_us'] = streamed_us(lambda i: matmul.folded(
+                        x, layer_copies[i], scale=(1e-6, squares), act_out=True), copies)
                 if 'baseline' in firsts:
                     run['max_abs_difference'] = max(
                         float((a.float() - b.float()).abs().max())
