@@ -100,8 +100,8 @@ class FastGreedyDecoder:
     start with programmatic dependent launch on GPUs of compute capability 9.0+ (their first
     loads overlap the end of the kernel before them). ``fold_elementwise``: the decode step
     folds its residual adds and RMSNorms into the NF4 kernel's launches where it can
-    (``DecodeSession.folds``); ``None`` means "where the launches overlap" (folded and
-    overlapped is the fastest step measured on the H200, each alone is not,
+    (``DecodeSession.folds``); ``None`` means "with CUDA graphs, where the launches overlap"
+    (folded and overlapped is the fastest step measured on the H200, each alone is not,
     ``results/benchmark/README.md``; on a GPU without programmatic launch, such as a Jetson
     Orin, neither is on by default). The instance is callable like ``hf_decode``; not
     thread-safe (the engine serialises calls).
@@ -355,7 +355,7 @@ class FastGreedyDecoder:
                                 choices.nf4_groups(parts, nf4, linears),
                                 decode_attention=not choices.attention_failed,
                                 overlap_launches=choices.overlap_launches,
-                                fold_elementwise=choices.folds_for(device))
+                                fold_elementwise=choices.folds_for(device, graphs))
         if graphs:
             choices.capture(session, self._capture_stream(torch, device),
                             lambda: self._kernels_for(torch, False))

@@ -33,9 +33,9 @@ class KernelChoices:
     dependent launch where the GPU has it (compute capability 9.0+; ``None`` means on);
     ``fold_elementwise``: decode steps fold their residual adds and RMSNorms into
     the NF4 launches where every layer allows it (``DecodeSession.folds``), until it fails
-    once; ``None`` means "where the launches overlap" (:meth:`folds_for`: folded and
-    overlapped is the fastest decode step measured on the H200, folded alone is not,
-    ``results/benchmark/README.md``)."""
+    once; ``None`` means "with CUDA graphs, where the launches overlap" (:meth:`folds_for`:
+    folded and overlapped is the fastest decode step measured on the H200, folded alone is
+    not, ``results/benchmark/README.md``)."""
 
     def __init__(self, nf4_kernel: Optional[bool] = None,
                  fuse_elementwise: Optional[bool] = None,
@@ -45,8 +45,8 @@ class KernelChoices:
         self.nf4_kernel = nf4_kernel
         self.fuse_elementwise = fuse_elementwise
         self.static_prefill = static_prefill
-        self.overlap_launches = overlap_launches is not False
-        self.fold_elementwise = fold_elementwise
+        self.overlap_launches = overlap_launches is None or bool(overlap_launches)
+        self.fold_elementwise = None if fold_elementwise is None else bool(fold_elementwise)
         self.fold_failed = False
         """True once a decode step with folded elementwise work failed: not folded again."""
         self.static_prefill_failed = False
@@ -196,21 +196,26 @@ class KernelChoices:
 
     # -- folding ----------------------------------------------------------------------------
 
-    def folds_for(self, device) -> bool:
+    def folds_for(self, device, graphs: bool = True) -> bool:
         """Whether a new session on ``device`` tries to fold its elementwise work (it still
-        needs every layer to allow it): as ``fold_elementwise`` says, else where both the NF4
-        kernel and the decode attention kernel launch overlapped; never after folding failed
-        once."""
+        needs every layer to allow it): as ``fold_elementwise`` says, else with CUDA graphs
+        (``graphs``: a failing folded launch is then caught at capture, and the step runs its
+        elementwise work apart) where both the NF4 kernel and the decode attention kernel
+        launch overlapped; never after folding failed once."""
         if self.fold_failed or self.fold_elementwise is False:
             return False
         if self.fold_elementwise:
             return True
         from .torch_support import require_torch
-        if (not self.overlap_launches or require_torch().device(device).type != 'cuda'
+        if (not graphs or not self.overlap_launches
+                or require_torch().device(device).type != 'cuda'
                 or triton_missing_reason() is not None):
             return False
-        from .decode_attention import overlap_supported
-        from .nvrtc import programmatic_launch_supported
+        try:
+            from .decode_attention import overlap_supported
+            from .nvrtc import programmatic_launch_supported
+        except ImportError:  # a Triton that imports but lacks what the attention kernel needs
+            return False
         return overlap_supported(device) and programmatic_launch_supported(device)
 
     # -- capturing a decode session -------------------------------------------------------
@@ -219,7 +224,8 @@ class KernelChoices:
         """Capture ``session``'s step in a CUDA graph, falling back on failure: without the
         decode attention kernel if the failure came from it, else first without the NF4
         kernel, then without fused elementwise kernels (``unfused_kernels()`` gives those).
-        A failure of the folded step (``FoldFailed``) comes first: without folding.
+        A failure of the folded step (``FoldFailed``) comes first: without folding; a
+        compiled piece past dynamo's recompile limit drops the fused kernels alone.
         Each fallback is warned about and remembered; a failure with none left is raised."""
         while True:
             try:
@@ -232,6 +238,12 @@ class KernelChoices:
                                   RuntimeWarning)
                     self.fold_failed = True
                     session.without_folds()
+                elif session.kernels.fused and _recompile_limit(error):
+                    warnings.warn('a fused decode kernel reached torch.compile\'s recompile '
+                                  f'limit ({type(error).__name__}: {error}); falling back to '
+                                  'unfused ones', RuntimeWarning)
+                    self.fusion_failed = True
+                    session.kernels = unfused_kernels()
                 elif session.attention is not None and _raised_in(error, 'decode_attention'):
                     warnings.warn('the decode attention kernel failed '
                                   f'({type(error).__name__}: {error}); using '
@@ -265,6 +277,16 @@ class KernelChoices:
         """Drop what was learnt about models' layers (after a model changed in place)."""
         self._linears = weakref.WeakKeyDictionary()
         self._heads = weakref.WeakKeyDictionary()
+
+
+def _recompile_limit(error: Exception) -> bool:
+    """Whether ``error`` is dynamo's recompile limit being reached (there or in its causes)."""
+    while error is not None:
+        if type(error).__name__ in ('FailOnRecompileLimitHit', 'RecompileLimitExceeded',
+                                    'FailOnCacheLimitHit', 'CacheLimitExceeded'):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _raised_in(error: Exception, module: str) -> bool:

@@ -106,7 +106,7 @@ class NF4Matmul:
     Launches of one instance share workspaces: run them on one stream (as a decode step does).
     ``overlap_launches``: the CUDA kernel starts with programmatic dependent launch where the
     GPU has it (compute capability 9.0+): its first weight loads overlap the end of the kernel
-    before it (:mod:`nf4_cuda`); off by default.
+    before it (:mod:`nf4_cuda`); off by default here (the fast decoder turns it on).
     """
 
     def __init__(self, tune: bool = True, min_rows: int = 1, overlap_launches: bool = False):

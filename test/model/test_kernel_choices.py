@@ -119,24 +119,60 @@ def test_a_failing_folded_step_is_given_up_alone():
     assert not session.folding and choices.fold_failed and session.captures == 2
     assert session.nf4_matmul == 'nf4 kernel' and not choices.nf4_failed
     assert session.attention == 'attention kernel' and session.kernels.fused
-    assert not choices.folds_for('cpu')  # and never again after the failure
-    assert not KernelChoices(fold_elementwise=True, overlap_launches=False).fold_failed
+    assert not choices.folds_for('cpu')
+    asked = KernelChoices(fold_elementwise=True)
+    assert asked.folds_for('cpu')  # asked for: the session still checks the layers
+    asked.fold_failed = True  # as capture sets it: never again, asked for or not
+    assert not asked.folds_for('cpu')
 
 
-def test_folding_is_on_where_asked_and_by_default_only_where_launches_overlap():
-    """``fold_elementwise=None`` folds only where the launches overlap (programmatic launch,
-    compute capability 9.0+): never on the CPU, nor with ``overlap_launches=False``; True and
-    False are taken as said, False also on a GPU that could."""
+def test_a_fused_piece_past_the_recompile_limit_drops_fusion_alone():
+    """torch.compile's recompile limit reached in a capture is fusion's failure: the NF4 and
+    attention kernels stay (blaming the NF4 kernel would move every later prefill and session
+    to bitsandbytes' path)."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    def fail(session):
+        if session.kernels.fused:
+            try:
+                raise FailOnRecompileLimitHit('recompile_limit reached with fullgraph=True')
+            except FailOnRecompileLimitHit as error:
+                raise RuntimeError('capture failed') from error
+    choices, session = KernelChoices(), CapturingSession(fail)
+    unfused = type('Kernels', (), {'fused': False})()
+    with pytest.warns(RuntimeWarning, match='recompile limit'):
+        choices.capture(session, None, lambda: unfused)
+    assert session.kernels is unfused and choices.fusion_failed and session.captures == 2
+    assert session.nf4_matmul == 'nf4 kernel' and not choices.nf4_failed
+    assert session.attention == 'attention kernel' and not choices.attention_failed
+
+
+@pytest.fixture
+def launches_overlap(monkeypatch):
+    """Where the GPU could overlap launches (both kernels' checks say yes), on any machine:
+    ``folds_for('cuda')`` asks only them (no GPU is touched)."""
+    pytest.importorskip('triton')
+    from qwen_vl_perception.model import decode_attention, nvrtc
+    answers = {'attention': True, 'nvrtc': True}
+    monkeypatch.setattr(decode_attention, 'overlap_supported', lambda device: answers['attention'])
+    monkeypatch.setattr(nvrtc, 'programmatic_launch_supported', lambda device: answers['nvrtc'])
+    return answers
+
+
+def test_folding_is_on_by_default_only_with_graphs_where_both_kernels_overlap(launches_overlap):
+    """``fold_elementwise=None`` folds only in graphed sessions where the NF4 and attention
+    kernels both launch overlapped, and never with ``overlap_launches=False`` or on the CPU;
+    True and False are taken as said."""
     assert KernelChoices().overlap_launches and KernelChoices().fold_elementwise is None
+    assert KernelChoices().folds_for('cuda')
+    assert not KernelChoices().folds_for('cuda', graphs=False)  # eager: a failure would raise
     assert not KernelChoices().folds_for('cpu')
-    assert KernelChoices(fold_elementwise=True).folds_for('cpu')  # the session still checks
-    assert not KernelChoices(fold_elementwise=False).folds_for('cpu')
-    assert not KernelChoices(overlap_launches=False).folds_for('cpu')
-    assert not KernelChoices(overlap_launches=False).overlap_launches
-    if torch.cuda.is_available():
-        from qwen_vl_perception.model.decode_attention import overlap_supported
-        from qwen_vl_perception.model.nvrtc import programmatic_launch_supported
-        both = overlap_supported('cuda') and programmatic_launch_supported('cuda')
-        assert KernelChoices().folds_for('cuda') == both
-        assert not KernelChoices(overlap_launches=False).folds_for('cuda')
-        assert not KernelChoices(fold_elementwise=False).folds_for('cuda')
+    assert not KernelChoices(overlap_launches=False).folds_for('cuda')
+    assert not KernelChoices(overlap_launches=0).overlap_launches
+    assert not KernelChoices(fold_elementwise=False).folds_for('cuda')
+    assert not KernelChoices(fold_elementwise=0).folds_for('cuda')  # falsy is False, not None
+    assert KernelChoices(fold_elementwise=True).folds_for('cuda', graphs=False)
+    launches_overlap['attention'] = False  # e.g. a Triton without programmatic launch
+    assert not KernelChoices().folds_for('cuda')
+    launches_overlap.update(attention=True, nvrtc=False)  # e.g. a driver before CUDA 12.3
+    assert not KernelChoices().folds_for('cuda')

@@ -1,5 +1,7 @@
 """The NF4 decode matmul: its PTX lookup run by a small PTX interpreter, the kernel in
 Triton's CPU interpreter here, the real kernel where a GPU is."""
+import dataclasses
+
 import pytest
 
 from triton_support import (TRITON_MISSING as triton_missing, interpreter_cannot_loop,
@@ -854,6 +856,35 @@ def test_gate_up_launch_writing_silu_times_up_gives_the_act_of_its_two_products(
                                  if shape.block_n == 16))
 
 
+def test_a_fold_takes_the_fastest_timed_cuda_shape_that_can_fold_whatever_the_tuner_picked():
+    """The shape choice alone (the tuner's timings given): the plain launch keeps its pick (a
+    Triton shape here); the fold takes the fastest CUDA shape of 4+ warps and at most a split
+    per 64-block, SiLU x up out (``act_out``) one of paired row tiles; none without one."""
+    from qwen_vl_perception.model.nf4_matmul import LaunchShape
+    gate, up = (nf4_weight(nf4_linear(64, 256, torch.bfloat16, bias=False, device='cpu',
+                                      seed=seed), require_cuda=False) for seed in (1, 2))
+    matmul, flat = NF4Matmul(), torch.zeros(1, 256, dtype=torch.bfloat16)
+    key = matmul._shape_key(flat, [gate, up])
+    triton = LaunchShape(64, 1, 4, 3)
+    two_warps = LaunchShape(16, 1, 2, 4, 'cuda')
+    too_split = LaunchShape(16, 8, 4, 4, 'cuda')  # 256 inputs: 4 blocks
+    single, paired = LaunchShape(16, 1, 4, 4, 'cuda'), LaunchShape(32, 2, 4, 2, 'cuda')
+    matmul._shapes[key] = triton
+    matmul._timings[key] = [(1.0, triton), (1.5, two_warps), (2.0, too_split), (3.0, single),
+                            (4.0, paired)]
+    assert matmul._fold_shape(flat, [gate, up]) == single
+    assert matmul._fold_shape(flat, [gate, up], act_out=True) == paired
+    assert matmul._shape(flat, [gate, up]) == triton
+    other = NF4Matmul()
+    other._shapes[key] = triton
+    other._timings[key] = [(1.0, triton), (1.5, two_warps), (3.0, single)]
+    assert other._fold_shape(flat, [gate, up]) == single
+    assert other._fold_shape(flat, [gate, up], act_out=True) is None
+    triton_only = NF4Matmul()
+    triton_only._shapes[key], triton_only._timings[key] = triton, [(1.0, triton)]
+    assert triton_only._fold_shape(flat, [gate, up]) is None
+
+
 def test_folded_launches_refuse_what_they_cannot_take():
     module = nf4_linear(128, 256, torch.bfloat16, bias=False, device='cpu')
     weight, matmul = nf4_weight(module, require_cuda=False), NF4Matmul()
@@ -911,10 +942,10 @@ def test_a_shape_tuned_to_triton_still_folds_with_its_fastest_cuda_shape_that_ca
     assert matmul.foldable(1, [weight])
     entry, = matmul.tuned_shapes()
     assert entry['shape']['kernel'] == 'triton'
-    fold = entry['fold_shape']
-    cuda_timed = [(ms, shape) for ms, shape in entry['timed_ms']
-                  if shape['kernel'] == 'cuda' and shape['num_warps'] >= 4]
-    assert fold == min(cuda_timed, key=lambda item: item[0])[1]
+    timed, = matmul._timings.values()  # unrounded, as the choice was made
+    cuda_timed = [(ms, shape) for ms, shape in timed
+                  if shape.kernel == 'cuda' and shape.num_warps >= 4]
+    assert entry['fold_shape'] == dataclasses.asdict(min(cuda_timed, key=lambda item: item[0])[1])
     x = torch.randn(1, 1024, device='cuda', dtype=torch.bfloat16)
     hidden = torch.randn(1, 512, device='cuda', dtype=torch.bfloat16)
     expected = hidden + matmul(x, weight)
@@ -953,8 +984,9 @@ def test_decoder_folding_the_elementwise_work_agrees_with_it_done_apart(monkeypa
     reference, _ = apart(model, inputs, 32, [])
     assert apart.last_session_nf4_layers and not apart.last_session_folds
     default = FastGreedyDecoder(nf4_kernel=True)  # folds where the launches overlap
+    overlaps = default.kernel_choices.folds_for('cuda')  # asked before any failure could count
     default(model, inputs, 8, STOPS)
-    assert default.last_session_folds == default.kernel_choices.folds_for('cuda')
+    assert default.last_session_folds == overlaps and not default.kernel_choices.fold_failed
     folded = FastGreedyDecoder(nf4_kernel=True, fold_elementwise=True)
     tokens, _ = folded(model, inputs, 32, STOPS)
     assert folded.last_session_folds and folded.last_timing.graph_captured
@@ -981,7 +1013,6 @@ def test_decoder_folding_the_elementwise_work_agrees_with_it_done_apart(monkeypa
 def test_x_loaded_a_block_ahead_gives_the_bits_of_x_loaded_at_use(compute_dtype):
     """``x_ahead`` moves only the x loads: same values, same mma order (split, grouped, 1-16
     rows, folded launches too)."""
-    import dataclasses
     modules = [nf4_linear(width, 1024, compute_dtype, bias=False, seed=seed)
                for seed, width in enumerate((256, 128))]
     weights = [nf4_weight(module) for module in modules]

@@ -85,7 +85,7 @@ def time_ours(timer, decoder, model, tensors, batch, new_tokens, repeats, label)
         'peak_gb': timer.peak_gb(), 'fused': decoder.last_session_fused,
         'folded': decoder.last_session_folds,
         'folded_act_out': decoder.last_session_folds_act_out,
-        'overlap_launches': decoder.kernel_choices.overlap_launches,
+        'overlap_requested': decoder.kernel_choices.overlap_launches,  # sm_90+ only
         'nf4_kernel_layers': decoder.last_session_nf4_layers}
 
 
