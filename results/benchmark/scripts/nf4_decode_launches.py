@@ -232,6 +232,31 @@ def tuned_plain(layer_copies, rows, inputs):
                                          len(layer_copies))
 
 
+def plain_cases(names, row_counts, streamed_bytes):
+    """Each launch of ``names`` at each row count, streamed as in ``sweep``: (name, its
+    layers' shapes, rows, the layer copies, inputs, total width, then :func:`tuned_plain`'s
+    matmul, x, tuned shape and plain us). A launch's copies are freed after its last row
+    count."""
+    for name, shapes in SHAPES:
+        if name not in names:
+            continue
+        _, layer_copies = streamed_copies(shapes, streamed_bytes)
+        inputs, width = shapes[0][1], sum(outputs for outputs, _ in shapes)
+        for rows in row_counts:
+            yield (name, shapes, rows, layer_copies, inputs, width,
+                   *tuned_plain(layer_copies, rows, inputs))
+        layer_copies.clear()
+        torch.cuda.empty_cache()
+
+
+def record(results, run, digits):
+    """``run`` added to ``results`` and printed (its floats to ``digits`` decimals)."""
+    results['runs'].append(run)
+    print(run['launch'], run['rows'], {
+        key: (round(value, digits) if isinstance(value, float) else value)
+        for key, value in run.items() if key not in ('launch', 'rows', 'copies')}, flush=True)
+
+
 FOLDS = {'qkv': ('norm',), 'o': ('residual',), 'gate_up': ('norm',),
          'down': ('residual', 'act+residual')}
 """What each launch of a folded decode step folds in."""
@@ -242,47 +267,38 @@ def folds(out_path, row_counts, streamed_bytes=240e6):
     torch.manual_seed(0)
     kernels = StepKernels(torch, True)
     results = {'streamed_bytes': streamed_bytes, 'sm_clock_before': sm_clock(), 'runs': []}
-    for name, shapes in SHAPES:
-        if name not in FOLDS:
-            continue
-        weight_bytes, layer_copies = streamed_copies(shapes, streamed_bytes)
+    for (name, shapes, rows, layer_copies, inputs, width, matmul, x, shape,
+         plain_us) in plain_cases(FOLDS, row_counts, streamed_bytes):
         copies = len(layer_copies)
-        inputs, width = shapes[0][1], sum(outputs for outputs, _ in shapes)
-        for rows in row_counts:
-            matmul, x, shape, plain_us = tuned_plain(layer_copies, rows, inputs)
-            run = {'launch': name, 'rows': rows, 'copies': copies, 'tuned_shape': shape,
-                   'plain_us': plain_us}
-            if shape['kernel'] == 'cuda':
-                weight = torch.ones(inputs, device='cuda', dtype=torch.bfloat16)
-                squares = torch.rand(inputs, device='cuda')
-                out_squares = torch.zeros(width, device='cuda')
-                hidden = torch.randn(rows, width, device='cuda', dtype=torch.bfloat16)
-                gate_up = torch.randn(rows, 2 * inputs, device='cuda', dtype=torch.bfloat16)
-                for fold in FOLDS[name]:
-                    def launch(i, fold=fold):
-                        if fold == 'norm':
-                            return matmul.folded(x, layer_copies[i], norm=(weight, 1e-6,
-                                                                           squares))
-                        return matmul.folded(gate_up if fold.startswith('act') else x,
-                                             layer_copies[i], act=fold.startswith('act'),
-                                             residual=(hidden, out_squares))
-                    run[f'folded_{fold}_us'] = streamed_us(launch, copies)
-            # the elementwise kernels folding removes, alone (graphed, 100 in a row)
-            h3 = torch.randn(rows, 1, inputs, device='cuda', dtype=torch.bfloat16)
-            w = torch.ones(inputs, device='cuda', dtype=torch.bfloat16)
-            run['rms_norm_us'] = streamed_us(lambda i: kernels.rms_norm(h3, w, 1e-6), 100)
-            run['add_rms_norm_us'] = streamed_us(lambda i: kernels.add_rms_norm(h3, h3, w, 1e-6),
-                                                 100)
-            if name == 'down':
-                act = torch.nn.SiLU()
-                mlp = type('MLP', (), {'act_fn': act})()
-                g = torch.randn(rows, 1, inputs, device='cuda', dtype=torch.bfloat16)
-                run['act_mul_us'] = streamed_us(lambda i: kernels.act_mul(mlp, g, g), 100)
-            results['runs'].append(run)
-            print(name, rows, {key: (round(value, 2) if isinstance(value, float) else value)
-                               for key, value in run.items() if key != 'copies'}, flush=True)
-        layer_copies.clear()
-        torch.cuda.empty_cache()
+        run = {'launch': name, 'rows': rows, 'copies': copies, 'tuned_shape': shape,
+               'plain_us': plain_us}
+        if shape['kernel'] == 'cuda':
+            weight = torch.ones(inputs, device='cuda', dtype=torch.bfloat16)
+            squares = torch.rand(inputs, device='cuda')
+            out_squares = torch.zeros(width, device='cuda')
+            hidden = torch.randn(rows, width, device='cuda', dtype=torch.bfloat16)
+            gate_up = torch.randn(rows, 2 * inputs, device='cuda', dtype=torch.bfloat16)
+            for fold in FOLDS[name]:
+                def launch(i, fold=fold):
+                    if fold == 'norm':
+                        return matmul.folded(x, layer_copies[i], norm=(weight, 1e-6,
+                                                                       squares))
+                    return matmul.folded(gate_up if fold.startswith('act') else x,
+                                         layer_copies[i], act=fold.startswith('act'),
+                                         residual=(hidden, out_squares))
+                run[f'folded_{fold}_us'] = streamed_us(launch, copies)
+        # the elementwise kernels folding removes, alone (graphed, 100 in a row)
+        h3 = torch.randn(rows, 1, inputs, device='cuda', dtype=torch.bfloat16)
+        w = torch.ones(inputs, device='cuda', dtype=torch.bfloat16)
+        run['rms_norm_us'] = streamed_us(lambda i: kernels.rms_norm(h3, w, 1e-6), 100)
+        run['add_rms_norm_us'] = streamed_us(lambda i: kernels.add_rms_norm(h3, h3, w, 1e-6),
+                                             100)
+        if name == 'down':
+            act = torch.nn.SiLU()
+            mlp = type('MLP', (), {'act_fn': act})()
+            g = torch.randn(rows, 1, inputs, device='cuda', dtype=torch.bfloat16)
+            run['act_mul_us'] = streamed_us(lambda i: kernels.act_mul(mlp, g, g), 100)
+        record(results, run, 2)
     finish(results, out_path)
 
 
@@ -303,65 +319,56 @@ def folds_v2(out_path, row_counts, baseline=None, streamed_bytes=240e6):
     results = {'streamed_bytes': streamed_bytes, 'sm_clock_before': sm_clock(),
                'sources': list(sources), 'runs': []}
     hidden_size = SHAPES[1][1][0][1]
-    for name, shapes in SHAPES:
-        if name not in FOLDS_V2:
-            continue
-        weight_bytes, layer_copies = streamed_copies(shapes, streamed_bytes)
+    for (name, shapes, rows, layer_copies, inputs, width, matmul, x, shape,
+         plain_us) in plain_cases(FOLDS_V2, row_counts, streamed_bytes):
         copies = len(layer_copies)
-        inputs, width = shapes[0][1], sum(outputs for outputs, _ in shapes)
-        for rows in row_counts:
-            matmul, x, shape, plain_us = tuned_plain(layer_copies, rows, inputs)
-            run = {'launch': name, 'fold': FOLDS_V2[name], 'rows': rows, 'copies': copies,
-                   'tuned_shape': shape, 'plain_us': plain_us}
-            if shape['kernel'] == 'cuda':
-                squares = torch.rand(inputs, device='cuda')
-                weight = torch.ones(width, device='cuda', dtype=torch.bfloat16)
-                hidden = torch.randn(rows, width, device='cuda', dtype=torch.bfloat16)
-                start_hidden = hidden.clone()
-                normed = torch.empty_like(hidden)
-                out_squares = torch.zeros(width, device='cuda')
-                firsts = {}
-                for label, source in sources.items():
-                    nf4_cuda.SOURCE = source
-                    nf4_cuda._KERNELS.clear()
-
-                    def launch(i):
-                        if FOLDS_V2[name] == 'scale':
-                            return matmul.folded(x, layer_copies[i], scale=(1e-6, squares))
-                        return matmul.folded(x, layer_copies[i], residual=(hidden, out_squares),
-                                             norm_out=(weight, normed))
-                    hidden.copy_(start_hidden)
-                    outs = launch(0)
-                    firsts[label] = [out.clone() for out in outs] or [hidden.clone(),
-                                                                      normed.clone()]
-                    run[f'folded_{label}_us'] = streamed_us(launch, copies)
-                nf4_cuda.SOURCE = SHIPPED_SOURCE
+        run = {'launch': name, 'fold': FOLDS_V2[name], 'rows': rows, 'copies': copies,
+               'tuned_shape': shape, 'plain_us': plain_us}
+        if shape['kernel'] == 'cuda':
+            squares = torch.rand(inputs, device='cuda')
+            weight = torch.ones(width, device='cuda', dtype=torch.bfloat16)
+            hidden = torch.randn(rows, width, device='cuda', dtype=torch.bfloat16)
+            start_hidden = hidden.clone()
+            normed = torch.empty_like(hidden)
+            out_squares = torch.zeros(width, device='cuda')
+            firsts = {}
+            for label, source in sources.items():
+                nf4_cuda.SOURCE = source
                 nf4_cuda._KERNELS.clear()
-                if name == 'gate_up' and matmul.foldable(rows, layer_copies[0], act_out=True):
-                    # SiLU(gate) * up written by the launch itself (this kernel only)
-                    run['act_out_shape'] = matmul.tuned_shapes()[0]['act_out_fold_shape']
-                    run['folded_act_out_us'] = streamed_us(lambda i: matmul.folded(
-                        x, layer_copies[i], scale=(1e-6, squares), act_out=True), copies)
-                if 'baseline' in firsts:
-                    run['max_abs_difference'] = max(
-                        float((a.float() - b.float()).abs().max())
-                        for a, b in zip(firsts['this'], firsts['baseline']))
-            # the elementwise kernels folding v2 removes (graphed, 100 in a row), at the width
-            # the step runs them: the norms over the hidden size, SiLU x up after gate+up
-            h3 = torch.randn(rows, 1, hidden_size, device='cuda', dtype=torch.bfloat16)
-            w = torch.ones(hidden_size, device='cuda', dtype=torch.bfloat16)
-            if FOLDS_V2[name] == 'residual':
-                run['add_rms_norm_us'] = streamed_us(
-                    lambda i: kernels.add_rms_norm(h3, h3, w, 1e-6), 100)
-            if name == 'gate_up':
-                mlp = type('MLP', (), {'act_fn': torch.nn.SiLU()})()
-                g = torch.randn(rows, 1, shapes[0][0], device='cuda', dtype=torch.bfloat16)
-                run['act_mul_us'] = streamed_us(lambda i: kernels.act_mul(mlp, g, g), 100)
-            results['runs'].append(run)
-            print(name, rows, {key: (round(value, 3) if isinstance(value, float) else value)
-                               for key, value in run.items() if key != 'copies'}, flush=True)
-        layer_copies.clear()
-        torch.cuda.empty_cache()
+
+                def launch(i):
+                    if FOLDS_V2[name] == 'scale':
+                        return matmul.folded(x, layer_copies[i], scale=(1e-6, squares))
+                    return matmul.folded(x, layer_copies[i], residual=(hidden, out_squares),
+                                         norm_out=(weight, normed))
+                hidden.copy_(start_hidden)
+                outs = launch(0)
+                firsts[label] = [out.clone() for out in outs] or [hidden.clone(),
+                                                                  normed.clone()]
+                run[f'folded_{label}_us'] = streamed_us(launch, copies)
+            nf4_cuda.SOURCE = SHIPPED_SOURCE
+            nf4_cuda._KERNELS.clear()
+            if name == 'gate_up' and matmul.foldable(rows, layer_copies[0], act_out=True):
+                # SiLU(gate) * up written by the launch itself (this kernel only)
+                run['act_out_shape'] = matmul.tuned_shapes()[0]['act_out_fold_shape']
+                run['folded_act_out_us'] = streamed_us(lambda i: matmul.folded(
+                    x, layer_copies[i], scale=(1e-6, squares), act_out=True), copies)
+            if 'baseline' in firsts:
+                run['max_abs_difference'] = max(
+                    float((a.float() - b.float()).abs().max())
+                    for a, b in zip(firsts['this'], firsts['baseline']))
+        # the elementwise kernels folding v2 removes (graphed, 100 in a row), at the width
+        # the step runs them: the norms over the hidden size, SiLU x up after gate+up
+        h3 = torch.randn(rows, 1, hidden_size, device='cuda', dtype=torch.bfloat16)
+        w = torch.ones(hidden_size, device='cuda', dtype=torch.bfloat16)
+        if FOLDS_V2[name] == 'residual':
+            run['add_rms_norm_us'] = streamed_us(
+                lambda i: kernels.add_rms_norm(h3, h3, w, 1e-6), 100)
+        if name == 'gate_up':
+            mlp = type('MLP', (), {'act_fn': torch.nn.SiLU()})()
+            g = torch.randn(rows, 1, shapes[0][0], device='cuda', dtype=torch.bfloat16)
+            run['act_mul_us'] = streamed_us(lambda i: kernels.act_mul(mlp, g, g), 100)
+        record(results, run, 3)
     finish(results, out_path)
 
 
