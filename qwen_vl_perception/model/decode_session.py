@@ -222,16 +222,11 @@ def _last_contiguous(tensor):
 class DecodeSession:
     """Static KV cache, state buffers and the (optionally graph-captured) decode step."""
 
-    FOLD_ACT_OUT = False
-    """Whether a folded step's gate+up launch writes SiLU(gate) * up itself
-    (``NF4Matmul.folded(act_out=True)``, where every layer's gate+up has a shape for it and
-    the MLP's activation is SiLU) instead of gate and up for a kernel of its own. Off: not yet
-    timed on a GPU (issue #16)."""
-
     def __init__(self, torch, model, parts: TextModelParts, batch: int, cache_len: int, dtype,
                  device, kernels: StepKernels, nf4_matmul=None, linears=None,
                  compact_head=None, groups=None, decode_attention: bool = True,
-                 overlap_launches: bool = False, fold_elementwise: bool = False):
+                 overlap_launches: bool = False, fold_elementwise: bool = False,
+                 fold_act_out: bool = False):
         self.torch = torch
         self.model_ref = model
         self.parts = parts
@@ -266,8 +261,11 @@ class DecodeSession:
             overlap_launches) if decode_attention else None
         self.fold_elementwise = bool(fold_elementwise)
         self._folds = None  # per layer, its four launches' NF4 weights; [] when not folding
+        self.fold_act_out = bool(fold_act_out)
         self.act_out_folded = False
-        """Whether the folded step's gate+up launches write SiLU(gate) * up (FOLD_ACT_OUT)."""
+        """Whether the folded step's gate+up launches write SiLU(gate) * up themselves
+        (``fold_act_out``, where every layer's gate+up has a launch shape for it and the MLP's
+        activation is SiLU) rather than leave it to a kernel of its own."""
         self.squares = None  # the residual stream's sums of squares per 16 columns (folding)
         self.normed = None  # the next norm's weight times the residual stream (folding)
         self.graph = None
@@ -323,7 +321,7 @@ class DecodeSession:
         (:meth:`NF4Matmul.folded`): o and down add their product to the residual stream and
         write, beside it, the next norm's weight times it and its sums of squares, from which
         q+k+v and gate+up scale their sums by 1 / rms; per layer four launches, the attention
-        kernel and SiLU(gate) x up (written by gate+up itself with ``FOLD_ACT_OUT``). Decided
+        kernel and SiLU(gate) x up (written by gate+up itself with ``fold_act_out``). Decided
         at the first step: every layer's projections through the CUDA NF4 kernel (a timed CUDA
         shape that can fold), the decode attention kernel, fused elementwise kernels, bf16
         throughout. A folded launch that fails raises
@@ -366,7 +364,7 @@ class DecodeSession:
                     return []
                 launches.append(weights)
             layers.append(launches)
-        self.act_out_folded = bool(self.FOLD_ACT_OUT) and all(
+        self.act_out_folded = self.fold_act_out and all(
             _is_silu(self.torch, layer.mlp.act_fn) and nf4.foldable(self.batch, launches[2],
                                                                     act_out=True)
             for layer, launches in zip(parts.layers, layers))

@@ -103,8 +103,9 @@ class FastGreedyDecoder:
     (``DecodeSession.folds``); ``None`` means "with CUDA graphs, where the launches overlap"
     (folded and overlapped is the fastest step measured on the H200, each alone is not,
     ``results/benchmark/README.md``; on a GPU without programmatic launch, such as a Jetson
-    Orin, neither is on by default). The instance is callable like ``hf_decode``; not
-    thread-safe (the engine serialises calls).
+    Orin, neither is on by default); ``fold_act_out`` (``None``: on): a folded step's gate+up
+    launches write SiLU(gate) * up themselves (``DecodeSession.act_out_folded``). The instance
+    is callable like ``hf_decode``; not thread-safe (the engine serialises calls).
     """
 
     def __init__(self, use_cuda_graphs: Optional[bool] = None,
@@ -113,7 +114,8 @@ class FastGreedyDecoder:
                  nf4_kernel: Optional[bool] = None, static_prefill: Optional[bool] = None,
                  prefill_bucket: int = 64, max_prefill_shapes: int = 4,
                  overlap_launches: Optional[bool] = None,
-                 fold_elementwise: Optional[bool] = None):
+                 fold_elementwise: Optional[bool] = None,
+                 fold_act_out: Optional[bool] = None):
         if min(cache_bucket, sync_interval, max_sessions, prefill_bucket,
                max_prefill_shapes) < 1:
             raise ValueError('cache_bucket, sync_interval, max_sessions, prefill_bucket and '
@@ -125,7 +127,7 @@ class FastGreedyDecoder:
         self.prefill_bucket = int(prefill_bucket)
         self.max_prefill_shapes = int(max_prefill_shapes)
         self.kernel_choices = KernelChoices(nf4_kernel, fuse_elementwise, static_prefill,
-                                            overlap_launches, fold_elementwise)
+                                            overlap_launches, fold_elementwise, fold_act_out)
         """Which optional kernels run and what fell back (:class:`KernelChoices`)."""
         self.last_timing = DecodeTiming()
         self._capture_streams: Dict[str, object] = {}
@@ -202,7 +204,7 @@ class FastGreedyDecoder:
     @property
     def last_session_folds_act_out(self) -> bool:
         """Whether the folded step of the last call has its gate+up launches write SiLU(gate)
-        * up (``DecodeSession.FOLD_ACT_OUT``)."""
+        * up (``fold_act_out``, ``DecodeSession.act_out_folded``)."""
         session = self._last_session()
         return bool(session is not None and session.folds and session.act_out_folded)
 
@@ -355,7 +357,8 @@ class FastGreedyDecoder:
                                 choices.nf4_groups(parts, nf4, linears),
                                 decode_attention=not choices.attention_failed,
                                 overlap_launches=choices.overlap_launches,
-                                fold_elementwise=choices.folds_for(device, graphs))
+                                fold_elementwise=choices.folds_for(device, graphs),
+                                fold_act_out=choices.fold_act_out)
         if graphs:
             choices.capture(session, self._capture_stream(torch, device),
                             lambda: self._kernels_for(torch, False))

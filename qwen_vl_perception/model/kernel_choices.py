@@ -35,18 +35,22 @@ class KernelChoices:
     the NF4 launches where every layer allows it (``DecodeSession.folds``), until it fails
     once; ``None`` means "with CUDA graphs, where the launches overlap" (:meth:`folds_for`:
     folded and overlapped is the fastest decode step measured on the H200, folded alone is
-    not, ``results/benchmark/README.md``)."""
+    not, ``results/benchmark/README.md``); ``fold_act_out``: a folded step's gate+up launches
+    write SiLU(gate) * up themselves (``None`` means on) rather than leave it to a kernel of
+    its own."""
 
     def __init__(self, nf4_kernel: Optional[bool] = None,
                  fuse_elementwise: Optional[bool] = None,
                  static_prefill: Optional[bool] = None,
                  overlap_launches: Optional[bool] = None,
-                 fold_elementwise: Optional[bool] = None):
+                 fold_elementwise: Optional[bool] = None,
+                 fold_act_out: Optional[bool] = None):
         self.nf4_kernel = nf4_kernel
         self.fuse_elementwise = fuse_elementwise
         self.static_prefill = static_prefill
         self.overlap_launches = overlap_launches is None or bool(overlap_launches)
         self.fold_elementwise = None if fold_elementwise is None else bool(fold_elementwise)
+        self.fold_act_out = fold_act_out is None or bool(fold_act_out)
         self.fold_failed = False
         """True once a decode step with folded elementwise work failed: not folded again."""
         self.static_prefill_failed = False

@@ -257,3 +257,14 @@ def test_act_mul_compiles_for_more_shapes_and_decoders_than_torchs_default_limit
         gate, up = (torch.randn(rows, 1, 64, device='cuda') for _ in range(2))
         got = StepKernels(torch, True).act_mul(mlp, gate, up)
         assert torch.allclose(got, torch.nn.functional.silu(gate) * up, atol=1e-6)
+
+
+@pytest.mark.parametrize('fold_act_out', [None, False])
+def test_the_decoders_fold_act_out_choice_reaches_its_sessions(model, fold_act_out):
+    """Each session gets the decoder's ``fold_act_out`` (on by default); on the CPU nothing
+    folds, so neither does SiLU(gate) * up, and the tokens are generate's."""
+    inputs = make_inputs([(5, 7, (1, 4, 6))])
+    decoder = FastGreedyDecoder(fold_act_out=fold_act_out)
+    assert_same(hf_decode(model, inputs, 6, STOPS), decoder(model, inputs, 6, STOPS))
+    assert decoder._last_session().fold_act_out == (fold_act_out is None)
+    assert not decoder.last_session_folds and not decoder.last_session_folds_act_out

@@ -176,3 +176,10 @@ def test_folding_is_on_by_default_only_with_graphs_where_both_kernels_overlap(la
     assert not KernelChoices().folds_for('cuda')
     launches_overlap.update(attention=True, nvrtc=False)  # e.g. a driver before CUDA 12.3
     assert not KernelChoices().folds_for('cuda')
+
+
+def test_a_folded_step_writes_silu_times_up_from_gate_up_unless_told_not_to():
+    """``fold_act_out=None`` (the default) is on; False and falsy values are off."""
+    assert KernelChoices().fold_act_out and KernelChoices(fold_act_out=True).fold_act_out
+    assert not KernelChoices(fold_act_out=False).fold_act_out
+    assert not KernelChoices(fold_act_out=0).fold_act_out

@@ -987,7 +987,7 @@ def test_decoder_folding_the_elementwise_work_agrees_with_it_done_apart(monkeypa
     overlaps = default.kernel_choices.folds_for('cuda')  # asked before any failure could count
     default(model, inputs, 8, STOPS)
     assert default.last_session_folds == overlaps and not default.kernel_choices.fold_failed
-    folded = FastGreedyDecoder(nf4_kernel=True, fold_elementwise=True)
+    folded = FastGreedyDecoder(nf4_kernel=True, fold_elementwise=True, fold_act_out=False)
     tokens, _ = folded(model, inputs, 32, STOPS)
     assert folded.last_session_folds and folded.last_timing.graph_captured
     assert not folded.kernel_choices.fold_failed and not folded.kernel_choices.nf4_failed
@@ -996,10 +996,8 @@ def test_decoder_folding_the_elementwise_work_agrees_with_it_done_apart(monkeypa
     assert same >= 0.9 * 32 * len(reference)
     again, _ = folded(model, inputs, 32, STOPS)  # the graph replays the same tokens
     assert again == tokens
-    assert not folded.last_session_folds_act_out  # off by default (not yet timed)
-    from qwen_vl_perception.model.decode_session import DecodeSession
-    monkeypatch.setattr(DecodeSession, 'FOLD_ACT_OUT', True)
-    act_out = FastGreedyDecoder(nf4_kernel=True, fold_elementwise=True)
+    assert not folded.last_session_folds_act_out  # SiLU(gate) * up by a kernel of its own
+    act_out = FastGreedyDecoder(nf4_kernel=True, fold_elementwise=True)  # gate+up writes it
     act_out(model, inputs, 32, STOPS)
     assert act_out.last_session_folds and act_out.last_session_folds_act_out
     assert not act_out.kernel_choices.fold_failed and act_out.last_timing.graph_captured

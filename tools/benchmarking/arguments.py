@@ -74,16 +74,15 @@ def add_check_arguments(parser):
     parser.add_argument('--fold', default='auto', choices=('auto', 'on', 'off'),
                         help="CUDA: fold the decode step's residual adds and RMSNorms into the "
                              'NF4 launches (auto: where the launches overlap)')
-    parser.add_argument('--fold-act-out', action='store_true',
-                        help="CUDA, experimental: folded steps' gate+up launches write "
-                             'SiLU(gate) * up themselves (DecodeSession.FOLD_ACT_OUT, every '
-                             'decoder of this run)')
+    parser.add_argument('--fold-act-out', default='auto', choices=('auto', 'on', 'off'),
+                        help="CUDA: folded steps' gate+up launches write SiLU(gate) * up "
+                             'themselves rather than leave it to a kernel of its own (auto: on)')
     parser.add_argument('--step-check', '--overlap-check', '--fold-check',
                         dest='step_check', action='store_true',
-                        help='CUDA: also time our engine with each of the four decode steps '
-                             '(folded or not, overlapped or not; nf4 variant, each '
-                             '--batch-sizes, first --new-tokens) and add them to the '
-                             'agreement check')
+                        help='CUDA: also time our engine with each decode step (folded or '
+                             'not, overlapped or not, and folded and overlapped with SiLU(gate) '
+                             '* up apart; nf4 variant, each --batch-sizes, first --new-tokens) '
+                             'and add them to the agreement check')
     parser.add_argument('--nf4-kernel', default='auto', choices=('auto', 'on', 'off'),
                         help="NF4 decode linears through the project's fused Triton kernel "
                              "(auto: on CUDA with Triton) or bitsandbytes' own path")

@@ -16,11 +16,13 @@ from .models import (SIZE_KEYS, SKIPPED, build_model, dtype_name, quantize_linea
 from .report import new_results, row_text, table, write_json
 from .timing import Timer, time_generate, time_ours
 
-STEPS = ((False, False, ', launches apart, not overlapped'),
-         (False, True, ', launches overlapped'),
-         (True, False, ', elementwise work folded'),
-         (True, True, ', folded, launches overlapped'))
-"""``--step-check``'s decode steps: (folded, overlapped, label suffix of their runs)."""
+STEPS = ((False, False, None, ', launches apart, not overlapped'),
+         (False, True, None, ', launches overlapped'),
+         (True, False, None, ', elementwise work folded'),
+         (True, True, None, ', folded, launches overlapped'),
+         (True, True, False, ', folded, launches overlapped, SiLU x up apart'))
+"""``--step-check``'s decode steps: (folded, overlapped, gate+up writes SiLU(gate) * up
+(None: as ``--fold-act-out`` says), label suffix of their runs)."""
 
 
 def local_benchmark(args, script: Path):
@@ -29,9 +31,6 @@ def local_benchmark(args, script: Path):
     transformers = require('transformers', 'to build Qwen3-VL')
     device = pick_device(torch, args)
     bench = Benchmark(args, torch, device, new_results(args, torch, device))
-    if args.fold_act_out:
-        from qwen_vl_perception.model.decode_session import DecodeSession
-        DecodeSession.FOLD_ACT_OUT = True
     if args.memory_processes and bench.on_cuda:  # first, while this process holds no GPU memory
         bench.memory_processes(script)
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
@@ -70,6 +69,7 @@ class Benchmark:
         self.fuse = TRISTATE[args.fuse]
         self.nf4_kernel = TRISTATE[args.nf4_kernel]
         self.overlap, self.fold = TRISTATE[args.overlap], TRISTATE[args.fold]
+        self.fold_act_out = TRISTATE[args.fold_act_out]
         self.width, self.height = parse_pair(args.image)
         self.timer = Timer(torch, device, cpu_time=args.cpu_time)
         self.builder = self.instruction = self.model = self.decoder = None
@@ -92,24 +92,26 @@ class Benchmark:
             self.save()
 
     def new_decoder(self, fuse=None, nf4_kernel=None, overlap_launches=None,
-                    fold_elementwise=None):
+                    fold_elementwise=None, fold_act_out=None):
         """A decoder with the command line's choices, unless told otherwise."""
         def given(value, default):
             return default if value is None else value
         return FastGreedyDecoder(fuse_elementwise=given(fuse, self.fuse),
                                  nf4_kernel=given(nf4_kernel, self.nf4_kernel),
                                  overlap_launches=given(overlap_launches, self.overlap),
-                                 fold_elementwise=given(fold_elementwise, self.fold))
+                                 fold_elementwise=given(fold_elementwise, self.fold),
+                                 fold_act_out=given(fold_act_out, self.fold_act_out))
 
     def step_decoders(self) -> dict:
-        """``--step-check``: a decoder per decode step, folded or not, overlapped or not
-        (each says in its runs whether it folded), by the label suffix of its runs."""
+        """``--step-check``: a decoder per decode step of :data:`STEPS` (each says in its runs
+        whether it folded), by the label suffix of its runs."""
         if not (self.args.step_check and self.on_cuda):
             return {}
         if self.steps is None:  # made once: tuned and captured once for agreement and runs
             self.steps = {suffix: self.new_decoder(overlap_launches=overlapped,
-                                                   fold_elementwise=folded)
-                          for folded, overlapped, suffix in STEPS}
+                                                   fold_elementwise=folded,
+                                                   fold_act_out=act_out)
+                          for folded, overlapped, act_out, suffix in STEPS}
         return self.steps
 
     def time_ours(self, decoder, batch, new_tokens, label, repeats=None):
