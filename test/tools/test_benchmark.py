@@ -26,6 +26,8 @@ def test_benchmark_times_both_engines_on_the_cpu_and_writes_its_json(tmp_path):
         ('ours', 'float32', 1, 4), ('ours', 'article model (nf4 all, float32 compute)', 1, 4),
         ('generate', 'article model (nf4 all, float32 compute)', 1, 4)]
     assert [run['fused'] for run in results['runs'] if run['engine'] == 'ours'] == [False] * 2
+    # No NF4 kernel on the CPU, so no launch shapes tuned (on CUDA: each decoder's picks)
+    assert [run['nf4_shapes'] for run in results['runs'] if run['engine'] == 'ours'] == [[]] * 2
     # The CPU keeps the model's own prefill (the static one is graphed, on CUDA only).
     assert [run['prefill_path'] for run in results['runs'] if run['engine'] == 'ours'] == [
         'model'] * 2

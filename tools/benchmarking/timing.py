@@ -86,7 +86,19 @@ def time_ours(timer, decoder, model, tensors, batch, new_tokens, repeats, label)
         'folded': decoder.last_session_folds,
         'folded_act_out': decoder.last_session_folds_act_out,
         'overlap_requested': decoder.kernel_choices.overlap_launches,  # sm_90+ only
-        'nf4_kernel_layers': decoder.last_session_nf4_layers}
+        'nf4_kernel_layers': decoder.last_session_nf4_layers,
+        'nf4_shapes': nf4_shapes(decoder)}
+
+
+def nf4_shapes(decoder) -> list:
+    """The NF4 launch shapes ``decoder``'s tuner picked so far (plain and folded, per layer
+    shape and row bucket; each decoder tunes its own, so two runs may differ here), without
+    the candidates' timings."""
+    nf4 = decoder.kernel_choices.nf4_matmul
+    if nf4 is None:
+        return []
+    return [{key: value for key, value in entry.items() if key != 'timed_ms'}
+            for entry in nf4.tuned_shapes()]
 
 
 def time_generate(timer, model, tensors, batch, new_tokens, repeats, label):
