@@ -226,7 +226,7 @@ class DecodeSession:
                  device, kernels: StepKernels, nf4_matmul=None, linears=None,
                  compact_head=None, groups=None, decode_attention: bool = True,
                  overlap_launches: bool = False, fold_elementwise: bool = False,
-                 fold_act_out: bool = False):
+                 fold_act_out: bool = True):
         self.torch = torch
         self.model_ref = model
         self.parts = parts
@@ -374,6 +374,10 @@ class DecodeSession:
         """Launch the step's elementwise work apart from now on (after a failure)."""
         self._folds, self.squares, self.normed = [], None, None
         self.act_out_folded = False
+
+    def without_act_out(self) -> None:
+        """Still folded, but SiLU(gate) * up by a kernel of its own (after a failure)."""
+        self.fold_act_out = self.act_out_folded = False
 
     def _folded_layers(self, hidden, cos, sin):
         """The layers with their elementwise work folded into the NF4 launches (``folds``):

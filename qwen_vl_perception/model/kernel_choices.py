@@ -37,7 +37,7 @@ class KernelChoices:
     folded and overlapped is the fastest decode step measured on the H200, folded alone is
     not, ``results/benchmark/README.md``); ``fold_act_out``: a folded step's gate+up launches
     write SiLU(gate) * up themselves (``None`` means on) rather than leave it to a kernel of
-    its own."""
+    its own; off from the first failure of a step doing so (``capture``)."""
 
     def __init__(self, nf4_kernel: Optional[bool] = None,
                  fuse_elementwise: Optional[bool] = None,
@@ -228,8 +228,9 @@ class KernelChoices:
         """Capture ``session``'s step in a CUDA graph, falling back on failure: without the
         decode attention kernel if the failure came from it, else first without the NF4
         kernel, then without fused elementwise kernels (``unfused_kernels()`` gives those).
-        A failure of the folded step (``FoldFailed``) comes first: without folding; a
-        compiled piece past dynamo's recompile limit drops the fused kernels alone.
+        A failure of the folded step (``FoldFailed``) comes first: gate+up writing SiLU(gate)
+        * up is given up first, folding at the next such failure; a compiled piece past
+        dynamo's recompile limit drops the fused kernels alone.
         Each fallback is warned about and remembered; a failure with none left is raised."""
         while True:
             try:
@@ -237,7 +238,12 @@ class KernelChoices:
                 return
             except Exception as error:
                 from .decode_session import FoldFailed
-                if isinstance(error, FoldFailed):
+                if isinstance(error, FoldFailed) and getattr(session, 'act_out_folded', False):
+                    warnings.warn(f'{error}; SiLU(gate) * up by a kernel of its own, the rest '
+                                  'still folded', RuntimeWarning)
+                    self.fold_act_out = False
+                    session.without_act_out()
+                elif isinstance(error, FoldFailed):
                     warnings.warn(f'{error}; launching the elementwise work apart',
                                   RuntimeWarning)
                     self.fold_failed = True

@@ -268,3 +268,21 @@ def test_the_decoders_fold_act_out_choice_reaches_its_sessions(model, fold_act_o
     assert_same(hf_decode(model, inputs, 6, STOPS), decoder(model, inputs, 6, STOPS))
     assert decoder._last_session().fold_act_out == (fold_act_out is None)
     assert not decoder.last_session_folds and not decoder.last_session_folds_act_out
+
+
+def test_a_session_dropping_silu_times_up_keeps_its_fold_and_dropping_the_fold_drops_both(model):
+    """``DecodeSession.without_act_out`` (capture's first fallback of a folded step) turns off
+    SiLU(gate) * up in gate+up alone; ``without_folds`` turns off both."""
+    from qwen_vl_perception.model.decode_session import DecodeSession, StepKernels
+    from qwen_vl_perception.model.qwen3_vl_prefill import text_model_parts
+    parts = text_model_parts(model)
+    weight = parts.embed_tokens.weight
+    session = DecodeSession(torch, model, parts, 1, 32, weight.dtype, weight.device,
+                            StepKernels(torch, False), fold_elementwise=True)
+    assert session.fold_act_out  # on unless told otherwise, as the decoder's default
+    session._folds, session.act_out_folded = ['a layer'], True  # as a folding GPU step has it
+    session.without_act_out()
+    assert session.folds and not session.act_out_folded and not session.fold_act_out
+    session.act_out_folded = True
+    session.without_folds()
+    assert not session.folds and not session.act_out_folded

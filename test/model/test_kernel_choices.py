@@ -58,10 +58,13 @@ class CapturingSession:
         self.attention, self.nf4_matmul = 'attention kernel', 'nf4 kernel'
         self.kernels = type('Kernels', (), {'fused': True})()
         self.fail, self.captures = fail, 0
-        self.folding = True
+        self.folding, self.act_out_folded = True, False
 
     def without_folds(self):
-        self.folding = False
+        self.folding = self.act_out_folded = False
+
+    def without_act_out(self):
+        self.act_out_folded = False
 
     def capture(self, stream):
         self.captures += 1
@@ -124,6 +127,32 @@ def test_a_failing_folded_step_is_given_up_alone():
     assert asked.folds_for('cpu')  # asked for: the session still checks the layers
     asked.fold_failed = True  # as capture sets it: never again, asked for or not
     assert not asked.folds_for('cpu')
+
+
+@pytest.mark.parametrize('failing', ['act_out', 'any fold'])
+def test_a_failing_folded_step_writing_silu_times_up_gives_that_up_first(failing):
+    """A folded step whose gate+up writes SiLU(gate) * up: the first failure drops that alone
+    (for later sessions too), a failure of the step folded without it drops the fold."""
+    from qwen_vl_perception.model.decode_session import FoldFailed
+
+    def fail(session):
+        if session.act_out_folded or (failing == 'any fold' and session.folding):
+            raise FoldFailed('a folded NF4 launch failed (RuntimeError: no kernel image)')
+    choices, session = KernelChoices(), CapturingSession(fail)
+    session.act_out_folded = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        choices.capture(session, None, lambda: None)
+    messages = [str(w.message).split('; ')[-1] for w in caught]
+    assert not session.act_out_folded and not choices.fold_act_out
+    if failing == 'act_out':
+        assert messages == ['SiLU(gate) * up by a kernel of its own, the rest still folded']
+        assert session.folding and not choices.fold_failed and session.captures == 2
+    else:
+        assert messages == ['SiLU(gate) * up by a kernel of its own, the rest still folded',
+                            'launching the elementwise work apart']
+        assert not session.folding and choices.fold_failed and session.captures == 3
+    assert session.nf4_matmul == 'nf4 kernel' and session.kernels.fused
 
 
 def test_a_fused_piece_past_the_recompile_limit_drops_fusion_alone():

@@ -72,3 +72,19 @@ def test_a_frame_no_longer_than_its_prefill_is_an_error_not_a_negative_decode_fi
     assert timing.further_token_ms(1.1, 0.1, 11) == pytest.approx(100.0)
     with pytest.raises(ValueError, match='no longer than its prefill'):
         timing.further_token_ms(0.09, 0.1, 11)
+
+
+def test_a_runs_nf4_shapes_are_its_tuners_picks_without_the_candidates_timings():
+    import sys
+    from types import SimpleNamespace
+
+    from tool_runs import load_tool
+    load_tool('benchmark')
+    timing = sys.modules['benchmarking.timing']
+    picked = {'widths': [2560], 'in_features': 4096, 'rows': '1-8', 'shape': {'block_n': 16},
+              'fold_shape': {'block_n': 16}, 'act_out_fold_shape': None}
+    tuner = SimpleNamespace(tuned_shapes=lambda: [dict(picked, timed_ms=[(0.01, {})])])
+    decoder = SimpleNamespace(kernel_choices=SimpleNamespace(nf4_matmul=tuner))
+    assert timing.nf4_shapes(decoder) == [picked]
+    decoder.kernel_choices.nf4_matmul = None  # no NF4 kernel (CPU, or it failed)
+    assert timing.nf4_shapes(decoder) == []

@@ -104,14 +104,16 @@ class Benchmark:
 
     def step_decoders(self) -> dict:
         """``--step-check``: a decoder per decode step of :data:`STEPS` (each says in its runs
-        whether it folded), by the label suffix of its runs."""
+        whether it folded), by the label suffix of its runs; with ``--fold-act-out off`` the
+        last is the fourth's step and left out."""
         if not (self.args.step_check and self.on_cuda):
             return {}
         if self.steps is None:  # made once: tuned and captured once for agreement and runs
             self.steps = {suffix: self.new_decoder(overlap_launches=overlapped,
                                                    fold_elementwise=folded,
                                                    fold_act_out=act_out)
-                          for folded, overlapped, act_out, suffix in STEPS}
+                          for folded, overlapped, act_out, suffix in STEPS
+                          if not (act_out is False and self.fold_act_out is False)}
         return self.steps
 
     def time_ours(self, decoder, batch, new_tokens, label, repeats=None):
@@ -227,8 +229,8 @@ class Benchmark:
         self.save()
 
     def step_check(self, label):
-        """Our engine with each decode step (folded or not, overlapped or not), beside the
-        default runs."""
+        """Our engine with each decode step of :meth:`step_decoders`, beside the default
+        runs."""
         for suffix, decoder in self.step_decoders().items():
             for batch in self.args.batch_sizes:
                 try:
