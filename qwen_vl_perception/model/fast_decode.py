@@ -104,8 +104,11 @@ class FastGreedyDecoder:
     (folded and overlapped is the fastest step measured on the H200, each alone is not,
     ``results/benchmark/README.md``; on a GPU without programmatic launch, such as a Jetson
     Orin, neither is on by default); ``fold_act_out`` (``None``: on): a folded step's gate+up
-    launches write SiLU(gate) * up themselves (``DecodeSession.act_out_folded``). The instance
-    is callable like ``hf_decode``; not thread-safe (the engine serialises calls).
+    launches write SiLU(gate) * up themselves (``DecodeSession.act_out_folded``).
+    ``fuse_prefill`` (experimental, off: not yet timed on a GPU): the static prefill's layers run
+    their norms, residual adds and SiLU x up through the session's step kernels (compiled per
+    prefill shape where the step's are). The instance is callable like ``hf_decode``; not
+    thread-safe (the engine serialises calls).
     """
 
     def __init__(self, use_cuda_graphs: Optional[bool] = None,
@@ -115,7 +118,7 @@ class FastGreedyDecoder:
                  prefill_bucket: int = 64, max_prefill_shapes: int = 4,
                  overlap_launches: Optional[bool] = None,
                  fold_elementwise: Optional[bool] = None,
-                 fold_act_out: Optional[bool] = None):
+                 fold_act_out: Optional[bool] = None, fuse_prefill: bool = False):
         if min(cache_bucket, sync_interval, max_sessions, prefill_bucket,
                max_prefill_shapes) < 1:
             raise ValueError('cache_bucket, sync_interval, max_sessions, prefill_bucket and '
@@ -126,6 +129,7 @@ class FastGreedyDecoder:
         self.max_sessions = int(max_sessions)
         self.prefill_bucket = int(prefill_bucket)
         self.max_prefill_shapes = int(max_prefill_shapes)
+        self.fuse_prefill = bool(fuse_prefill)
         self.kernel_choices = KernelChoices(nf4_kernel, fuse_elementwise, static_prefill,
                                             overlap_launches, fold_elementwise, fold_act_out)
         """Which optional kernels run and what fell back (:class:`KernelChoices`)."""
@@ -306,7 +310,8 @@ class FastGreedyDecoder:
         def run():
             shape = session.prefills.get(frame.key)
             if shape is None:
-                shape = StaticPrefill(torch, model, parts, session, frame)
+                shape = StaticPrefill(torch, model, parts, session, frame,
+                                      session.kernels if self.fuse_prefill else None)
                 session.prefills[frame.key] = shape
                 while len(session.prefills) > self.max_prefill_shapes:
                     session.prefills.popitem(last=False)[1].release()

@@ -20,6 +20,11 @@ What differs is where things live, so that nothing in the computation waits for 
 - image embeddings replace the image tokens' embeddings by ``index_copy_`` at those places (the
   model's ``masked_scatter`` puts them in the same order), deepstack adds by index too.
 
+With ``kernels`` (the session's :class:`~qwen_vl_perception.model.decode_session.StepKernels`)
+the decoder layers run as the model's do, but with their RMSNorms, residual adds and SiLU x up
+through those functions (compiled where they are: one kernel per norm and add instead of
+about eight); each layer's attention module is the model's own.
+
 One :class:`StaticPrefill` is one (session, padded length, image grids, left padding or not)
 shape: its input buffers, the computation, and optionally its CUDA graph (captured into the
 session's memory pool). :func:`frame_inputs` says whether a call's inputs can take this path
@@ -147,8 +152,9 @@ class StaticPrefill:
     """One prefill shape of one decode session: input buffers, the computation (writing the
     session's cache and :attr:`logits`) and, once :meth:`capture` ran, its CUDA graph."""
 
-    def __init__(self, torch, model, parts, session, frame: PrefillFrame):
+    def __init__(self, torch, model, parts, session, frame: PrefillFrame, kernels=None):
         self.torch = torch
+        self.kernels = kernels  # StepKernels for the layers' elementwise work, or None
         self.model = _base(model)
         self.parts = parts
         # The session's static cache, not the session: it owns this shape (no cycle).
@@ -248,17 +254,52 @@ class StaticPrefill:
         mask = None if self.causal_only else self._mask(hidden.dtype)
         writer = _CacheWriter(*self.cache, length)
         deepstack = 0 if self.deepstack is None else self.deepstack.shape[0]
-        for index, layer in enumerate(parts.layers):
-            hidden = layer(hidden, (cos, sin), mask, None, writer)
+
+        def add_deepstack(index, hidden):
             if index < deepstack:
                 flat = hidden.view(batch * length, width)
                 added = flat.index_select(0, self.visual_index) + self.deepstack[index]
                 flat.index_copy_(0, self.visual_index, added)
+
+        if self.kernels is None:
+            for index, layer in enumerate(parts.layers):
+                hidden = layer(hidden, (cos, sin), mask, None, writer)
+                add_deepstack(index, hidden)
+        else:
+            hidden = self._layers_through_kernels(hidden, (cos, sin), mask, writer, deepstack,
+                                                  add_deepstack)
         last = parts.norm(hidden.index_select(1, self.last))
         logits = parts.lm_head(last)[:, 0]
         if self.logits is None:
             self.logits = torch.empty_like(logits)
         self.logits.copy_(logits)
+
+    def _layers_through_kernels(self, hidden, rotary, mask, writer, deepstack, add_deepstack):
+        """The decoder layers as the model's forward runs them (same operations, same order),
+        their norms, residual adds and activation through :attr:`kernels`: a layer's residual
+        add goes with the next norm (``add_rms_norm``) except where deepstack adds to the
+        stream in between."""
+        kernels, layers = self.kernels, self.parts.layers
+        normed = None
+        for index, layer in enumerate(layers):
+            if normed is None:
+                norm = layer.input_layernorm
+                normed = kernels.rms_norm(hidden, norm.weight, norm.variance_epsilon)
+            delta, _ = layer.self_attn(normed, rotary, mask, writer)
+            norm = layer.post_attention_layernorm
+            hidden, normed = kernels.add_rms_norm(hidden, delta, norm.weight,
+                                                  norm.variance_epsilon)
+            mlp = layer.mlp
+            delta = mlp.down_proj(kernels.act_mul(mlp, mlp.gate_proj(normed),
+                                                  mlp.up_proj(normed)))
+            if index < deepstack or index + 1 == len(layers):
+                hidden, normed = hidden + delta, None
+                add_deepstack(index, hidden)
+            else:
+                norm = layers[index + 1].input_layernorm
+                hidden, normed = kernels.add_rms_norm(hidden, delta, norm.weight,
+                                                      norm.variance_epsilon)
+        return hidden
 
     def _mask(self, dtype):
         """Additive (batch, 1, length, length) mask: causal, padding keys out; every position

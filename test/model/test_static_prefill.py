@@ -28,15 +28,16 @@ def model():
     return tiny_model()
 
 
-def static_prefill(model, tensors, bucket, cache_len=128, vision_tables=True):
+def static_prefill(model, tensors, bucket, cache_len=128, vision_tables=True, kernels=None):
     """The eager static prefill of ``tensors`` into a fresh session: (session, frame, logits).
-    ``vision_tables=False``: the vision tower its own way (as without transformers' tables)."""
+    ``vision_tables=False``: the vision tower its own way (as without transformers' tables);
+    ``kernels``: the layers' elementwise work through these StepKernels."""
     parts = text_model_parts(model)
     device = parts.embed_tokens.weight.device
     frame = frame_inputs(model, parts, tensors, bucket, cache_len)
     session = DecodeSession(torch, model, parts, frame.input_ids.shape[0], cache_len,
                             parts.embed_tokens.weight.dtype, device, StepKernels(torch, False))
-    shape = StaticPrefill(torch, model, parts, session, frame)
+    shape = StaticPrefill(torch, model, parts, session, frame, kernels)
     assert shape.vision_in_graph
     if not vision_tables:
         shape.vision_kwargs = None
@@ -72,6 +73,22 @@ def test_static_prefill_matches_the_models_forward(model, prompts, bucket, visio
 
 
 @pytest.mark.parametrize('prompts', [IMAGES, LEFT_PADDED, TEXT], ids=['image', 'padded', 'text'])
+def test_layers_through_the_step_kernels_give_the_bits_of_the_models_layers(model, prompts):
+    """The prefill's layers with their norms, residual adds and SiLU x up through StepKernels
+    (uncompiled here: the same operations regrouped) write the same cache and logits, bit for
+    bit, as the model's own layers, deepstack additions included."""
+    assert model.model.visual.deepstack_visual_indexes  # the tiny model adds deepstack too
+    tensors = make_inputs(prompts)
+    with torch.inference_mode():
+        session, _, logits = static_prefill(model, tensors, 16)
+        through, _, through_logits = static_prefill(model, tensors, 16,
+                                                    kernels=StepKernels(torch, False))
+    assert torch.equal(through_logits, logits)
+    for ours, theirs in zip(through.keys + through.values, session.keys + session.values):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize('prompts', [IMAGES, LEFT_PADDED, TEXT], ids=['image', 'padded', 'text'])
 def test_decoder_with_the_static_prefill_gives_generate_tokens(model, prompts):
     inputs = make_inputs(prompts)
     reference = hf_decode(model, inputs, 16, STOPS)
@@ -79,6 +96,18 @@ def test_decoder_with_the_static_prefill_gives_generate_tokens(model, prompts):
     assert_same(reference, decoder(model, inputs, 16, STOPS))
     assert decoder.last_timing.prefill == 'static'
     assert decoder.session_count == 1
+
+
+def test_a_decoder_fusing_its_prefill_hands_the_shape_its_sessions_kernels(model):
+    """``fuse_prefill``: each prefill shape gets its session's step kernels (unfused on the
+    CPU: the tokens stay generate's); by default none."""
+    inputs = make_inputs(LEFT_PADDED)
+    for fuse_prefill in (False, True):
+        decoder = FastGreedyDecoder(static_prefill=True, fuse_prefill=fuse_prefill)
+        assert_same(hf_decode(model, inputs, 8, STOPS), decoder(model, inputs, 8, STOPS))
+        session = decoder._last_session()
+        shape, = session.prefills.values()
+        assert shape.kernels is (session.kernels if fuse_prefill else None)
 
 
 def test_the_length_bucket_does_not_change_the_answer(model):
@@ -134,16 +163,18 @@ def on_cuda(tensors):
 
 
 @cuda
+@pytest.mark.parametrize('fuse_prefill', [False, True], ids=['model-layers', 'fused-layers'])
 @pytest.mark.parametrize('prompts', [IMAGES, LEFT_PADDED, TEXT], ids=['image', 'padded', 'text'])
-def test_graphed_prefill_gives_the_old_paths_tokens_in_float32(prompts):
+def test_graphed_prefill_gives_the_old_paths_tokens_in_float32(prompts, fuse_prefill):
     model = tiny_model(device='cuda')
     inputs = on_cuda(make_inputs(prompts))
     old = FastGreedyDecoder(static_prefill=False)
     reference = old(model, inputs, 20, STOPS)
     assert old.last_timing.prefill == 'model'
-    decoder = FastGreedyDecoder()
+    decoder = FastGreedyDecoder(fuse_prefill=fuse_prefill)
     graphed = decoder(model, inputs, 20, STOPS)
     assert decoder.last_timing.prefill == 'graphed' and decoder.last_timing.prefill_captured
+    assert decoder.last_session_fused  # with fuse_prefill, compiled norms, adds and SiLU x up
     assert_same(reference, graphed, prob_tolerance=1e-4)
     assert_same(hf_decode(model, inputs, 20, STOPS), graphed, prob_tolerance=1e-3)
     other = on_cuda(make_inputs(prompts, seed=9))  # same shape, other tokens and pixels
@@ -160,8 +191,9 @@ def nf4_on_cuda(model, compute_dtype):
 
 
 @cuda
+@pytest.mark.parametrize('fuse_prefill', [False, True], ids=['model-layers', 'fused-layers'])
 @pytest.mark.parametrize('weights', ['bf16', 'nf4'])
-def test_graphed_prefill_agrees_with_the_old_path_in_bf16(weights):
+def test_graphed_prefill_agrees_with_the_old_path_in_bf16(weights, fuse_prefill):
     """bf16 rounds differently when the prompt is padded to its bucket (other matmul shapes):
     the first tokens and nearly all teacher-forced choices agree."""
     model = tiny_model(dtype=torch.bfloat16, device='cuda')
@@ -171,9 +203,9 @@ def test_graphed_prefill_agrees_with_the_old_path_in_bf16(weights):
     inputs = on_cuda(make_inputs(LEFT_PADDED))
     old = FastGreedyDecoder(static_prefill=False)
     reference, _ = old(model, inputs, 32, [])
-    decoder = FastGreedyDecoder()
+    decoder = FastGreedyDecoder(fuse_prefill=fuse_prefill)
     graphed, _ = decoder(model, inputs, 32, [])
-    assert decoder.last_timing.prefill == 'graphed'
+    assert decoder.last_timing.prefill == 'graphed' and decoder.last_session_fused
     assert [row[0] for row in graphed] == [row[0] for row in reference]
     forced = decoder.choices_given(model, inputs, reference)
     agreed = sum(a == b for row, other in zip(forced, reference) for a, b in zip(row, other))

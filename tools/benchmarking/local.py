@@ -75,6 +75,7 @@ class Benchmark:
         self.builder = self.instruction = self.model = self.decoder = None
         self.batches, self.mixed = {}, None
         self.steps = None  # --step-check's decoders, once made
+        self.fused_prefill = None  # --prefill-check's decoder, once made
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -92,7 +93,7 @@ class Benchmark:
             self.save()
 
     def new_decoder(self, fuse=None, nf4_kernel=None, overlap_launches=None,
-                    fold_elementwise=None, fold_act_out=None):
+                    fold_elementwise=None, fold_act_out=None, fuse_prefill=False):
         """A decoder with the command line's choices, unless told otherwise."""
         def given(value, default):
             return default if value is None else value
@@ -100,7 +101,8 @@ class Benchmark:
                                  nf4_kernel=given(nf4_kernel, self.nf4_kernel),
                                  overlap_launches=given(overlap_launches, self.overlap),
                                  fold_elementwise=given(fold_elementwise, self.fold),
-                                 fold_act_out=given(fold_act_out, self.fold_act_out))
+                                 fold_act_out=given(fold_act_out, self.fold_act_out),
+                                 fuse_prefill=fuse_prefill)
 
     def step_decoders(self) -> dict:
         """``--step-check``: a decoder per decode step of :data:`STEPS` (each says in its runs
@@ -115,6 +117,15 @@ class Benchmark:
                           for folded, overlapped, act_out, suffix in STEPS
                           if not (act_out is False and self.fold_act_out is False)}
         return self.steps
+
+    def prefill_decoder(self):
+        """``--prefill-check``'s decoder (the static prefill's layers through the step
+        kernels), made once; None without it or off CUDA."""
+        if not (self.args.prefill_check and self.on_cuda):
+            return None
+        if self.fused_prefill is None:
+            self.fused_prefill = self.new_decoder(fuse_prefill=True)
+        return self.fused_prefill
 
     def time_ours(self, decoder, batch, new_tokens, label, repeats=None):
         """``decoder`` on ``batch`` test images, ``new_tokens`` forced (a run's figures)."""
@@ -189,6 +200,8 @@ class Benchmark:
         if steps:
             decoders.update((suffix.lstrip(', '), decoder)
                             for suffix, decoder in self.step_decoders().items())
+            if self.prefill_decoder() is not None:
+                decoders['prefill fused'] = self.prefill_decoder()
         try:
             entry = agreement(self.model, decoders, self.mixed, self.args.agreement_tokens,
                               label)
@@ -240,6 +253,21 @@ class Benchmark:
                     continue
                 decoder.clear()
                 self.add_run(run)
+
+    def prefill_check(self, label):
+        """Our engine with the static prefill's layers through the step kernels."""
+        decoder = self.prefill_decoder()
+        if decoder is None:
+            return
+        for batch in self.args.batch_sizes:
+            try:
+                run = self.time_ours(decoder, batch, self.args.new_tokens[0],
+                                     label + ', prefill fused')
+            except Exception as error:
+                self.error(f'ours {label} b{batch}, prefill fused', error)
+                continue
+            decoder.clear()
+            self.add_run(run)
 
     def bnb_check(self, label):
         if not self.args.bnb_check:
@@ -327,6 +355,7 @@ class Benchmark:
         self.our_runs(label)
         self.unfused_check(label)
         self.step_check(label)
+        self.prefill_check(label)
         self.bnb_check(label)
         self.linear_check()
         self.lm_head_check()
