@@ -44,6 +44,7 @@ own prefill), ``static_prefill.py`` (the prefill into the static cache, and its 
 policy that puts them together.
 """
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -130,6 +131,9 @@ class FastGreedyDecoder:
         self.prefill_bucket = int(prefill_bucket)
         self.max_prefill_shapes = int(max_prefill_shapes)
         self.fuse_prefill = bool(fuse_prefill)
+        self.prefill_fusion_failed = False
+        """True once a prefill with its layers through the step kernels failed: the static
+        prefill runs the model's layers from then on."""
         self.kernel_choices = KernelChoices(nf4_kernel, fuse_elementwise, static_prefill,
                                             overlap_launches, fold_elementwise, fold_act_out)
         """Which optional kernels run and what fell back (:class:`KernelChoices`)."""
@@ -190,6 +194,16 @@ class FastGreedyDecoder:
     def session_count(self) -> int:
         """How many decode sessions (static caches, captured graphs) are kept now."""
         return len(self._sessions)
+
+    @property
+    def last_prefill_fused(self) -> bool:
+        """Whether the last call's static prefill ran its layers' norms, residual adds and
+        SiLU x up through compiled step kernels (``fuse_prefill``)."""
+        session = self._last_session()
+        if session is None or not session.prefills:
+            return False
+        kernels = next(reversed(session.prefills.values())).kernels
+        return bool(kernels is not None and kernels.fused)
 
     @property
     def last_session_fused(self) -> bool:
@@ -307,11 +321,12 @@ class FastGreedyDecoder:
             torch, model, parts, batch, cache_len, parts.embed_tokens.weight.dtype, device,
             graphs)
 
-        def run():
+        def attempt():
             shape = session.prefills.get(frame.key)
             if shape is None:
+                fused = self.fuse_prefill and not self.prefill_fusion_failed
                 shape = StaticPrefill(torch, model, parts, session, frame,
-                                      session.kernels if self.fuse_prefill else None)
+                                      session.kernels if fused else None)
                 session.prefills[frame.key] = shape
                 while len(session.prefills) > self.max_prefill_shapes:
                     session.prefills.popitem(last=False)[1].release()
@@ -322,6 +337,23 @@ class FastGreedyDecoder:
                 timing.prefill_captured = True
             shape.run()
             return shape.logits
+
+        def run():
+            shape = session.prefills.get(frame.key)
+            if not self.fuse_prefill or self.prefill_fusion_failed or (
+                    shape is not None and shape.kernels is None):
+                return attempt()
+            try:
+                return attempt()
+            except Exception as error:  # the layers through the step kernels: not again
+                warnings.warn('the prefill with its layers through the step kernels failed '
+                              f'({type(error).__name__}: {error}); running the model\'s layers',
+                              RuntimeWarning)
+                self.prefill_fusion_failed = True
+                failed = session.prefills.pop(frame.key, None)
+                if failed is not None:
+                    failed.release()
+                return attempt()
 
         started = time.perf_counter()
         shape = session.prefills.get(frame.key)

@@ -72,20 +72,65 @@ def test_static_prefill_matches_the_models_forward(model, prompts, bucket, visio
                                        theirs.transpose(1, 2)[real], rtol=1e-5, atol=1e-5)
 
 
+class CountingKernels(StepKernels):
+    """Uncompiled StepKernels that count their norm, add + norm and SiLU x up calls."""
+
+    def __init__(self):
+        super().__init__(torch, False)
+        self.calls = {'rms_norm': 0, 'add_rms_norm': 0, 'act_mul': 0}
+        for name in ('rms_norm', 'add_rms_norm'):
+            setattr(self, name, self._counted(name, getattr(self, name)))
+
+    def _counted(self, name, function):
+        def counted(*args):
+            self.calls[name] += 1
+            return function(*args)
+        return counted
+
+    def act_mul(self, mlp, gate, up):
+        self.calls['act_mul'] += 1
+        return super().act_mul(mlp, gate, up)
+
+
+@pytest.fixture(scope='module')
+def deeper_model():
+    """The tiny model with four layers (more than its deepstack additions) and norm weights
+    that differ from 1 and from each other, so that a norm applied with another's weight
+    shows."""
+    from qwen_vl_perception.model.configs import tiny_config
+    config = tiny_config()
+    config['text_config'].update(initializer_range=0.1, num_hidden_layers=4)
+    torch.manual_seed(3)
+    model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**config))
+    with torch.no_grad():
+        for module in model.model.language_model.modules():
+            if type(module).__name__.endswith('RMSNorm'):
+                module.weight.uniform_(0.5, 2.0)
+    return model.eval()
+
+
 @pytest.mark.parametrize('prompts', [IMAGES, LEFT_PADDED, TEXT], ids=['image', 'padded', 'text'])
-def test_layers_through_the_step_kernels_give_the_bits_of_the_models_layers(model, prompts):
+def test_layers_through_the_step_kernels_give_the_bits_of_the_models_layers(deeper_model,
+                                                                            prompts):
     """The prefill's layers with their norms, residual adds and SiLU x up through StepKernels
     (uncompiled here: the same operations regrouped) write the same cache and logits, bit for
-    bit, as the model's own layers, deepstack additions included."""
-    assert model.model.visual.deepstack_visual_indexes  # the tiny model adds deepstack too
+    bit, as the model's own layers, deepstack additions included; every norm, add and
+    activation goes through the kernels."""
+    model = deeper_model
+    deepstack = len(model.model.visual.deepstack_visual_indexes)
+    layers = len(model.model.language_model.layers)
+    assert 0 < deepstack < layers - 1  # layers with deepstack after them, and layers without
     tensors = make_inputs(prompts)
+    kernels = CountingKernels()
     with torch.inference_mode():
         session, _, logits = static_prefill(model, tensors, 16)
-        through, _, through_logits = static_prefill(model, tensors, 16,
-                                                    kernels=StepKernels(torch, False))
+        through, _, through_logits = static_prefill(model, tensors, 16, kernels=kernels)
     assert torch.equal(through_logits, logits)
     for ours, theirs in zip(through.keys + through.values, session.keys + session.values):
         assert torch.equal(ours, theirs)
+    separate = deepstack if prompts is not TEXT else 0  # layers whose add stays apart
+    assert kernels.calls == {'rms_norm': 1 + separate, 'act_mul': layers,
+                             'add_rms_norm': 2 * layers - 1 - separate}
 
 
 @pytest.mark.parametrize('prompts', [IMAGES, LEFT_PADDED, TEXT], ids=['image', 'padded', 'text'])
@@ -108,6 +153,27 @@ def test_a_decoder_fusing_its_prefill_hands_the_shape_its_sessions_kernels(model
         session = decoder._last_session()
         shape, = session.prefills.values()
         assert shape.kernels is (session.kernels if fuse_prefill else None)
+
+
+def test_a_failing_prefill_through_the_step_kernels_falls_back_to_the_models_layers(
+        model, monkeypatch):
+    """A failure of the layers through the step kernels (a compile error, dynamo's recompile
+    limit) is warned about once; the static prefill goes on with the model's layers, for later
+    shapes too."""
+    def fail(*args):
+        raise RuntimeError('no kernel for this shape')
+    monkeypatch.setattr(StaticPrefill, '_layers_through_kernels', fail)
+    inputs = make_inputs(LEFT_PADDED)
+    decoder = FastGreedyDecoder(static_prefill=True, fuse_prefill=True)
+    with pytest.warns(RuntimeWarning, match='through the step kernels failed'):
+        tokens = decoder(model, inputs, 8, STOPS)
+    assert_same(hf_decode(model, inputs, 8, STOPS), tokens)
+    assert decoder.prefill_fusion_failed and decoder.last_timing.prefill == 'static'
+    shape, = decoder._last_session().prefills.values()
+    assert shape.kernels is None and not decoder.last_prefill_fused
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no second warning, no second attempt
+        decoder(model, make_inputs(IMAGES), 8, STOPS)
 
 
 def test_the_length_bucket_does_not_change_the_answer(model):
@@ -174,7 +240,7 @@ def test_graphed_prefill_gives_the_old_paths_tokens_in_float32(prompts, fuse_pre
     decoder = FastGreedyDecoder(fuse_prefill=fuse_prefill)
     graphed = decoder(model, inputs, 20, STOPS)
     assert decoder.last_timing.prefill == 'graphed' and decoder.last_timing.prefill_captured
-    assert decoder.last_session_fused  # with fuse_prefill, compiled norms, adds and SiLU x up
+    assert decoder.last_prefill_fused == (fuse_prefill and decoder.last_session_fused)
     assert_same(reference, graphed, prob_tolerance=1e-4)
     assert_same(hf_decode(model, inputs, 20, STOPS), graphed, prob_tolerance=1e-3)
     other = on_cuda(make_inputs(prompts, seed=9))  # same shape, other tokens and pixels
@@ -205,7 +271,8 @@ def test_graphed_prefill_agrees_with_the_old_path_in_bf16(weights, fuse_prefill)
     reference, _ = old(model, inputs, 32, [])
     decoder = FastGreedyDecoder(fuse_prefill=fuse_prefill)
     graphed, _ = decoder(model, inputs, 32, [])
-    assert decoder.last_timing.prefill == 'graphed' and decoder.last_session_fused
+    assert decoder.last_timing.prefill == 'graphed'
+    assert decoder.last_prefill_fused == (fuse_prefill and decoder.last_session_fused)
     assert [row[0] for row in graphed] == [row[0] for row in reference]
     forced = decoder.choices_given(model, inputs, reference)
     agreed = sum(a == b for row, other in zip(forced, reference) for a, b in zip(row, other))

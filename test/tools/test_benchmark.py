@@ -17,7 +17,7 @@ def test_benchmark_times_both_engines_on_the_cpu_and_writes_its_json(tmp_path):
     results, _, stderr = run_tool('benchmark', [
         '--device', 'cpu', '--tiny', '--batch-sizes', '1', '--new-tokens', '8', '--repeats', '1',
         '--variants', 'bf16', 'article', '--article-runs', '1x8', '--article-repeats', '1',
-        '--agreement-tokens', '4', '--cpu-time', '--out', out])
+        '--agreement-tokens', '4', '--cpu-time', '--prefill-check', '--out', out])
     # --cpu-time: this process's CPU seconds, which other jobs on a busy machine do not add to
     # (wall clock there once made a frame look shorter than its own prefill)
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
@@ -30,8 +30,8 @@ def test_benchmark_times_both_engines_on_the_cpu_and_writes_its_json(tmp_path):
     assert [run['fused'] for run in results['runs'] if run['engine'] == 'ours'] == [False] * 2
     # No NF4 kernel on the CPU, so no launch shapes tuned (on CUDA: each decoder's picks)
     assert [run['nf4_shapes'] for run in results['runs'] if run['engine'] == 'ours'] == [[]] * 2
-    assert [run['fuse_prefill'] for run in results['runs'] if run['engine'] == 'ours'] == [
-        False] * 2
+    assert [(run['fuse_prefill'], run['prefill_fused']) for run in results['runs']
+            if run['engine'] == 'ours'] == [(False, False)] * 2  # --prefill-check: CUDA only
     # The CPU keeps the model's own prefill (the static one is graphed, on CUDA only).
     assert [run['prefill_path'] for run in results['runs'] if run['engine'] == 'ours'] == [
         'model'] * 2

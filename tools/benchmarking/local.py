@@ -266,7 +266,8 @@ class Benchmark:
             except Exception as error:
                 self.error(f'ours {label} b{batch}, prefill fused', error)
                 continue
-            decoder.clear()
+            finally:
+                decoder.clear()  # peak memory per batch, as the other checks keep it
             self.add_run(run)
 
     def bnb_check(self, label):
