@@ -44,7 +44,6 @@ own prefill), ``static_prefill.py`` (the prefill into the static cache, and its 
 policy that puts them together.
 """
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -130,12 +129,9 @@ class FastGreedyDecoder:
         self.max_sessions = int(max_sessions)
         self.prefill_bucket = int(prefill_bucket)
         self.max_prefill_shapes = int(max_prefill_shapes)
-        self.fuse_prefill = bool(fuse_prefill)
-        self.prefill_fusion_failed = False
-        """True once a prefill with its layers through the step kernels failed: the static
-        prefill runs the model's layers from then on."""
         self.kernel_choices = KernelChoices(nf4_kernel, fuse_elementwise, static_prefill,
-                                            overlap_launches, fold_elementwise, fold_act_out)
+                                            overlap_launches, fold_elementwise, fold_act_out,
+                                            fuse_prefill)
         """Which optional kernels run and what fell back (:class:`KernelChoices`)."""
         self.last_timing = DecodeTiming()
         self._capture_streams: Dict[str, object] = {}
@@ -324,9 +320,8 @@ class FastGreedyDecoder:
         def attempt():
             shape = session.prefills.get(frame.key)
             if shape is None:
-                fused = self.fuse_prefill and not self.prefill_fusion_failed
                 shape = StaticPrefill(torch, model, parts, session, frame,
-                                      session.kernels if fused else None)
+                                      self.kernel_choices.prefill_kernels(session))
                 session.prefills[frame.key] = shape
                 while len(session.prefills) > self.max_prefill_shapes:
                     session.prefills.popitem(last=False)[1].release()
@@ -339,20 +334,14 @@ class FastGreedyDecoder:
             return shape.logits
 
         def run():
-            shape = session.prefills.get(frame.key)
-            if not self.fuse_prefill or self.prefill_fusion_failed or (
-                    shape is not None and shape.kernels is None):
-                return attempt()
             try:
                 return attempt()
-            except Exception as error:  # the layers through the step kernels: not again
-                warnings.warn('the prefill with its layers through the step kernels failed '
-                              f'({type(error).__name__}: {error}); running the model\'s layers',
-                              RuntimeWarning)
-                self.prefill_fusion_failed = True
-                failed = session.prefills.pop(frame.key, None)
-                if failed is not None:
-                    failed.release()
+            except Exception as error:
+                failed = session.prefills.get(frame.key)
+                if failed is None or failed.kernels is None:
+                    raise
+                self.kernel_choices.give_up_prefill_fusion(error)  # the model's layers again
+                session.prefills.pop(frame.key).release()
                 return attempt()
 
         started = time.perf_counter()

@@ -37,20 +37,26 @@ class KernelChoices:
     folded and overlapped is the fastest decode step measured on the H200, folded alone is
     not, ``results/benchmark/README.md``); ``fold_act_out``: a folded step's gate+up launches
     write SiLU(gate) * up themselves (``None`` means on) rather than leave it to a kernel of
-    its own; off from the first failure of a step doing so (``capture``)."""
+    its own; off from the first failure of a step doing so (``capture``); ``fuse_prefill``:
+    the static prefill's layers run their norms, residual adds and SiLU x up through the
+    session's step kernels (:meth:`prefill_kernels`), until that fails once."""
 
     def __init__(self, nf4_kernel: Optional[bool] = None,
                  fuse_elementwise: Optional[bool] = None,
                  static_prefill: Optional[bool] = None,
                  overlap_launches: Optional[bool] = None,
                  fold_elementwise: Optional[bool] = None,
-                 fold_act_out: Optional[bool] = None):
+                 fold_act_out: Optional[bool] = None, fuse_prefill: bool = False):
         self.nf4_kernel = nf4_kernel
         self.fuse_elementwise = fuse_elementwise
         self.static_prefill = static_prefill
         self.overlap_launches = overlap_launches is None or bool(overlap_launches)
         self.fold_elementwise = None if fold_elementwise is None else bool(fold_elementwise)
         self.fold_act_out = fold_act_out is None or bool(fold_act_out)
+        self.fuse_prefill = bool(fuse_prefill)
+        self.prefill_fusion_failed = False
+        """True once a prefill with its layers through the step kernels failed: the static
+        prefill runs the model's layers from then on."""
         self.fold_failed = False
         """True once a decode step with folded elementwise work failed: not folded again."""
         self.static_prefill_failed = False
@@ -185,6 +191,18 @@ class KernelChoices:
                           "using the model's own forward", RuntimeWarning)
             self.static_prefill_failed = True
             return None
+
+    def prefill_kernels(self, session):
+        """The step kernels a new prefill shape of ``session`` runs its layers' elementwise
+        work through (``fuse_prefill``), or None (the model's layers)."""
+        return session.kernels if self.fuse_prefill and not self.prefill_fusion_failed else None
+
+    def give_up_prefill_fusion(self, error) -> None:
+        """After a prefill through the step kernels failed: warned once, not tried again."""
+        warnings.warn('the prefill with its layers through the step kernels failed '
+                      f"({type(error).__name__}: {error}); running the model's layers",
+                      RuntimeWarning)
+        self.prefill_fusion_failed = True
 
     # -- elementwise fusion ---------------------------------------------------------------
 

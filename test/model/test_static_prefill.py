@@ -168,7 +168,8 @@ def test_a_failing_prefill_through_the_step_kernels_falls_back_to_the_models_lay
     with pytest.warns(RuntimeWarning, match='through the step kernels failed'):
         tokens = decoder(model, inputs, 8, STOPS)
     assert_same(hf_decode(model, inputs, 8, STOPS), tokens)
-    assert decoder.prefill_fusion_failed and decoder.last_timing.prefill == 'static'
+    assert decoder.kernel_choices.prefill_fusion_failed
+    assert decoder.last_timing.prefill == 'static'
     shape, = decoder._last_session().prefills.values()
     assert shape.kernels is None and not decoder.last_prefill_fused
     with warnings.catch_warnings():

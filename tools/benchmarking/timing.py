@@ -86,7 +86,7 @@ def time_ours(timer, decoder, model, tensors, batch, new_tokens, repeats, label)
         'folded': decoder.last_session_folds,
         'folded_act_out': decoder.last_session_folds_act_out,
         'overlap_requested': decoder.kernel_choices.overlap_launches,  # sm_90+ only
-        'fuse_prefill': decoder.fuse_prefill,  # asked; prefill_fused: what ran
+        'fuse_prefill': decoder.kernel_choices.fuse_prefill,  # asked; prefill_fused: what ran
         'prefill_fused': decoder.last_prefill_fused,
         'nf4_kernel_layers': decoder.last_session_nf4_layers,
         'nf4_shapes': nf4_shapes(decoder)}
