@@ -105,10 +105,10 @@ class FastGreedyDecoder:
     ``results/benchmark/README.md``; on a GPU without programmatic launch, such as a Jetson
     Orin, neither is on by default); ``fold_act_out`` (``None``: on): a folded step's gate+up
     launches write SiLU(gate) * up themselves (``DecodeSession.act_out_folded``).
-    ``fuse_prefill`` (experimental, off: not yet timed on a GPU): the static prefill's layers run
-    their norms, residual adds and SiLU x up through the session's step kernels (compiled per
-    prefill shape where the step's are). The instance is callable like ``hf_decode``; not
-    thread-safe (the engine serialises calls).
+    ``fuse_prefill`` (``None``: on): the static prefill's layers run their norms, residual adds
+    and SiLU x up through the session's step kernels (compiled per prefill shape where the
+    step's are; CUDA, where the static prefill runs). The instance is callable like
+    ``hf_decode``; not thread-safe (the engine serialises calls).
     """
 
     def __init__(self, use_cuda_graphs: Optional[bool] = None,
@@ -118,7 +118,8 @@ class FastGreedyDecoder:
                  prefill_bucket: int = 64, max_prefill_shapes: int = 4,
                  overlap_launches: Optional[bool] = None,
                  fold_elementwise: Optional[bool] = None,
-                 fold_act_out: Optional[bool] = None, fuse_prefill: bool = False):
+                 fold_act_out: Optional[bool] = None,
+                 fuse_prefill: Optional[bool] = None):
         if min(cache_bucket, sync_interval, max_sessions, prefill_bucket,
                max_prefill_shapes) < 1:
             raise ValueError('cache_bucket, sync_interval, max_sessions, prefill_bucket and '

@@ -23,6 +23,9 @@ SHARED_INPUT_LINEARS = (('self_attn', ('q_proj', 'k_proj', 'v_proj')),
 """A decoder layer's projections that read the same input, as (owner, names): the NF4 kernel
 computes each group in one launch."""
 
+FUSE_PREFILL_DEFAULT = True
+"""``fuse_prefill=None``'s choice: on (timed on the H200, ``results/benchmark/README.md``)."""
+
 
 class KernelChoices:
     """``nf4_kernel``: ``None`` means "on CUDA when Triton is there, until it fails once";
@@ -39,21 +42,23 @@ class KernelChoices:
     write SiLU(gate) * up themselves (``None`` means on) rather than leave it to a kernel of
     its own; off from the first failure of a step doing so (``capture``); ``fuse_prefill``:
     the static prefill's layers run their norms, residual adds and SiLU x up through the
-    session's step kernels (:meth:`prefill_kernels`), until that fails once."""
+    session's step kernels (:meth:`prefill_kernels`; ``None``: :data:`FUSE_PREFILL_DEFAULT`),
+    until that fails once."""
 
     def __init__(self, nf4_kernel: Optional[bool] = None,
                  fuse_elementwise: Optional[bool] = None,
                  static_prefill: Optional[bool] = None,
                  overlap_launches: Optional[bool] = None,
                  fold_elementwise: Optional[bool] = None,
-                 fold_act_out: Optional[bool] = None, fuse_prefill: bool = False):
+                 fold_act_out: Optional[bool] = None,
+                 fuse_prefill: Optional[bool] = None):
         self.nf4_kernel = nf4_kernel
         self.fuse_elementwise = fuse_elementwise
         self.static_prefill = static_prefill
         self.overlap_launches = overlap_launches is None or bool(overlap_launches)
         self.fold_elementwise = None if fold_elementwise is None else bool(fold_elementwise)
         self.fold_act_out = fold_act_out is None or bool(fold_act_out)
-        self.fuse_prefill = bool(fuse_prefill)
+        self.fuse_prefill = FUSE_PREFILL_DEFAULT if fuse_prefill is None else bool(fuse_prefill)
         self.prefill_fusion_failed = False
         """True once a prefill with its layers through the step kernels failed: the static
         prefill runs the model's layers from then on."""

@@ -212,3 +212,17 @@ def test_a_folded_step_writes_silu_times_up_from_gate_up_unless_told_not_to():
     assert KernelChoices().fold_act_out and KernelChoices(fold_act_out=True).fold_act_out
     assert not KernelChoices(fold_act_out=False).fold_act_out
     assert not KernelChoices(fold_act_out=0).fold_act_out
+
+
+def test_the_prefill_runs_through_the_step_kernels_by_default_until_that_fails():
+    """``fuse_prefill=None`` is on (timed on the H200, issue #16); False and falsy are off; a
+    failure turns it off with one warning."""
+    class Session:
+        kernels = object()
+    choices = KernelChoices()
+    assert choices.fuse_prefill and choices.prefill_kernels(Session) is Session.kernels
+    assert KernelChoices(fuse_prefill=False).prefill_kernels(Session) is None
+    assert KernelChoices(fuse_prefill=0).prefill_kernels(Session) is None
+    with pytest.warns(RuntimeWarning, match='through the step kernels failed'):
+        choices.give_up_prefill_fusion(RuntimeError('compile error'))
+    assert choices.prefill_fusion_failed and choices.prefill_kernels(Session) is None

@@ -31,7 +31,7 @@ def test_benchmark_times_both_engines_on_the_cpu_and_writes_its_json(tmp_path):
     # No NF4 kernel on the CPU, so no launch shapes tuned (on CUDA: each decoder's picks)
     assert [run['nf4_shapes'] for run in results['runs'] if run['engine'] == 'ours'] == [[]] * 2
     assert [(run['fuse_prefill'], run['prefill_fused']) for run in results['runs']
-            if run['engine'] == 'ours'] == [(False, False)] * 2  # --prefill-check: CUDA only
+            if run['engine'] == 'ours'] == [(True, False)] * 2  # asked; CUDA only, as the check
     # The CPU keeps the model's own prefill (the static one is graphed, on CUDA only).
     assert [run['prefill_path'] for run in results['runs'] if run['engine'] == 'ours'] == [
         'model'] * 2

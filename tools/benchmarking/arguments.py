@@ -83,12 +83,14 @@ def add_check_arguments(parser):
                              'not, overlapped or not, and folded and overlapped with SiLU(gate) '
                              '* up apart; nf4 variant, each --batch-sizes, first --new-tokens) '
                              'and add them to the agreement check')
+    parser.add_argument('--fuse-prefill', default='auto', choices=('auto', 'on', 'off'),
+                        help="CUDA: the static prefill's norms, residual adds and SiLU x up "
+                             'run through the compiled step kernels (FastGreedyDecoder('
+                             'fuse_prefill=...); auto: its default)')
     parser.add_argument('--prefill-check', action='store_true',
-                        help="CUDA: also time our engine with the static prefill's norms, "
-                             'residual adds and SiLU x up through the compiled step kernels '
-                             '(FastGreedyDecoder(fuse_prefill=True); nf4 variant, each '
-                             '--batch-sizes, first --new-tokens) and add it to the agreement '
-                             'check')
+                        help='CUDA: also time our engine with the other --fuse-prefill choice '
+                             '(nf4 variant, each --batch-sizes, first --new-tokens) and add it '
+                             'to the agreement check')
     parser.add_argument('--nf4-kernel', default='auto', choices=('auto', 'on', 'off'),
                         help="NF4 decode linears through the project's fused Triton kernel "
                              "(auto: on CUDA with Triton) or bitsandbytes' own path")

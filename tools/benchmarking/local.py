@@ -70,12 +70,13 @@ class Benchmark:
         self.nf4_kernel = TRISTATE[args.nf4_kernel]
         self.overlap, self.fold = TRISTATE[args.overlap], TRISTATE[args.fold]
         self.fold_act_out = TRISTATE[args.fold_act_out]
+        self.fuse_prefill = TRISTATE[args.fuse_prefill]
         self.width, self.height = parse_pair(args.image)
         self.timer = Timer(torch, device, cpu_time=args.cpu_time)
         self.builder = self.instruction = self.model = self.decoder = None
         self.batches, self.mixed = {}, None
         self.steps = None  # --step-check's decoders, once made
-        self.fused_prefill = None  # --prefill-check's decoder, once made
+        self.other_prefill = None  # --prefill-check's decoder, once made
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -93,7 +94,7 @@ class Benchmark:
             self.save()
 
     def new_decoder(self, fuse=None, nf4_kernel=None, overlap_launches=None,
-                    fold_elementwise=None, fold_act_out=None, fuse_prefill=False):
+                    fold_elementwise=None, fold_act_out=None, fuse_prefill=None):
         """A decoder with the command line's choices, unless told otherwise."""
         def given(value, default):
             return default if value is None else value
@@ -102,7 +103,7 @@ class Benchmark:
                                  overlap_launches=given(overlap_launches, self.overlap),
                                  fold_elementwise=given(fold_elementwise, self.fold),
                                  fold_act_out=given(fold_act_out, self.fold_act_out),
-                                 fuse_prefill=fuse_prefill)
+                                 fuse_prefill=given(fuse_prefill, self.fuse_prefill))
 
     def step_decoders(self) -> dict:
         """``--step-check``: a decoder per decode step of :data:`STEPS` (each says in its runs
@@ -119,13 +120,19 @@ class Benchmark:
         return self.steps
 
     def prefill_decoder(self):
-        """``--prefill-check``'s decoder (the static prefill's layers through the step
-        kernels), made once; None without it or off CUDA."""
+        """``--prefill-check``'s decoder (the other ``fuse_prefill`` choice than the default
+        decoder's), made once; None without it or off CUDA."""
         if not (self.args.prefill_check and self.on_cuda):
             return None
-        if self.fused_prefill is None:
-            self.fused_prefill = self.new_decoder(fuse_prefill=True)
-        return self.fused_prefill
+        if self.other_prefill is None:
+            fused = self.decoder.kernel_choices.fuse_prefill
+            self.other_prefill = self.new_decoder(fuse_prefill=not fused)
+        return self.other_prefill
+
+    def prefill_suffix(self) -> str:
+        """The label suffix of ``--prefill-check``'s runs and agreement."""
+        fused = self.prefill_decoder().kernel_choices.fuse_prefill
+        return ', prefill fused' if fused else ', prefill unfused'
 
     def time_ours(self, decoder, batch, new_tokens, label, repeats=None):
         """``decoder`` on ``batch`` test images, ``new_tokens`` forced (a run's figures)."""
@@ -201,7 +208,7 @@ class Benchmark:
             decoders.update((suffix.lstrip(', '), decoder)
                             for suffix, decoder in self.step_decoders().items())
             if self.prefill_decoder() is not None:
-                decoders['prefill fused'] = self.prefill_decoder()
+                decoders[self.prefill_suffix().lstrip(', ')] = self.prefill_decoder()
         try:
             entry = agreement(self.model, decoders, self.mixed, self.args.agreement_tokens,
                               label)
@@ -255,16 +262,16 @@ class Benchmark:
                 self.add_run(run)
 
     def prefill_check(self, label):
-        """Our engine with the static prefill's layers through the step kernels."""
+        """Our engine with the other ``fuse_prefill`` choice, beside the default runs."""
         decoder = self.prefill_decoder()
         if decoder is None:
             return
+        suffix = self.prefill_suffix()
         for batch in self.args.batch_sizes:
             try:
-                run = self.time_ours(decoder, batch, self.args.new_tokens[0],
-                                     label + ', prefill fused')
+                run = self.time_ours(decoder, batch, self.args.new_tokens[0], label + suffix)
             except Exception as error:
-                self.error(f'ours {label} b{batch}, prefill fused', error)
+                self.error(f'ours {label} b{batch}{suffix}', error)
                 continue
             finally:
                 decoder.clear()  # peak memory per batch, as the other checks keep it

@@ -44,7 +44,9 @@ def frame_peaks(torch, device, model, tensors, args):
     decoder = FastGreedyDecoder(fuse_elementwise=TRISTATE[args.fuse],
                                 nf4_kernel=TRISTATE[args.nf4_kernel],
                                 overlap_launches=TRISTATE[args.overlap],
-                                fold_elementwise=TRISTATE[args.fold])
+                                fold_elementwise=TRISTATE[args.fold],
+                                fold_act_out=TRISTATE[args.fold_act_out],
+                                fuse_prefill=TRISTATE[args.fuse_prefill])
     decoder(model, tensors, new_tokens, [])
     first = torch.cuda.max_memory_allocated(device)
     first_reserved = torch.cuda.max_memory_reserved(device)
@@ -80,7 +82,8 @@ def memory_command(args, variant, script: Path):
     command = [sys.executable, str(script), '--memory-only', variant,
                '--image', args.image, '--new-tokens', str(args.new_tokens[0]),
                '--nf4-kernel', args.nf4_kernel, '--fuse', args.fuse, '--overlap', args.overlap,
-               '--fold', args.fold]
+               '--fold', args.fold, '--fold-act-out', args.fold_act_out,
+               '--fuse-prefill', args.fuse_prefill]
     if args.tiny:
         command.append('--tiny')
     if args.model is not None:
