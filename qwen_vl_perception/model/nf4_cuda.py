@@ -15,7 +15,9 @@ columns of one ``mma`` lie in one 64-block: its fp32 result is scaled by the row
 Each warp keeps ``PIPE`` blocks of loads in flight (registers only), a CTA's warps take
 interleaved blocks of the same ``RT`` row tiles and add up their sums through shared memory in
 warp order; with ``splits > 1`` CTAs also split the reduction and the last one of a row group
-adds the partials up in split order, as the Triton kernel does. Deterministic either way.
+adds the partials up in split order, as the Triton kernel does, through a global workspace
+or (``CudaShape.cluster``, sm_90) the shared memory of the splits' thread-block cluster: the
+same bits. Deterministic either way.
 The 4-bit codes become table values by byte permutes, as :func:`nf4_codes.lookup_asm` does,
 with the output pairs in column order; or (``CudaShape.table`` > 0) each packed byte is looked
 up in a shared-memory table of its two values, which the CTA builds by those permutes before
@@ -66,17 +68,23 @@ KERNEL_NAME = 'nf4_mma'
 @dataclass(frozen=True)
 class CudaShape:
     """A compiled variant's shape: warps per CTA, row tiles of 16 per warp, blocks in flight,
-    copies of the shared-memory decode table (0: decode by byte permutes in registers), and
-    whether each warp loads ``x`` a block ahead (``x_ahead``) or right before its use."""
+    copies of the shared-memory decode table (0: decode by byte permutes in registers),
+    whether each warp loads ``x`` a block ahead (``x_ahead``) or right before its use, and
+    whether a split reduction's CTAs form a thread-block cluster (``cluster``, sm_90+: the
+    first adds the others' sums up from their shared memory, no workspace, no counter; at
+    most :data:`MAX_CLUSTER_SPLITS` splits)."""
     warps: int = 4
     row_tiles: int = 1
     pipe: int = 4
     table: int = 0
     x_ahead: bool = False
+    cluster: bool = False
 
 
 TABLE_COPIES = (0, 2, 4, 8, 16)
 """The ``CudaShape.table`` values the kernel compiles (a power of two: copy = lane modulo it)."""
+MAX_CLUSTER_SPLITS = 8
+"""The most CTAs of a cluster that every sm_90 GPU launches (the portable cluster size)."""
 STATIC_SHARED_LIMIT = 48 * 1024
 """Bytes of static shared memory a CTA may declare."""
 
@@ -87,7 +95,8 @@ def shared_bytes(shape: CudaShape, n_tiles: int) -> int:
     sums) and residual sums at most (:data:`FOLDS`)."""
     stat_quads = (3 if shape.warps >= 8 else 5) * 32 * shape.warps  # STAT_PRE x threads
     return (shape.warps * shape.row_tiles * n_tiles * 4 * 32 * 4 + 4 + 1024 * shape.table
-            + 16 * stat_quads + 64 * shape.warps + 1024 * shape.row_tiles)
+            + 16 * stat_quads + 64 * shape.warps + 1024 * shape.row_tiles
+            + 1024 * shape.row_tiles * shape.cluster)
 
 
 def fits(shape: CudaShape, n_tiles: int = 2) -> bool:
@@ -169,6 +178,22 @@ __device__ __forceinline__ void copy16_async(void* to, const void* from, bool on
                  :: "r"((u32)__cvta_generic_to_shared(to)), "l"(from), "r"(on ? 16 : 0)
                  : "memory");
 }
+
+#if CLUSTER  // sm_90: a thread-block cluster's barrier and its CTAs' shared memory
+__device__ __forceinline__ void cluster_sync() {  // every thread of every CTA of the cluster
+    asm volatile("barrier.cluster.arrive.release.aligned;\n"
+                 "barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// *p as it is in the shared memory of the cluster's CTA ``rank`` (p: this CTA's address)
+__device__ __forceinline__ float cluster_load(const float* p, u32 rank) {
+    u32 remote;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+                 : "=r"(remote) : "r"((u32)__cvta_generic_to_shared(p)), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+#endif
 
 struct Table { u32 hi0, hi2, lo0, lo2, pick; };  // kept in registers (see decode8)
 
@@ -619,6 +644,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 #endif
     __shared__ float partial[WARPS][ELEMENTS];
     __shared__ int is_last;
+#if CLUSTER  // this CTA's sums (splits > 1), laid out as its part of the workspace
+    __shared__ float cluster_sums[RT * 256];
+#endif
 #if NORM_OUT && !RESIDUAL
 #error "the next norm's x is written beside the residual stream: a residual launch"
 #endif
@@ -708,7 +736,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
                 store_out(out + (size_t)m * stride_out + pq.column + pq.row0 + feature, sum,
                           r, m, feature, j);
             } else {
+#if CLUSTER
+                cluster_sums[r * 256 + m * 16 + feature] = sum;
+#else
                 ws[((size_t)tile * splits + split) * 256 + m * 16 + feature] = sum;
+#endif
             }
         }
     }
@@ -716,6 +748,31 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
         after_stores(squares_out, tiles, M);
         return;
     }
+#if CLUSTER
+    // The row group's splits are one cluster (1 x splits CTAs, rank = split): the first CTA
+    // adds the others' sums up from their shared memory, in split order as the workspace path
+    // does (the same bits), and the others keep theirs until it has read them.
+    cluster_sync();
+    if (split == 0) {
+#pragma unroll
+        for (int j = 0; j < SLOTS; ++j) {
+            int r, m, feature;
+            if (slot_of(j, r, m, feature)) {
+                const int tile = blockIdx.x * RT + r;
+                float sum = 0.f;
+                for (int s = 0; s < splits; ++s)
+                    sum += cluster_load(&cluster_sums[r * 256 + m * 16 + feature], (u32)s);
+                const Problem pq = problem_of(tile, tiles1, tiles2, p0, a0, s0, c0, f0, n0,
+                                              p1, a1, s1, c1, f1, n1, p2, a2, s2, c2, f2);
+                store_out(out + (size_t)m * stride_out + pq.column + pq.row0 + feature, sum,
+                          r, m, feature, j);
+            }
+        }
+        after_stores(squares_out, tiles, M);
+    }
+    cluster_sync();
+    return;
+#endif
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) is_last = atomicAdd(locks + blockIdx.x, 1) == splits - 1;
@@ -781,7 +838,8 @@ def source_for(table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
                'PDL': int(programmatic), 'TABLE': shape.table, 'TILED': int(tiled),
                'TABLE_SHIFT': 2 + max(shape.table, 1).bit_length() - 1, 'IS_BF16': int(bf16),
                'XFORM': int(x_fold), 'RESIDUAL': int(residual), 'X_AHEAD': int(shape.x_ahead),
-               'NORM_OUT': int(norm_out), 'ACT_OUT': int(act_out)}
+               'NORM_OUT': int(norm_out), 'ACT_OUT': int(act_out),
+               'CLUSTER': int(shape.cluster)}
     defines.update({f'HI{i}': f'{word:#x}u' for i, word in enumerate(high)})
     defines.update({f'LO{i}': f'{word:#x}u' for i, word in enumerate(low)})
     return ''.join(f'#define {key} {value}\n' for key, value in defines.items()) + SOURCE
@@ -821,7 +879,8 @@ def launch(x, out, workspace, locks, table, problems, in_features: int, splits: 
     """``out[:, columns of weight g] = x @ W_g.T`` for the 1 to 3 ``problems`` (packed,
     absmax, absmax2, code2, offset, out features; out features multiples of 16). ``workspace``:
     ``tiles * splits * 256`` fp32 when ``splits > 1``; ``locks``: one zeroed int32 per CTA row
-    group. ``programmatic``: with programmatic dependent launch (compute capability 9.0+).
+    group (a ``shape.cluster`` launch adds its splits up in shared memory and leaves both
+    alone). ``programmatic``: with programmatic dependent launch (compute capability 9.0+).
     ``tiled``: the weights are in :func:`tiled`'s layout.
 
     Folded work (each at most one of the first two): ``norm = (weight, squares, eps)``: the
@@ -837,6 +896,9 @@ def launch(x, out, workspace, locks, table, problems, in_features: int, splits: 
     = SiLU(x @ gate.T) * (x @ up.T), each product rounded to the compute dtype first (as
     the two outputs would be), the SiLU in fp32 with fast exponentials; each CTA takes gate's
     and up's tiles in turn."""
+    if shape.cluster and splits > MAX_CLUSTER_SPLITS:
+        raise ValueError(f'a clustered launch splits in at most {MAX_CLUSTER_SPLITS}, not '
+                         f'{splits}')
     if sum((norm is not None, bool(act_offset), scale is not None)) > 1:
         raise ValueError('one launch folds a norm, an activation or a scale into x, not more')
     if norm_out is not None and squares_out is None:
@@ -870,8 +932,9 @@ def launch(x, out, workspace, locks, table, problems, in_features: int, splits: 
               else FOLD_SCALE if scale is not None else FOLD_NONE)
     kernel = kernel_for(x.device, table, bf16, nested, shape, n_tiles, programmatic, tiled,
                         x_fold, squares_out is not None, norm_out is not None, act_out)
+    clustered = shape.cluster and splits > 1
     kernel((-(-total // shape.row_tiles), splits), (32 * shape.warps,), arguments,
-           programmatic=programmatic)
+           programmatic=programmatic, cluster=(1, splits, 1) if clustered else None)
 
 
 def row_groups(out_features, shape: CudaShape) -> int:

@@ -75,8 +75,11 @@ class LaunchShape:
     """A launch of the Triton kernel (``kernel='triton'``: ``block_n`` weight rows per program,
     warps, pipeline stages) or of the CUDA one (``kernel='cuda'``: ``block_n`` = 16 x row tiles
     per warp, ``num_stages`` = blocks in flight per warp, ``table`` copies of its shared-memory
-    decode table or 0 to decode in registers, ``x_ahead``: ``x`` loaded a block ahead);
-    ``splits`` parts of the reduction."""
+    decode table or 0 to decode in registers, ``x_ahead``: ``x`` loaded a block ahead,
+    ``cluster``: a split reduction's CTAs one thread-block cluster, sm_90+, at most
+    ``nf4_cuda.MAX_CLUSTER_SPLITS`` splits, :class:`nf4_cuda.CudaShape`; the same bits, not
+    faster on the H200, so :meth:`NF4Matmul.candidates` does not try it); ``splits`` parts of
+    the reduction."""
     block_n: int
     splits: int
     num_warps: int = 4
@@ -84,6 +87,7 @@ class LaunchShape:
     kernel: str = 'triton'
     table: int = 0
     x_ahead: bool = False
+    cluster: bool = False
 
 
 def kernel_unavailable_reason(device=None) -> Optional[str]:
@@ -116,6 +120,7 @@ class NF4Matmul:
         self.min_rows = int(min_rows)
         self.overlap_launches = bool(overlap_launches)
         self._programmatic: Dict[int, bool] = {}  # device index: programmatic launch possible
+        self._clusters: Dict[int, bool] = {}  # device index: cluster launches possible
         self._shapes: Dict[Tuple, LaunchShape] = {}
         self._timings: Dict[Tuple, list] = {}
         # (shape key, act_out) -> the fastest timed shape that can fold, or None
@@ -448,7 +453,10 @@ class NF4Matmul:
         target = out if out.dtype == compute else torch.empty(out.shape, dtype=compute,
                                                               device=out.device)
         cuda_shape = nf4_cuda.CudaShape(shape.num_warps, shape.block_n // 16, shape.num_stages,
-                                        shape.table, shape.x_ahead)
+                                        shape.table, shape.x_ahead, shape.cluster)
+        if shape.cluster and shape.splits > 1 and not self._clusters_on(flat.device):
+            raise ValueError(f'{shape}: this GPU or driver launches no thread-block clusters '
+                             '(compute capability 9.0+, CUDA 12+)')
         tiles = sum(weight.out_features // 16 for weight in weights)
         workspace, locks = self._buffers_for(
             flat.device, tiles, shape, groups=nf4_cuda.row_groups(
@@ -471,6 +479,13 @@ class NF4Matmul:
             from . import nvrtc
             self._programmatic[index] = nvrtc.programmatic_launch_supported(device)
         return self._programmatic[index]
+
+    def _clusters_on(self, device) -> bool:
+        index = device.index if device.index is not None else require_torch().cuda.current_device()
+        if index not in self._clusters:
+            from . import nvrtc
+            self._clusters[index] = nvrtc.cluster_launch_supported(device)
+        return self._clusters[index]
 
     def _buffers_for(self, device, tiles, shape, groups=None):
         """The fp32 workspace for split partials and the tiles' arrival counters (zero between

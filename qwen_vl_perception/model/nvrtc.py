@@ -254,12 +254,13 @@ def _driver_check(result: int, what: str) -> None:
                            f'({(text.value or b"?").decode()})')
 
 
+_CLUSTER_DIMENSION = 4  # CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION: x, y, z
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, then a 64-byte union
-    _fields_ = [('id', ctypes.c_int), ('pad', ctypes.c_char * 4), ('value', ctypes.c_int),
-                ('value_rest', ctypes.c_char * 60)]
+    _fields_ = [('id', ctypes.c_int), ('pad', ctypes.c_char * 4),
+                ('value', ctypes.c_uint * 16)]
 
 
 class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
@@ -289,6 +290,25 @@ def programmatic_launch_supported(device) -> bool:
     return version.value >= 12030
 
 
+def cluster_launch_supported(device) -> bool:
+    """Whether kernels on ``device`` can be launched in thread-block clusters: compute
+    capability 9.0 or newer and a driver with ``cuLaunchKernelEx`` (CUDA 12.0+)."""
+    torch = require_torch()
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    if torch.cuda.get_device_capability(index)[0] < 9:
+        return False
+    try:
+        driver = _load('cuda')
+    except OSError:
+        return False
+    version = ctypes.c_int()
+    if not hasattr(driver, 'cuLaunchKernelEx') or driver.cuDriverGetVersion(
+            ctypes.byref(version)) != 0:
+        return False
+    return version.value >= 12000
+
+
 class Kernel:
     """One ``extern "C"`` kernel of a cubin, loaded on CUDA device ``device``."""
 
@@ -314,11 +334,13 @@ class Kernel:
         return value.value
 
     def __call__(self, grid, block, arguments, shared_bytes: int = 0,
-                 programmatic: bool = False) -> None:
+                 programmatic: bool = False, cluster=None) -> None:
         """Launch on the current stream of the kernel's device. ``arguments``: tensors (their
         data pointers), ``None`` (a null pointer), ints (``int``), floats (``float``), in the
         kernel's order.
-        ``programmatic``: with programmatic dependent launch (see the module's text)."""
+        ``programmatic``: with programmatic dependent launch (see the module's text).
+        ``cluster``: the CTAs per thread-block cluster, (x, y, z) dividing the grid (compute
+        capability 9.0+; :func:`cluster_launch_supported`)."""
         torch = require_torch()
         values = []
         for argument in arguments:
@@ -337,15 +359,28 @@ class Kernel:
         grid = tuple(grid) + (1,) * (3 - len(grid))
         block = tuple(block) + (1,) * (3 - len(block))
         stream = torch.cuda.current_stream(self.device).cuda_stream
+        attributes = []
         if programmatic:
-            attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+            attributes.append(_LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION,
+                                               value=(ctypes.c_uint * 16)(1)))
+        if cluster is not None:
+            cluster = tuple(cluster) + (1,) * (3 - len(cluster))
+            if any(size % part for size, part in zip(grid, cluster)):
+                raise ValueError(f'clusters of {cluster} CTAs do not divide the grid {grid}')
+            attributes.append(_LaunchAttribute(id=_CLUSTER_DIMENSION,
+                                               value=(ctypes.c_uint * 16)(*cluster)))
+        if attributes:
+            array = (_LaunchAttribute * len(attributes))(*attributes)
             config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block),
                                    shared_bytes, ctypes.c_void_p(stream),
-                                   ctypes.pointer(attribute), 1)
+                                   ctypes.cast(array, ctypes.POINTER(_LaunchAttribute)),
+                                   len(attributes))
             with torch.cuda.device(self.device):
                 _driver_check(_load('cuda').cuLaunchKernelEx(
                     ctypes.byref(config), self._function, pointers, None),
-                    f'launching {self.name} (programmatic)')
+                    f'launching {self.name}'
+                    + (' (programmatic)' if programmatic else '')
+                    + (f' (clusters of {cluster})' if cluster is not None else ''))
             return
         with torch.cuda.device(self.device):  # the launch goes to the current context
             _driver_check(_load('cuda').cuLaunchKernel(

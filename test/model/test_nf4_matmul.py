@@ -1033,3 +1033,68 @@ def test_x_loaded_a_block_ahead_gives_the_bits_of_x_loaded_at_use(compute_dtype)
                 for out, want in zip(matmul.folded(x, weights, norm=norm, shape=ahead),
                                      matmul.folded(x, weights, norm=norm, shape=shape)):
                     assert torch.equal(out, want), (shape, rows)
+
+
+def _clusters_launch():
+    from qwen_vl_perception.model import nvrtc
+    return (torch.cuda.is_available() and nvrtc.unavailable_reason() is None
+            and nvrtc.cluster_launch_supported('cuda'))
+
+
+@pytest.mark.skipif(not _clusters_launch(), reason='needs a GPU that launches clusters (sm_90+)')
+@pytest.mark.parametrize('compute_dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('overlap', [False, True], ids=['plain', 'overlapped'])
+def test_a_clustered_split_gives_the_bits_of_the_workspace_split(compute_dtype, overlap):
+    """``cluster``: the splits of a row group add up through the cluster's shared memory in
+    split order, as the workspace does: the same bits for grouped launches, the residual
+    launch with the next norm's x, the norm-scaled launch and gate+up writing SiLU x up, 1-16
+    rows, 2-8 splits (8: clusters only, against the kernel's own math); the workspace's
+    counters stay untouched."""
+    modules = [nf4_linear(width, 1024, compute_dtype, bias=False, seed=seed)
+               for seed, width in enumerate((256, 256))]
+    gate, up = weights = [nf4_weight(module) for module in modules]
+    matmul = NF4Matmul(overlap_launches=overlap)
+    norm_weight = (1 + 0.3 * torch.randn(1024, device='cuda')).to(compute_dtype)
+    next_weight = (1 + 0.3 * torch.randn(256, device='cuda')).to(compute_dtype)
+    for warps, block_n, splits in ((4, 16, 2), (8, 16, 2), (4, 32, 4), (4, 32, 8)):
+        workspace = LaunchShape(block_n, min(splits, 4), warps, 4, 'cuda')
+        clustered = dataclasses.replace(workspace, splits=splits, cluster=True)
+        for rows in (1, 8, 9, MAX_ROWS):
+            x = torch.randn(rows, 1024, device='cuda', dtype=compute_dtype)
+            got = matmul.grouped(x, weights, clustered)
+            if splits <= 4:
+                for out, want in zip(got, matmul.grouped(x, weights, workspace)):
+                    assert torch.equal(out, want), (clustered, rows)
+            for out, module in zip(got, modules):  # 8 splits: as close as the kernel's math
+                torch.testing.assert_close(out, module(x), rtol=2e-2, atol=2e-2)
+            if splits > 4:
+                continue
+            squares = _squares(x)
+            if block_n % 32 == 0:  # gate+up, norm-scaled, writing SiLU x up
+                assert torch.equal(*[matmul.folded(x, [gate, up], act_out=True, shape=shape,
+                                                   scale=(1e-6, squares))[0]
+                                     for shape in (clustered, workspace)]), (clustered, rows)
+            results = []
+            for shape in (clustered, workspace):  # o/down: the residual add, the next norm's x
+                hidden = torch.randn(rows, 256, device='cuda', dtype=compute_dtype,
+                                     generator=torch.Generator('cuda').manual_seed(rows))
+                normed = torch.empty_like(hidden)
+                sums = torch.full((16, 16), float('nan'), device='cuda')
+                matmul.folded(x, [gate], residual=(hidden, sums),
+                              norm_out=(next_weight, normed), shape=shape)
+                results.append((hidden, normed, sums[:, :rows]))
+            for got_part, want_part in zip(*results):
+                assert torch.equal(got_part, want_part), (clustered, rows)
+            assert torch.equal(matmul.folded(x, weights, norm=(norm_weight, 1e-6, squares),
+                                             shape=clustered)[0],
+                               matmul.folded(x, weights, norm=(norm_weight, 1e-6, squares),
+                                             shape=workspace)[0])
+    assert not any(locks.any() for _, locks in matmul._buffers.values())
+
+
+def test_a_clustered_launch_splits_in_at_most_eight():
+    """The portable cluster size: more splits are refused before anything is compiled."""
+    from qwen_vl_perception.model import nf4_cuda
+    with pytest.raises(ValueError, match='at most 8'):
+        nf4_cuda.launch(None, None, None, None, None, [], 1024, 16, 1, nested=True, qblock2=256,
+                        bf16=True, shape=nf4_cuda.CudaShape(cluster=True))

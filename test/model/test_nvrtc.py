@@ -83,6 +83,27 @@ def test_the_folded_variants_compile(arch):
         nf4_cuda.source_for(NF4_TABLE, True, True, nf4_cuda.CudaShape(), 1, norm_out=True)
 
 
+@no_nvrtc
+def test_the_clustered_variants_compile_for_sm_90():
+    """Split reductions through a thread-block cluster's shared memory (sm_90 only): plain,
+    the residual launch with the next norm's x, gate+up writing SiLU x up, with and without
+    programmatic launch; their static shared memory is counted."""
+    shape = nf4_cuda.CudaShape(4, 2, 4, cluster=True)
+    assert nf4_cuda.shared_bytes(shape, 2) == nf4_cuda.shared_bytes(
+        nf4_cuda.CudaShape(4, 2, 4), 2) + 2048
+    sources = [nf4_cuda.source_for(NF4_TABLE, bf16, True, shape, n_tiles, programmatic, False,
+                                   fold, residual, norm_out, act_out)
+               for n_tiles in (1, 2) for bf16 in (True, False) for programmatic in (False, True)
+               for fold, residual, norm_out, act_out in (
+                   (nf4_cuda.FOLD_NONE, False, False, False),
+                   (nf4_cuda.FOLD_NONE, True, True, False),
+                   (nf4_cuda.FOLD_SCALE, False, False, True))]
+    assert all('#define CLUSTER 1' in source for source in sources)
+    cubins = [nvrtc.compile_cubin(source, nf4_cuda.KERNEL_NAME, 'sm_90', cache=False)
+              for source in sources]
+    assert len(cubins) == 24 and all(cubin[:4] == b'\x7fELF' for cubin in cubins)
+
+
 def test_the_launch_structures_have_the_driver_api_layout():
     """cuLaunchKernelEx reads CUlaunchConfig and CUlaunchAttribute as cuda.h lays them out
     (64-bit): a wrong size or offset would launch with garbage."""

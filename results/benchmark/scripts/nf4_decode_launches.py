@@ -12,7 +12,9 @@ bitsandbytes:
   the launch over enough copies of the layer (distinct weights) that they stream from memory,
   us per launch (``--out``: ``gpu_table_sweep.json``; with ``--tables 0 --layouts stored
   tiled``: ``gpu_tiled_sweep.json``; with ``--tables 0 --x-ahead 0 1``:
-  ``gpu_x_ahead_sweep.json``);
+  ``gpu_x_ahead_sweep.json``; with ``--tables 0 --clusters 0 1 [--overlap]``: split
+  reductions through a thread-block cluster's shared memory beside the workspace's,
+  ``gpu_cluster_sweep*.json``);
 - ``folds``: each decode launch with the elementwise work folded in (RMSNorm into q+k+v and
   gate+up, the residual add into o and down, SiLU x up into down) against the plain launch of
   the same tuned shape, and the step's elementwise kernels that folding removes, each streamed
@@ -165,10 +167,12 @@ def tiled_copy(weight):
     return dataclasses.replace(weight, packed=packed, absmax=absmax, tiled=True)
 
 
-def sweep(out_path, tables, layouts, row_counts, x_aheads=(False,), streamed_bytes=240e6):
+def sweep(out_path, tables, layouts, row_counts, x_aheads=(False,), clusters=(False,),
+          overlap=False, streamed_bytes=240e6):
     torch.manual_seed(0)
-    matmul = NF4Matmul()
-    results = {'streamed_bytes': streamed_bytes, 'sm_clock_before': sm_clock(), 'runs': []}
+    matmul = NF4Matmul(overlap_launches=overlap)
+    results = {'streamed_bytes': streamed_bytes, 'sm_clock_before': sm_clock(),
+               'overlapped_launches': overlap, 'runs': []}
     for name, shapes in SHAPES:
         weight_bytes, layer_copies = streamed_copies(shapes, streamed_bytes)
         copies = len(layer_copies)
@@ -179,23 +183,29 @@ def sweep(out_path, tables, layouts, row_counts, x_aheads=(False,), streamed_byt
         for rows in row_counts:
             x = torch.randn(rows, shapes[0][1], device='cuda', dtype=torch.bfloat16)
             timed = []
-            for warps, row_tiles, pipe, table, splits, layout, ahead in itertools.product(
-                    (4, 8), (1, 2), (2, 4, 8), tables, (1, 2, 4), layouts, x_aheads):
-                if not nf4_cuda.fits(nf4_cuda.CudaShape(warps, row_tiles, pipe, table)):
+            for warps, row_tiles, pipe, table, splits, layout, ahead, cluster in \
+                    itertools.product((4, 8), (1, 2), (2, 4, 8), tables, (1, 2, 4, 8), layouts,
+                                      x_aheads, clusters):
+                if not nf4_cuda.fits(nf4_cuda.CudaShape(warps, row_tiles, pipe, table,
+                                                        cluster=cluster)):
                     continue
-                if blocks // splits < warps:
-                    continue
-                shape = LaunchShape(16 * row_tiles, splits, warps, pipe, 'cuda', table, ahead)
+                if blocks // splits < warps or (splits == 8 and not cluster) or (
+                        cluster and splits == 1):
+                    continue  # clusters: splits 2-8 (8: clusters only); the workspace: 1-4
+                shape = LaunchShape(16 * row_tiles, splits, warps, pipe, 'cuda', table, ahead,
+                                    cluster)
                 weights = tiled_copies if layout == 'tiled' else layer_copies
-                if layout == 'tiled':  # the same bits as the stored layout gives
+                if layout == 'tiled' or (cluster and splits <= 4):  # the bits of the stored
+                    plain = dataclasses.replace(shape, cluster=False)  # layout, workspace
                     assert all(torch.equal(a, b) for a, b in zip(
-                        matmul.grouped(x, tiled_copies[0], shape),
-                        matmul.grouped(x, layer_copies[0], shape))), (name, shape)
+                        matmul.grouped(x, weights[0], shape),
+                        matmul.grouped(x, layer_copies[0], plain))), (name, shape)
                 us = streamed_us(lambda i: matmul.grouped(x, weights[i], shape), copies)
                 timed.append((us, f'w{warps}r{row_tiles}p{pipe}t{table}s{splits}'
                                   + ('-tiled' if layout == 'tiled' else '')
-                                  + ('-ahead' if ahead else '')))
-            tuner = NF4Matmul()  # the tuner's own pick (both kernels), streamed the same way
+                                  + ('-ahead' if ahead else '')
+                                  + ('-cluster' if cluster else '')))
+            tuner = NF4Matmul(overlap_launches=overlap)  # its own pick, streamed the same way
             tuner.grouped(x, layer_copies[0])
             picked = tuner.tuned_shapes()[0]['shape']
             tuned_us = streamed_us(lambda i: tuner.grouped(x, layer_copies[i]), copies)
@@ -203,7 +213,9 @@ def sweep(out_path, tables, layouts, row_counts, x_aheads=(False,), streamed_byt
             best = {}
             for us, key in timed:
                 kind = ('table' if 't0s' not in key else 'register') + (
-                    ' tiled' if '-tiled' in key else '') + (' x ahead' if '-ahead' in key else '')
+                    ' tiled' if '-tiled' in key else '') + (
+                    ' x ahead' if '-ahead' in key else '') + (
+                    ' cluster' if '-cluster' in key else '')
                 best.setdefault(kind, (us, key))
             run = {'launch': name, 'rows': rows, 'widths': widths, 'in_features': shapes[0][1],
                    'copies': copies, 'weight_mb': weight_bytes / 1e6, 'best': best,
@@ -493,6 +505,12 @@ def main():
     parser.add_argument('--rows', type=int, nargs='+', default=[1, 8], help='sweep: rows')
     parser.add_argument('--x-ahead', type=int, nargs='+', choices=(0, 1), default=[0],
                         help='sweep: x loaded right before its use (0), a block ahead (1)')
+    parser.add_argument('--clusters', type=int, nargs='+', choices=(0, 1), default=[0],
+                        help="sweep: split reductions added up through a global workspace (0) "
+                             "or a thread-block cluster's shared memory (1, sm_90+)")
+    parser.add_argument('--overlap', action='store_true',
+                        help='sweep: launches with programmatic dependent launch, as the '
+                             'decode step makes them')
     parser.add_argument('--baseline', help='folds-v2: an older nf4_cuda.py to time beside')
     arguments = parser.parse_args()
     if arguments.mode == 'folds-v2':
@@ -500,7 +518,8 @@ def main():
         return
     if arguments.mode == 'sweep':
         sweep(arguments.out, arguments.tables, arguments.layouts, arguments.rows,
-              [bool(ahead) for ahead in arguments.x_ahead])
+              [bool(ahead) for ahead in arguments.x_ahead],
+              [bool(cluster) for cluster in arguments.clusters], arguments.overlap)
         return
     if arguments.mode == 'folds':
         folds(arguments.out, arguments.rows)
