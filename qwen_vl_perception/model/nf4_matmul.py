@@ -24,7 +24,10 @@ nf4_cuda`, compiled at run time by NVRTC): weights straight from memory into eac
 tensor-core operand registers, no shared memory in its loop. Launch shapes of both (rows of
 the weight per program, warps, pipeline depth, how many programs split the reduction) are
 timed once per layer shape on the device, outside any CUDA-graph capture, and the fastest
-kept, unless ``tune=False`` (then the Triton kernel's default). Where NVRTC is missing or the
+kept, unless ``tune=False`` (then the Triton kernel's default). Where the model has enough
+layers of the shape (:data:`STREAM_LAYERS`, more bytes than the L2 cache holds twice), each
+shape is timed as a decode step meets it: one launch per layer in a CUDA graph, overlapped as
+the step launches them; otherwise one launch after an L2 flush. Where NVRTC is missing or the
 CUDA kernel fails to build, one warning and the Triton kernel alone. Needs CUDA and Triton
 (which CUDA builds of torch bring); without them :func:`kernel_unavailable_reason` says why
 and callers keep bitsandbytes' own path.
@@ -33,6 +36,7 @@ import contextlib
 import dataclasses
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -51,6 +55,13 @@ _LOOKUP_ASM, _LOOKUP_GATHER = 0, 1
 _BLOCK_CONFIGS = ((128, 4, 6), (64, 4, 4), (64, 4, 8), (128, 4, 4), (256, 8, 4), (128, 8, 6))
 """(weight rows per program, warps, pipeline stages); the first is the untimed default. Deep
 pipelines keep enough bytes in flight: a product of a few MB is mostly memory latency."""
+STREAM_LAYERS = 8
+"""Layers of one launch shape (weights made into linears by one :class:`NF4Matmul`, still
+alive) from which the tuner times candidates as a chain over them, one launch per layer in a
+CUDA graph (with programmatic launch where it is on), rather than one launch after an L2
+flush: the single cold launch misranked shapes the chain tells apart (q+k+v at one row: 9.5
+against 6.5 us per launch in one process's pick, ``results/benchmark/gpu_cluster_sweep.json``'s
+section), the spread of ~0.1 ms/token between processes."""
 _SPLIT_TARGETS = (1, 2, 4)  # programs per multiprocessor that split counts aim at
 _MAX_SPLITS = 16  # the last program of a tile adds the partials up
 
@@ -129,6 +140,10 @@ class NF4Matmul:
         self._sm_count: Dict[int, int] = {}
         self._rows: set = set()
         self._cuda_kernel: Dict[int, Optional[str]] = {}  # device index: why not, or None
+        # (widths, group key) -> {packed pointers: weakrefs of a launch's weights}: the layers
+        # of each launch shape, for streamed tuning (weak: they live as long as the model)
+        self._layers: Dict[Tuple, Dict[Tuple, list]] = {}
+        self._timed_over: Dict[Tuple, int] = {}  # shape key -> layers streamed (0: cold)
 
     @property
     def tuned_rows(self) -> set:
@@ -144,6 +159,7 @@ class NF4Matmul:
         weight = nf4_weight(module)
         if weight is None:
             return None
+        self._add_layer([weight])
         minimum = self.min_rows
         own_forward = type(module).forward  # not module(x): callers may swap module.forward
 
@@ -165,6 +181,7 @@ class NF4Matmul:
             return None
         if len({weight.group_key() for weight in weights}) != 1:
             return None
+        self._add_layer(weights)
         singles = [self.linear_for(module) for module in modules]
         minimum = self.min_rows
 
@@ -401,8 +418,9 @@ class NF4Matmul:
         """The launch shapes picked so far, one entry per layer shape and row bucket: the
         weights' widths, input size, compute dtype, rows (``'1-8'`` or ``'9-16'``), the shape,
         the folded launches' shapes where :meth:`foldable` was asked (without and with
-        ``act_out``; None: cannot fold or not asked), and
-        every candidate's median milliseconds."""
+        ``act_out``; None: cannot fold or not asked), every candidate's median milliseconds
+        (per launch), and over how many layers they were streamed (``timed_over``; 0: one
+        launch after an L2 flush)."""
         def fold_shape(key):
             fold = self._fold_shapes.get(key)
             return None if fold is None else dataclasses.asdict(fold)
@@ -411,7 +429,8 @@ class NF4Matmul:
                  'fold_shape': fold_shape((key, False)),
                  'act_out_fold_shape': fold_shape((key, True)),
                  'timed_ms': [(round(ms, 5), dataclasses.asdict(candidate))
-                              for ms, candidate in self._timings.get(key, [])]}
+                              for ms, candidate in self._timings.get(key, [])],
+                 'timed_over': self._timed_over.get(key, 0)}
                 for key, shape in self._shapes.items()]
 
     # -- launching -----------------------------------------------------------------------
@@ -601,18 +620,47 @@ class NF4Matmul:
                                                           'cuda', table, ahead))
         return list(dict.fromkeys(shapes))
 
+    def _add_layer(self, weights) -> None:
+        entries = self._layers.setdefault(_layer_key(weights), {})
+        entries[tuple(weight.packed.data_ptr() for weight in weights)] = [
+            weakref.ref(weight) for weight in weights]
+
+    def _streamed_layers(self, flat, weights) -> list:
+        """The live layers of ``weights``' launch shape to time candidates over, or [] (too
+        few, or fewer bytes than twice the L2 cache: they would be timed from it)."""
+        entries = self._layers.get(_layer_key(weights), {})
+        layers = []
+        for pointers, refs in list(entries.items()):
+            layer = [ref() for ref in refs]
+            if any(weight is None for weight in layer):
+                del entries[pointers]  # its model is gone
+            elif layer[0].packed.device == flat.device:
+                layers.append(layer)
+        if flat.device.type != 'cuda':
+            return []
+        streamed = sum(weight.packed.numel() for layer in layers for weight in layer)
+        l2_bytes = getattr(require_torch().cuda.get_device_properties(flat.device),
+                           'L2_cache_size', 0)
+        return layers if len(layers) >= STREAM_LAYERS and streamed >= 2 * l2_bytes else []
+
     def _timed(self, flat, weights, candidates) -> list:
         torch = require_torch()
         out = torch.empty(flat.shape[0], sum(weight.out_features for weight in weights),
                           dtype=flat.dtype, device=flat.device)
-        flush = _l2_flush(flat.device)
+        layers = self._streamed_layers(flat, weights)
+        self._timed_over[self._shape_key(flat, weights)] = len(layers)
+        flush = None if layers else _l2_flush(flat.device)
         timed = []
         for shape in candidates:
             if shape.kernel == 'cuda' and self._cuda_kernel.get(flat.device.index) is not None:
                 continue
             try:
-                milliseconds = _cold_ms(flat.device, lambda: self._launch(
-                    flat, out, weights, shape), flush)
+                if layers:
+                    milliseconds = _streamed_ms(flat.device, lambda: [
+                        self._launch(flat, out, layer, shape) for layer in layers]) / len(layers)
+                else:
+                    milliseconds = _cold_ms(flat.device, lambda: self._launch(
+                        flat, out, weights, shape), flush)
             except Exception as error:  # a shape this GPU cannot compile (e.g. shared memory)
                 if shape.kernel == 'cuda':  # NVRTC or the driver failed: Triton from here on
                     warnings.warn(f'the CUDA NF4 decode kernel failed ({type(error).__name__}: '
@@ -665,6 +713,33 @@ def _on_device(torch, device):
     if device.type == 'cuda':
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+def _layer_key(weights) -> Tuple:
+    """What layers launched the same way share: their widths and group key."""
+    return (tuple(weight.out_features for weight in weights), weights[0].group_key())
+
+
+def _streamed_ms(device, function, rounds: int = 3, replays: int = 2) -> float:
+    """Device milliseconds of ``function`` (launches over many layers) in one CUDA graph,
+    the median of ``rounds`` timings of ``replays`` replays, after one untimed replay."""
+    torch = require_torch()
+    function()  # compiles, and makes the launches' buffers outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        function()
+    graph.replay()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    graph.reset()
+    return sorted(times)[len(times) // 2]
 
 
 def _l2_flush(device):

@@ -1098,3 +1098,49 @@ def test_a_clustered_launch_splits_in_at_most_eight():
     with pytest.raises(ValueError, match='at most 8'):
         nf4_cuda.launch(None, None, None, None, None, [], 1024, 16, 1, nested=True, qblock2=256,
                         bf16=True, shape=nf4_cuda.CudaShape(cluster=True))
+
+
+def test_the_tuner_knows_each_launch_shapes_layers_only_while_they_live():
+    """Linears made by one NF4Matmul are its layers per launch shape (a group apart from its
+    singles, each layer once), held weakly: a dropped model's layers leave; off CUDA nothing
+    is streamed."""
+    import gc
+    from qwen_vl_perception.model.nf4_matmul import _layer_key
+    weights = [nf4_weight(nf4_linear(64, 128, torch.bfloat16, device='cpu', seed=seed),
+                          require_cuda=False) for seed in range(3)]
+    matmul = NF4Matmul(tune=False)
+    for weight in weights + weights[:1]:
+        matmul._add_layer([weight])
+    matmul._add_layer(weights[:2])
+    single, group = _layer_key(weights[:1]), _layer_key(weights[:2])
+    assert single != group
+    assert len(matmul._layers[single]) == 3 and len(matmul._layers[group]) == 1
+    flat = torch.zeros(1, 128, dtype=torch.bfloat16)
+    assert matmul._streamed_layers(flat, weights[:1]) == []  # the CPU: one launch, unstreamed
+    weights.pop()
+    gc.collect()
+    assert matmul._streamed_layers(flat, weights[:1]) == [] and len(matmul._layers[single]) == 2
+
+
+@cuda
+def test_the_tuner_times_a_launch_shape_over_its_layers_as_a_decode_step_meets_them():
+    """With enough layers of a shape (more bytes than twice the L2 cache), candidates are timed
+    as a chain over them (``timed_over``: how many), a lone layer after an L2 flush; the
+    picked shape computes the product."""
+    import math
+    from qwen_vl_perception.model.nf4_matmul import STREAM_LAYERS
+    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
+    count = max(STREAM_LAYERS, math.ceil(2 * l2_bytes / (2560 * 4096 // 2)) + 1)
+    modules = [nf4_linear(2560, 4096, torch.bfloat16, bias=False, seed=seed)
+               for seed in range(count)]
+    matmul = NF4Matmul(overlap_launches=True)
+    linears = [matmul.linear_for(module) for module in modules]
+    x = torch.randn(1, 4096, device='cuda', dtype=torch.bfloat16)
+    out = linears[3](x)
+    expected = dequantized_reference(modules[3], x)
+    assert (out.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+    entry, = matmul.tuned_shapes()
+    assert entry['timed_over'] == count and all(ms > 0 for ms, _ in entry['timed_ms'])
+    lone = NF4Matmul()
+    lone.linear_for(modules[0])(x)
+    assert lone.tuned_shapes()[0]['timed_over'] == 0
