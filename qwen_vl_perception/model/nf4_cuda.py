@@ -54,6 +54,11 @@ differ from transformers' (no rounding of ``h * rstd`` before the weight). What 
 need is read early so that the loop hides its latency: the sums of squares go to shared memory
 (``cp.async``) right after the wait, the stream's values and the next norm's weights are loaded
 before the loop.
+
+A model of bf16 layers with fp16 compute (the article's checkpoint) launches with
+``io_bf16``: ``x`` and the output are bf16, each ``x`` pair is rounded to fp16 as it is loaded
+and the product to fp16 and then bf16 as it is stored (the bits of the copies around an fp16
+launch, without them); nothing is folded into such a launch.
 """
 from dataclasses import dataclass
 from typing import Dict, Tuple
@@ -289,6 +294,22 @@ __device__ __forceinline__ u32 pair_from(float lo, float hi) {
     asm("cvt.rn." DTYPE "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
+
+#if IO_BF16  // x and out stored as bf16, the product in fp16 (bf16 layers, fp16 compute)
+// A pair of bf16 -> the pair rounded to fp16: the bits of x.to(torch.float16)
+__device__ __forceinline__ u32 f16_pair(u32 p) {
+    return pair_from(__uint_as_float(p << 16), __uint_as_float(p & 0xffff0000u));
+}
+
+// The fp16 product rounded again to bf16: the bits of out.to(torch.bfloat16)
+__device__ __forceinline__ u16 to_io(float v) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(from_out(to_out(v))));
+    return r;
+}
+#else
+#define to_io to_out
+#endif
 
 #if XFORM == 1 || NORM_OUT
 // Two elements of the norm's weight times h, one packed multiply; 1 / rms scales the sums
@@ -534,6 +555,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
             load_x(xq[n][1], xp[n] + block_index * 64 + 8, true);
         }
 #endif
+#if IO_BF16
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            xq[n][0] = make_uint4(f16_pair(xq[n][0].x), f16_pair(xq[n][0].y),
+                                  f16_pair(xq[n][0].z), f16_pair(xq[n][0].w));
+            xq[n][1] = make_uint4(f16_pair(xq[n][1].x), f16_pair(xq[n][1].y),
+                                  f16_pair(xq[n][1].z), f16_pair(xq[n][1].w));
+        }
+#endif
 #if XFORM == 1  // x = the norm's weight times h (these 16 columns); 1 / rms scales the sums
         {
             uint4 wn[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
@@ -702,9 +732,12 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     };
 #else
     auto store_out = [&](u16* o, float sum, int, int m, int, int) {
-        *o = to_out(scaled(sum, m));
+        *o = to_io(scaled(sum, m));
     };
     auto after_stores = [&](float*, int, int) {};
+#endif
+#if IO_BF16 && (IS_BF16 || XFORM || RESIDUAL || ACT_OUT)
+#error "bf16 x and out: fp16 compute, nothing folded"
 #endif
 #if ACT_OUT && (RESIDUAL || RT % 2)
 #error "SiLU(gate) * up out: no residual, gate and up tiles in pairs (even RT)"
@@ -812,14 +845,15 @@ def tiled(packed, absmax, out_features: int, in_features: int):
 
 def source_for(table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
                programmatic: bool = False, tiled: bool = False, x_fold: int = FOLD_NONE,
-               residual: bool = False, norm_out: bool = False, act_out: bool = False) -> str:
+               residual: bool = False, norm_out: bool = False, act_out: bool = False,
+               io_bf16: bool = False) -> str:
     """The kernel's source for one variant: the code table's bytes, the operand type, the
     absmax storage, the shape, whether it is launched with programmatic dependent launch,
     what it folds into its ``x`` loads (:data:`FOLDS`), whether it adds its product to
     ``out`` (a residual stream) and writes the sums of squares the next norm needs, and
     whether it also writes the next norm's weight times the new stream (``norm_out``), and
-    whether it writes SiLU(gate) * up of its two weights instead of them (``act_out``), as
-    macros."""
+    whether it writes SiLU(gate) * up of its two weights instead of them (``act_out``), and
+    whether ``x`` and ``out`` are bf16 around an fp16 product (``io_bf16``), as macros."""
     if x_fold not in FOLDS:
         raise ValueError(f'x_fold must be one of {FOLDS}, not {x_fold!r}')
     if norm_out and not residual:
@@ -827,6 +861,8 @@ def source_for(table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
     if act_out and (residual or shape.row_tiles % 2):
         raise ValueError('act_out takes gate and up tiles in pairs (even row_tiles), no '
                          'residual')
+    if io_bf16 and (bf16 or x_fold != FOLD_NONE or residual or act_out):
+        raise ValueError('bf16 x and out go with fp16 compute and nothing folded')
     torch = require_torch()
     high, low = table_words(table, torch.bfloat16 if bf16 else torch.float16)
     if not fits(shape, n_tiles):
@@ -839,7 +875,7 @@ def source_for(table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
                'TABLE_SHIFT': 2 + max(shape.table, 1).bit_length() - 1, 'IS_BF16': int(bf16),
                'XFORM': int(x_fold), 'RESIDUAL': int(residual), 'X_AHEAD': int(shape.x_ahead),
                'NORM_OUT': int(norm_out), 'ACT_OUT': int(act_out),
-               'CLUSTER': int(shape.cluster)}
+               'CLUSTER': int(shape.cluster), 'IO_BF16': int(io_bf16)}
     defines.update({f'HI{i}': f'{word:#x}u' for i, word in enumerate(high)})
     defines.update({f'LO{i}': f'{word:#x}u' for i, word in enumerate(low)})
     return ''.join(f'#define {key} {value}\n' for key, value in defines.items()) + SOURCE
@@ -850,13 +886,14 @@ _KERNELS: Dict[Tuple, object] = {}
 
 def kernel_for(device, table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
                programmatic: bool = False, tiled: bool = False, x_fold: int = FOLD_NONE,
-               residual: bool = False, norm_out: bool = False, act_out: bool = False):
+               residual: bool = False, norm_out: bool = False, act_out: bool = False,
+               io_bf16: bool = False):
     """The compiled kernel for one variant on ``device`` (compiled once per process)."""
     torch = require_torch()
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (index, tuple(table), bf16, nested, shape, n_tiles, programmatic, tiled, x_fold,
-           residual, norm_out, act_out)
+           residual, norm_out, act_out, io_bf16)
     kernel = _KERNELS.get(key)
     if kernel is None:
         major, minor = torch.cuda.get_device_capability(index)
@@ -864,7 +901,7 @@ def kernel_for(device, table, bf16: bool, nested: bool, shape: CudaShape, n_tile
             raise RuntimeError('the CUDA NF4 kernel needs compute capability 8.0 or newer')
         cubin = nvrtc.compile_cubin(source_for(table, bf16, nested, shape, n_tiles,
                                                programmatic, tiled, x_fold, residual,
-                                               norm_out, act_out),
+                                               norm_out, act_out, io_bf16),
                                     KERNEL_NAME, f'sm_{major}{minor}')
         kernel = nvrtc.Kernel(cubin, KERNEL_NAME, torch.device('cuda', index))
         _KERNELS[key] = kernel
@@ -875,7 +912,7 @@ def launch(x, out, workspace, locks, table, problems, in_features: int, splits: 
            blocks_per_split: int, *, nested: bool, qblock2: int, bf16: bool,
            shape: CudaShape, programmatic: bool = False, tiled: bool = False,
            norm=None, act_offset: int = 0, squares_out=None, scale=None,
-           norm_out=None, act_out: bool = False) -> None:
+           norm_out=None, act_out: bool = False, io_bf16: bool = False) -> None:
     """``out[:, columns of weight g] = x @ W_g.T`` for the 1 to 3 ``problems`` (packed,
     absmax, absmax2, code2, offset, out features; out features multiples of 16). ``workspace``:
     ``tiles * splits * 256`` fp32 when ``splits > 1``; ``locks``: one zeroed int32 per CTA row
@@ -895,7 +932,12 @@ def launch(x, out, workspace, locks, table, problems, in_features: int, splits: 
     weights of one width, gate and up; ``shape.row_tiles`` even): ``out`` ``(rows, width)``
     = SiLU(x @ gate.T) * (x @ up.T), each product rounded to the compute dtype first (as
     the two outputs would be), the SiLU in fp32 with fast exponentials; each CTA takes gate's
-    and up's tiles in turn."""
+    and up's tiles in turn.
+
+    ``io_bf16`` (``bf16`` False, nothing folded): ``x`` and ``out`` are bf16, the product
+    fp16: ``x`` is rounded to fp16 as it is loaded and the product to fp16 and then bf16 as
+    it is stored, the bits of ``x.to(float16)``, the fp16 launch and ``.to(bfloat16)``
+    without the two copies (a model of bf16 layers with fp16 compute, as the article's)."""
     if shape.cluster and splits > MAX_CLUSTER_SPLITS:
         raise ValueError(f'a clustered launch splits in at most {MAX_CLUSTER_SPLITS}, not '
                          f'{splits}')
@@ -931,7 +973,8 @@ def launch(x, out, workspace, locks, table, problems, in_features: int, splits: 
     x_fold = (FOLD_NORM if norm is not None else FOLD_ACT if act_offset
               else FOLD_SCALE if scale is not None else FOLD_NONE)
     kernel = kernel_for(x.device, table, bf16, nested, shape, n_tiles, programmatic, tiled,
-                        x_fold, squares_out is not None, norm_out is not None, act_out)
+                        x_fold, squares_out is not None, norm_out is not None, act_out,
+                        io_bf16)
     clustered = shape.cluster and splits > 1
     kernel((-(-total // shape.row_tiles), splits), (32 * shape.warps,), arguments,
            programmatic=programmatic, cluster=(1, splits, 1) if clustered else None)

@@ -466,11 +466,15 @@ class NF4Matmul:
                              'as uint8 (with fp32 second-level scales) or fp32')
         first = weights[0]
         compute = first.compute_dtype
-        x = flat if flat.dtype == compute else flat.to(compute)
+        # bf16 layers with fp16 compute: the kernel rounds x and its product as the copies
+        # around an fp16 launch would
+        io_bf16 = (not fold and compute == torch.float16 and flat.dtype == torch.bfloat16
+                   and out.dtype == torch.bfloat16)
+        x = flat if flat.dtype == compute or io_bf16 else flat.to(compute)
         if not fold and (x.data_ptr() % 16 or x.stride(0) % 8):  # x is read 16 bytes at a time
             x = x.clone(memory_format=torch.contiguous_format)
-        target = out if out.dtype == compute else torch.empty(out.shape, dtype=compute,
-                                                              device=out.device)
+        target = out if out.dtype == compute or io_bf16 else torch.empty(
+            out.shape, dtype=compute, device=out.device)
         cuda_shape = nf4_cuda.CudaShape(shape.num_warps, shape.block_n // 16, shape.num_stages,
                                         shape.table, shape.x_ahead, shape.cluster)
         if shape.cluster and shape.splits > 1 and not self._clusters_on(flat.device):
@@ -488,7 +492,7 @@ class NF4Matmul:
             first.in_features, shape.splits, -(-blocks // shape.splits), nested=first.nested,
             qblock2=first.nested_block, bf16=compute == torch.bfloat16, shape=cuda_shape,
             programmatic=self.overlap_launches and self._programmatic_on(flat.device),
-            tiled=first.tiled, **fold)
+            tiled=first.tiled, io_bf16=io_bf16, **fold)
         if target is not out:
             out.copy_(target)
 

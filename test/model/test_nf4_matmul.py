@@ -300,6 +300,30 @@ def test_cuda_kernel_matches_the_dequantized_product(compute_dtype, nested, shap
 
 
 @cuda
+def test_bf16_x_with_fp16_compute_gives_the_bits_of_the_converted_launch():
+    """A model of bf16 layers with fp16 compute (the article's): the CUDA kernel reads bf16 x
+    and writes bf16 out itself, with the bits of x.to(float16), the fp16 launch and
+    .to(bfloat16); every CUDA shape the tuner tries, one weight and a group, 1-16 rows."""
+    for widths, in_features in (((256,), 640), ((384, 128, 128), 640)):
+        weights = [nf4_weight(nf4_linear(width, in_features, torch.float16, bias=False,
+                                         seed=seed)) for seed, width in enumerate(widths)]
+        matmul = NF4Matmul()
+        shapes = [shape for shape in matmul.candidates(list(widths), in_features, 132,
+                                                       cuda=True) if shape.kernel == 'cuda']
+        assert shapes
+        for shape in shapes:
+            for rows in (1, 5, 9, MAX_ROWS):
+                x = torch.randn(rows, in_features, device='cuda', dtype=torch.bfloat16) * 4
+                x[0, :8] = torch.tensor([6e4, -6e4, 1e-9, 3.0, 0.0, -0.0, 1e-5, 3e-8])
+                outs = matmul.grouped(x, weights, shape)
+                converted = matmul.grouped(x.to(torch.float16), weights, shape)
+                for out, reference in zip(outs, converted):
+                    assert out.dtype == torch.bfloat16
+                    torch.testing.assert_close(out, reference.to(torch.bfloat16), rtol=0,
+                                               atol=0, equal_nan=True, msg=str((shape, rows)))
+
+
+@cuda
 @pytest.mark.parametrize('compute_dtype', [torch.bfloat16, torch.float16])
 def test_cuda_grouped_launch_matches_each_layer(compute_dtype):
     modules = [nf4_linear(width, 640, compute_dtype, bias=False, seed=seed)
