@@ -251,14 +251,16 @@ def test_random_garbage_and_mutations_never_raise():
 
 
 def test_parsing_a_long_answer_is_fast():
+    """No backtracking blow-up: a 60-object answer parses in well under 50 ms of this process's
+    CPU time (~2 ms here; CPU time, which other jobs on a shared machine do not add to)."""
     line = '  {"bbox_2d": [123, 456, 789, 999], "label": "bottle", "color": "dark green"}'
     text = '```json\n[\n' + ',\n'.join([line] * 60) + '\n]\n```'
     parse_objects(text, MATCHER)
-    began = time.perf_counter()
+    began = time.process_time()
     for _ in range(20):
         result = parse_objects(text, MATCHER)
     assert len(result.objects) == 60
-    assert (time.perf_counter() - began) / 20 < 0.05
+    assert (time.process_time() - began) / 20 < 0.05
 
 
 def test_text_core_imports_without_heavy_dependencies():

@@ -92,3 +92,27 @@ def test_a_runs_nf4_shapes_are_its_tuners_picks_without_the_candidates_timings()
     assert timing.nf4_shapes(decoder) == [picked]
     decoder.kernel_choices.nf4_matmul = None  # no NF4 kernel (CPU, or it failed)
     assert timing.nf4_shapes(decoder) == []
+
+
+def test_an_article_variant_without_runs_and_a_malformed_pair_are_refused(capsys):
+    """The article variant times only its ``--article-runs``: with none it would time nothing
+    and write a result without one ``generate`` run, so it is refused, as a pair that is not
+    BATCHxTOKENS (or WIDTHxHEIGHT) of positive integers is."""
+    import sys
+
+    from tool_runs import load_tool
+    tool = load_tool('benchmark')
+    parse_args = sys.modules['benchmarking.arguments'].parse_args
+    for argv, message in [
+            (['--variants', 'nf4', 'article', '--article-runs'],
+             '--variants article needs at least one --article-runs'),
+            (['--article-runs', '1x150', '8by80'], "'8by80' is not AxB"),
+            (['--bnb-check', '0x80'], "'0x80' is not AxB"),
+            (['--image', '640x480x3'], "'640x480x3' is not AxB")]:
+        with pytest.raises(SystemExit) as refused:
+            parse_args(argv, tool.__doc__)
+        assert refused.value.code == 2
+        assert message in capsys.readouterr().err
+    # Without the article variant no --article-runs is needed; the default has three.
+    assert parse_args(['--variants', 'nf4', '--article-runs'], tool.__doc__).article_runs == []
+    assert parse_args([], tool.__doc__).article_runs == ['1x150', '1x80', '8x80']

@@ -18,6 +18,18 @@ def parse_pair(text):
     return first, second
 
 
+def pair(text):
+    """An argument of two positive integers, ``AxB``: the text itself, checked (the tool reads
+    it with :func:`parse_pair`)."""
+    try:
+        values = parse_pair(text)
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is not AxB with positive integers A and B')
+    return text
+
+
 def parse_args(argv, doc: str):
     """The arguments of ``argv`` (None: the command line); ``doc`` is the tool's docstring,
     its first paragraph the description, the rest the help's epilog."""
@@ -31,7 +43,11 @@ def parse_args(argv, doc: str):
                              '(fair on a machine shared with other jobs)')
     parser.add_argument('--out', type=Path, default=None, help='write the results as JSON')
     add_served_arguments(parser.add_argument_group('a served model (--server)'))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if 'article' in args.variants and not (args.server or args.article_runs):
+        # The article variant times only these runs: without one it would time nothing.
+        parser.error('--variants article needs at least one --article-runs BATCHxTOKENS')
+    return args
 
 
 def add_run_arguments(parser):
@@ -44,7 +60,8 @@ def add_run_arguments(parser):
                         help='an unquantized Qwen3-VL checkpoint folder instead of random '
                              f"weights, or '{DEFAULT_MODEL_NAME}' (the project's "
                              'synthetic-scenes model, its float32 form)')
-    parser.add_argument('--image', default='640x480', help='WIDTHxHEIGHT of the test image')
+    parser.add_argument('--image', default='640x480', type=pair,
+                        help='WIDTHxHEIGHT of the test image')
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 4, 8])
     parser.add_argument('--new-tokens', type=int, nargs='+', default=[150, 80])
     parser.add_argument('--repeats', type=int, default=3, help='timed runs per configuration')
@@ -52,7 +69,8 @@ def add_run_arguments(parser):
                         help='bf16: unquantized; nf4: language model NF4 (project loading); '
                              'nf4-all: every linear but lm_head NF4, model-dtype compute; '
                              "article: nf4-all with float16 compute (the article's model)")
-    parser.add_argument('--article-runs', nargs='*', default=['1x150', '1x80', '8x80'],
+    parser.add_argument('--article-runs', nargs='*', type=pair,
+                        default=['1x150', '1x80', '8x80'],
                         help="model.generate runs on the article's model, BATCHxTOKENS")
     parser.add_argument('--article-repeats', type=int, default=2,
                         help='timed model.generate runs per article configuration')
@@ -94,7 +112,8 @@ def add_check_arguments(parser):
     parser.add_argument('--nf4-kernel', default='auto', choices=('auto', 'on', 'off'),
                         help="NF4 decode linears through the project's fused Triton kernel "
                              "(auto: on CUDA with Triton) or bitsandbytes' own path")
-    parser.add_argument('--bnb-check', nargs='*', default=[], metavar='BATCHxTOKENS',
+    parser.add_argument('--bnb-check', nargs='*', type=pair, default=[],
+                        metavar='BATCHxTOKENS',
                         help="also time the nf4 variant with bitsandbytes' own decode "
                              'linears (no fused kernel) at these configurations, e.g. 1x80 8x80')
     parser.add_argument('--linear-rows', type=int, nargs='*', default=[],
