@@ -324,7 +324,7 @@ class DecodeSession:
         kernel and SiLU(gate) x up (written by gate+up itself with ``fold_act_out``). Decided
         at the first step: every layer's projections through the CUDA NF4 kernel (a timed CUDA
         shape that can fold), the decode attention kernel, fused elementwise kernels, bf16
-        throughout. A folded launch that fails raises
+        layers and norms (the products bf16 or fp16). A folded launch that fails raises
         :class:`FoldFailed`, which graph capture (``KernelChoices.capture``) turns into an
         unfolded step; an eager step raises it as is."""
         if self._folds is None:
@@ -359,14 +359,17 @@ class DecodeSession:
                 if any(self.linears.get(module, module) is module for module in modules):
                     return []
                 weights = [nf4_weight(module) for module in modules]
-                if any(weight is None or weight.compute_dtype != self.dtype
-                       for weight in weights) or not nf4.foldable(self.batch, weights):
+                # bf16 layers with fp16 compute (the article's model) fold too: the kernel
+                # does the elementwise work in bf16 and the products in fp16
+                if any(weight is None or weight.compute_dtype not in (
+                        self.dtype, self.torch.float16) for weight in weights) \
+                        or not nf4.foldable(self.batch, weights, dtype=self.dtype):
                     return []
                 launches.append(weights)
             layers.append(launches)
         self.act_out_folded = self.fold_act_out and all(
-            _is_silu(self.torch, layer.mlp.act_fn) and nf4.foldable(self.batch, launches[2],
-                                                                    act_out=True)
+            _is_silu(self.torch, layer.mlp.act_fn) and nf4.foldable(
+                self.batch, launches[2], act_out=True, dtype=self.dtype)
             for layer, launches in zip(parts.layers, layers))
         return layers
 

@@ -58,7 +58,12 @@ before the loop.
 A model of bf16 layers with fp16 compute (the article's checkpoint) launches with
 ``io_bf16``: ``x`` and the output are bf16, each ``x`` pair is rounded to fp16 as it is loaded
 and the product to fp16 and then bf16 as it is stored (the bits of the copies around an fp16
-launch, without them); nothing is folded into such a launch.
+launch, without them). Its folds do the elementwise work in bf16, the storage dtype (the
+residual add, the next norm's weight times the stream, SiLU(gate) * up), and only the products
+in fp16; a ``FOLD_SCALE`` launch (``PRESCALE``) adds each row's sums of squares up before its
+loop and scales its ``x`` rows by their 1 / rms before rounding them to fp16 (the norm's
+weight times the stream may exceed fp16's range; the normed values do not), its sums left as
+they are. The norm folded into the ``x`` loads (``FOLD_NORM``) is not built so.
 """
 from dataclasses import dataclass
 from typing import Dict, Tuple
@@ -121,6 +126,7 @@ FOLDS = (FOLD_NONE, FOLD_NORM, FOLD_ACT, FOLD_SCALE)
 
 
 SOURCE = r'''
+#define PRESCALE (IO_BF16 && XFORM == 3)  // 1 / rms applied to x before the fp16 product
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
@@ -296,18 +302,33 @@ __device__ __forceinline__ u32 pair_from(float lo, float hi) {
 }
 
 #if IO_BF16  // x and out stored as bf16, the product in fp16 (bf16 layers, fp16 compute)
-// A pair of bf16 -> the pair rounded to fp16: the bits of x.to(torch.float16)
-__device__ __forceinline__ u32 f16_pair(u32 p) {
-    return pair_from(__uint_as_float(p << 16), __uint_as_float(p & 0xffff0000u));
-}
-
-// The fp16 product rounded again to bf16: the bits of out.to(torch.bfloat16)
-__device__ __forceinline__ u16 to_io(float v) {
+#define STORE "bf16"  // the storage dtype: x, out, the residual stream, the norms' weights
+__device__ __forceinline__ u16 to_store(float v) {
     u16 r;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(from_out(to_out(v))));
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(v));
     return r;
 }
-#else
+
+__device__ __forceinline__ float from_store(u16 v) { return __uint_as_float((u32)v << 16); }
+
+__device__ __forceinline__ u32 store_pair_from(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// A pair of bf16 times s -> the pair rounded to fp16: with s = 1 the bits of x.to(float16)
+__device__ __forceinline__ u32 f16_pair(u32 p, float s = 1.f) {
+    return pair_from(__uint_as_float(p << 16) * s, __uint_as_float(p & 0xffff0000u) * s);
+}
+
+// The product as the fp16 layer stores it, then as bf16: the bits of out.to(torch.bfloat16)
+__device__ __forceinline__ u16 to_io(float v) { return to_store(from_out(to_out(v))); }
+#else  // stored in the compute dtype
+#define STORE DTYPE
+#define to_store to_out
+#define from_store from_out
+#define store_pair_from pair_from
 #define to_io to_out
 #endif
 
@@ -315,7 +336,7 @@ __device__ __forceinline__ u16 to_io(float v) {
 // Two elements of the norm's weight times h, one packed multiply; 1 / rms scales the sums
 __device__ __forceinline__ u32 times_pair(u32 h, u32 w) {
     u32 r;
-    asm("fma.rn." DTYPE "x2 %0, %1, %2, %3;" : "=r"(r) : "r"(h), "r"(w), "r"(0x80008000u));
+    asm("fma.rn." STORE "x2 %0, %1, %2, %3;" : "=r"(r) : "r"(h), "r"(w), "r"(0x80008000u));
     return r;
 }
 #endif
@@ -325,10 +346,10 @@ __device__ __forceinline__ float silu_times(float g, float u) {
 }
 #endif
 #if XFORM == 2
-// Two elements of SiLU(gate) * up, in fp32 and rounded once
+// Two elements of SiLU(gate) * up, in fp32 and rounded once (to the storage dtype)
 __device__ __forceinline__ u32 act_pair(u32 g, u32 u) {
-    return pair_from(silu_times(from_out((u16)g), from_out((u16)u)),
-                     silu_times(from_out((u16)(g >> 16)), from_out((u16)(u >> 16))));
+    return store_pair_from(silu_times(from_store((u16)g), from_store((u16)u)),
+                           silu_times(from_store((u16)(g >> 16)), from_store((u16)(u >> 16))));
 }
 #endif
 
@@ -484,6 +505,31 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
         copy16_async(&stat_buf[j][threadIdx.x], squares_in + 4 * (f < quads ? f : 0), f < quads);
     }
     asm volatile("cp.async.commit_group;" ::: "memory");
+    // Each row's sum of squares: this thread's four rows, over the lanes of the same rows, then
+    // (after a barrier, in ``scaled`` or before the loop) over the warps, in one fixed order:
+    // every CTA gets the same bits.
+    __shared__ float row_sums[WARPS][16];
+    auto add_row_sums = [&]() {
+        float s[4] = {0.f, 0.f, 0.f, 0.f};
+        asm volatile("cp.async.wait_all;" ::: "memory");
+#pragma unroll
+        for (int j = 0; j < STAT_PRE; ++j)
+            if (threadIdx.x + j * THREADS < quads) {
+                const float4 v = stat_buf[j][threadIdx.x];
+                s[0] += v.x; s[1] += v.y; s[2] += v.z; s[3] += v.w;
+            }
+        for (int f = threadIdx.x + STAT_PRE * THREADS; f < quads; f += THREADS) {
+            const float4 v = __ldcg(reinterpret_cast<const float4*>(squares_in) + f);
+            s[0] += v.x; s[1] += v.y; s[2] += v.z; s[3] += v.w;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            s[i] += __shfl_xor_sync(0xffffffffu, s[i], 4);
+            s[i] += __shfl_xor_sync(0xffffffffu, s[i], 8);
+            s[i] += __shfl_xor_sync(0xffffffffu, s[i], 16);
+            if (lane < 4) row_sums[warp][4 * lane + i] = s[i];
+        }
+    };
 #endif
     // Where this thread's j-th output element goes (false: none): with one split, from the
     // warps' partial sums (element threadIdx.x + j THREADS); with more, from the workspace
@@ -521,6 +567,21 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
         }
     }
 #endif
+#if PRESCALE
+    // x is the norm's weight times the stream in bf16, which fp16 may not hold: each x row is
+    // scaled by its 1 / rms before it is rounded to fp16 (the sums are then left as they are)
+    float rs[NT];
+    add_row_sums();
+    __syncthreads();
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        const int m = min(g + 8 * n, M - 1);
+        float total = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) total += row_sums[w][m];
+        rs[n] = rsqrtf(total / (float)K + eps);
+    }
+#endif
 #if XFORM == 1
     const u16* np = norm_w + 16 * t + 64 * start;  // the norm's weights of this thread's columns
 #endif
@@ -555,15 +616,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
             load_x(xq[n][1], xp[n] + block_index * 64 + 8, true);
         }
 #endif
-#if IO_BF16
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-            xq[n][0] = make_uint4(f16_pair(xq[n][0].x), f16_pair(xq[n][0].y),
-                                  f16_pair(xq[n][0].z), f16_pair(xq[n][0].w));
-            xq[n][1] = make_uint4(f16_pair(xq[n][1].x), f16_pair(xq[n][1].y),
-                                  f16_pair(xq[n][1].z), f16_pair(xq[n][1].w));
-        }
-#endif
 #if XFORM == 1  // x = the norm's weight times h (these 16 columns); 1 / rms scales the sums
         {
             uint4 wn[2] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
@@ -591,6 +643,20 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
                                   act_pair(xq[n][0].z, up[0].z), act_pair(xq[n][0].w, up[0].w));
             xq[n][1] = make_uint4(act_pair(xq[n][1].x, up[1].x), act_pair(xq[n][1].y, up[1].y),
                                   act_pair(xq[n][1].z, up[1].z), act_pair(xq[n][1].w, up[1].w));
+        }
+#endif
+#if IO_BF16  // the pairs (after any transform, in bf16) rounded to fp16 for the product
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#if PRESCALE
+            const float sc = rs[n];
+#else
+            const float sc = 1.f;
+#endif
+            xq[n][0] = make_uint4(f16_pair(xq[n][0].x, sc), f16_pair(xq[n][0].y, sc),
+                                  f16_pair(xq[n][0].z, sc), f16_pair(xq[n][0].w, sc));
+            xq[n][1] = make_uint4(f16_pair(xq[n][1].x, sc), f16_pair(xq[n][1].y, sc),
+                                  f16_pair(xq[n][1].z, sc), f16_pair(xq[n][1].w, sc));
         }
 #endif
 #pragma unroll
@@ -645,32 +711,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
         if (j0 + p < steps) compute(p, WARPS * (j0 + p));
 #undef LOAD_STAGE
 
-#if XFORM == 1 || XFORM == 3
-    // Each row's sum of squares: this thread's four rows, over the lanes of the same rows, then
-    // (after the barrier below, in ``scaled``) over the warps, in one fixed order: every CTA gets
-    // the same bits.
-    __shared__ float row_sums[WARPS][16];
-    {
-        float s[4] = {0.f, 0.f, 0.f, 0.f};
-        asm volatile("cp.async.wait_all;" ::: "memory");
-#pragma unroll
-        for (int j = 0; j < STAT_PRE; ++j)
-            if (threadIdx.x + j * THREADS < quads) {
-                const float4 v = stat_buf[j][threadIdx.x];
-                s[0] += v.x; s[1] += v.y; s[2] += v.z; s[3] += v.w;
-            }
-        for (int f = threadIdx.x + STAT_PRE * THREADS; f < quads; f += THREADS) {
-            const float4 v = __ldcg(reinterpret_cast<const float4*>(squares_in) + f);
-            s[0] += v.x; s[1] += v.y; s[2] += v.z; s[3] += v.w;
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            s[i] += __shfl_xor_sync(0xffffffffu, s[i], 4);
-            s[i] += __shfl_xor_sync(0xffffffffu, s[i], 8);
-            s[i] += __shfl_xor_sync(0xffffffffu, s[i], 16);
-            if (lane < 4) row_sums[warp][4 * lane + i] = s[i];
-        }
-    }
+#if (XFORM == 1 || XFORM == 3) && !PRESCALE
+    add_row_sums();
 #endif
     __shared__ float partial[WARPS][ELEMENTS];
     __shared__ int is_last;
@@ -683,7 +725,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 #if RESIDUAL  // out += the product (one weight); the rows' sums of squares per tile of 16
     __shared__ float finals[RT][16][16];
 #endif
-#if XFORM == 1 || XFORM == 3
+#if (XFORM == 1 || XFORM == 3) && !PRESCALE
     auto scaled = [&](float sum, int m) {
         float total = 0.f;
 #pragma unroll
@@ -695,9 +737,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 #endif
 #if RESIDUAL  // hidden + delta rounded as torch adds two tensors of the compute dtype
     auto store_out = [&](u16* o, float sum, int r, int m, int feature, int j) {
-        const u16 v = to_out(from_out(to_out(scaled(sum, m))) + from_out((u16)held[j]));
+        const u16 v = to_store(from_store(to_io(scaled(sum, m))) + from_store((u16)held[j]));
         *o = v;
-        finals[r][m][feature] = from_out(v);
+        finals[r][m][feature] = from_store(v);
 #if NORM_OUT  // beside h: the next norm's weight times it (as the norm-folded x loads make it)
         x_out[o - out] = (u16)times_pair(v, held_w[j]);
 #endif
@@ -717,7 +759,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 #elif ACT_OUT  // SiLU(gate) * up: the CTA's gate and up tiles in turn, rounded as stored
     __shared__ u16 act_in[RT][16][16];
     auto store_out = [&](u16*, float sum, int r, int m, int feature, int) {
-        act_in[r][m][feature] = to_out(scaled(sum, m));
+        act_in[r][m][feature] = to_io(scaled(sum, m));
     };
     auto after_stores = [&](float*, int tiles_, int rows) {  // out: gate's columns only
         __syncthreads();
@@ -725,9 +767,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
             const int pair = e >> 8, m = (e >> 4) & 15, feature = e & 15;
             const int tile = blockIdx.x * RT + 2 * pair;  // gate's tile (tile >> 1)
             if (tile < tiles_ && m < rows)
-                out[(size_t)m * stride_out + (tile >> 1) * 16 + feature] = to_out(silu_times(
-                    from_out(act_in[2 * pair][m][feature]),
-                    from_out(act_in[2 * pair + 1][m][feature])));
+                out[(size_t)m * stride_out + (tile >> 1) * 16 + feature] = to_store(
+                    silu_times(from_store(act_in[2 * pair][m][feature]),
+                               from_store(act_in[2 * pair + 1][m][feature])));
         }
     };
 #else
@@ -736,8 +778,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     };
     auto after_stores = [&](float*, int, int) {};
 #endif
-#if IO_BF16 && (IS_BF16 || XFORM || RESIDUAL || ACT_OUT)
-#error "bf16 x and out: fp16 compute, nothing folded"
+#if IO_BF16 && (IS_BF16 || XFORM == 1)
+#error "bf16 x and out: fp16 compute, no norm folded into the x loads (scale instead)"
 #endif
 #if ACT_OUT && (RESIDUAL || RT % 2)
 #error "SiLU(gate) * up out: no residual, gate and up tiles in pairs (even RT)"
@@ -861,8 +903,9 @@ def source_for(table, bf16: bool, nested: bool, shape: CudaShape, n_tiles: int,
     if act_out and (residual or shape.row_tiles % 2):
         raise ValueError('act_out takes gate and up tiles in pairs (even row_tiles), no '
                          'residual')
-    if io_bf16 and (bf16 or x_fold != FOLD_NONE or residual or act_out):
-        raise ValueError('bf16 x and out go with fp16 compute and nothing folded')
+    if io_bf16 and (bf16 or x_fold == FOLD_NORM):
+        raise ValueError('bf16 x and out go with fp16 compute and no norm folded into x (the '
+                         "norm's scale instead)")
     torch = require_torch()
     high, low = table_words(table, torch.bfloat16 if bf16 else torch.float16)
     if not fits(shape, n_tiles):
@@ -934,10 +977,12 @@ def launch(x, out, workspace, locks, table, problems, in_features: int, splits: 
     the two outputs would be), the SiLU in fp32 with fast exponentials; each CTA takes gate's
     and up's tiles in turn.
 
-    ``io_bf16`` (``bf16`` False, nothing folded): ``x`` and ``out`` are bf16, the product
+    ``io_bf16`` (``bf16`` False, no ``norm``): ``x`` and ``out`` are bf16, the product
     fp16: ``x`` is rounded to fp16 as it is loaded and the product to fp16 and then bf16 as
     it is stored, the bits of ``x.to(float16)``, the fp16 launch and ``.to(bfloat16)``
-    without the two copies (a model of bf16 layers with fp16 compute, as the article's)."""
+    without the two copies (a model of bf16 layers with fp16 compute, as the article's). The
+    folds' tensors are then bf16 too and their elementwise work is done in bf16; with
+    ``scale`` each ``x`` row is multiplied by its 1 / rms before it is rounded to fp16."""
     if shape.cluster and splits > MAX_CLUSTER_SPLITS:
         raise ValueError(f'a clustered launch splits in at most {MAX_CLUSTER_SPLITS}, not '
                          f'{splits}')

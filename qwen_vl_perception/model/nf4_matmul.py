@@ -236,7 +236,8 @@ class NF4Matmul:
             start += width
         return outputs
 
-    def foldable(self, rows: int, weights: Sequence[NF4Weight], act_out: bool = False) -> bool:
+    def foldable(self, rows: int, weights: Sequence[NF4Weight], act_out: bool = False,
+                 dtype=None) -> bool:
         """Whether ``weights`` (one, or a group sharing their input) at ``rows`` rows can
         launch the CUDA kernel with the decode step's elementwise work folded in
         (:meth:`folded`): no bias, and a CUDA shape that can fold among those the tuner timed
@@ -244,7 +245,9 @@ class NF4Matmul:
         The folded launch takes the fastest of those even where the tuner's pick for the plain
         launch is another (the Triton kernel, within timing noise of it, say), so that the
         step's folding does not hang on that noise. ``act_out``: as :meth:`folded` with
-        ``act_out`` (gate and up of one width; a shape of an even number of row tiles)."""
+        ``act_out`` (gate and up of one width; a shape of an even number of row tiles).
+        ``dtype``: that of ``x`` and the stream (default: the compute dtype; bf16 also goes
+        with fp16 compute)."""
         torch = require_torch()
         weights = list(weights)
         if not (1 <= rows <= MAX_ROWS and 1 <= len(weights) <= MAX_GROUP) or any(
@@ -256,8 +259,10 @@ class NF4Matmul:
             return False
         if act_out and (len(weights) != 2 or weights[0].out_features != weights[1].out_features):
             return False
-        probe = torch.zeros(rows, first.in_features, dtype=first.compute_dtype,
-                            device=first.packed.device)
+        dtype = first.compute_dtype if dtype is None else dtype
+        if _storage_dtype(torch, dtype, first.compute_dtype) is None:
+            return False
+        probe = torch.zeros(rows, first.in_features, dtype=dtype, device=first.packed.device)
         with _on_device(torch, probe.device):
             return self._fold_shape(probe, weights, act_out) is not None
 
@@ -280,8 +285,10 @@ class NF4Matmul:
                residual=None, scale=None, norm_out=None, act_out: bool = False,
                shape: Optional[LaunchShape] = None):
         """One launch of the CUDA kernel for ``weights`` (:meth:`foldable` said yes) with the
-        decode step's elementwise work folded in. ``x``: ``(rows, in)`` in the compute dtype,
-        or ``(rows, 2 * in)`` gate then up with ``act``: the product of SiLU(gate) * up.
+        decode step's elementwise work folded in. ``x``: ``(rows, in)`` in the compute dtype
+        (or bf16 with fp16 compute: the storage dtype of every tensor below but ``squares``,
+        the product then fp16, as :meth:`grouped` takes bf16 there), or ``(rows, 2 * in)``
+        gate then up with ``act``: the product of SiLU(gate) * up.
         ``norm = (weight, eps, squares)``: the product of Qwen3's RMSNorm of ``x`` (``x`` the
         residual stream; ``squares`` as a ``residual`` launch wrote them for it). ``residual =
         (hidden, squares)`` (one weight): ``hidden`` ``(rows, out)`` becomes ``hidden + x @
@@ -318,9 +325,13 @@ class NF4Matmul:
             raise ValueError('a launch folds a norm into x or adds a residual, not both')
         if norm_out is not None and residual is None:
             raise ValueError("norm_out writes the next norm's x beside a residual stream")
-        if x.dtype != compute or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
-            raise ValueError('folded launches take x in the compute dtype, rows contiguous and '
-                             '16-byte aligned')
+        store = _storage_dtype(torch, x.dtype, compute)
+        if store is None or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+            raise ValueError('folded launches take x in the compute dtype (or bf16 with fp16 '
+                             'compute), rows contiguous and 16-byte aligned')
+        if norm is not None and store != compute:
+            raise ValueError('bf16 x with fp16 compute: the norm folds as a scale (x its weight '
+                             'times the stream, as norm_out writes it), not into the x loads')
         if act_out and (len(weights) != 2 or weights[0].out_features != weights[1].out_features
                         or residual is not None or act):
             raise ValueError('act_out takes gate and up (two weights of one width), no residual '
@@ -343,7 +354,7 @@ class NF4Matmul:
         if norm is not None:
             weight, eps, squares = norm
             _check_squares(squares, rows, in_features, 'the norm input')
-            if (weight.dtype != compute or weight.shape != (in_features,) or weight.stride(0) != 1
+            if (weight.dtype != store or weight.shape != (in_features,) or weight.stride(0) != 1
                     or weight.data_ptr() % 16 or weight.device != x.device):
                 raise ValueError('the norm weight must be contiguous, 16-byte aligned, in the '
                                  "compute dtype, on x's device")
@@ -360,23 +371,23 @@ class NF4Matmul:
                 raise ValueError('a residual launch takes one weight')
             out, squares = residual
             _check_squares(squares, rows, widths[0], 'the residual output')
-            if out.shape != (rows, widths[0]) or out.dtype != compute or out.stride(1) != 1:
-                raise ValueError(f'the residual stream must be ({rows}, {widths[0]}) in the '
-                                 'compute dtype')
+            if out.shape != (rows, widths[0]) or out.dtype != store or out.stride(1) != 1:
+                raise ValueError(f"the residual stream must be ({rows}, {widths[0]}) in x's "
+                                 'dtype')
             fold['squares_out'] = squares
             if norm_out is not None:
                 weight, normed = norm_out
-                if (weight.dtype != compute or weight.shape != (widths[0],)
+                if (weight.dtype != store or weight.shape != (widths[0],)
                         or weight.stride(0) != 1 or weight.device != x.device):
-                    raise ValueError('the next norm weight must be contiguous, in the compute '
-                                     "dtype, on x's device, one per output")
+                    raise ValueError("the next norm weight must be contiguous, in x's dtype, "
+                                     "on x's device, one per output")
                 if (normed.shape != out.shape or normed.stride() != out.stride()
-                        or normed.dtype != compute or normed.device != x.device):
+                        or normed.dtype != store or normed.device != x.device):
                     raise ValueError('the normed output must be laid out as the residual '
                                      'stream')
                 fold['norm_out'] = (weight, normed)
         else:
-            out = torch.empty(rows, widths[0] if act_out else sum(widths), dtype=compute,
+            out = torch.empty(rows, widths[0] if act_out else sum(widths), dtype=store,
                               device=x.device)
         self._rows.add(rows)
         with _on_device(torch, x.device):
@@ -467,8 +478,8 @@ class NF4Matmul:
         first = weights[0]
         compute = first.compute_dtype
         # bf16 layers with fp16 compute: the kernel rounds x and its product as the copies
-        # around an fp16 launch would
-        io_bf16 = (not fold and compute == torch.float16 and flat.dtype == torch.bfloat16
+        # around an fp16 launch would (and folds its elementwise work in bf16)
+        io_bf16 = (compute == torch.float16 and flat.dtype == torch.bfloat16
                    and out.dtype == torch.bfloat16)
         x = flat if flat.dtype == compute or io_bf16 else flat.to(compute)
         if not fold and (x.data_ptr() % 16 or x.stride(0) % 8):  # x is read 16 bytes at a time
@@ -695,6 +706,13 @@ def _cuda_layout(weights) -> bool:
         if not stored or weight.out_features % 16:
             return False
     return True
+
+
+def _storage_dtype(torch, dtype, compute):
+    """``dtype`` if a folded launch stores ``x`` and its outputs in it with ``compute`` as the
+    product's dtype (the same one, or bf16 around fp16), else None."""
+    return dtype if dtype == compute or (dtype, compute) == (torch.bfloat16, torch.float16) \
+        else None
 
 
 def _check_squares(squares, rows: int, features: int, what: str) -> None:

@@ -522,9 +522,9 @@ def test_decoder_with_the_kernel_agrees_with_bitsandbytes_path():
         assert same >= 0.9 * 32 * len(reference)
 
 
-def _quantized_copy(child):
+def _quantized_copy(child, compute_dtype=torch.bfloat16):
     module = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
-                               compute_dtype=torch.bfloat16, compress_statistics=True,
+                               compute_dtype=compute_dtype, compress_statistics=True,
                                quant_type='nf4', device='meta')
     module.weight = bnb.nn.Params4bit(
         child.weight.data.clone(), requires_grad=False, compress_statistics=True,
@@ -880,6 +880,73 @@ def test_gate_up_launch_writing_silu_times_up_gives_the_act_of_its_two_products(
                                  if shape.block_n == 16))
 
 
+@cuda
+def test_folds_of_bf16_layers_with_fp16_compute_do_the_elementwise_work_in_bf16():
+    """The article's model (bf16 layers, fp16 compute), folded: the residual launch adds the
+    product as the unfolded step does (rounded to fp16, then bf16, added in bf16: torch's bits)
+    and writes the next norm's x in bf16; q+k+v and gate+up reading it scale each x row by its
+    1 / rms before the fp16 product, so that a stream past fp16's range stays finite, within a
+    rounding of the norm done apart; gate+up writing SiLU x up, and down with SiLU x up in its
+    x loads, within a rounding of that done apart. Every CUDA shape, 1-16 rows."""
+    half, bf16 = torch.float16, torch.bfloat16
+    producer = nf4_weight(nf4_linear(1024, 512, half, bias=False, seed=7))
+    consumers = [nf4_weight(nf4_linear(width, 1024, half, bias=False, seed=seed))
+                 for seed, width in enumerate((512, 128, 128))]
+    gate, up = (nf4_weight(nf4_linear(512, 1024, half, bias=False, seed=seed))
+                for seed in (5, 6))
+    down = nf4_weight(nf4_linear(256, 512, half, bias=False, seed=8))
+    matmul = NF4Matmul()
+    norm_weight = (1.5 + 0.3 * torch.randn(1024, device='cuda')).to(bf16)
+
+    def close(outs, wants, what):
+        for out, want in zip(outs, wants):  # row by row: each its own 1 / rms
+            assert out.dtype == bf16 and torch.isfinite(out).all(), what
+            error = (out.float() - want.float()).abs().amax(-1)
+            assert (error <= 1e-2 * want.float().abs().amax(-1)).all(), what
+
+    for rows in (1, 6, MAX_ROWS):
+        for shape in _cuda_shapes(matmul, [1024], 512):
+            x = torch.randn(rows, 512, device='cuda', dtype=bf16)
+            hidden = (3 * torch.randn(rows, 1024, device='cuda')).to(bf16)
+            hidden[0, :4] = 6e4  # times the norm's weight: past fp16's 65504
+            expected = hidden + matmul(x, producer, shape)
+            squares = torch.full((64, 16), float('nan'), device='cuda')
+            normed = torch.full_like(hidden, float('nan'))
+            assert matmul.folded(x, [producer], residual=(hidden, squares),
+                                 norm_out=(norm_weight, normed), shape=shape) == []
+            assert torch.equal(hidden, expected), shape
+            assert torch.equal(normed, expected * norm_weight), shape
+            torch.testing.assert_close(squares[:, :rows], _squares(expected)[:, :rows],
+                                       rtol=1e-5, atol=1e-5)
+        assert (normed.float().abs() > 65504).any()
+        rstd = torch.rsqrt(hidden.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+        normal = (normed.float() * rstd).to(half)  # the norm's output as the fp16 layer takes it
+        for shape in _cuda_shapes(matmul, [512, 128, 128], 1024):
+            close(matmul.folded(normed, consumers, scale=(1e-6, squares), shape=shape),
+                  matmul.grouped(normal, consumers, shape), (shape, rows))
+        for shape in _cuda_shapes(matmul, [512, 512], 1024):
+            g, u = matmul.folded(normed, [gate, up], scale=(1e-6, squares), shape=shape)
+            close([g, u], matmul.grouped(normal, [gate, up], shape), (shape, rows))
+            if shape.block_n % 32 == 0 and shape.num_warps >= 4:
+                out, = matmul.folded(normed, [gate, up], scale=(1e-6, squares), act_out=True,
+                                     shape=shape)
+                want = (torch.nn.functional.silu(g.float()) * u.float()).to(bf16)
+                torch.testing.assert_close(out, want, rtol=2 ** -7, atol=1e-6,
+                                           msg=lambda text: f'{shape} {rows}: {text}')
+        gate_up = torch.cat([g, u], -1)
+        gated = (torch.nn.functional.silu(g.float()) * u.float()).to(bf16)
+        for shape in _cuda_shapes(matmul, [256], 512):
+            if shape.num_warps >= 4 and shape.splits <= 8:
+                close(matmul.folded(gate_up, [down], act=True, shape=shape),
+                      [matmul(gated, down, shape)], (shape, rows))
+    assert not any(locks.any() for _, locks in matmul._buffers.values())
+    assert matmul.foldable(1, consumers, dtype=bf16)
+    assert matmul.foldable(1, [gate, up], act_out=True, dtype=bf16)
+    assert not matmul.foldable(1, consumers, dtype=torch.float32)
+    with pytest.raises(ValueError, match='as a scale'):
+        matmul.folded(normed, consumers, norm=(norm_weight, 1e-6, squares))
+
+
 def test_a_fold_takes_the_fastest_timed_cuda_shape_that_can_fold_whatever_the_tuner_picked():
     """The shape choice alone (the tuner's timings given): the plain launch keeps its pick (a
     Triton shape here); the fold takes the fastest CUDA shape of 4+ warps and at most a split
@@ -941,6 +1008,13 @@ def test_folded_launches_refuse_what_they_cannot_take():
     biased = nf4_weight(nf4_linear(128, 256, torch.bfloat16, bias=True, device='cpu'),
                         require_cuda=False)
     assert not matmul.foldable(1, [biased])
+    half = nf4_weight(nf4_linear(128, 256, torch.float16, bias=False, device='cpu'),
+                      require_cuda=False)  # bf16 x with fp16 compute: the norm as a scale only
+    with pytest.raises(ValueError, match='as a scale'):
+        matmul.folded(x, [half], norm=(torch.ones(256, dtype=torch.bfloat16), 1e-6,
+                                       torch.zeros(16, 16)))
+    with pytest.raises(ValueError, match='compute dtype'):
+        matmul.folded(x.half(), [weight])  # fp16 x with bf16 compute: no
     from qwen_vl_perception.model import nf4_matmul
     assert set(nf4_matmul._CUDA_X_AHEAD) <= set(nf4_matmul._CUDA_CONFIGS)
     ahead = [shape for shape in NF4Matmul.candidates([2560], 9728, 132, cuda=True)
@@ -978,10 +1052,13 @@ def test_a_shape_tuned_to_triton_still_folds_with_its_fastest_cuda_shape_that_ca
 
 
 @cuda
-def test_decoder_folding_the_elementwise_work_agrees_with_it_done_apart(monkeypatch):
+@pytest.mark.parametrize('compute_dtype', [torch.bfloat16, torch.float16])
+def test_decoder_folding_the_elementwise_work_agrees_with_it_done_apart(monkeypatch,
+                                                                        compute_dtype):
     """A Qwen3-VL with layer shapes the CUDA kernel takes (the tiny one's 64 inputs are one
     64-block, too few): the folded step (four NF4 launches and the attention per layer) picks
-    the tokens of the step with its elementwise kernels, within a rounding of the norms."""
+    the tokens of the step with its elementwise kernels, within a rounding of the norms; bf16
+    layers with bf16 compute, and with fp16 compute (the article's model)."""
     import transformers
 
     from decoding import STOPS, make_inputs
@@ -1002,7 +1079,7 @@ def test_decoder_folding_the_elementwise_work_agrees_with_it_done_apart(monkeypa
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear):
-                    setattr(parent, name, _quantized_copy(child))
+                    setattr(parent, name, _quantized_copy(child, compute_dtype))
     inputs = {k: v.cuda() for k, v in make_inputs([(5, 7, (1, 4, 6)), (2, 3, (1, 6, 8))]).items()}
     apart = FastGreedyDecoder(nf4_kernel=True, fold_elementwise=False)
     reference, _ = apart(model, inputs, 32, [])

@@ -87,21 +87,32 @@ def test_the_folded_variants_compile(arch):
 @pytest.mark.parametrize('arch', ['sm_87', 'sm_90'])
 def test_the_variants_with_bf16_x_and_out_around_an_fp16_product_compile(arch):
     """A model of bf16 layers with fp16 compute (the article's): every shape the tuner tries,
-    plain and nested absmax, programmatic launch on sm_90; with bf16 compute or a fold it is
-    refused."""
+    plain and nested absmax, programmatic launch on sm_90; the decode step's folds (the
+    residual launch with the next norm's x, the scaled q+k+v and gate+up, SiLU x up into
+    down's x or out of gate+up); with bf16 compute or the norm folded into x it is refused."""
     from concurrent.futures import ThreadPoolExecutor
     configs = [config + (0, False) for config in _CUDA_CONFIGS]
     configs += [config + (0, True) for config in _CUDA_X_AHEAD]
     sources = [nf4_cuda.source_for(NF4_TABLE, False, nested, nf4_cuda.CudaShape(*config),
                                    n_tiles, arch == 'sm_90', io_bf16=True)
                for config in configs for n_tiles in (1, 2) for nested in (True, False)]
+    folds = [nf4_cuda.source_for(NF4_TABLE, False, True, nf4_cuda.CudaShape(4, 2, 4), n_tiles,
+                                 arch == 'sm_90', False, fold, residual, norm_out, act_out,
+                                 io_bf16=True)
+             for n_tiles in (1, 2) for fold, residual, norm_out, act_out in (
+                 (nf4_cuda.FOLD_NONE, True, True, False),
+                 (nf4_cuda.FOLD_SCALE, False, False, False),
+                 (nf4_cuda.FOLD_SCALE, False, False, True),
+                 (nf4_cuda.FOLD_ACT, True, True, False))]
+    assert all('#define IO_BF16 1' in source for source in sources + folds)
     with ThreadPoolExecutor(2) as pool:
         cubins = list(pool.map(lambda source: nvrtc.compile_cubin(
-            source, nf4_cuda.KERNEL_NAME, arch, cache=False), sources))
-    assert len(cubins) == 4 * len(configs) and all(cubin[:4] == b'\x7fELF' for cubin in cubins)
-    for refused in ({'bf16': True}, {'x_fold': nf4_cuda.FOLD_NORM}, {'residual': True}):
+            source, nf4_cuda.KERNEL_NAME, arch, cache=False), sources + folds))
+    assert len(cubins) == 4 * len(configs) + 8
+    assert all(cubin[:4] == b'\x7fELF' for cubin in cubins)
+    for refused in ({'bf16': True}, {'x_fold': nf4_cuda.FOLD_NORM}):
         arguments = {'bf16': False, **refused}
-        with pytest.raises(ValueError, match='fp16 compute and nothing folded'):
+        with pytest.raises(ValueError, match='fp16 compute and no norm folded'):
             nf4_cuda.source_for(NF4_TABLE, arguments.pop('bf16'), True, nf4_cuda.CudaShape(), 1,
                                 io_bf16=True, **arguments)
 
