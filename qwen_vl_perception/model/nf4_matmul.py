@@ -298,13 +298,14 @@ class NF4Matmul:
         the new ``hidden``, the ``x`` of a ``scale`` launch. ``scale = (eps, squares)``: the
         product of Qwen3's RMSNorm with ``x`` already its weight times the residual stream
         (``squares`` its sums of squares): the norm fold's bits, with nothing done to ``x`` in
-        the launch. ``act_out`` (``weights`` gate and up, one width): one output,
-        SiLU(x @ gate.T) * (x @ up.T), each product rounded first (needs a shape of an even
-        number of row tiles). ``shape``: a CUDA launch shape instead of the one
-        :meth:`foldable` found. Returns the outputs (none with ``residual``). The folded norm
-        scales the sums by 1 / rms instead of rounding ``x * rstd`` first, and the SiLU uses
-        fast exponentials: results differ by roundings from the unfolded step's (the residual
-        add does not)."""
+        the launch (bf16 ``x`` with fp16 compute: each row scaled by its 1 / rms before it is
+        rounded to fp16, the sums then left as they are). ``act_out`` (``weights`` gate and
+        up, one width): one output, SiLU(x @ gate.T) * (x @ up.T), each product rounded first
+        (needs a shape of an even number of row tiles). ``shape``: a CUDA launch shape instead
+        of the one :meth:`foldable` found. Returns the outputs (none with ``residual``). The
+        folded norm scales the sums by 1 / rms instead of rounding ``x * rstd`` first, and the
+        SiLU uses fast exponentials: results differ by roundings from the unfolded step's (the
+        residual add does not)."""
         torch = require_torch()
         weights = list(weights)
         if not 1 <= len(weights) <= MAX_GROUP or len({w.group_key() for w in weights}) != 1:
@@ -356,8 +357,8 @@ class NF4Matmul:
             _check_squares(squares, rows, in_features, 'the norm input')
             if (weight.dtype != store or weight.shape != (in_features,) or weight.stride(0) != 1
                     or weight.data_ptr() % 16 or weight.device != x.device):
-                raise ValueError('the norm weight must be contiguous, 16-byte aligned, in the '
-                                 "compute dtype, on x's device")
+                raise ValueError("the norm weight must be contiguous, 16-byte aligned, in x's "
+                                 "dtype, on x's device")
             fold['norm'] = (weight, squares, float(eps))
         if act:
             fold['act_offset'] = in_features

@@ -887,7 +887,8 @@ def test_folds_of_bf16_layers_with_fp16_compute_do_the_elementwise_work_in_bf16(
     and writes the next norm's x in bf16; q+k+v and gate+up reading it scale each x row by its
     1 / rms before the fp16 product, so that a stream past fp16's range stays finite, within a
     rounding of the norm done apart; gate+up writing SiLU x up, and down with SiLU x up in its
-    x loads, within a rounding of that done apart. Every CUDA shape, 1-16 rows."""
+    x loads, within a rounding of that done apart. Every CUDA shape, 1, 6, 12 and 16 rows, each
+    row of its own scale (so each its own 1 / rms)."""
     half, bf16 = torch.float16, torch.bfloat16
     producer = nf4_weight(nf4_linear(1024, 512, half, bias=False, seed=7))
     consumers = [nf4_weight(nf4_linear(width, 1024, half, bias=False, seed=seed))
@@ -904,10 +905,11 @@ def test_folds_of_bf16_layers_with_fp16_compute_do_the_elementwise_work_in_bf16(
             error = (out.float() - want.float()).abs().amax(-1)
             assert (error <= 1e-2 * want.float().abs().amax(-1)).all(), what
 
-    for rows in (1, 6, MAX_ROWS):
+    for rows in (1, 6, 12, MAX_ROWS):
+        scale = torch.arange(1, rows + 1, device='cuda')[:, None] ** 1.5  # rows' rms apart
         for shape in _cuda_shapes(matmul, [1024], 512):
             x = torch.randn(rows, 512, device='cuda', dtype=bf16)
-            hidden = (3 * torch.randn(rows, 1024, device='cuda')).to(bf16)
+            hidden = (3 * torch.randn(rows, 1024, device='cuda') * scale).to(bf16)
             hidden[0, :4] = 6e4  # times the norm's weight: past fp16's 65504
             expected = hidden + matmul(x, producer, shape)
             squares = torch.full((64, 16), float('nan'), device='cuda')

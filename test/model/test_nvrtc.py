@@ -104,7 +104,6 @@ def test_the_variants_with_bf16_x_and_out_around_an_fp16_product_compile(arch):
                  (nf4_cuda.FOLD_SCALE, False, False, False),
                  (nf4_cuda.FOLD_SCALE, False, False, True),
                  (nf4_cuda.FOLD_ACT, True, True, False))]
-    assert all('#define IO_BF16 1' in source for source in sources + folds)
     with ThreadPoolExecutor(2) as pool:
         cubins = list(pool.map(lambda source: nvrtc.compile_cubin(
             source, nf4_cuda.KERNEL_NAME, arch, cache=False), sources + folds))
