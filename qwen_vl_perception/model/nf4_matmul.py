@@ -260,7 +260,7 @@ class NF4Matmul:
         if act_out and (len(weights) != 2 or weights[0].out_features != weights[1].out_features):
             return False
         dtype = first.compute_dtype if dtype is None else dtype
-        if _storage_dtype(torch, dtype, first.compute_dtype) is None:
+        if not _folds_in(torch, dtype, first.compute_dtype):
             return False
         probe = torch.zeros(rows, first.in_features, dtype=dtype, device=first.packed.device)
         with _on_device(torch, probe.device):
@@ -326,8 +326,9 @@ class NF4Matmul:
             raise ValueError('a launch folds a norm into x or adds a residual, not both')
         if norm_out is not None and residual is None:
             raise ValueError("norm_out writes the next norm's x beside a residual stream")
-        store = _storage_dtype(torch, x.dtype, compute)
-        if store is None or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+        store = x.dtype  # of x, the outputs, the stream and the norms' weights
+        if (not _folds_in(torch, store, compute) or x.stride(1) != 1 or x.stride(0) % 8
+                or x.data_ptr() % 16):
             raise ValueError('folded launches take x in the compute dtype (or bf16 with fp16 '
                              'compute), rows contiguous and 16-byte aligned')
         if norm is not None and store != compute:
@@ -709,11 +710,10 @@ def _cuda_layout(weights) -> bool:
     return True
 
 
-def _storage_dtype(torch, dtype, compute):
-    """``dtype`` if a folded launch stores ``x`` and its outputs in it with ``compute`` as the
-    product's dtype (the same one, or bf16 around fp16), else None."""
-    return dtype if dtype == compute or (dtype, compute) == (torch.bfloat16, torch.float16) \
-        else None
+def _folds_in(torch, dtype, compute) -> bool:
+    """Whether a folded launch can store ``x`` and its outputs in ``dtype`` with ``compute``
+    the product's dtype: the same one, or bf16 around fp16."""
+    return dtype == compute or (dtype, compute) == (torch.bfloat16, torch.float16)
 
 
 def _check_squares(squares, rows: int, features: int, what: str) -> None:

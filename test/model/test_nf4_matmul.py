@@ -815,6 +815,20 @@ def test_norm_fold_adds_up_statistics_past_what_it_loads_during_the_loop():
             assert (error <= 1e-2 * want.float().abs().amax(-1)).all(), (shape, rows)
 
 
+def _residual_launch_with_the_next_norm(matmul, producer, x, hidden, norm_weight, shape):
+    """The o / down launch with ``norm_out`` on ``hidden`` (updated in place): asserts the
+    stream's bits (torch's add of the plain launch's product) and the next norm's x (torch's
+    multiply); returns the sums of squares it wrote, that x and the expected stream."""
+    expected = hidden + matmul(x, producer, shape)
+    squares = torch.full((hidden.shape[1] // 16, 16), float('nan'), device='cuda')
+    normed = torch.full_like(hidden, float('nan'))
+    assert matmul.folded(x, [producer], residual=(hidden, squares),
+                         norm_out=(norm_weight, normed), shape=shape) == []
+    assert torch.equal(hidden, expected), shape
+    assert torch.equal(normed, expected * norm_weight), shape
+    return squares, normed, expected
+
+
 @cuda
 def test_residual_launch_writes_the_next_norms_x_and_a_scale_launch_gives_the_norm_folds_bits():
     """o's and down's epilogue (``norm_out``) writes, beside the new residual stream, the next
@@ -829,13 +843,8 @@ def test_residual_launch_writes_the_next_norms_x_and_a_scale_launch_gives_the_no
         for shape in _cuda_shapes(matmul, [1024], 512):
             x = torch.randn(rows, 512, device='cuda', dtype=torch.bfloat16)
             hidden = (3 * torch.randn(rows, 1024, device='cuda')).to(torch.bfloat16)
-            expected = hidden + matmul(x, producer, shape)
-            squares = torch.full((64, 16), float('nan'), device='cuda')
-            normed = torch.full_like(hidden, float('nan'))
-            assert matmul.folded(x, [producer], residual=(hidden, squares),
-                                 norm_out=(norm_weight, normed), shape=shape) == []
-            assert torch.equal(hidden, expected), shape
-            assert torch.equal(normed, expected * norm_weight), shape
+            squares, normed, _ = _residual_launch_with_the_next_norm(
+                matmul, producer, x, hidden, norm_weight, shape)
         for shape in _cuda_shapes(matmul, [512, 128, 128], 1024):
             want = matmul.folded(hidden, consumers, norm=(norm_weight, 1e-6, squares),
                                  shape=shape)
@@ -911,13 +920,8 @@ def test_folds_of_bf16_layers_with_fp16_compute_do_the_elementwise_work_in_bf16(
             x = torch.randn(rows, 512, device='cuda', dtype=bf16)
             hidden = (3 * torch.randn(rows, 1024, device='cuda') * scale).to(bf16)
             hidden[0, :4] = 6e4  # times the norm's weight: past fp16's 65504
-            expected = hidden + matmul(x, producer, shape)
-            squares = torch.full((64, 16), float('nan'), device='cuda')
-            normed = torch.full_like(hidden, float('nan'))
-            assert matmul.folded(x, [producer], residual=(hidden, squares),
-                                 norm_out=(norm_weight, normed), shape=shape) == []
-            assert torch.equal(hidden, expected), shape
-            assert torch.equal(normed, expected * norm_weight), shape
+            squares, normed, expected = _residual_launch_with_the_next_norm(
+                matmul, producer, x, hidden, norm_weight, shape)
             torch.testing.assert_close(squares[:, :rows], _squares(expected)[:, :rows],
                                        rtol=1e-5, atol=1e-5)
         assert (normed.float().abs() > 65504).any()
